@@ -1,0 +1,1 @@
+"""Git hook installation: tiny sh hooks that spool commit notices for the daemon."""
