@@ -22,9 +22,11 @@ class IngestConfig(_Section):
     max_file_bytes: int = Field(2_000_000, ge=1_000, description="larger .rs blobs are skipped and recorded")
     batch_commits: int = Field(64, ge=1, le=10_000, description="commits per LMDB transaction in backfill")
     workers: int = Field(0, ge=0, le=64, description="parser processes for backfill; 0 = one per core")
-    max_items_per_commit: int = Field(
-        5_000, ge=1, description="commits changing more items (vendored trees) are skipped as bulk changes"
+    exclude: list[str] = Field(
+        default_factory=lambda: ["vendor/*", "*/vendor/*", "third_party/*", "target/*", "target_tmp/*"],
+        description="fnmatch globs of .rs paths never turned into examples (vendored and generated code)",
     )
+    include_remotes: bool = Field(False, description="also ingest commits only reachable from refs/remotes")
 
 
 class DaemonConfig(_Section):
@@ -101,6 +103,8 @@ def to_toml(config: Config) -> str:
         for key, value in values.items():
             if isinstance(value, bool):
                 rendered = "true" if value else "false"
+            elif isinstance(value, list):
+                rendered = "[" + ", ".join('"' + str(v).replace('"', '\\"') + '"' for v in value) + "]"
             elif isinstance(value, (int, float)):
                 rendered = repr(value)
             else:

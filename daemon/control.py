@@ -212,6 +212,7 @@ class ControlServer:
         except OSError:
             pass
         finally:
+            _discard_pending(conn)
             conn.close()
 
     def _serve(self, conn: socket.socket) -> None:
@@ -335,9 +336,20 @@ class Connection:
             raise ControlError(f"cannot connect to the gitlora daemon at {self.path}: {exc}") from exc
 
     def request(self, payload: dict, *, check: bool = False) -> dict:
-        """Send one request, return the reply; with check=True an `"ok": false` reply raises ControlError."""
+        """Send one request, return the reply; with check=True an `"ok": false` reply raises ControlError.
+
+        A server that refuses us (busy, wrong uid) may answer and hang up before reading the request, so a
+        failed send or a reset still reads whatever reply already arrived.
+        """
+        failure: OSError | None = None
         try:
             self._sock.sendall(_encode(payload))
+        except (BrokenPipeError, ConnectionResetError) as exc:
+            failure = exc
+        except TimeoutError:
+            raise ControlError(f"the gitlora daemon did not accept a request within {self._sock.gettimeout()} s") \
+                from None
+        try:
             while b"\n" not in self._buf:
                 if len(self._buf) > _MAX_REPLY:
                     raise ControlError(f"reply from {self.path} exceeds {_MAX_REPLY} bytes")
@@ -347,8 +359,12 @@ class Connection:
                 self._buf += chunk
         except TimeoutError:
             raise ControlError(f"the gitlora daemon did not answer within {self._sock.gettimeout()} s") from None
+        except ConnectionResetError as exc:
+            failure = failure or exc
         except OSError as exc:
             raise ControlError(f"control connection to {self.path} failed: {exc}") from exc
+        if b"\n" not in self._buf and failure is not None:
+            raise ControlError(f"control connection to {self.path} failed: {failure}") from failure
         line, sep, self._buf = self._buf.partition(b"\n")
         if not sep and not line.strip():
             raise ControlError(f"the gitlora daemon closed the connection without a reply ({self.path})")

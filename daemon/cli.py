@@ -1,0 +1,40 @@
+"""The `gitlora` command: a thin dispatcher over daemon/commands/ (one module per subcommand).
+
+Heavy modules are imported only by the subcommand that needs them, so `gitlora status` starts fast.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from .config import ConfigError
+from .gitrepo import GitRepoError
+from .store import StoreError
+
+# Subcommand modules under gitlora.daemon.commands, in help order.
+COMMANDS = ("demo", "backfill", "stats", "examples", "config")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="gitlora", description="Keep a code model continuously LoRA-fine-tuned on your Rust repository.")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name in COMMANDS:
+        importlib.import_module(f"gitlora.daemon.commands.{name}").add_parser(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.run(args) or 0)
+    except (ConfigError, GitRepoError, StoreError) as exc:
+        print(f"gitlora: error: {exc}", file=sys.stderr)
+        return 2
+    except BrokenPipeError:  # `gitlora examples | head`
+        return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

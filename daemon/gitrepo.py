@@ -1,0 +1,317 @@
+"""Reading git: the only module that imports pygit2.
+
+Refs -> tips, tips -> commits not yet stored (parents before children), commit -> changed Rust files, and
+blob reads that turn every way a file can be unreadable (missing in a partial clone, binary, not UTF-8, a
+submodule) into a recorded reason instead of an exception.
+"""
+from __future__ import annotations
+
+import fnmatch
+import os
+import re
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pygit2
+
+_HEX40 = re.compile(r"^[0-9a-f]{40}$")
+_TRACKED_REF_PREFIXES = ("refs/heads/", "refs/tags/")
+
+
+class GitRepoError(Exception):
+    """The repository cannot be read by gitlora; the message says why in one line."""
+
+
+@dataclass(frozen=True, slots=True)
+class CommitInfo:
+    oid: str
+    parent: str | None  # first parent: merges are diffed against it
+    parents: tuple[str, ...]
+    author_time: int
+    commit_time: int
+    message: str
+    author: str
+
+
+@dataclass(frozen=True, slots=True)
+class FileChange:
+    """One changed Rust file. A side is None where the file (or a .rs file of that name) does not exist."""
+
+    status: str  # added | deleted | modified | renamed
+    old_path: str | None
+    new_path: str | None
+    old_oid: str | None
+    new_oid: str | None
+
+
+@dataclass(slots=True)
+class CommitDiff:
+    files: list[FileChange] = field(default_factory=list)
+    skipped: list[tuple[str, str]] = field(default_factory=list)  # (path, reason)
+    notes: list[str] = field(default_factory=list)
+
+
+class BlobUnreadable(Exception):
+    """A blob that yields no text; `reason` is a short stable tag (missing-object, binary, non-utf8, too-large)."""
+
+    def __init__(self, reason: str, detail: str = "") -> None:
+        super().__init__(f"{reason}: {detail}" if detail else reason)
+        self.reason = reason
+
+
+def clean_git_env() -> dict[str, str]:
+    """The environment minus GIT_*: hooks export GIT_DIR/GIT_INDEX_FILE, which would redirect any git we spawn."""
+    return {k: v for k, v in os.environ.items() if not k.startswith("GIT_")}
+
+
+class GitRepo:
+    def __init__(self, path: str | os.PathLike[str], *, exclude: Iterable[str] = (), include_remotes: bool = False):
+        found = pygit2.discover_repository(str(path))
+        if found is None:
+            raise GitRepoError(f"{path}: not a git repository")
+        self._check_readable(Path(found))
+        try:
+            self.repo = pygit2.Repository(found)
+        except pygit2.GitError as exc:
+            raise GitRepoError(f"{path}: libgit2 cannot open this repository: {exc}") from None
+        self.exclude = tuple(exclude)
+        self.include_remotes = include_remotes
+
+    @staticmethod
+    def _check_readable(git_dir: Path) -> None:
+        config = git_dir / "config"
+        commondir = git_dir / "commondir"
+        if commondir.exists():
+            config = (git_dir / commondir.read_text().strip()).resolve() / "config"
+        try:
+            text = config.read_text(encoding="utf-8", errors="replace")
+        except OSError:
+            return
+        if re.search(r"^\s*refstorage\s*=\s*reftable\s*$", text, re.IGNORECASE | re.MULTILINE):
+            raise GitRepoError(
+                f"{git_dir}: uses the reftable ref format, which libgit2 (and so gitlora) cannot read yet; "
+                "convert with `git refs migrate --ref-format=files`"
+            )
+
+    # -- identity --------------------------------------------------------------------------------
+    @property
+    def common_dir(self) -> Path:
+        """The git dir shared by all linked worktrees (the per-repo state key)."""
+        path = Path(self.repo.path)
+        commondir = path / "commondir"
+        if commondir.exists():
+            return (path / commondir.read_text().strip()).resolve()
+        return path.resolve()
+
+    @property
+    def workdir(self) -> Path | None:
+        return Path(self.repo.workdir) if self.repo.workdir else None
+
+    @property
+    def name(self) -> str:
+        common = self.common_dir
+        return common.parent.name if common.name == ".git" else common.name.removesuffix(".git")
+
+    @property
+    def is_shallow(self) -> bool:
+        return (self.common_dir / "shallow").exists()
+
+    # -- refs and history ------------------------------------------------------------------------
+    def tips(self) -> dict[str, str]:
+        """Every local ref that points (possibly through a tag) at a commit, plus detached HEADs of the main
+        worktree and of each linked worktree. Name -> commit hex."""
+        tips: dict[str, str] = {}
+        prefixes = _TRACKED_REF_PREFIXES + (("refs/remotes/",) if self.include_remotes else ())
+        for ref in self.repo.references.iterator():
+            if not ref.name.startswith(prefixes):
+                continue
+            try:
+                target = ref.peel(pygit2.Commit)
+            except (pygit2.GitError, KeyError, ValueError, pygit2.InvalidSpecError):
+                continue  # tag of a tree/blob, dangling ref, or a missing object
+            tips[ref.name] = str(target.id)
+        head = self._read_head(Path(self.repo.path) / "HEAD")
+        if head:
+            tips["HEAD"] = head
+        worktrees = self.common_dir / "worktrees"
+        if worktrees.is_dir():
+            for entry in sorted(worktrees.iterdir()):
+                head = self._read_head(entry / "HEAD")
+                if head:
+                    tips[f"worktrees/{entry.name}/HEAD"] = head
+        return tips
+
+    def _read_head(self, head_file: Path) -> str | None:
+        """A detached HEAD's oid (symbolic HEADs point at branches that are already tips)."""
+        try:
+            content = head_file.read_text().strip()
+        except OSError:
+            return None
+        return content if _HEX40.match(content) and content in self.repo else None
+
+    def new_commits(self, is_known: Callable[[list[bytes]], set[bytes]], tips: Iterable[str] | None = None) -> list[str]:
+        """Commits reachable from `tips` that `is_known` does not report, parents before children.
+
+        Walks back from the tips only until it meets stored commits, so a nudge after one new commit costs
+        one commit lookup, not a history walk. Missing parents (shallow or partial clones) end the walk there.
+        """
+        tips = list(dict.fromkeys(tips if tips is not None else self.tips().values()))
+        unknown: dict[str, tuple[str, ...]] = {}
+        seen: set[str] = set()
+        frontier = tips
+        while frontier:
+            batch = [oid for oid in dict.fromkeys(frontier) if oid not in seen]
+            seen.update(batch)
+            known = is_known([bytes.fromhex(o) for o in batch])
+            frontier = []
+            for oid in batch:
+                if bytes.fromhex(oid) in known:
+                    continue
+                parents = self._parent_ids(oid)
+                if parents is None:
+                    continue
+                unknown[oid] = parents
+                frontier.extend(p for p in parents if p not in seen)
+        return _parents_first(unknown, tips)
+
+    def _parent_ids(self, oid: str) -> tuple[str, ...] | None:
+        try:
+            commit = self.repo[oid]
+        except (KeyError, ValueError):
+            return None
+        if not isinstance(commit, pygit2.Commit):
+            return None
+        return tuple(str(p) for p in commit.parent_ids if str(p) in self.repo)
+
+    def resolve_commit(self, revision: str) -> str:
+        """A revision (`HEAD~1`, a short oid, a tag) -> the commit's full hex oid."""
+        try:
+            return str(self.repo.revparse_single(revision).peel(pygit2.Commit).id)
+        except (KeyError, ValueError, pygit2.GitError, pygit2.InvalidSpecError) as exc:
+            raise GitRepoError(f"unknown commit {revision!r}: {exc}") from None
+
+    def commit_info(self, oid: str) -> CommitInfo:
+        commit = self.repo[oid]
+        parents = tuple(str(p) for p in commit.parent_ids)
+        try:
+            message = commit.message
+        except (UnicodeDecodeError, LookupError):
+            message = commit.raw_message.decode("utf-8", "replace")
+        return CommitInfo(
+            oid=oid, parent=parents[0] if parents else None, parents=parents,
+            author_time=commit.author.time, commit_time=commit.commit_time, message=message,
+            author=f"{commit.author.name} <{commit.author.email}>",
+        )
+
+    # -- diffs and blobs -------------------------------------------------------------------------
+    def changed_rust_files(self, oid: str) -> CommitDiff:
+        """The .rs files a commit changed against its first parent (the empty tree for a root commit)."""
+        commit = self.repo[oid]
+        result = CommitDiff()
+        parent_tree = None
+        if commit.parent_ids:
+            parent_id = commit.parent_ids[0]
+            if parent_id not in self.repo:
+                result.notes.append(f"parent {parent_id} missing (shallow clone): diffed against the empty tree")
+            else:
+                parent_tree = self.repo[parent_id].tree
+        diff = self._diff(parent_tree, commit.tree)
+        try:
+            diff.find_similar(flags=pygit2.enums.DiffFind.FIND_RENAMES, rename_threshold=50)
+        except (pygit2.GitError, KeyError, OSError) as exc:
+            # Rename detection reads blobs; in a partial clone some are missing. Fall back to add+delete.
+            diff = self._diff(parent_tree, commit.tree)
+            result.notes.append(f"rename detection failed, diffed without it: {exc}")
+        for delta in diff.deltas:
+            self._classify(delta, result)
+        return result
+
+    @staticmethod
+    def _diff(old_tree: pygit2.Tree | None, new_tree: pygit2.Tree) -> pygit2.Diff:
+        if old_tree is None:
+            return new_tree.diff_to_tree(swap=True)
+        return old_tree.diff_to_tree(new_tree)
+
+    def is_excluded(self, path: str) -> bool:
+        return any(fnmatch.fnmatchcase(path, pattern) for pattern in self.exclude)
+
+    def _classify(self, delta: pygit2.DiffDelta, result: CommitDiff) -> None:
+        Status = pygit2.enums.DeltaStatus
+        old, new = delta.old_file, delta.new_file
+        old_rs = delta.status not in (Status.ADDED,) and old.path.endswith(".rs")
+        new_rs = delta.status not in (Status.DELETED,) and new.path.endswith(".rs")
+        if not (old_rs or new_rs):
+            return
+        shown = new.path if new_rs else old.path
+        for side, is_rs in ((old, old_rs), (new, new_rs)):
+            if not is_rs:
+                continue
+            if side.mode == pygit2.enums.FileMode.COMMIT:
+                result.skipped.append((side.path, "submodule"))
+                return
+            if side.mode == pygit2.enums.FileMode.LINK:
+                result.skipped.append((side.path, "symlink"))
+                return
+        if (new_rs and self.is_excluded(new.path)) or (old_rs and not new_rs and self.is_excluded(old.path)):
+            result.skipped.append((shown, "excluded"))
+            return
+        if delta.status == Status.RENAMED and old_rs and new_rs:
+            status = "renamed"
+        elif old_rs and new_rs:
+            status = "modified"
+        else:
+            status = "added" if new_rs else "deleted"
+        result.files.append(FileChange(
+            status=status,
+            old_path=old.path if old_rs else None, new_path=new.path if new_rs else None,
+            old_oid=str(old.id) if old_rs else None, new_oid=str(new.id) if new_rs else None,
+        ))
+
+    def read_text_blob(self, oid: str, max_bytes: int) -> bytes:
+        """A blob's bytes if it is usable Rust source text; raises BlobUnreadable with the reason otherwise."""
+        try:
+            blob = self.repo[oid]
+        except KeyError:
+            raise BlobUnreadable("missing-object", oid) from None
+        except pygit2.GitError as exc:
+            raise BlobUnreadable("missing-object", f"{oid}: {exc}") from None
+        if not isinstance(blob, pygit2.Blob):
+            raise BlobUnreadable("not-a-blob", oid)
+        if blob.size > max_bytes:
+            raise BlobUnreadable("too-large", f"{blob.size} bytes")
+        data = blob.data
+        if b"\0" in data[:8192]:
+            raise BlobUnreadable("binary")
+        try:
+            data.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise BlobUnreadable("non-utf8", f"byte {exc.start}") from None
+        return data
+
+
+def _parents_first(parents_of: dict[str, tuple[str, ...]], tips: list[str]) -> list[str]:
+    """Iterative post-order DFS from the tips: each commit after all of its (unknown) parents."""
+    order: list[str] = []
+    done: set[str] = set()
+    for tip in tips:
+        if tip not in parents_of or tip in done:
+            continue
+        stack: list[tuple[str, int]] = [(tip, 0)]
+        on_stack = {tip}
+        while stack:
+            oid, index = stack[-1]
+            parents = [p for p in parents_of[oid] if p in parents_of]
+            if index < len(parents):
+                stack[-1] = (oid, index + 1)
+                parent = parents[index]
+                if parent not in done and parent not in on_stack:
+                    stack.append((parent, 0))
+                    on_stack.add(parent)
+                continue
+            stack.pop()
+            on_stack.discard(oid)
+            if oid not in done:
+                done.add(oid)
+                order.append(oid)
+    return order

@@ -1,0 +1,253 @@
+"""Rust source text -> items, and old/new item maps -> changed items (pure; tree-sitter-rust only).
+
+An item is keyed inside its file by (kind, local name, occurrence), e.g. ("method", "<Foo as Display>::fmt", 0),
+so an unchanged item that only moved, or whose file was renamed, matches its old self and yields nothing.
+Containers (impl, trait, inline mod) are items too, but their *own* text for change detection is their
+skeleton (the container with member items cut out): editing one method yields one `method` change, not
+also an `impl` change; adding or deleting a whole impl yields the impl and each of its members.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from functools import lru_cache
+
+import tree_sitter_rust
+from tree_sitter import Language, Node, Parser
+
+ITEM_KINDS = ("fn", "method", "struct", "enum", "union", "trait", "impl", "mod", "macro", "const", "static", "type")
+
+_LEAF_NODE_KINDS = {
+    "function_item": "fn",
+    "function_signature_item": "fn",
+    "struct_item": "struct",
+    "enum_item": "enum",
+    "union_item": "union",
+    "macro_definition": "macro",
+    "const_item": "const",
+    "static_item": "static",
+    "type_item": "type",
+    "mod_item": "mod",  # `mod foo;` (no body) is a leaf; `mod foo { .. }` a container
+}
+_CONTAINERS = {"impl_item", "trait_item", "mod_item"}
+_DECORATIONS = {"attribute_item", "line_comment", "block_comment"}
+_WS = re.compile(r"\s+")
+
+
+@lru_cache(maxsize=1)
+def _language() -> Language:
+    return Language(tree_sitter_rust.language())
+
+
+class _ParserHolder:
+    """tree-sitter parsers are not thread-safe: one per thread (and so one per worker process)."""
+
+    import threading
+
+    _local = threading.local()
+
+    @classmethod
+    def get(cls) -> Parser:
+        parser = getattr(cls._local, "parser", None)
+        if parser is None:
+            parser = cls._local.parser = Parser(_language())
+        return parser
+
+
+@dataclass(frozen=True, slots=True)
+class Item:
+    kind: str
+    name: str  # local qualified name inside the file, e.g. "net::<Peer as Drop>::drop"
+    text: str  # full source text, with its attributes and doc comments
+    compare_text: str  # what decides "changed": the text, or a container's skeleton
+    line: int  # 1-based start line
+
+
+ItemKey = tuple[str, str, int]
+
+
+@dataclass(slots=True)
+class FileItems:
+    """What one version of a file holds."""
+
+    items: dict[ItemKey, Item] = field(default_factory=dict)
+    imports: list[str] = field(default_factory=list)
+    syntax_error: bool = False
+    broken_items: int = 0  # items dropped because their own text contains a syntax error
+
+
+@dataclass(frozen=True, slots=True)
+class ItemChange:
+    change_kind: str  # added | modified | deleted
+    kind: str
+    name: str
+    before: str
+    after: str
+
+
+def _text(node: Node, source: bytes) -> str:
+    return source[node.start_byte:node.end_byte].decode("utf-8")
+
+
+def _norm(text: str) -> str:
+    return _WS.sub(" ", text).strip()
+
+
+def _is_doc_comment(node: Node) -> bool:
+    return any(child.type in ("outer_doc_comment_marker",) for child in node.children)
+
+
+def _impl_names(node: Node, source: bytes) -> tuple[str, str]:
+    """(impl item name, prefix for its members)."""
+    type_node = node.child_by_field_name("type")
+    trait_node = node.child_by_field_name("trait")
+    type_text = _norm(_text(type_node, source)) if type_node is not None else "?"
+    base = type_node
+    if base is not None and base.type == "generic_type" and base.child_by_field_name("type") is not None:
+        base = base.child_by_field_name("type")
+    base_text = _norm(_text(base, source)) if base is not None else "?"
+    if trait_node is not None:
+        trait_text = _norm(_text(trait_node, source))
+        return f"impl {trait_text} for {type_text}", f"<{base_text} as {trait_text}>"
+    return f"impl {type_text}", base_text
+
+
+def _name(node: Node, source: bytes) -> str:
+    name_node = node.child_by_field_name("name")
+    return _text(name_node, source) if name_node is not None else "?"
+
+
+class _Extractor:
+    def __init__(self, source: bytes) -> None:
+        self.source = source
+        self.result = FileItems()
+        self._occurrences: dict[tuple[str, str], int] = {}
+
+    def add(self, kind: str, name: str, start_byte: int, node: Node, compare_text: str | None = None) -> None:
+        text = self.source[start_byte:node.end_byte].decode("utf-8")
+        occurrence = self._occurrences.get((kind, name), 0)
+        self._occurrences[(kind, name)] = occurrence + 1
+        self.result.items[(kind, name, occurrence)] = Item(
+            kind, name, text, compare_text if compare_text is not None else text, node.start_point[0] + 1
+        )
+
+    def walk(self, children: list[Node], prefix: str, in_impl_or_trait: bool) -> None:
+        decoration_start: int | None = None
+        for child in children:
+            if child.type in _DECORATIONS:
+                is_decoration = child.type == "attribute_item" or _is_doc_comment(child)
+                if is_decoration and decoration_start is None:
+                    decoration_start = child.start_byte
+                elif not is_decoration:
+                    decoration_start = None
+                continue
+            start = decoration_start if decoration_start is not None else child.start_byte
+            decoration_start = None
+            if child.type == "ERROR":
+                # Recovery: an ERROR node may still wrap items that parsed cleanly.
+                self.result.syntax_error = True
+                self.walk(child.named_children, prefix, in_impl_or_trait)
+                continue
+            if child.type == "use_declaration" and not prefix:
+                self.result.imports.append(_text(child, self.source))
+                continue
+            if child.type not in _LEAF_NODE_KINDS and child.type not in _CONTAINERS:
+                continue
+            if child.has_error:
+                self.result.syntax_error = True
+                self.result.broken_items += 1
+                body = child.child_by_field_name("body")
+                if body is not None and child.type in _CONTAINERS:
+                    self.walk(body.named_children, self._member_prefix(child, prefix), child.type != "mod_item")
+                continue
+            self.item(child, start, prefix, in_impl_or_trait)
+
+    def _member_prefix(self, node: Node, prefix: str) -> str:
+        if node.type == "impl_item":
+            member = _impl_names(node, self.source)[1]
+        else:
+            member = _name(node, self.source)
+        return f"{prefix}::{member}" if prefix else member
+
+    def item(self, node: Node, start: int, prefix: str, in_impl_or_trait: bool) -> None:
+        qualify = (lambda n: f"{prefix}::{n}" if prefix else n)
+        body = node.child_by_field_name("body")
+        if node.type in _CONTAINERS and body is not None and body.type == "declaration_list":
+            if node.type == "impl_item":
+                own_name, member_prefix = _impl_names(node, self.source)
+                kind = "impl"
+            else:
+                own_name = member_prefix = _name(node, self.source)
+                kind = "trait" if node.type == "trait_item" else "mod"
+            skeleton = self._skeleton(node, start, body)
+            self.add(kind, qualify(own_name), start, node, compare_text=skeleton)
+            self.walk(body.named_children, qualify(member_prefix), node.type != "mod_item")
+            return
+        kind = _LEAF_NODE_KINDS.get(node.type)
+        if kind is None:
+            return
+        if kind == "fn" and in_impl_or_trait:
+            kind = "method"
+        self.add(kind, qualify(_name(node, self.source)), start, node)
+
+    def _skeleton(self, node: Node, start: int, body: Node) -> str:
+        """The container's text with its member items cut out, whitespace-normalised."""
+        pieces: list[str] = []
+        cursor = start
+        for member in body.named_children:
+            if member.type in _LEAF_NODE_KINDS or member.type in _CONTAINERS:
+                pieces.append(self.source[cursor:member.start_byte].decode("utf-8", "replace"))
+                cursor = member.end_byte
+        pieces.append(self.source[cursor:node.end_byte].decode("utf-8", "replace"))
+        return _norm("".join(pieces))
+
+
+def extract_items(source: bytes) -> FileItems:
+    """Items of one Rust file. `source` must be valid UTF-8 (callers record non-UTF-8 files as skipped)."""
+    tree = _ParserHolder.get().parse(source)
+    extractor = _Extractor(source)
+    extractor.walk(tree.root_node.children, "", False)
+    if tree.root_node.has_error:
+        extractor.result.syntax_error = True
+    return extractor.result
+
+
+def diff_items(old: FileItems | None, new: FileItems | None) -> list[ItemChange]:
+    """Changed items between two versions of a file (None = the file does not exist on that side).
+
+    When the new version has syntax errors, items missing from it are not reported as deleted: tree-sitter's
+    recovery may have swallowed them, and a false deletion is worse than a missed one.
+    """
+    old_items = old.items if old else {}
+    new_items = new.items if new else {}
+    changes: list[ItemChange] = []
+    for key, item in new_items.items():
+        before = old_items.get(key)
+        if before is None:
+            changes.append(ItemChange("added", item.kind, item.name, "", item.text))
+        elif before.compare_text != item.compare_text:
+            changes.append(ItemChange("modified", item.kind, item.name, before.text, item.text))
+    suppress_deletions = new is not None and new.syntax_error
+    if not suppress_deletions:
+        for key, item in old_items.items():
+            if key not in new_items:
+                changes.append(ItemChange("deleted", item.kind, item.name, item.text, ""))
+    return changes
+
+
+def module_path(path: str) -> list[str]:
+    """Module path a file's items live in, from its repository path (`node/src/net/peer.rs` ->
+    ["node", "net", "peer"]): the crate directory, then the modules below `src/`."""
+    parts = [p for p in path.split("/") if p]
+    if not parts:
+        return []
+    if "src" in parts[:-1]:
+        idx = len(parts) - 1 - parts[::-1].index("src", 1)
+        parts = ([parts[idx - 1]] if idx > 0 else []) + parts[idx + 1:]
+    stem = parts[-1][:-3] if parts[-1].endswith(".rs") else parts[-1]
+    mods = parts[:-1] + ([] if stem in ("lib", "main", "mod") else [stem])
+    return [m.replace("-", "_") for m in mods]
+
+
+def qualified_name(path: str, local_name: str) -> str:
+    return "::".join([*module_path(path), local_name])

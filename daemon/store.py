@@ -1,0 +1,224 @@
+"""The append-only example store: the only module that imports lmdb.
+
+Named databases (DESIGN.md contract): `commits` (20-byte binary oid -> JSON record), `examples` (8-byte
+big-endian sequence -> JSON example), `meta` (schema version, counters). A commit's record and all of its
+examples are written in one write transaction, and the transaction first checks that the commit is not
+already stored: LMDB's atomic commit makes that "exactly once" even if the process dies at any instant.
+"""
+from __future__ import annotations
+
+import json
+import os
+import struct
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import lmdb
+
+SCHEMA_VERSION = 1
+_SEQ = struct.Struct(">Q")
+_INITIAL_MAP_SIZE = 64 << 20
+_MAX_MAP_SIZE = 1 << 40
+
+
+class StoreError(Exception):
+    """The store cannot be used as asked (newer schema, corrupt record, failed append)."""
+
+
+def seq_key(seq: int) -> bytes:
+    return _SEQ.pack(seq)
+
+
+def _dumps(value: Any) -> bytes:
+    return json.dumps(value, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+
+
+@dataclass
+class PendingCommit:
+    """One commit's outcome, ready to be stored: its record and the examples it produced."""
+
+    oid: bytes  # 20-byte binary oid
+    record: dict[str, Any]
+    examples: list[dict[str, Any]] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class WriteResult:
+    stored: int  # commits newly stored
+    already_present: int  # commits skipped because an earlier writer stored them
+    examples: int  # examples appended
+
+
+class Store:
+    """One LMDB environment per repository. Safe for one writer thread plus readers; LMDB's own lock
+    serialises writers across processes (a backfill next to the daemon stays exactly-once)."""
+
+    def __init__(self, path: Path, *, readonly: bool = False, map_size: int = _INITIAL_MAP_SIZE) -> None:
+        self.path = Path(path)
+        self.readonly = readonly
+        if readonly:
+            if not (self.path / "data.mdb").exists():
+                raise StoreError(f"no store at {self.path}")
+        else:
+            self.path.mkdir(parents=True, exist_ok=True, mode=0o700)
+        existing = (self.path / "data.mdb").stat().st_size if (self.path / "data.mdb").exists() else 0
+        self.env = lmdb.open(
+            str(self.path), max_dbs=4, map_size=max(map_size, existing * 2, _INITIAL_MAP_SIZE),
+            readonly=readonly, subdir=True, lock=True, readahead=False, meminit=False,
+        )
+        self._commits = self.env.open_db(b"commits", create=not readonly)
+        self._examples = self.env.open_db(b"examples", create=not readonly)
+        self._meta = self.env.open_db(b"meta", create=not readonly)
+        self._check_schema()
+
+    # -- lifecycle -------------------------------------------------------------------------------
+    def close(self) -> None:
+        self.env.close()
+
+    def __enter__(self) -> "Store":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _check_schema(self) -> None:
+        with self.env.begin(db=self._meta) as txn:
+            raw = txn.get(b"schema_version")
+        if raw is None:
+            if self.readonly:
+                return
+            with self.env.begin(db=self._meta, write=True) as txn:
+                if txn.get(b"schema_version") is None:
+                    txn.put(b"schema_version", str(SCHEMA_VERSION).encode())
+            return
+        version = int(raw)
+        if version > SCHEMA_VERSION:
+            raise StoreError(
+                f"store at {self.path} has schema version {version}, newer than this gitlora "
+                f"understands ({SCHEMA_VERSION}); upgrade gitlora"
+            )
+
+    # -- writing ---------------------------------------------------------------------------------
+    def write(self, batch: Iterable[PendingCommit]) -> WriteResult:
+        """Store each commit exactly once, all in one transaction; grows the map and retries when full."""
+        if self.readonly:
+            raise StoreError("store opened read-only")
+        batch = list(batch)
+        while True:
+            try:
+                with self.env.begin(write=True) as txn:
+                    return self._write_txn(txn, batch)
+            except lmdb.MapFullError:
+                self._grow()
+
+    def _grow(self) -> None:
+        new_size = self.env.info()["map_size"] * 2
+        if new_size > _MAX_MAP_SIZE:
+            raise StoreError(f"store at {self.path} would exceed {_MAX_MAP_SIZE} bytes")
+        self.env.set_mapsize(new_size)
+
+    def _write_txn(self, txn: lmdb.Transaction, batch: list[PendingCommit]) -> WriteResult:
+        next_seq = self._next_seq(txn)
+        counters = self._counters(txn)
+        stored = present = appended = 0
+        seen_in_batch: set[bytes] = set()
+        for pending in batch:
+            if len(pending.oid) != 20:
+                raise StoreError(f"commit key must be a 20-byte oid, got {len(pending.oid)} bytes")
+            if pending.oid in seen_in_batch or txn.get(pending.oid, db=self._commits) is not None:
+                present += 1
+                continue
+            seen_in_batch.add(pending.oid)
+            record = dict(pending.record)
+            if pending.examples:
+                record["first_seq"] = next_seq
+                record["last_seq"] = next_seq + len(pending.examples) - 1
+            record["examples"] = len(pending.examples)
+            for example in pending.examples:
+                # append=True is LMDB's fast path for sorted keys; it returns False (not an exception)
+                # when the key is out of order, which would mean a corrupt counter: stop loudly.
+                if not txn.put(seq_key(next_seq), _dumps(example), db=self._examples, append=True):
+                    raise StoreError(f"append of example {next_seq} refused: sequence out of order")
+                next_seq += 1
+                appended += 1
+            if not txn.put(pending.oid, _dumps(record), db=self._commits, overwrite=False):
+                raise StoreError(f"commit {pending.oid.hex()} appeared during its own transaction")
+            status = record.get("status", "ingested")
+            counters[f"commits_{status}"] = counters.get(f"commits_{status}", 0) + 1
+            stored += 1
+        counters["examples"] = counters.get("examples", 0) + appended
+        txn.put(b"next_seq", str(next_seq).encode(), db=self._meta)
+        txn.put(b"counters", _dumps(counters), db=self._meta)
+        return WriteResult(stored, present, appended)
+
+    def _next_seq(self, txn: lmdb.Transaction) -> int:
+        raw = txn.get(b"next_seq", db=self._meta)
+        if raw is not None:
+            return int(raw)
+        with txn.cursor(db=self._examples) as cursor:
+            return _SEQ.unpack(cursor.key())[0] + 1 if cursor.last() else 0
+
+    def _counters(self, txn: lmdb.Transaction) -> dict[str, int]:
+        raw = txn.get(b"counters", db=self._meta)
+        return json.loads(raw) if raw else {}
+
+    def set_meta(self, key: str, value: Any) -> None:
+        with self.env.begin(db=self._meta, write=True) as txn:
+            txn.put(b"x:" + key.encode(), _dumps(value))
+
+    # -- reading ---------------------------------------------------------------------------------
+    def get_meta(self, key: str, default: Any = None) -> Any:
+        with self.env.begin(db=self._meta) as txn:
+            raw = txn.get(b"x:" + key.encode())
+        return json.loads(raw) if raw is not None else default
+
+    def has_commit(self, oid: bytes) -> bool:
+        with self.env.begin(db=self._commits, buffers=True) as txn:
+            return txn.get(oid) is not None
+
+    def known_commits(self, oids: Iterable[bytes]) -> set[bytes]:
+        """Which of `oids` are stored, in one read transaction."""
+        with self.env.begin(db=self._commits, buffers=True) as txn:
+            return {oid for oid in oids if txn.get(oid) is not None}
+
+    def get_commit(self, oid: bytes) -> dict[str, Any] | None:
+        with self.env.begin(db=self._commits) as txn:
+            raw = txn.get(oid)
+        return json.loads(raw) if raw is not None else None
+
+    def iter_commits(self) -> Iterator[tuple[bytes, dict[str, Any]]]:
+        with self.env.begin(db=self._commits) as txn:
+            for key, value in txn.cursor():
+                yield bytes(key), json.loads(value)
+
+    def iter_examples(self, start: int = 0, stop: int | None = None) -> Iterator[tuple[int, dict[str, Any]]]:
+        for seq, raw in self.iter_raw_examples(start, stop):
+            yield seq, json.loads(raw)
+
+    def iter_raw_examples(self, start: int = 0, stop: int | None = None) -> Iterator[tuple[int, bytes]]:
+        """Examples exactly as stored (the bytes shards are made of), in sequence order."""
+        with self.env.begin(db=self._examples) as txn:
+            cursor = txn.cursor()
+            if not cursor.set_range(seq_key(start)):
+                return
+            for key, value in cursor:
+                seq = _SEQ.unpack(key)[0]
+                if stop is not None and seq >= stop:
+                    return
+                yield seq, bytes(value)
+
+    def next_seq(self) -> int:
+        with self.env.begin() as txn:
+            return self._next_seq(txn)
+
+    def counters(self) -> dict[str, int]:
+        with self.env.begin() as txn:
+            counters = self._counters(txn)
+        counters.setdefault("examples", 0)
+        return counters
+
+    def size_bytes(self) -> int:
+        data = self.path / "data.mdb"
+        return os.path.getsize(data) if data.exists() else 0
