@@ -136,7 +136,7 @@ class ControlServer:
                 os.umask(old)
             st = os.lstat(self.path)
             self._ident = (st.st_dev, st.st_ino)
-            sock.listen(16)
+            sock.listen(64)
         except OSError as exc:
             sock.close()
             if exc.errno == errno.EADDRINUSE:
@@ -321,7 +321,7 @@ class Connection:
         self._sock.settimeout(timeout)
         self._buf = b""
         try:
-            self._sock.connect(str(self.path))
+            self._connect(timeout)
         except FileNotFoundError:
             self._sock.close()
             raise DaemonNotRunning(
@@ -334,6 +334,19 @@ class Connection:
         except OSError as exc:
             self._sock.close()
             raise ControlError(f"cannot connect to the gitlora daemon at {self.path}: {exc}") from exc
+
+    def _connect(self, timeout: float) -> None:
+        """connect(), retrying while the listen backlog is full: with a timeout set, an AF_UNIX connect to a
+        saturated listener fails at once with EAGAIN instead of waiting for room."""
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                self._sock.connect(str(self.path))
+                return
+            except BlockingIOError:
+                if time.monotonic() >= deadline:
+                    raise TimeoutError(f"the control socket's backlog stayed full for {timeout} s") from None
+                time.sleep(0.01)
 
     def request(self, payload: dict, *, check: bool = False) -> dict:
         """Send one request, return the reply; with check=True an `"ok": false` reply raises ControlError.

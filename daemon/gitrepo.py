@@ -117,6 +117,13 @@ class GitRepo:
     def is_shallow(self) -> bool:
         return (self.common_dir / "shallow").exists()
 
+    def shallow_boundary(self) -> frozenset[str]:
+        """Commits whose parents a shallow clone cut off (libgit2 shows them as parentless)."""
+        try:
+            return frozenset(self.common_dir.joinpath("shallow").read_text().split())
+        except OSError:
+            return frozenset()
+
     # -- refs and history ------------------------------------------------------------------------
     def tips(self) -> dict[str, str]:
         """Every local ref that points (possibly through a tag) at a commit, plus detached HEADs of the main

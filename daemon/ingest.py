@@ -103,6 +103,7 @@ class Ingestor:
         self.repo_name = repo.name
         self._cache = _BlobCache(cache_bytes)
         self._pool: ProcessPoolExecutor | None = None
+        self._shallow_boundary: frozenset[str] = frozenset()
 
     def close(self) -> None:
         if self._pool is not None:
@@ -148,6 +149,7 @@ class Ingestor:
 
     # -- one batch -------------------------------------------------------------------------------
     def prepare_batch(self, oids: list[str], extra: dict[str, Any] | None = None) -> list[PendingCommit]:
+        self._shallow_boundary = self.repo.shallow_boundary()
         prepared = [self._read_commit(oid) for oid in oids]
         fresh = self._parse_needed_blobs(prepared)
         return [self._compose(item, fresh, extra or {}) for item in prepared]
@@ -155,6 +157,10 @@ class Ingestor:
     def _read_commit(self, oid: str) -> _Prepared:
         item = _Prepared(oid)
         started = time.perf_counter()
+        if oid in self._shallow_boundary:
+            # Diffing against the empty tree would present the whole crate as newly added code.
+            item.failure = "shallow-boundary: its parents are not in this clone (git fetch --unshallow)"
+            return item
         try:
             item.info = self.repo.commit_info(oid)
             item.diff = self.repo.changed_rust_files(oid)

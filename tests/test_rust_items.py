@@ -1,0 +1,127 @@
+"""Item extraction and item diffs on hand-written Rust, without git."""
+from __future__ import annotations
+
+import pytest
+
+from gitlora.daemon.rust_items import diff_items, extract_items, module_path, qualified_name
+
+ALL_KINDS = b'''use std::fmt;
+use crate::net::{Peer, Pool};
+
+/// A documented struct.
+#[derive(Debug)]
+pub struct Point { x: i32, y: i32 }
+pub enum Shape { Dot(Point), Line(Point, Point) }
+pub union Bits { i: u32, f: f32 }
+pub trait Area { fn area(&self) -> f64; fn zero() -> f64 { 0.0 } }
+impl Point { pub fn new(x: i32, y: i32) -> Self { Point { x, y } } const ORIGIN: i32 = 0; }
+impl fmt::Display for Point { fn fmt(&self, f: &mut fmt::Formatter) -> fmt::Result { Ok(()) } }
+pub mod geometry { pub fn dist() -> f64 { 1.0 } pub struct Line; }
+mod external;
+macro_rules! square { ($x:expr) => { $x * $x }; }
+pub const LIMIT: usize = 10;
+static mut COUNTER: u64 = 0;
+pub type Map = std::collections::HashMap<String, Point>;
+pub fn free(a: i32) -> i32 { a + 1 }
+'''
+
+EXPECTED_ITEMS = {
+    ("struct", "Point"), ("enum", "Shape"), ("union", "Bits"), ("trait", "Area"), ("method", "Area::area"),
+    ("method", "Area::zero"), ("impl", "impl Point"), ("method", "Point::new"), ("const", "Point::ORIGIN"),
+    ("impl", "impl fmt::Display for Point"), ("method", "<Point as fmt::Display>::fmt"), ("mod", "geometry"),
+    ("fn", "geometry::dist"), ("struct", "geometry::Line"), ("mod", "external"), ("macro", "square"),
+    ("const", "LIMIT"), ("static", "COUNTER"), ("type", "Map"), ("fn", "free"),
+}
+
+
+def _changes(old: bytes | None, new: bytes | None) -> set[tuple[str, str, str]]:
+    return {(c.change_kind, c.kind, c.name) for c in diff_items(
+        extract_items(old) if old is not None else None, extract_items(new) if new is not None else None)}
+
+
+def test_every_item_kind_is_found_with_its_qualified_name():
+    items = extract_items(ALL_KINDS)
+    assert {(i.kind, i.name) for i in items.items.values()} == EXPECTED_ITEMS
+    assert items.imports == ["use std::fmt;", "use crate::net::{Peer, Pool};"]
+    assert not items.syntax_error
+
+
+def test_item_text_includes_doc_comments_and_attributes():
+    point = next(i for i in extract_items(ALL_KINDS).items.values() if i.name == "Point" and i.kind == "struct")
+    assert point.text.startswith("/// A documented struct.\n#[derive(Debug)]\npub struct Point")
+
+
+def test_new_file_adds_every_item_and_deleted_file_deletes_every_item():
+    assert _changes(None, ALL_KINDS) == {("added", k, n) for k, n in EXPECTED_ITEMS}
+    assert _changes(ALL_KINDS, None) == {("deleted", k, n) for k, n in EXPECTED_ITEMS}
+
+
+@pytest.mark.parametrize("old_fragment,new_fragment,expected", [
+    (b"pub fn free(a: i32) -> i32 { a + 1 }", b"pub fn free(a: i32) -> i32 { a + 2 }", {("modified", "fn", "free")}),
+    (b"Point { x, y } }", b"Point { x: x * 2, y } }", {("modified", "method", "Point::new")}),
+    (b"fn zero() -> f64 { 0.0 }", b"fn zero() -> f64 { -0.0 }", {("modified", "method", "Area::zero")}),
+    (b"Line(Point, Point) }", b"Line(Point, Point), Empty }", {("modified", "enum", "Shape")}),
+    (b"union Bits { i: u32, f: f32 }", b"union Bits { i: u32 }", {("modified", "union", "Bits")}),
+    (b"($x:expr) => { $x * $x };", b"($x:expr) => { ($x) * ($x) };", {("modified", "macro", "square")}),
+    (b"LIMIT: usize = 10", b"LIMIT: usize = 11", {("modified", "const", "LIMIT")}),
+    (b"COUNTER: u64 = 0", b"COUNTER: u64 = 1", {("modified", "static", "COUNTER")}),
+    (b"HashMap<String, Point>", b"BTreeMap<String, Point>", {("modified", "type", "Map")}),
+    (b"pub fn dist() -> f64 { 1.0 }", b"pub fn dist() -> f64 { 2.0 }", {("modified", "fn", "geometry::dist")}),
+    (b"mod external;", b"pub mod external;", {("modified", "mod", "external")}),
+    (b"#[derive(Debug)]", b"#[derive(Debug, Clone)]", {("modified", "struct", "Point")}),
+    # a container's own header changes: the impl changes, its unchanged members do not
+    (b"impl fmt::Display for Point {", b"impl fmt::Display for Point where Point: Sized {",
+     {("modified", "impl", "impl fmt::Display for Point")}),
+    (b"pub trait Area {", b"pub trait Area: Sized {", {("modified", "trait", "Area")}),
+    (b"pub fn free(a: i32) -> i32 { a + 1 }", b"pub fn renamed(a: i32) -> i32 { a + 1 }",
+     {("deleted", "fn", "free"), ("added", "fn", "renamed")}),
+    (b"pub fn free(a: i32) -> i32 { a + 1 }", b"pub fn free(a: i32) -> i32 { a + 1 }\nfn extra() {}",
+     {("added", "fn", "extra")}),
+])
+def test_each_change_kind_on_each_item_kind(old_fragment, new_fragment, expected):
+    assert old_fragment in ALL_KINDS
+    assert _changes(ALL_KINDS, ALL_KINDS.replace(old_fragment, new_fragment, 1)) == expected
+
+
+def test_moving_items_or_reformatting_a_container_changes_nothing():
+    lines = ALL_KINDS.rstrip(b"\n").split(b"\n")
+    reordered = b"\n".join(lines[:3] + [lines[-1], lines[-2]] + lines[3:-2]) + b"\n"
+    assert reordered != ALL_KINDS
+    assert _changes(ALL_KINDS, reordered) == set()
+    assert _changes(ALL_KINDS, ALL_KINDS) == set()
+
+
+def test_syntax_error_keeps_clean_items_and_suppresses_false_deletions():
+    old = b"fn a() {}\nfn b() {}\nfn c() {}\n"
+    new = b"fn a() { 1 }\nfn b( {\nfn c() {}\n"
+    items = extract_items(new)
+    assert items.syntax_error
+    names = {i.name for i in items.items.values()}
+    assert "b" not in names and "c" in names  # the broken fn is not an item; the one after still is
+    assert _changes(old, new) == {("modified", "fn", "a")}
+
+
+def test_broken_item_is_counted():
+    items = extract_items(b"fn good() {}\nstruct S { a: u8,, }\n")
+    assert items.syntax_error
+    assert {i.name for i in items.items.values()} == {"good"}
+    assert items.broken_items == 1
+
+
+def test_duplicate_names_are_kept_apart():
+    src = b"impl A { fn f() {} }\nimpl A { fn f() { 1 } }\n"
+    items = extract_items(src)
+    assert sorted(k for k in items.items if k[0] == "method") == [("method", "A::f", 0), ("method", "A::f", 1)]
+
+
+@pytest.mark.parametrize("path,expected", [
+    ("src/lib.rs", []), ("src/main.rs", []), ("src/net/mod.rs", ["net"]), ("src/net/peer.rs", ["net", "peer"]),
+    ("node/src/net/peer.rs", ["node", "net", "peer"]), ("crates/my-crate/src/lib.rs", ["my_crate"]),
+    ("tests/integration.rs", ["tests", "integration"]), ("build.rs", ["build"]),
+])
+def test_module_path_from_file_path(path, expected):
+    assert module_path(path) == expected
+
+
+def test_qualified_name_joins_module_and_item():
+    assert qualified_name("node/src/net/peer.rs", "Peer::connect") == "node::net::peer::Peer::connect"

@@ -1,0 +1,78 @@
+"""The LMDB store on a real environment: exactly-once, append-only, growing, schema-guarded."""
+from __future__ import annotations
+
+import lmdb
+import pytest
+
+from gitlora.daemon.store import SCHEMA_VERSION, PendingCommit, Store, StoreError
+
+
+def oid(n: int) -> bytes:
+    return n.to_bytes(20, "big")
+
+
+def pending(n: int, examples: int) -> PendingCommit:
+    return PendingCommit(oid(n), {"status": "ingested"}, [{"commit": n, "i": i} for i in range(examples)])
+
+
+def test_commit_and_examples_are_stored_once_with_sequential_keys(tmp_path):
+    with Store(tmp_path / "s") as store:
+        first = store.write([pending(1, 3), pending(2, 0), pending(1, 5)])
+        again = store.write([pending(2, 4), pending(3, 2)])
+        assert (first.stored, first.already_present, first.examples) == (2, 1, 3)
+        assert (again.stored, again.already_present, again.examples) == (1, 1, 2)
+        assert [(seq, e["commit"]) for seq, e in store.iter_examples()] == [(0, 1), (1, 1), (2, 1), (3, 3), (4, 3)]
+        assert store.get_commit(oid(1))["first_seq"] == 0 and store.get_commit(oid(1))["last_seq"] == 2
+        assert store.get_commit(oid(2))["examples"] == 0
+        assert store.known_commits([oid(1), oid(4)]) == {oid(1)}
+        assert store.counters() == {"commits_ingested": 3, "examples": 5}
+        assert [seq for seq, _ in store.iter_examples(3)] == [3, 4]
+
+
+def test_map_full_grows_and_retries_the_whole_transaction(tmp_path):
+    with Store(tmp_path / "s", map_size=1 << 20) as store:
+        store.env.set_mapsize(1 << 20)
+        big = [PendingCommit(oid(n), {"status": "ingested"}, [{"text": "x" * 50_000}] * 10) for n in range(10)]
+        result = store.write(big)
+        assert result.stored == 10 and result.examples == 100
+        assert store.env.info()["map_size"] > 1 << 20
+        assert sum(1 for _ in store.iter_examples()) == 100
+
+
+def test_a_failed_transaction_leaves_nothing_behind(tmp_path):
+    with Store(tmp_path / "s") as store:
+        bad = PendingCommit(b"short", {"status": "ingested"}, [])
+        with pytest.raises(StoreError):
+            store.write([pending(1, 2), bad])
+        assert store.known_commits([oid(1)]) == set()
+        assert list(store.iter_examples()) == []
+
+
+def test_out_of_order_append_is_detected_not_ignored(tmp_path):
+    with Store(tmp_path / "s") as store:
+        store.write([pending(1, 2)])
+        with store.env.begin(write=True) as txn:  # corrupt the counter behind the store's back
+            txn.put(b"next_seq", b"0", db=store._meta)
+        with pytest.raises(StoreError, match="out of order"):
+            store.write([pending(2, 1)])
+        assert store.known_commits([oid(2)]) == set()
+
+
+def test_newer_schema_is_a_clear_error(tmp_path):
+    with Store(tmp_path / "s") as store:
+        with store.env.begin(write=True) as txn:
+            txn.put(b"schema_version", str(SCHEMA_VERSION + 1).encode(), db=store._meta)
+    with pytest.raises(StoreError, match="newer than this gitlora"):
+        Store(tmp_path / "s")
+
+
+def test_readonly_store(tmp_path):
+    with pytest.raises(StoreError, match="no store"):
+        Store(tmp_path / "missing", readonly=True)
+    with Store(tmp_path / "s") as store:
+        store.write([pending(1, 1)])
+    with Store(tmp_path / "s", readonly=True) as reader:
+        assert reader.counters()["examples"] == 1
+        with pytest.raises(StoreError):
+            reader.write([pending(2, 1)])
+    assert isinstance(lmdb.version(), tuple)
