@@ -224,7 +224,7 @@ def make_plan(model, vram_gb: float | None = None, compute_capability: float | N
                   lora_targets=STARCODER2_TARGETS, lora_params=m.lora_params(lora_r))
 
     if vram_gb is None:
-        ctx = contexts[0] if context_length else min(512, contexts[0])
+        ctx = contexts[0] if context_length else min(1024, contexts[0])
         terms = _estimate(m, quant=None, dtype_bytes=4, ckpt=False, ctx=ctx, batch=1, r=lora_r, cuda=False)
         peak = sum(t[1] for t in terms)
         notes.append("no CUDA GPU: fp32 on CPU, no quantisation (bitsandbytes 4-bit needs CUDA); slow for >1B")

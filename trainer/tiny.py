@@ -269,7 +269,7 @@ def build_tokenizer(vocab_size: int = VOCAB_SIZE):
     tok.train_from_iterator(rust_corpus(), trainer=trainer)
     return PreTrainedTokenizerFast(
         tokenizer_object=tok, bos_token="<|endoftext|>", eos_token="<|endoftext|>", unk_token="<|endoftext|>",
-        pad_token="<|endoftext|>", additional_special_tokens=SPECIAL_TOKENS[1:], model_max_length=1024,
+        pad_token="<|endoftext|>", additional_special_tokens=SPECIAL_TOKENS[1:], model_max_length=16384,
         clean_up_tokenization_spaces=False)
 
 

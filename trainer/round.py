@@ -1,0 +1,338 @@
+"""One training round, top to bottom (the shape of nanoGPT's train.py): spec -> plan -> model -> adapter -> data
+-> loop -> eval -> save -> gate -> promote.
+
+    python -m gitlora.trainer --spec SPEC.json
+
+SPEC.json = {"base_model", "adapters_dir", "train_shards", "replay_shards", "eval_shards", "progress_file",
+             "train": {learning_rate, warmup_steps, epochs, max_steps, lora_r, lora_alpha, lora_dropout,
+                       replay_share, fim_share, context_length, promote_margin, device, seed,
+                       micro_batch, grad_accum}}   (0 / missing = from the plan or the defaults below)
+
+It talks back through `progress_file` (JSON lines: start, progress, eval, done | error) and its exit status:
+0 = round finished (promoted or not), 1 = failure, 2 = bad spec / no data, 3 = out of memory.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import random
+import sys
+import time
+import traceback
+from pathlib import Path
+
+from gitlora.trainer import data, plan as planlib, registry
+
+DEFAULTS = dict(learning_rate=2e-4, warmup_steps=10, epochs=1, max_steps=0, lora_r=16, lora_alpha=32,
+                lora_dropout=0.05, replay_share=0.3, fim_share=0.2, context_length=0, promote_margin=0.0,
+                device="auto", seed=0, micro_batch=0, grad_accum=0, min_lr_ratio=0.1)
+EXIT_FAIL, EXIT_SPEC, EXIT_OOM = 1, 2, 3
+
+
+class SpecError(Exception):
+    """Bad spec or nothing to train on: exit 2."""
+
+
+class Progress:
+    """Append-only JSON-lines channel to the daemon; every line flushed, so a killed round leaves a readable log."""
+
+    def __init__(self, path: str | None):
+        self.f = open(path, "a", encoding="utf-8") if path else None
+
+    def __call__(self, event: str, **fields) -> None:
+        line = json.dumps({"event": event, "time": round(time.time(), 3), **fields})
+        if self.f:
+            self.f.write(line + "\n")
+            self.f.flush()
+        else:
+            print(line, flush=True)
+
+
+# -------------------------------------------------------------------------------------------------- model side
+def load_base(base_model: str, plan, torch):
+    """Base model as the plan says: nf4 + fp16/bf16 compute (bitsandbytes) on CUDA, else plain dtype."""
+    from transformers import AutoModelForCausalLM
+
+    dtype = getattr(torch, plan.compute_dtype)
+    kw = dict(attn_implementation=plan.attention, dtype=dtype)
+    if plan.device == "cuda" and plan.quantization == "nf4":
+        from transformers import BitsAndBytesConfig
+
+        kw["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=dtype)
+        kw["device_map"] = {"": 0}
+    model = AutoModelForCausalLM.from_pretrained(base_model, **kw)
+    if plan.device == "cuda" and plan.quantization != "nf4":
+        model.to("cuda")
+    model.config.use_cache = False
+    if plan.quantization == "nf4":
+        from peft import prepare_model_for_kbit_training
+
+        model = prepare_model_for_kbit_training(
+            model, use_gradient_checkpointing=plan.gradient_checkpointing,
+            gradient_checkpointing_kwargs={"use_reentrant": False})
+    elif plan.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return model
+
+
+def attach_adapter(model, adapters_dir: Path, cfg: dict):
+    """Resume `adapters/current` (trainable) or create a fresh LoRA; never touches the vocabulary."""
+    from peft import LoraConfig, PeftModel, get_peft_model
+
+    parent = registry.current_version(adapters_dir)
+    if parent is not None:
+        return PeftModel.from_pretrained(model, str(adapters_dir / parent), is_trainable=True), parent
+    lora = LoraConfig(r=cfg["lora_r"], lora_alpha=cfg["lora_alpha"], lora_dropout=cfg["lora_dropout"],
+                      target_modules=list(planlib.STARCODER2_TARGETS), bias="none", task_type="CAUSAL_LM")
+    return get_peft_model(model, lora), None
+
+
+def target_loss_sum(model, input_ids, position_ids, labels, torch, chunked_ckpt: bool = False):
+    """Sum of cross-entropy over target positions only, and their count.
+
+    Runs the transformer body, keeps the hidden states of positions whose *next* token is a target, and applies
+    lm_head + CE to those alone in chunks (optionally checkpointed): the full (tokens x vocab) logits tensor,
+    the largest activation of a code model, is never built.
+    """
+    causal_lm = model.get_base_model()
+    hidden = causal_lm.model(input_ids=input_ids, position_ids=position_ids, use_cache=False).last_hidden_state
+    targets = labels[:, 1:]
+    keep = targets != data.IGNORE
+    h = hidden[:, :-1][keep]
+    y = targets[keep]
+    total = h.new_zeros((), dtype=torch.float32)
+
+    def chunk_loss(hc, yc):
+        logits = causal_lm.lm_head(hc).float()
+        return torch.nn.functional.cross_entropy(logits, yc, reduction="sum")
+
+    for s in range(0, y.numel(), planlib.LOSS_CHUNK):
+        hc, yc = h[s:s + planlib.LOSS_CHUNK], y[s:s + planlib.LOSS_CHUNK]
+        if chunked_ckpt and torch.is_grad_enabled():
+            total = total + torch.utils.checkpoint.checkpoint(chunk_loss, hc, yc, use_reentrant=False)
+        else:
+            total = total + chunk_loss(hc, yc)
+    return total, int(y.numel())
+
+
+def batches(packed: data.Packed, micro_batch: int, torch, device):
+    for s in range(0, len(packed.input_ids), micro_batch):
+        yield tuple(torch.tensor(getattr(packed, k)[s:s + micro_batch], dtype=torch.long, device=device)
+                    for k in ("input_ids", "position_ids", "labels"))
+
+
+def evaluate(model, packed: data.Packed, micro_batch: int, torch, device, autocast) -> float | None:
+    """Mean loss per target token over a packed set (None when it has no targets)."""
+    if not packed.input_ids:
+        return None
+    model.eval()
+    total, count = 0.0, 0
+    with torch.no_grad(), autocast():
+        for ids, pos, labels in batches(packed, micro_batch, torch, device):
+            s, n = target_loss_sum(model, ids, pos, labels, torch)
+            total, count = total + float(s), count + n
+    model.train()
+    return total / count if count else None
+
+
+def lr_at(step: int, total: int, cfg: dict) -> float:
+    """Linear warm-up (re-warmed every round: the optimizer state is new), then cosine to min_lr_ratio x lr."""
+    lr, warm = cfg["learning_rate"], min(cfg["warmup_steps"], max(0, total - 1))
+    if step < warm:
+        return lr * (step + 1) / (warm + 1)
+    progress = (step - warm) / max(1, total - warm)
+    floor = cfg["min_lr_ratio"]
+    return lr * (floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
+
+
+# ------------------------------------------------------------------------------------------------------ round
+def run_round(spec: dict, progress: Progress) -> dict:
+    t_start = time.time()
+    cfg = {**DEFAULTS, **(spec.get("train") or {})}
+    for key in ("base_model", "adapters_dir"):
+        if not spec.get(key):
+            raise SpecError(f"spec lacks {key!r}")
+    base_model, adapters_dir = str(spec["base_model"]), Path(spec["adapters_dir"])
+    adapters_dir.mkdir(parents=True, exist_ok=True)
+    registry.clean_partial(adapters_dir)
+
+    # ---- plan
+    try:
+        shape = planlib.model_shape(base_model)
+    except ValueError:
+        from transformers import AutoConfig
+
+        shape = planlib.shape_from_config(AutoConfig.from_pretrained(base_model).to_dict(), name=base_model)
+    plan = planlib.auto_plan(shape, device=cfg["device"], context_length=int(cfg["context_length"]),
+                             lora_r=int(cfg["lora_r"]), lora_alpha=int(cfg["lora_alpha"]))
+    micro_batch = int(cfg["micro_batch"]) or plan.micro_batch
+    grad_accum = int(cfg["grad_accum"]) or plan.grad_accum
+
+    import torch
+    from transformers import AutoTokenizer
+
+    random.seed(cfg["seed"])
+    torch.manual_seed(cfg["seed"])
+    device = torch.device(plan.device)
+    half = plan.compute_dtype in ("float16", "bfloat16")
+    dtype = getattr(torch, plan.compute_dtype)
+
+    def autocast():
+        return torch.autocast("cuda", dtype=dtype) if device.type == "cuda" and half else _null()
+
+    # ---- data: render, mask, pack; replay older shards; eval on held-out newest commits
+    tokenizer = AutoTokenizer.from_pretrained(base_model)
+    ctx = plan.context_length
+    new = data.read_shards(spec.get("train_shards") or [])
+    old = data.read_shards(spec.get("replay_shards") or [])
+    mixed, replayed = data.mix_replay(new, old, float(cfg["replay_share"]), int(cfg["seed"]))
+    train = data.build(mixed, tokenizer, ctx, fim_share=float(cfg["fim_share"]), seed=int(cfg["seed"]))
+    evalset = data.build(data.read_shards(spec.get("eval_shards") or []), tokenizer, ctx, seed=int(cfg["seed"]))
+    if not train.packed.input_ids:
+        raise SpecError("no trainable examples in train_shards")
+    micro_steps = math.ceil(len(train.packed.input_ids) / micro_batch)
+    total = int(cfg["max_steps"]) or max(1, math.ceil(micro_steps * float(cfg["epochs"]) / grad_accum))
+
+    # ---- model + adapter
+    model = load_base(base_model, plan, torch)
+    model, parent = attach_adapter(model, adapters_dir, cfg)
+    version_dir = registry.next_version_dir(adapters_dir)
+    progress("start", pid=os.getpid(), version=version_dir.name, parent=parent, device=plan.device,
+             quantization=plan.quantization, dtype=plan.compute_dtype, context_length=ctx, micro_batch=micro_batch,
+             grad_accum=grad_accum, total=total, examples=train.examples, replayed=replayed,
+             skipped=train.skipped, truncated=train.truncated, blocks=len(train.packed.input_ids),
+             padding_waste=round(train.packed.waste, 4), eval_examples=evalset.examples)
+
+    # ---- eval before: the current adapter (or the base model, which a fresh LoRA with B=0 equals)
+    eval_before = evaluate(model, evalset.packed, micro_batch, torch, device, autocast)
+    progress("eval", which="before", loss=eval_before)
+
+    # ---- the loop: AdamW over LoRA params, grad accumulation weighted by target tokens, GradScaler for fp16
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=cfg["learning_rate"], weight_decay=0.0,
+                                  fused=device.type == "cuda")
+    scaler = torch.amp.GradScaler("cuda", enabled=device.type == "cuda" and plan.compute_dtype == "float16")
+    model.train()
+    order = list(range(micro_steps))
+    rng = random.Random(cfg["seed"])
+    stream, losses, target_tokens = [], [], 0
+    t_loop = time.time()
+    for step in range(total):
+        while len(stream) < grad_accum:  # next micro-batches, a fresh shuffle per epoch
+            rng.shuffle(order)
+            stream += order
+        group, stream = stream[:grad_accum], stream[grad_accum:]
+        mbs = [tuple(torch.tensor(getattr(train.packed, k)[i * micro_batch:(i + 1) * micro_batch],
+                                  dtype=torch.long, device=device) for k in ("input_ids", "position_ids", "labels"))
+               for i in group]
+        group_tokens = sum(int((lab[:, 1:] != data.IGNORE).sum()) for _, _, lab in mbs)
+        for g in optimizer.param_groups:
+            g["lr"] = lr_at(step, total, cfg)
+        loss_sum = 0.0
+        for ids, pos, labels in mbs:
+            with autocast():
+                s, _ = target_loss_sum(model, ids, pos, labels, torch, chunked_ckpt=plan.gradient_checkpointing)
+            scaler.scale(s / max(1, group_tokens)).backward()
+            loss_sum += float(s.detach())
+        scaler.unscale_(optimizer)
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        scaler.step(optimizer)
+        scaler.update()
+        optimizer.zero_grad(set_to_none=True)
+        target_tokens += group_tokens
+        losses.append(loss_sum / max(1, group_tokens))
+        elapsed = time.time() - t_loop
+        progress("progress", step=step + 1, total=total, loss=round(losses[-1], 5), tokens=target_tokens,
+                 lr=g["lr"], eta_s=round(elapsed / (step + 1) * (total - step - 1), 1))
+    train_time = time.time() - t_loop
+
+    # ---- eval after, save the candidate (temp dir + rename), gate, promote
+    eval_after = evaluate(model, evalset.packed, micro_batch, torch, device, autocast)
+    progress("eval", which="after", loss=eval_after)
+    margin = float(cfg["promote_margin"])
+    if eval_after is None:
+        passed, gate = True, "no eval data: promoted on training alone"
+    else:
+        passed = eval_after < eval_before * (1 - margin)
+        gate = f"eval {eval_after:.4f} {'<' if passed else '>='} {eval_before:.4f} x (1 - {margin})"
+    commit_times = [r.get("commit_time") for r in new if r.get("commit_time") is not None]
+    tail = losses[-min(3, len(losses)):]
+    result = dict(
+        version=version_dir.name, parent=parent, base_model=base_model, gate_passed=passed, gate=gate,
+        eval_loss_before=eval_before, eval_loss_after=eval_after, train_loss_first=losses[0],
+        train_loss_last=sum(tail) / len(tail), losses=[round(x, 5) for x in losses], steps=total,
+        target_tokens=target_tokens, tokens_per_s=round(target_tokens / max(train_time, 1e-9), 1),
+        padding_waste=round(train.packed.waste, 4), train_time_s=round(train_time, 2),
+        time_s=round(time.time() - t_start, 2), examples=train.examples, replayed=replayed,
+        skipped=train.skipped, truncated=train.truncated, eval_examples=evalset.examples,
+        data={"train_shards": [str(p) for p in spec.get("train_shards") or []],
+              "replay_shards": [str(p) for p in spec.get("replay_shards") or []],
+              "eval_shards": [str(p) for p in spec.get("eval_shards") or []],
+              "commits": len({r.get("commit") for r in new}),
+              "first_commit_time": min(commit_times, default=None),
+              "last_commit_time": max(commit_times, default=None)},
+        config=cfg, plan=plan.to_dict())
+    tmp = registry.temp_dir_for(version_dir)
+    model.save_pretrained(tmp)
+    (tmp / registry.METRICS).write_text(json.dumps(result, indent=2))
+    registry.commit_version(tmp, version_dir)
+    if passed:
+        registry.promote(adapters_dir, version_dir.name)
+    done = {k: result[k] for k in ("version", "parent", "eval_loss_before", "eval_loss_after", "train_loss_first",
+                                   "train_loss_last", "target_tokens", "tokens_per_s", "padding_waste", "gate")}
+    progress("done", promoted=passed, current=registry.current_version(adapters_dir), **done)
+    return {"promoted": passed, **result}
+
+
+class _null:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def _is_oom(exc: BaseException) -> bool:
+    name = type(exc).__name__
+    return name == "OutOfMemoryError" or isinstance(exc, MemoryError) or (
+        isinstance(exc, RuntimeError) and ("out of memory" in str(exc) or "can't allocate memory" in str(exc)))
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m gitlora.trainer", description="Run one LoRA training round.")
+    ap.add_argument("--spec", required=True, help="path of the round's SPEC.json")
+    args = ap.parse_args(argv)
+    try:
+        os.nice(10)  # a background job: the user's editor and compiler come first
+    except OSError:
+        pass
+    try:
+        spec = json.loads(Path(args.spec).read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        Progress(None)("error", reason="spec", message=str(e))
+        return EXIT_SPEC
+    progress = Progress(spec.get("progress_file"))
+    try:
+        run_round(spec, progress)
+        return 0
+    except SpecError as e:
+        progress("error", reason="spec", message=str(e))
+        return EXIT_SPEC
+    except BaseException as e:  # noqa: BLE001 - the daemon must always get an error event
+        if _is_oom(e):
+            progress("error", reason="oom", message=str(e)[:2000])
+            return EXIT_OOM
+        if isinstance(e, KeyboardInterrupt):
+            progress("error", reason="interrupted", message="interrupted")
+            return 130
+        progress("error", reason="exception", message=f"{type(e).__name__}: {e}",
+                 traceback=traceback.format_exc()[-4000:])
+        return EXIT_FAIL
+
+
+if __name__ == "__main__":
+    sys.exit(main())
