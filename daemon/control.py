@@ -188,8 +188,11 @@ class ControlServer:
 
     def _accept_loop(self) -> None:
         assert self._sock is not None
+        poller = select.poll()  # not select(): the daemon may hold more than 1024 descriptors
+        poller.register(self._sock, select.POLLIN)
+        poller.register(self._wake_r, select.POLLIN)
         while not self._closed.is_set():
-            ready, _, _ = select.select([self._sock, self._wake_r], [], [])
+            ready = {fd for fd, _ in poller.poll()}
             if self._closed.is_set() or self._wake_r in ready:
                 return
             try:
