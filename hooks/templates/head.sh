@@ -13,8 +13,10 @@ fi
 {
 	gitlora_info=
 	if [ @HOOK@ = post-merge ] && [ "$1" = 1 ]; then gitlora_info=squash; fi
-	gitlora_oid=$(git rev-parse -q --verify HEAD) &&
+	# one process for both fields: prints "--max-age=<now>", the oid of HEAD, "--"
+	gitlora_out=$(git rev-parse --since=now HEAD --) &&
+	set -- $gitlora_out && [ -n "$2" ] &&
 	{ [ -d "${gitlora_spool%/*}" ] || mkdir -p "${gitlora_spool%/*}"; } &&
-	printf '@HOOK@\t%s\t%s\t\t%s\n' "$gitlora_oid" "$(date +%s)" "$gitlora_info" >>"$gitlora_spool"
+	printf '@HOOK@\t%s\t%s\t\t%s\n' "$2" "${1#--max-age=}" "$gitlora_info" >>"$gitlora_spool"
 } </dev/null >/dev/null 2>&1
 exit $gitlora_status
