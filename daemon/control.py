@@ -134,13 +134,18 @@ class ControlServer:
                 sock.bind(str(self.path))
             finally:
                 os.umask(old)
-            st = os.lstat(self.path)
-            self._ident = (st.st_dev, st.st_ino)
-            sock.listen(64)
         except OSError as exc:
             sock.close()
             if exc.errno == errno.EADDRINUSE:
                 raise AlreadyRunning(f"another server bound {self.path} first") from exc
+            raise
+        try:
+            st = os.lstat(self.path)
+            self._ident = (st.st_dev, st.st_ino)
+            sock.listen(64)
+        except OSError:
+            sock.close()
+            self.path.unlink(missing_ok=True)
             raise
         self._sock = sock
         self._wake_r, self._wake_w = os.pipe()
@@ -167,15 +172,15 @@ class ControlServer:
         deadline = time.monotonic() + timeout
         for thread in threads:
             thread.join(max(0.0, deadline - time.monotonic()))
-        self._sock.close()
-        os.close(self._wake_r)
-        os.close(self._wake_w)
-        try:
+        try:  # while our socket is still bound its inode cannot be reused, so the identity check is sound
             st = os.lstat(self.path)
             if (st.st_dev, st.st_ino) == self._ident:  # never unlink a successor's socket
                 self.path.unlink()
         except FileNotFoundError:
             pass
+        self._sock.close()
+        os.close(self._wake_r)
+        os.close(self._wake_w)
         self._log.info("control socket closed", path=str(self.path))
 
     def __enter__(self) -> "ControlServer":
@@ -197,7 +202,9 @@ class ControlServer:
                 return
             try:
                 conn, _ = self._sock.accept()
-            except OSError:
+            except OSError as exc:  # EMFILE and friends: back off instead of spinning on a readable socket
+                self._log.warning("control accept failed", error=str(exc))
+                time.sleep(0.1)
                 continue
             if not self._slots.acquire(blocking=False):
                 self._reply_and_close(conn, {"ok": False, "error": "server busy: too many connections"})
@@ -206,7 +213,14 @@ class ControlServer:
             with self._lock:
                 self._conns.add(conn)
                 self._threads.add(thread)
-            thread.start()
+            try:
+                thread.start()
+            except RuntimeError:  # "can't start new thread": refuse this one, keep the server up
+                with self._lock:
+                    self._conns.discard(conn)
+                    self._threads.discard(thread)
+                self._slots.release()
+                self._reply_and_close(conn, {"ok": False, "error": "server busy: cannot start a thread"})
 
     def _reply_and_close(self, conn: socket.socket, reply: dict) -> None:
         try:
