@@ -17,7 +17,11 @@ Layout in the hooks dir, for a hook ``H``:
   same layout ``pre-commit install`` produces when it runs after us (it renames our ``H`` to ``H.legacy``), so
   both install orders converge, re-running ``pre-commit install`` is a no-op, and either tool can uninstall
   first. (Chaining in front of pre-commit would break on the next ``pre-commit install``: it would move us to
-  ``H.legacy`` over the user's legacy hook and then recurse into its own old script.)
+  ``H.legacy`` over the user's legacy hook and then recurse into its own old script.) Caveat: pre-commit gives
+  its legacy hook an empty stdin, so a nested post-rewrite spools one fallback line (HEAD) per rewrite.
+
+``core.hooksPath``: install refuses (:class:`HooksPathSetError`) unless ``allow_hooks_path=True``; then the
+scripts also carry the repository's common git dir and spool nothing for other repositories sharing the dir.
 
 Uninstall removes our script (found at ``H`` or ``H.legacy``) and renames ``H.pre-gitlora`` back to the slot we
 took, so install + uninstall leaves the hooks dir byte-identical. A foreign script that replaced ours is left
@@ -147,12 +151,21 @@ def spool_path(repo: Path) -> Path:
     return RepoPaths.for_git_dir(_layout(repo).common_dir).spool
 
 
-def render_hook(hook: str, spool: Path, chained: Path | None) -> bytes:
-    """The exact bytes of our script for ``hook``."""
+def _q(path: Path | None) -> str:
+    return shlex.quote(str(path)) if path is not None else "''"
+
+
+def render_hook(hook: str, spool: Path, chained: Path | None, only_repo: Path | None = None) -> bytes:
+    """The exact bytes of our script for ``hook``.
+
+    ``only_repo``: a common git dir; when set (hooks installed into a ``core.hooksPath`` dir, which other
+    repositories may share) the script spools nothing for commits in any other repository.
+    """
     name = _TEMPLATES.get(hook, "head.sh")
     text = resources.files("gitlora.hooks").joinpath("templates", name).read_text(encoding="utf-8")
-    text = text.replace("@SPOOL@", shlex.quote(str(spool)))
-    text = text.replace("@CHAINED@", shlex.quote(str(chained)) if chained is not None else "''")
+    text = text.replace("@SPOOL@", _q(spool))
+    text = text.replace("@CHAINED@", _q(chained))
+    text = text.replace("@REPO@", _q(only_repo))
     text = text.replace("@HOOK@", hook)
     return text.encode("utf-8")
 
@@ -189,6 +202,18 @@ def _write_script(path: Path, data: bytes) -> None:
     os.replace(tmp, path)
 
 
+def _baked_repo(script: Path) -> str | None:
+    """The ``gitlora_repo=`` value baked into one of our scripts (None when empty or unreadable)."""
+    for line in (_read_if_file(script) or b"").decode("utf-8", "replace").splitlines():
+        if line.startswith("gitlora_repo="):
+            try:
+                words = shlex.split(line.partition("=")[2])
+            except ValueError:
+                return None
+            return words[0] if words and words[0] else None
+    return None
+
+
 def _ours(hooks_dir: Path, hook: str) -> Path | None:
     for candidate in (hooks_dir / hook, hooks_dir / f"{hook}{LEGACY_SUFFIX}"):
         if is_gitlora_hook(candidate):
@@ -211,6 +236,7 @@ def install(repo: Path, *, allow_hooks_path: bool = False) -> InstallResult:
     _check_hooks_path(layout, allow_hooks_path)
     hooks_dir = layout.hooks_dir
     spool = RepoPaths.for_git_dir(layout.common_dir).spool
+    only_repo = layout.common_dir if layout.hooks_path is not None else None
 
     # Plan everything first so a conflict leaves the directory untouched.
     plan: list[tuple[str, Path, Path | None, Path]] = []  # hook, slot, existing foreign hook to move, aside
@@ -218,6 +244,11 @@ def install(repo: Path, *, allow_hooks_path: bool = False) -> InstallResult:
         aside = hooks_dir / f"{hook}{ASIDE_SUFFIX}"
         ours = _ours(hooks_dir, hook)
         if ours is not None:
+            baked = _baked_repo(ours)
+            if baked and Path(baked) != layout.common_dir:
+                raise HookConflictError(
+                    f"{ours} is gitlora's hook for another repository ({baked}): a shared core.hooksPath "
+                    f"dir can serve only one repository")
             plan.append((hook, ours, None, aside))
             continue
         main = hooks_dir / hook
@@ -236,7 +267,7 @@ def install(repo: Path, *, allow_hooks_path: bool = False) -> InstallResult:
         if existing is not None:
             os.rename(existing, aside)
         chained = aside if os.path.lexists(aside) else None
-        data = render_hook(hook, spool, chained)
+        data = render_hook(hook, spool, chained, only_repo)
         if existing is None and _read_if_file(slot) == data and os.access(slot, os.X_OK):
             actions.append(HookAction(hook, "unchanged", slot, chained))
             continue
@@ -282,13 +313,14 @@ def installed_hooks(repo: Path) -> dict[str, HookStatus]:
     layout = _layout(repo)
     hooks_dir = layout.hooks_dir
     spool = RepoPaths.for_git_dir(layout.common_dir).spool
+    only_repo = layout.common_dir if layout.hooks_path is not None else None
     out = {}
     for hook in HOOK_NAMES:
         aside = hooks_dir / f"{hook}{ASIDE_SUFFIX}"
         chained = aside if os.path.lexists(aside) else None
         ours = _ours(hooks_dir, hook)
         if ours is not None:
-            current = _read_if_file(ours) == render_hook(hook, spool, chained)
+            current = _read_if_file(ours) == render_hook(hook, spool, chained, only_repo)
             state = ("installed" if ours.name == hook else "nested") if current else "stale"
             out[hook] = HookStatus(hook, state, ours, chained)
         elif chained is not None:

@@ -447,9 +447,36 @@ def test_core_hooks_path_refused_then_overridden(tmp_path):
     result = install(repo, allow_hooks_path=True)
     assert result.hooks_dir == repo / ".githooks" and result.hooks_path_override
     oid = commit(repo, "a.rs")
-    assert summary(repo) == [("post-commit", oid, None, None)]
+    git(repo, "commit", "-q", "--amend", "-m", "amended")
+    new = head(repo)
+    assert summary(repo) == [("post-commit", oid, None, None), ("post-commit", new, None, None),
+                             ("post-rewrite", new, oid, "amend")]
     uninstall(repo)
     assert list((repo / ".githooks").iterdir()) == []
+
+
+def test_shared_global_hooks_path_spools_only_the_installed_repository(tmp_path):
+    shared = tmp_path / "global-hooks"
+    a = make_repo(tmp_path, "a")
+    b = make_repo(tmp_path, "b")
+    git(a, "config", "--global", "core.hooksPath", str(shared))
+    with pytest.raises(HooksPathSetError):
+        install(b)
+    result = install(a, allow_hooks_path=True)
+    assert result.hooks_dir == shared
+    oid_a = commit(a, "a.rs")
+    commit(b, "b.rs")  # runs the same hooks: must not land in a's spool
+    (b / "c.rs").write_text("x\n")
+    git(b, "add", "c.rs")
+    git(b, "commit", "-q", "--amend", "-m", "amend in b")
+    assert summary(a) == [("post-commit", oid_a, None, None)]
+    assert not spool_path(b).exists()
+    with pytest.raises(HookConflictError, match="another repository"):
+        install(b, allow_hooks_path=True)
+    assert not install(a, allow_hooks_path=True).changed
+    assert {s.state for s in installed_hooks(a).values()} == {"installed"}
+    uninstall(a)
+    assert list(shared.iterdir()) == []
 
 
 @pytest.mark.parametrize("breakage", ["spool-is-a-directory", "state-dir-is-a-file"])

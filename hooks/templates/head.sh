@@ -5,12 +5,17 @@
 # Never fails the git command: our own errors are discarded, the exit status is the chained hook's.
 gitlora_spool=@SPOOL@
 gitlora_chained=@CHAINED@
+gitlora_repo=@REPO@
 gitlora_status=0
 if [ -n "$gitlora_chained" ] && [ -x "$gitlora_chained" ]; then
 	"$gitlora_chained" "$@"
 	gitlora_status=$?
 fi
 {
+	# installed into a core.hooksPath dir (maybe shared by other repositories): spool only our repository
+	if [ -n "$gitlora_repo" ]; then
+		[ "$(git rev-parse --path-format=absolute --git-common-dir)" = "$gitlora_repo" ] || exit $gitlora_status
+	fi
 	gitlora_info=
 	if [ @HOOK@ = post-merge ] && [ "$1" = 1 ]; then gitlora_info=squash; fi
 	# one process for both fields: prints "--max-age=<now>", the oid of HEAD, "--"

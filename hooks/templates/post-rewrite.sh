@@ -8,6 +8,7 @@
 # exit status is the chained hook's.
 gitlora_spool=@SPOOL@
 gitlora_chained=@CHAINED@
+gitlora_repo=@REPO@
 gitlora_status=0
 gitlora_input=$(cat; echo .)
 gitlora_input=${gitlora_input%.}
@@ -16,6 +17,10 @@ if [ -n "$gitlora_chained" ] && [ -x "$gitlora_chained" ]; then
 	gitlora_status=$?
 fi
 {
+	# installed into a core.hooksPath dir (maybe shared by other repositories): spool only our repository
+	if [ -n "$gitlora_repo" ]; then
+		[ "$(git rev-parse --path-format=absolute --git-common-dir)" = "$gitlora_repo" ] || exit $gitlora_status
+	fi
 	gitlora_n=0
 	gitlora_now=$(date +%s)
 	[ -d "${gitlora_spool%/*}" ] || mkdir -p "${gitlora_spool%/*}"
