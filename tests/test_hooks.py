@@ -292,6 +292,19 @@ def test_post_rewrite_stdin_without_trailing_newline_reaches_chained_hook_verbat
                              ("post-rewrite", "d" * 40, "c" * 40, "amend")]
 
 
+def test_post_rewrite_large_stdin_with_chained_hook_that_ignores_it(tmp_path):
+    repo = make_repo(tmp_path)
+    hd = hooks_dir(repo)
+    write_hook(hd / "post-rewrite", "exit 5\n")  # never reads stdin: the pipe to it fills up and breaks
+    install(repo)
+    pairs = [(f"{i:040x}", f"{i + 1:040x}") for i in range(3000)]  # ~246 KB, far over a pipe buffer
+    stdin = "".join(f"{old} {new}\n" for old, new in pairs)
+    proc = subprocess.run([str(hd / "post-rewrite"), "rebase"], cwd=repo, input=stdin, capture_output=True,
+                          text=True, timeout=60)
+    assert (proc.returncode, proc.stderr) == (5, "")
+    assert summary(repo) == [("post-rewrite", new, old, "rebase") for old, new in pairs]
+
+
 def test_post_rewrite_with_empty_stdin_falls_back_to_head(tmp_path):
     repo = make_repo(tmp_path)
     install(repo)
