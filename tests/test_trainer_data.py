@@ -97,8 +97,8 @@ def test_packing_waste_under_five_percent_and_positions_restart(tok):
     ds = data.build(realistic_records(200), tok, 1024, fim_share=0.2)
     packed = ds.packed
     assert ds.examples > 150 and packed.waste <= 0.05, packed.waste
-    assert all(len(b) == 1024 for b in packed.input_ids)
-    assert all(len(b) == 1024 for b in packed.labels + packed.position_ids)
+    assert 512 <= packed.context_length <= 1024 and packed.context_length % 64 == 0
+    assert all(len(b) == packed.context_length for b in packed.input_ids + packed.labels + packed.position_ids)
     assert packed.target_tokens == sum(x != data.IGNORE for b in packed.labels for x in b)
     # every example starts at position 0 and its first token is a masked <repo_name>
     repo_name = tok.convert_tokens_to_ids("<repo_name>")
@@ -117,6 +117,14 @@ def test_pack_fills_blocks_best_fit():
     exs = [data.Tokenized([1] * n, [1] * n) for n in (600, 400, 500, 500, 300, 700, 24, 1000)]
     packed = data.pack(exs, 1024, pad_id=0)
     assert len(packed.input_ids) == 4 and packed.waste == pytest.approx(1 - 4024 / 4096)
+    assert packed.context_length == 1024
+
+
+def test_small_rounds_get_shorter_blocks_instead_of_a_padded_tail():
+    exs = [data.Tokenized([1] * 200, [1] * 200) for _ in range(9)]  # 1800 tokens: 2 x 1024 wastes 12 %
+    packed = data.pack(exs, 1024, pad_id=0)
+    assert packed.context_length <= 1024 and packed.waste < 0.07
+    assert max(len(e.input_ids) for e in exs) <= packed.context_length
 
 
 def test_replay_mix_share_and_determinism():

@@ -21,7 +21,7 @@ with a line-aligned middle span, which is what an editor completion asks for.
 Deleted items are skipped: the target would be an empty string, which teaches nothing but "stop", and the
 daemon's shards are the only record of them (they stay there). Skips are counted, never silent.
 
-Packing. Examples are packed best-fit-decreasing into blocks of exactly `context_length` tokens; position_ids
+Packing. Examples are packed best-fit-decreasing into equal blocks of <= `context_length` tokens; position_ids
 restart at 0 for each example, which transformers turns into a block-diagonal causal mask (no attention
 across examples) when attention_mask is None. Padding (label -100) only fills what no example fits.
 """
@@ -151,29 +151,44 @@ class Packed:
         return 0.0 if total == 0 else 1.0 - self.real_tokens / total
 
 
-def pack(examples: list[Tokenized], context_length: int, pad_id: int, seed: int = 0) -> Packed:
-    """Best-fit-decreasing bin packing into fixed-length blocks; block order shuffled with `seed`.
-
-    Best-fit over a sorted list of remaining capacities: O(n log n + n * bins) worst case, fine for 1e5 items.
-    """
-    order = sorted(range(len(examples)), key=lambda k: (-len(examples[k].input_ids), k))
+def _best_fit(lengths: list[int], block: int) -> list[list[int]]:
+    """Best-fit decreasing: each example goes into the fullest block it still fits in (bisect over free space)."""
+    order = sorted(range(len(lengths)), key=lambda k: (-lengths[k], k))
     bins: list[list[int]] = []
     free: list[tuple[int, int]] = []  # sorted (remaining capacity, bin index)
     for k in order:
-        n = len(examples[k].input_ids)
+        n = lengths[k]
         if n == 0:
             continue
         pos = bisect.bisect_left(free, (n, -1))
         if pos < len(free):
             cap, b = free.pop(pos)
         else:
-            cap, b = context_length, len(bins)
+            cap, b = block, len(bins)
             bins.append([])
         bins[b].append(k)
         if cap - n > 0:
             bisect.insort(free, (cap - n, b))
+    return bins
+
+
+def pack(examples: list[Tokenized], context_length: int, pad_id: int, seed: int = 0) -> Packed:
+    """Pack examples into equal-length blocks of at most `context_length` tokens; block order shuffled by seed.
+
+    With many blocks the only real waste is the last block's tail; with few (a small round) that tail is a big
+    share, so shorter block lengths (multiples of 64, never below the longest example) are tried too and the
+    least wasteful kept: fewer, fuller blocks cost less compute than padded ones.
+    """
+    lengths = [len(e.input_ids) for e in examples]
+    longest = max(lengths, default=0)
+    bins, block = _best_fit(lengths, context_length), context_length
+    if 0 < len(bins) < 512:
+        for length in range(context_length - 64, max(longest, 64) - 1, -64):
+            cand = _best_fit(lengths, length)
+            if len(cand) * length < len(bins) * block:
+                bins, block = cand, length
     random.Random(seed).shuffle(bins)
-    out = Packed(context_length=context_length)
+    out = Packed(context_length=block)
     for members in bins:
         ids, labels, pos_ids = [], [], []
         for k in members:
@@ -183,7 +198,7 @@ def pack(examples: list[Tokenized], context_length: int, pad_id: int, seed: int 
             pos_ids += range(len(ex.input_ids))
             out.target_tokens += sum(1 for x in ex.labels if x != IGNORE)
         out.real_tokens += len(ids)
-        pad = context_length - len(ids)
+        pad = block - len(ids)
         out.input_ids.append(ids + [pad_id] * pad)
         out.labels.append(labels + [IGNORE] * pad)
         out.position_ids.append(pos_ids + list(range(pad)))

@@ -1,0 +1,277 @@
+"""Real training rounds on the tiny StarCoder2 (no mocks): learning, resuming, replay, the promotion gate,
+rollback, merged export, and a SIGKILL in the middle of a round."""
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import signal
+import string
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from gitlora.trainer import registry, tiny
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+FAST = dict(learning_rate=3e-3, warmup_steps=2, epochs=3, context_length=1024, micro_batch=1, grad_accum=2,
+            lora_r=8, lora_alpha=16, lora_dropout=0.0, fim_share=0.2, device="cpu", seed=0, promote_margin=0.0)
+
+
+# ------------------------------------------------------------------------------------------- shard helpers
+def make_records(n: int, start: int, *, corrupt: bool = False, seed: int = 0) -> list[dict]:
+    """Example records like the daemon's: one consistent refactor (unwrap -> expect) over generated Rust."""
+    rng = random.Random(seed + start)
+    corpus = tiny.rust_corpus(300, seed=99)[5:]
+    out = []
+    for i in range(n):
+        body = corpus[(start + i) % len(corpus)]
+        before = body.replace("?;", ".unwrap();")
+        after = body.replace("?;", '.expect("checked above");')
+        if corrupt:  # random characters: nothing to learn, and it pulls the model away from real Rust
+            after = "".join(rng.choice(string.ascii_letters + string.punctuation + " \n") for _ in range(len(after)))
+        out.append(dict(repo="demo", commit=f"{start + i:040x}", parent=f"{start + i - 1:040x}",
+                        author_time=1_700_000_000 + start + i, commit_time=1_700_000_000 + start + i,
+                        message=f"Replace unwrap with expect in item {start + i}", path=f"src/m{i % 7}.rs",
+                        old_path=None, kind="fn", qualified_name=f"m{i % 7}::item_{start + i}",
+                        change_kind="added" if i % 5 == 0 else "modified",
+                        before="" if i % 5 == 0 else before, after=after,
+                        imports=["use std::collections::HashMap;", "use crate::error::Error;"]))
+    return out
+
+
+def write_shard(path: Path, records: list[dict]) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return path
+
+
+def make_spec(tmp: Path, model: Path, adapters: Path, train, replay=(), eval_=(), **train_cfg) -> Path:
+    spec = dict(base_model=str(model), adapters_dir=str(adapters), train_shards=[str(p) for p in train],
+                replay_shards=[str(p) for p in replay], eval_shards=[str(p) for p in eval_],
+                progress_file=str(tmp / "progress.jsonl"), train={**FAST, **train_cfg})
+    path = tmp / "spec.json"
+    path.write_text(json.dumps(spec))
+    return path
+
+
+def events(progress_file: Path) -> list[dict]:
+    if not progress_file.exists():
+        return []
+    return [json.loads(line) for line in progress_file.read_text().splitlines() if line.strip()]
+
+
+def run_cli(spec: Path, timeout=240) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "gitlora.trainer", "--spec", str(spec)], cwd=REPO_ROOT,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def run_inprocess(spec: Path) -> dict:
+    from gitlora.trainer import round as R
+
+    s = json.loads(spec.read_text())
+    return R.run_round(s, R.Progress(s["progress_file"]))
+
+
+# ----------------------------------------------------------------------------------------------- fixtures
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    """Tiny model, shards, and two chained rounds (the first through the real CLI subprocess)."""
+    root = tmp_path_factory.mktemp("trainer")
+    model = tiny.build_tiny_model(root / "tiny")
+    shards = root / "shards"
+    old = write_shard(shards / "000001.jsonl", make_records(40, 0))
+    new = write_shard(shards / "000002.jsonl", make_records(40, 100))
+    ev = write_shard(shards / "000003.jsonl", make_records(12, 200))
+    adapters = root / "adapters"
+
+    r1 = root / "round1"
+    r1.mkdir()
+    proc = run_cli(make_spec(r1, model, adapters, [old], [], [ev]))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    round1 = events(r1 / "progress.jsonl")
+
+    r2 = root / "round2"
+    r2.mkdir()
+    round2 = run_inprocess(make_spec(r2, model, adapters, [new], [old], [ev], replay_share=0.3))
+    return dict(root=root, model=model, adapters=adapters, old=old, new=new, eval=ev, round1=round1,
+                round2=round2, round2_events=events(r2 / "progress.jsonl"))
+
+
+def snapshot(world, name: str) -> Path:
+    """A private copy of the adapters dir (symlink kept) so a test can train on it without disturbing others."""
+    dst = world["root"] / name
+    shutil.copytree(world["adapters"], dst, symlinks=True)
+    return dst
+
+
+# ------------------------------------------------------------------------------------------------- tests
+def test_first_round_lowers_loss_and_saves_a_plain_peft_adapter(world):
+    ev = world["round1"]
+    kinds = [e["event"] for e in ev]
+    assert kinds[0] == "start" and kinds[-1] == "done" and "error" not in kinds
+    assert kinds.count("eval") == 2
+    prog = [e for e in ev if e["event"] == "progress"]
+    assert prog and all({"step", "total", "loss", "tokens", "eta_s"} <= set(e) for e in prog)
+    assert prog[-1]["step"] == prog[-1]["total"]
+    done = ev[-1]
+    assert done["promoted"] is True and done["version"] == "v0001" and done["current"] == "v0001"
+    assert done["train_loss_last"] < done["train_loss_first"] - 0.3
+    assert done["eval_loss_after"] < done["eval_loss_before"]
+    assert done["padding_waste"] <= 0.05 and done["target_tokens"] > 0 and done["tokens_per_s"] > 0
+    assert registry.current_version(world["adapters"]) in ("v0001", "v0002")
+
+    metrics = json.loads((world["adapters"] / "v0001" / "metrics.json").read_text())
+    assert metrics["parent"] is None and metrics["eval_loss_after"] == done["eval_loss_after"]
+    assert metrics["data"]["commits"] == 40 and metrics["data"]["first_commit_time"] == 1_700_000_000
+
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(world["model"])
+    peft_model = PeftModel.from_pretrained(base, str(world["adapters"] / "v0001"))
+    assert peft_model.get_input_embeddings().weight.shape[0] == tiny.VOCAB_SIZE  # vocabulary untouched
+    cfg = json.loads((world["adapters"] / "v0001" / "adapter_config.json").read_text())
+    assert set(cfg["target_modules"]) == {"q_proj", "k_proj", "v_proj", "o_proj", "c_fc", "c_proj"}
+
+
+def test_second_round_resumes_the_first_adapter_and_replays(world):
+    import torch
+    from peft import get_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    from gitlora.trainer import plan as P
+    from gitlora.trainer import round as R
+
+    r2 = world["round2"]
+    assert r2["parent"] == "v0001" and r2["version"] == "v0002" and r2["promoted"]
+    start = next(e for e in world["round2_events"] if e["event"] == "start")
+    assert start["parent"] == "v0001" and start["replayed"] == round(40 * 0.3 / 0.7) > 0
+    assert r2["replayed"] == start["replayed"]
+    # Same eval shard, same data: round 2's "before" is exactly round 1's "after" -> it started from v0001.
+    assert r2["eval_loss_before"] == pytest.approx(world["round1"][-1]["eval_loss_after"], rel=1e-5)
+
+    # And directly: attaching in a fresh model loads v0001's saved tensors (not a fresh init), trainable.
+    adapters = snapshot(world, "resume-check")
+    registry.rollback(adapters, "v0001")
+    cfg = {**R.DEFAULTS, **FAST}
+    model, parent = R.attach_adapter(R.load_base(str(world["model"]), P.make_plan(world["model"]), torch),
+                                     adapters, cfg)
+    assert parent == "v0001"
+    saved = load_file(str(adapters / "v0001" / "adapter_model.safetensors"))
+    loaded = get_peft_model_state_dict(model)
+    assert set(saved) == set(loaded)
+    for k, v in saved.items():
+        assert torch.equal(loaded[k].cpu(), v), k
+    assert any("lora_B" in k and v.abs().sum() > 0 for k, v in saved.items())  # fresh LoRA has B == 0
+    assert all(p.requires_grad for n, p in model.named_parameters() if "lora_" in n)
+
+
+def test_gate_keeps_current_when_candidate_is_worse(world):
+    adapters = snapshot(world, "gate")
+    before = registry.current_version(adapters)
+    tmp = world["root"] / "gate-round"
+    tmp.mkdir()
+    bad = write_shard(tmp / "bad.jsonl", make_records(24, 300, corrupt=True))
+    result = run_inprocess(make_spec(tmp, world["model"], adapters, [bad], [], [world["eval"]],
+                                     learning_rate=1e-2, epochs=2, replay_share=0.0))
+    assert result["promoted"] is False and result["eval_loss_after"] > result["eval_loss_before"]
+    assert registry.current_version(adapters) == before
+    versions = [v["version"] for v in registry.list_versions(adapters)]
+    assert result["version"] in versions  # kept for inspection, just not promoted
+    assert events(tmp / "progress.jsonl")[-1]["promoted"] is False
+
+    # A margin gates too: a real improvement smaller than 90 % is not enough.
+    tmp2 = world["root"] / "margin-round"
+    tmp2.mkdir()
+    result = run_inprocess(make_spec(tmp2, world["model"], adapters, [world["new"]], [], [world["eval"]],
+                                     promote_margin=0.9, epochs=1))
+    assert result["promoted"] is False and registry.current_version(adapters) == before
+
+
+def test_rollback_and_export_merged(world, tmp_path):
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    adapters = snapshot(world, "rollback")
+    assert registry.current_version(adapters) == "v0002"
+    assert registry.rollback(adapters) == "v0001"  # None = the version v0002 was trained from
+    assert registry.current_version(adapters) == "v0001"
+    with pytest.raises(ValueError):
+        registry.rollback(adapters)  # v0001 has no parent
+    assert registry.rollback(adapters, "2") == "v0002"
+    listed = registry.list_versions(adapters)
+    assert [(v["version"], v["current"]) for v in listed] == [("v0001", False), ("v0002", True)]
+    history = [json.loads(line) for line in (adapters / "history.jsonl").read_text().splitlines()]
+    assert [h["event"] for h in history][-2:] == ["rollback", "rollback"]
+
+    out = registry.export_merged(adapters, None, world["model"], tmp_path / "merged")
+    merged = AutoModelForCausalLM.from_pretrained(out)
+    assert AutoTokenizer.from_pretrained(out).convert_tokens_to_ids("<fim_middle>") == 2
+    assert json.loads((out / "gitlora-export.json").read_text())["adapter_version"] == "v0002"
+    ref = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(world["model"]),
+                                    str(adapters / "v0002"))
+    ids = torch.tensor([[5, 100, 6, 200, 300, 400, 12, 7]])
+    with torch.no_grad():
+        torch.testing.assert_close(merged(ids).logits, ref(ids).logits, atol=1e-4, rtol=1e-4)
+        base = AutoModelForCausalLM.from_pretrained(world["model"])
+        assert not torch.allclose(merged(ids).logits, base(ids).logits, atol=1e-4)
+
+
+def test_sigkill_mid_round_leaves_current_intact(world):
+    adapters = snapshot(world, "killed")
+    before = registry.current_version(adapters)
+    tmp = world["root"] / "kill-round"
+    tmp.mkdir()
+    spec = make_spec(tmp, world["model"], adapters, [world["new"]], [world["old"]], [world["eval"]],
+                     max_steps=100_000)
+    proc = subprocess.Popen([sys.executable, "-m", "gitlora.trainer", "--spec", str(spec)], cwd=REPO_ROOT,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline:
+            if any(e["event"] == "progress" for e in events(tmp / "progress.jsonl")):
+                break
+            assert proc.poll() is None, "round exited before training"
+            time.sleep(0.2)
+        else:
+            pytest.fail("no progress event within 120 s")
+        os.kill(proc.pid, signal.SIGKILL)
+        assert proc.wait(timeout=30) == -signal.SIGKILL
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+    assert registry.current_version(adapters) == before
+    assert [v["version"] for v in registry.list_versions(adapters)] == ["v0001", "v0002"]
+    # simulate the worst instant too: killed while writing the version dir / swapping the link
+    (adapters / ".tmp-v0003-12345").mkdir()
+    (adapters / ".tmp-v0003-12345" / "adapter_model.safetensors").write_bytes(b"half")
+    os.symlink("v0003", adapters / ".current.tmp-12345")
+    assert registry.current_version(adapters) == before
+    assert [v["version"] for v in registry.list_versions(adapters)] == ["v0001", "v0002"]
+    assert registry.next_version_dir(adapters).name == "v0004"
+    assert sorted(registry.clean_partial(adapters)) == [".current.tmp-12345", ".tmp-v0003-12345"]
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(world["model"]), str(adapters / "current"))
+
+
+def test_bad_spec_exits_nonzero_with_error_event(tmp_path):
+    progress = tmp_path / "progress.jsonl"
+    spec = tmp_path / "spec.json"
+    spec.write_text(json.dumps({"base_model": str(tmp_path / "nope"), "adapters_dir": str(tmp_path / "a"),
+                                "train_shards": [], "progress_file": str(progress), "train": {"device": "cpu"}}))
+    from gitlora.trainer import round as R
+
+    rc = R.main(["--spec", str(spec)])
+    assert rc != 0
+    err = events(progress)[-1]
+    assert err["event"] == "error" and err["reason"] in ("spec", "exception")
