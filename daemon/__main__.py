@@ -2,4 +2,5 @@ import sys
 
 from .cli import main
 
-sys.exit(main())
+if __name__ == "__main__":  # guard: spawned parser processes re-import this module
+    sys.exit(main())

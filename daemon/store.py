@@ -41,7 +41,7 @@ class PendingCommit:
 
     oid: bytes  # 20-byte binary oid
     record: dict[str, Any]
-    examples: list[dict[str, Any]] = field(default_factory=list)
+    examples: list[dict[str, Any] | bytes] = field(default_factory=list)  # dicts, or their JSON already encoded
 
 
 @dataclass(frozen=True)
@@ -139,7 +139,8 @@ class Store:
             for example in pending.examples:
                 # append=True is LMDB's fast path for sorted keys; it returns False (not an exception)
                 # when the key is out of order, which would mean a corrupt counter: stop loudly.
-                if not txn.put(seq_key(next_seq), _dumps(example), db=self._examples, append=True):
+                value = example if isinstance(example, bytes) else _dumps(example)
+                if not txn.put(seq_key(next_seq), value, db=self._examples, append=True):
                     raise StoreError(f"append of example {next_seq} refused: sequence out of order")
                 next_seq += 1
                 appended += 1

@@ -48,16 +48,16 @@ def rust_module(index: int, version: int, functions: int = 6) -> str:
     return "\n".join(parts)
 
 
-def synthetic_history(repo: Path, commits: int, files: int = 8) -> Path:
+def synthetic_history(repo: Path, commits: int, files: int = 8, functions: int = 6) -> Path:
     """A linear history where each commit edits two Rust files, written fast with `git fast-import`."""
     init_repo(repo)
     stream: list[bytes] = []
     mark = 0
     for n in range(commits):
-        changed = {} if n else {i: rust_module(i, 0) for i in range(files)}
+        changed = {} if n else {i: rust_module(i, 0, functions) for i in range(files)}
         if n:
             for i in (n % files, (n * 7 + 3) % files):
-                changed[i] = rust_module(i, n)
+                changed[i] = rust_module(i, n, functions)
         mark += 1
         message = f"change {n}".encode()
         lines = [b"commit refs/heads/main", f"mark :{mark}".encode(),

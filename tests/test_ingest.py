@@ -205,10 +205,10 @@ def _item_set(repo: Path) -> list[tuple[str, str, str, str]]:
 
 
 def test_sigkill_at_random_moments_loses_and_doubles_nothing(tmp_path, isolated_home, monkeypatch):
-    repo = synthetic_history(tmp_path / "syn", commits=160, files=10)
+    repo = synthetic_history(tmp_path / "syn", commits=400, files=10, functions=80)
     config = isolated_home / ".config/gitlora/config.toml"
     config.parent.mkdir(parents=True)
-    config.write_text("[ingest]\nbatch_commits = 4\nworkers = 2\n")
+    config.write_text("[ingest]\nbatch_commits = 2\nworkers = 1\n")  # steady progress: many kill points
     cmd = [sys.executable, "-m", "gitlora.daemon", "backfill", "--no-progress", str(repo)]
     monkeypatch.setenv("GITLORA_STATE_HOME", str(tmp_path / "clean"))
     started = time.monotonic()
@@ -218,17 +218,36 @@ def test_sigkill_at_random_moments_loses_and_doubles_nothing(tmp_path, isolated_
     clean_commits = len(stored(repo)[0])
     monkeypatch.setenv("GITLORA_STATE_HOME", str(tmp_path / "killed"))
     rng = random.Random(1234)
-    kills = 0
-    for _ in range(20):
+
+    def stored_count() -> int:
+        found = list(tmp_path.glob("killed/repos/*/store/data.mdb"))
+        if not found:
+            return 0
+        with Store(found[0].parent, readonly=True) as store:
+            return sum(v for k, v in store.counters().items() if k.startswith("commits_"))
+
+    kills = mid_ingest_kills = 0
+    for attempt in range(60):
+        before = stored_count()
         proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-        time.sleep(rng.uniform(0.2, clean_seconds))
+        if attempt % 4 == 3:  # now and then early: during start-up or the first transactions
+            time.sleep(rng.uniform(0.05, 0.6))
+        else:  # mostly inside the write phase: once a transaction has landed, a random moment later
+            deadline = time.monotonic() + 30
+            while proc.poll() is None and stored_count() == before and time.monotonic() < deadline:
+                time.sleep(0.01)
+            time.sleep(rng.uniform(0.0, 0.12))
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)  # the backfill and its parser processes, at once
             kills += 1
         proc.wait()
+        after = stored_count()
+        mid_ingest_kills += proc.returncode == -signal.SIGKILL and before < after < 400
+        if kills == 20 or after == 400:
+            break
     subprocess.run(cmd, check=True, capture_output=True)
     got = _item_set(repo)
-    assert kills >= 10, "the kills should land while backfill runs"
+    assert kills >= 10 and mid_ingest_kills >= 5, (kills, mid_ingest_kills)
     assert len(got) == len(set(got)), "an item was stored twice"
     assert got == expected
-    assert len(stored(repo)[0]) == clean_commits == 160
+    assert len(stored(repo)[0]) == clean_commits == 400
