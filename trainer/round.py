@@ -39,6 +39,8 @@ class Progress:
     """Append-only JSON-lines channel to the daemon; every line flushed, so a killed round leaves a readable log."""
 
     def __init__(self, path: str | None):
+        if path:
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
         self.f = open(path, "a", encoding="utf-8") if path else None
 
     def __call__(self, event: str, **fields) -> None:
@@ -55,6 +57,8 @@ def load_base(base_model: str, plan, torch):
     """Base model as the plan says: nf4 + fp16/bf16 compute (bitsandbytes) on CUDA, else plain dtype."""
     from transformers import AutoModelForCausalLM
 
+    from gitlora.trainer import packed_attention
+
     dtype = getattr(torch, plan.compute_dtype)
     kw = dict(attn_implementation=plan.attention, dtype=dtype)
     if plan.device == "cuda" and plan.quantization == "nf4":
@@ -68,6 +72,7 @@ def load_base(base_model: str, plan, torch):
     if plan.device == "cuda" and plan.quantization != "nf4":
         model.to("cuda")
     model.config.use_cache = False
+    packed_attention.enable(model)  # per-example causal SDPA inside packed blocks (see packed_attention.py)
     if plan.quantization == "nf4":
         from peft import prepare_model_for_kbit_training
 
@@ -98,8 +103,12 @@ def target_loss_sum(model, input_ids, position_ids, labels, torch, chunked_ckpt:
     lm_head + CE to those alone in chunks (optionally checkpointed): the full (tokens x vocab) logits tensor,
     the largest activation of a code model, is never built.
     """
+    from gitlora.trainer import packed_attention
+
     causal_lm = model.get_base_model()
-    hidden = causal_lm.model(input_ids=input_ids, position_ids=position_ids, use_cache=False).last_hidden_state
+    hidden = causal_lm.model(input_ids=input_ids, position_ids=position_ids, use_cache=False,
+                             gitlora_segments=packed_attention.segments_from_positions(position_ids)
+                             ).last_hidden_state
     targets = labels[:, 1:]
     keep = targets != data.IGNORE
     h = hidden[:, :-1][keep]
