@@ -13,7 +13,8 @@ from .gitrepo import GitRepoError
 from .store import StoreError
 
 # Subcommand modules under gitlora.daemon.commands, in help order.
-COMMANDS = ("demo", "backfill", "stats", "examples", "config")
+COMMANDS = ("demo", "install", "uninstall", "daemon", "status", "ingest", "backfill", "stats", "examples",
+            "config", "service")
 
 
 def build_parser() -> argparse.ArgumentParser:

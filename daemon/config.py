@@ -30,7 +30,7 @@ class IngestConfig(_Section):
 
 
 class DaemonConfig(_Section):
-    debounce_ms: int = Field(200, ge=0, le=60_000)
+    debounce_ms: int = Field(75, ge=0, le=60_000, description="collect a burst of ref updates into one pass")
     rescan_interval_s: int = Field(300, ge=5)
     socket_timeout_s: float = Field(5.0, gt=0)
 

@@ -84,12 +84,12 @@ class CommitProcessor:
         self.repo_name = repo.name
         self._cache = _BlobCache(cache_bytes)
 
-    def process(self, oids: list[str], extra: dict[str, Any] | None = None) -> list[PendingCommit]:
+    def process(self, oids: list[str]) -> list[PendingCommit]:
         shallow = self.repo.shallow_boundary()
-        return [self._one(oid, shallow, extra or {}) for oid in oids]
+        return [self._one(oid, shallow) for oid in oids]
 
-    def _one(self, oid: str, shallow: frozenset[str], extra: dict[str, Any]) -> PendingCommit:
-        base: dict[str, Any] = {"source": self.source, **extra}
+    def _one(self, oid: str, shallow: frozenset[str]) -> PendingCommit:
+        base: dict[str, Any] = {"source": self.source}
         started = time.perf_counter()
         if oid in shallow:
             # Diffing against the empty tree would present the whole crate as newly added code.
@@ -222,9 +222,12 @@ class Ingestor:
         examples)` reports each committed transaction; `should_stop` is polled between them."""
         summary = IngestSummary()
         started = time.perf_counter()
-        for batch in self._batches(oids, extra):
+        for batch in self._batches(oids):
             if should_stop():
                 break
+            if extra:
+                for item in batch:
+                    item.record.update(extra)
             result = self.store.write(batch)
             summary.already_present += result.already_present
             summary.examples += result.examples
@@ -241,12 +244,12 @@ class Ingestor:
         summary.seconds = time.perf_counter() - started
         return summary
 
-    def _batches(self, oids: list[str], extra: dict[str, Any] | None) -> Iterator[list[PendingCommit]]:
+    def _batches(self, oids: list[str]) -> Iterator[list[PendingCommit]]:
         chunk = max(1, min(self.config.batch_commits, _CHUNK_COMMITS))
         chunks = [oids[i:i + chunk] for i in range(0, len(oids), chunk)]
-        if self.workers == 1 or len(chunks) < 2 or extra:
+        if self.workers == 1 or len(chunks) < 2:
             for part in chunks:
-                yield self.processor.process(part, extra)
+                yield self.processor.process(part)
             return
         # spawn, not fork: the daemon has threads, and a forked LMDB env or libgit2 handle is unsafe.
         context = multiprocessing.get_context("spawn")

@@ -1,0 +1,57 @@
+"""`gitlora status [--json]`: ask the daemon what it is doing; without one, say so and show the stores."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from .. import paths, repos
+from ..control import ControlError, DaemonNotRunning, request
+from ..status_view import render, render_repo
+from ..store import Store, StoreError
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("status", help="what the daemon is doing")
+    p.add_argument("--json", action="store_true", help="print the daemon's status reply as JSON")
+    p.set_defaults(run=run)
+
+
+def offline_view() -> list[dict]:
+    """What each registered repo's store holds, read-only, for when no daemon answers."""
+    views = []
+    for git_dir in repos.registered():
+        repo_paths = paths.RepoPaths.for_git_dir(git_dir)
+        name = Path(git_dir).parent.name if Path(git_dir).name == ".git" else Path(git_dir).name
+        view = {"name": name, "git_dir": git_dir, "commits_ingested": 0, "commits_skipped": 0, "examples": 0}
+        try:
+            with Store(repo_paths.store, readonly=True) as store:
+                counters = store.counters()
+        except (StoreError, OSError):
+            counters = {}
+        view.update(commits_ingested=counters.get("commits_ingested", 0),
+                    commits_skipped=counters.get("commits_skipped", 0), examples=counters.get("examples", 0))
+        views.append(view)
+    return views
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        reply = request({"cmd": "status"}, timeout=10.0)
+    except DaemonNotRunning as exc:
+        stores = offline_view()
+        if args.json:
+            print(json.dumps({"ok": False, "error": str(exc), "daemon": None, "repos": stores}, indent=2))
+        else:
+            print(f"{exc}\nWhat the stores hold (read-only):", file=sys.stderr)
+            for view in stores:
+                print("\n".join(render_repo(view)))
+            if not stores:
+                print("no repositories registered")
+        return 1
+    except ControlError as exc:
+        print(f"gitlora: error: {exc}", file=sys.stderr)
+        return 2
+    print(json.dumps(reply, indent=2) if args.json else render(reply))
+    return 0

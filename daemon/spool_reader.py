@@ -1,0 +1,61 @@
+"""Reading the hooks' spool from where the daemon left off.
+
+The offset (with the file's inode, so a replaced file starts from 0) is saved in the store's meta only
+after the commits it names are stored: a crash re-reads some lines, and the store's exactly-once check makes
+that harmless. When the spool grows large it is rotated by rename; hooks recreate it with `>>`.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from gitlora.hooks.spool import SpoolEntry, parse_spool_chunk
+
+from .store import Store
+
+_ROTATE_BYTES = 4 << 20
+
+
+class SpoolReader:
+    def __init__(self, spool: Path, store: Store) -> None:
+        self.spool = spool
+        self.rotated = spool.with_name(spool.name + ".old")
+        self.store = store
+
+    def read_new(self) -> tuple[list[SpoolEntry], dict[str, int] | None]:
+        """Entries not yet consumed, and the position to `commit()` once they are stored."""
+        entries: list[SpoolEntry] = []
+        if self.rotated.exists():  # rotated earlier: whatever is in it was either consumed or is read now
+            data = self.rotated.read_bytes()
+            saved = self.store.get_meta("spool_rotated", {})
+            stat = self.rotated.stat()
+            start = saved.get("offset", 0) if saved.get("inode") == stat.st_ino else 0
+            entries.extend(parse_spool_chunk(data[start:])[0])
+        try:
+            fd = os.open(self.spool, os.O_RDONLY)
+        except FileNotFoundError:
+            return entries, {"inode": 0, "offset": 0, "drop_rotated": 1}
+        with os.fdopen(fd, "rb") as handle:
+            stat = os.fstat(handle.fileno())
+            saved = self.store.get_meta("spool", {})
+            offset = saved.get("offset", 0) if saved.get("inode") == stat.st_ino else 0
+            if offset > stat.st_size:
+                offset = 0  # truncated by hand
+            handle.seek(offset)
+            data = handle.read()
+        parsed, consumed = parse_spool_chunk(data)
+        entries.extend(parsed)
+        return entries, {"inode": stat.st_ino, "offset": offset + consumed, "drop_rotated": 1}
+
+    def commit(self, position: dict[str, int] | None) -> None:
+        if position is None:
+            return
+        if position.pop("drop_rotated", 0) and self.rotated.exists():
+            self.rotated.unlink()
+        self.store.set_meta("spool", position)
+        if position["offset"] >= _ROTATE_BYTES:
+            try:
+                os.replace(self.spool, self.rotated)
+            except FileNotFoundError:
+                return
+            self.store.set_meta("spool_rotated", {"inode": position["inode"], "offset": position["offset"]})

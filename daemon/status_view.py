@@ -1,0 +1,70 @@
+"""`gitlora status` as a person reads it (pure: a status reply -> text)."""
+from __future__ import annotations
+
+import time
+from typing import Any
+
+
+def _ago(ts: float | None) -> str:
+    if not ts:
+        return "-"
+    seconds = max(0, time.time() - ts)
+    if seconds < 90:
+        return f"{seconds:.0f}s ago"
+    if seconds < 5400:
+        return f"{seconds / 60:.0f}m ago"
+    return f"{seconds / 3600:.1f}h ago"
+
+
+def render_repo(repo: dict[str, Any]) -> list[str]:
+    lines = [f"{repo['name']}  ({repo['git_dir']})"]
+    lines.append(f"  commits   {repo['commits_ingested']} ingested, {repo['commits_skipped']} skipped"
+                 f"   examples {repo['examples']}")
+    last = repo.get("last_commit")
+    if last:
+        lines.append(f"  last      {last['commit'][:12]} ({last.get('examples', 0)} examples) stored "
+                     f"{_ago(last.get('stored_at'))}, commit→stored {last.get('latency_ms', 0):.0f} ms")
+    state = "paused" if repo.get("paused") else ("ingesting" if repo.get("ingesting") else "idle")
+    if "queue_depth" in repo:
+        lines.append(f"  ingest    {state}, queue {repo['queue_depth']}   watcher {repo.get('watcher', '-')}")
+    if "shards" in repo:
+        lines.append(f"  shards    {repo['shards']} written, {repo.get('unflushed_examples', 0)} examples waiting")
+    training = repo.get("training")
+    if training:
+        lines.extend("  " + line for line in render_training(training))
+    for error in repo.get("errors", [])[-3:]:
+        lines.append(f"  error     {error}")
+    return lines
+
+
+def render_training(training: dict[str, Any]) -> list[str]:
+    lines = []
+    current = training.get("current_adapter")
+    lines.append(f"adapter   {current or 'none yet'}")
+    active = training.get("round")
+    if active:
+        step, total = active.get("step", 0), active.get("total", 0)
+        loss = active.get("loss")
+        eta = active.get("eta_s")
+        lines.append(f"round     {active.get('state', 'running')} step {step}/{total}"
+                     + (f", loss {loss:.4f}" if isinstance(loss, (int, float)) else "")
+                     + (f", ETA {eta:.0f}s" if isinstance(eta, (int, float)) else ""))
+    last = training.get("last_round")
+    if last:
+        lines.append(f"last      {last.get('outcome', '?')}"
+                     + (f" ({last['reason']})" if last.get("reason") else "")
+                     + f" {_ago(last.get('finished_at'))}")
+    trigger = training.get("next_trigger")
+    if trigger:
+        lines.append(f"next      {trigger}")
+    return lines
+
+
+def render(reply: dict[str, Any]) -> str:
+    lines = [f"gitlora daemon pid {reply['pid']}, up {reply['uptime_s']:.0f}s, {len(reply['repos'])} repositories"]
+    for repo in reply["repos"]:
+        lines.append("")
+        lines.extend(render_repo(repo))
+    if not reply["repos"]:
+        lines.append("no repositories registered: run `gitlora install` in one")
+    return "\n".join(lines)
