@@ -14,7 +14,7 @@ from .store import StoreError
 
 # Subcommand modules under gitlora.daemon.commands, in help order.
 COMMANDS = ("demo", "install", "uninstall", "daemon", "status", "ingest", "backfill", "stats", "examples",
-            "config", "service")
+            "config", "service", "train", "plan", "model", "adapters")
 
 
 def build_parser() -> argparse.ArgumentParser:

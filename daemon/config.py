@@ -57,6 +57,8 @@ class TrainConfig(_Section):
     fim_share: float = Field(0.2, ge=0, le=1)
     context_length: int = Field(0, ge=0, description="0 = from the hardware plan")
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    check_interval_s: int = Field(60, ge=1, description="how often the scheduler looks for enough new data")
+    max_retry_backoff_s: int = Field(3600, ge=1)
     require_free_gpu_mb: int = Field(0, ge=0, description="0 = what the plan needs")
 
 

@@ -152,9 +152,15 @@ class Daemon:
     def status(self) -> dict[str, Any]:
         with self._lock:
             workers = list(self.workers.values())
+        repos_view = []
+        for worker in workers:
+            view = worker.status()
+            if self.trainer is not None:
+                view["training"] = self.trainer.status_for(worker)
+            repos_view.append(view)
         reply: dict[str, Any] = {
             "pid": os.getpid(), "started_at": self.started_at, "uptime_s": round(time.time() - self.started_at, 1),
-            "repos": [w.status() for w in workers],
+            "repos": repos_view,
         }
         job = self.scheduler.get_job("rescan") if self.scheduler.running else None
         reply["next_rescan"] = job.next_run_time.timestamp() if job and job.next_run_time else None
@@ -181,12 +187,9 @@ class Daemon:
                     _log.error("repo_unavailable", git_dir=git_dir, error=str(exc))
             self.scheduler.add_job(self.rescan, "interval", id="rescan", seconds=self.config.daemon.rescan_interval_s,
                                    max_instances=1, coalesce=True)
-            try:
-                from . import training_jobs  # torch-free: plans rounds, starts the trainer subprocess
-            except ImportError:
-                training_jobs = None
-            if training_jobs is not None:
-                self.trainer = training_jobs.attach(self)
+            from . import training_jobs  # torch-free: plans rounds, starts the trainer subprocess
+
+            self.trainer = training_jobs.attach(self)
             self.scheduler.start()
             self.server.start()
             sdnotify.ready(f"serving {len(self.workers)} repositories")

@@ -51,7 +51,7 @@ def render_training(training: dict[str, Any]) -> list[str]:
                      + (f", ETA {eta:.0f}s" if isinstance(eta, (int, float)) else ""))
     last = training.get("last_round")
     if last:
-        lines.append(f"last      {last.get('outcome', '?')}"
+        lines.append(f"prev      round {last.get('round', '?')} {last.get('outcome', '?')}"
                      + (f" ({last['reason']})" if last.get("reason") else "")
                      + f" {_ago(last.get('finished_at'))}")
     trigger = training.get("next_trigger")

@@ -1,19 +1,53 @@
-"""`gitlora demo [--dir DIR]`: the README's main job, shown on a freshly built demo repository."""
+"""`gitlora demo [--dir DIR]`: the README's main job — the whole product on a freshly built demo repository.
+
+Everything lives under DIR (state, config, socket, tiny model), so the demo never touches a real set-up:
+build a Rust repo with a realistic history, start the daemon, `gitlora install` (hooks + backfill), make new
+commits and watch them land, run a real LoRA round on the tiny local model, show the promoted adapter, stop.
+"""
 from __future__ import annotations
 
 import argparse
+import json
+import os
+import signal
+import subprocess
+import sys
 import tempfile
+import time
 from pathlib import Path
 
 from ..demo_repo import build_demo_repo
-from . import backfill as backfill_cmd
-from . import examples as examples_cmd
-from . import stats as stats_cmd
+
+DEMO_CONFIG = """# written by `gitlora demo`: small numbers so that everything happens within a few minutes
+[train]
+base_model = "{model}"
+min_new_shards = 1
+cooldown_s = 0
+check_interval_s = 3600
+max_steps = {steps}
+warmup_steps = 2
+learning_rate = 0.001
+device = "cpu"
+
+[shards]
+shard_size = 8
+quiet_flush_s = 2
+"""
+
+NEW_COMMITS = [
+    ("src/lib.rs", "\npub fn greet(config: &Config) -> String {\n    format!(\"hello, {}\", config.name)\n}\n",
+     "Add a greeting for a configured node"),
+    ("src/math.rs", "\npub fn mean(values: &[i64]) -> Option<i64> {\n    if values.is_empty() {\n        return None;\n"
+     "    }\n    Some(values.iter().sum::<i64>() / values.len() as i64)\n}\n", "Add mean() to math"),
+    ("src/net.rs", "\npub fn disconnect(config: &Config) {\n    log_peer!(config.name);\n}\n",
+     "Log peers on disconnect"),
+]
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("demo", help="build a demo Rust repo and run gitlora on it end to end")
-    p.add_argument("--dir", type=Path, default=None, help="where to build it (kept for you to look at)")
+    p = sub.add_parser("demo", help="the whole product on a demo repository (daemon, hooks, a LoRA round)")
+    p.add_argument("--dir", type=Path, default=None, help="where to build everything (kept for you to look at)")
+    p.add_argument("--steps", type=int, default=30, help="optimizer steps of the demo's training round")
     p.set_defaults(run=run)
 
 
@@ -21,22 +55,116 @@ def _banner(text: str) -> None:
     print(f"\n=== {text} ===", flush=True)
 
 
+def _gitlora(*args: str, check: bool = True) -> subprocess.CompletedProcess:
+    print(f"$ gitlora {' '.join(args)}", flush=True)
+    done = subprocess.run([sys.executable, "-m", "gitlora.daemon", *args], text=True, capture_output=True)
+    sys.stdout.write(done.stdout)
+    sys.stdout.write(done.stderr)
+    sys.stdout.flush()
+    if check and done.returncode != 0:
+        raise SystemExit(f"demo: `gitlora {' '.join(args)}` failed with exit code {done.returncode}")
+    return done
+
+
+def _git(repo: Path, *args: str) -> str:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("GIT_")}
+    env.update(GIT_AUTHOR_NAME="Demo Dev", GIT_AUTHOR_EMAIL="dev@example.com", GIT_COMMITTER_NAME="Demo Dev",
+               GIT_COMMITTER_EMAIL="dev@example.com")
+    return subprocess.run(["git", *args], cwd=repo, env=env, check=True, capture_output=True, text=True).stdout.strip()
+
+
+def _status_json() -> dict:
+    done = subprocess.run([sys.executable, "-m", "gitlora.daemon", "status", "--json"], text=True,
+                          capture_output=True)
+    return json.loads(done.stdout) if done.stdout.strip() else {}
+
+
+def _wait(predicate, timeout: float, what: str, poll: float = 0.3):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(poll)
+    raise SystemExit(f"demo: timed out after {timeout:.0f}s waiting for {what}")
+
+
 def run(args: argparse.Namespace) -> int:
-    base = args.dir or Path(tempfile.mkdtemp(prefix="gitlora-demo-"))
+    base = (args.dir or Path(tempfile.mkdtemp(prefix="gitlora-demo-"))).resolve()
     repo = base / "demo-crate"
     if repo.exists():
         print(f"{repo} already exists: pass an empty --dir")
         return 2
-    _banner(f"building a demo Rust repository with a realistic history in {repo}")
+    base.mkdir(parents=True, exist_ok=True)
+    # Isolate the demo completely: its own state, config, socket and model.
+    os.environ.update(GITLORA_STATE_HOME=str(base / "state"), GITLORA_CONFIG=str(base / "config.toml"),
+                      XDG_RUNTIME_DIR=str(base / "run"), XDG_DATA_HOME=str(base / "data"))
+    (base / "run").mkdir(mode=0o700, exist_ok=True)
+
+    _banner("1. the tiny local StarCoder2 model the demo trains (built once, loaded via from_pretrained)")
+    model_dir = _gitlora("model", "tiny").stdout.splitlines()[0]
+    (base / "config.toml").write_text(DEMO_CONFIG.format(model=model_dir, steps=args.steps))
+
+    _banner(f"2. a demo Rust repository with a realistic history in {repo}")
     build_demo_repo(repo)
-    _banner("backfilling its history into the example store")
-    summary = backfill_cmd.backfill(str(repo), progress=True)
-    print(f"{summary.commits} commits, {summary.examples} examples, {summary.skipped} commits skipped")
-    _banner("gitlora stats")
-    stats_cmd.run(argparse.Namespace(repo=str(repo), json=False))
-    _banner("a few examples (gitlora examples --limit 3)")
-    examples_cmd.run(argparse.Namespace(repo=str(repo), commit="HEAD~10", limit=2, json=False))
-    examples_cmd.run(argparse.Namespace(repo=str(repo), commit="HEAD", limit=3, json=False))
-    _banner("done")
-    print(f"the demo repository stays at {repo}; try `gitlora stats {repo}`")
+    print(_git(repo, "log", "--oneline", "--graph", "--all"))
+
+    _banner("3. the daemon (normally a systemd user service: `gitlora service install`)")
+    log_file = open(base / "daemon.out", "ab")
+    daemon = subprocess.Popen([sys.executable, "-m", "gitlora.daemon", "daemon"], stdout=log_file,
+                              stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        _wait(lambda: _status_json().get("ok"), 60, "the daemon to answer")
+        print(f"daemon pid {daemon.pid}, log in {base / 'state' / 'daemon.log'}")
+
+        _banner("4. gitlora install: hooks in, history backfilled by the daemon")
+        _gitlora("install", str(repo))
+        _wait(lambda: (r := _status_json().get("repos")) and r[0]["commits_ingested"] >= 12, 120, "the backfill")
+        _gitlora("stats", str(repo))
+
+        _banner("5. new commits: each one is stored within moments of `git commit`")
+        for path, addition, message in NEW_COMMITS:
+            with open(repo / path, "a", encoding="utf-8") as handle:
+                handle.write(addition)
+            _git(repo, "commit", "-q", "-am", message)
+            oid = _git(repo, "rev-parse", "HEAD")
+            print(f"$ git commit -m {message!r}   -> {oid[:10]}")
+            _wait(lambda: (r := _status_json().get("repos")) and (r[0].get("last_commit") or {}).get("commit") == oid,
+                  60, f"commit {oid[:10]} to be stored", poll=0.05)
+        _gitlora("status")
+        _gitlora("examples", "--commit", "HEAD", str(repo))
+
+        _banner("6. a continual LoRA round on the tiny model (a subprocess; the daemon never imports torch)")
+        _gitlora("train", "--now", str(repo))
+        last_line = ""
+
+        def round_done():
+            nonlocal last_line
+            repo_view = (_status_json().get("repos") or [{}])[0]
+            training = repo_view.get("training") or {}
+            active = training.get("round")
+            if active and active.get("step"):
+                line = f"  round {active['round']}: step {active['step']}/{active['total']}, loss {active['loss']:.4f}"
+                if line != last_line:
+                    print(line, flush=True)
+                    last_line = line
+            return training.get("last_round") if not active and training.get("last_round") else None
+
+        outcome = _wait(round_done, 900, "the training round", poll=1.0)
+        print(f"round {outcome['round']}: {outcome['outcome']}"
+              + (f" ({outcome.get('reason')}: {outcome.get('message')})" if outcome.get("reason") else ""))
+        _gitlora("adapters", "list", "--repo", str(repo))
+        _gitlora("status")
+    finally:
+        _banner("7. stopping the daemon (SIGTERM: it finishes its transaction and exits cleanly)")
+        daemon.send_signal(signal.SIGTERM)
+        try:
+            daemon.wait(60)
+        except subprocess.TimeoutExpired:
+            daemon.kill()
+        log_file.close()
+        print(f"daemon exited with {daemon.returncode}")
+    print(f"\nEverything stays in {base}: the repo, its store, shards, adapters and logs.")
+    if outcome.get("outcome") == "failed":
+        return 1
     return 0

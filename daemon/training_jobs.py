@@ -1,0 +1,246 @@
+"""The daemon's side of training: an APScheduler job that starts one LoRA round at a time, across all repos,
+as a low-priority subprocess (`python -m gitlora.trainer --spec ...`), and follows it through its progress
+file and exit status. Torch-free: GPU presence and memory come from `nvidia-smi`, never from torch.
+
+A round that crashes, is killed or runs out of memory is recorded as failed with its reason and retried with
+exponential backoff; `adapters/current` only ever moves inside the trainer, atomically, after the gate.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from . import log
+from .repos import atomic_write_text
+from .round_planning import RoundState, backoff_s, decide
+
+if TYPE_CHECKING:
+    from .repo_worker import RepoWorker
+    from .service import Daemon
+
+_log = log.get("gitlora.training")
+_EXIT_REASONS = {1: "exception", 2: "spec", 3: "oom", -9: "killed", -15: "terminated"}
+
+
+def gpu_free_mb() -> int | None:
+    """Free memory of the emptiest GPU per nvidia-smi; None where there is no NVIDIA GPU."""
+    exe = shutil.which("nvidia-smi")
+    if exe is None:
+        return None
+    try:
+        done = subprocess.run([exe, "--query-gpu=memory.free", "--format=csv,noheader,nounits"],
+                              capture_output=True, text=True, timeout=10)
+        values = [int(v) for v in done.stdout.split() if v.strip().isdigit()]
+    except (OSError, subprocess.SubprocessError, ValueError):
+        return None
+    return max(values) if values else None
+
+
+class ActiveRound:
+    def __init__(self, worker: RepoWorker, number: int, directory: Path, proc: subprocess.Popen, shards: list[int]):
+        self.worker, self.number, self.dir, self.proc, self.shards = worker, number, directory, proc, shards
+        self.started_at = time.time()
+        self.progress_file = directory / "progress.jsonl"
+
+    def events(self) -> list[dict[str, Any]]:
+        try:
+            lines = self.progress_file.read_text(encoding="utf-8").splitlines()
+        except OSError:
+            return []
+        events = []
+        for line in lines:
+            try:
+                events.append(json.loads(line))
+            except ValueError:
+                continue  # a torn last line while the trainer writes
+        return events
+
+    def view(self) -> dict[str, Any]:
+        view: dict[str, Any] = {"round": self.number, "pid": self.proc.pid, "state": "starting",
+                                "elapsed_s": round(time.time() - self.started_at, 1)}
+        for event in self.events():
+            if event.get("event") == "progress":
+                view.update(state="training", step=event.get("step"), total=event.get("total"),
+                            loss=event.get("loss"), eta_s=event.get("eta_s"))
+            elif event.get("event") == "eval":
+                view["state"] = f"evaluating ({event.get('which')})"
+        return view
+
+
+class TrainingCoordinator:
+    def __init__(self, daemon: Daemon) -> None:
+        self.daemon = daemon
+        self.config = daemon.config.train
+        self.active: ActiveRound | None = None
+        self._lock = threading.Lock()
+        self._why: dict[str, str] = {}
+
+    # -- persisted per-repo state ------------------------------------------------------------------
+    @staticmethod
+    def _state_path(worker: RepoWorker) -> Path:
+        return worker.paths.rounds / "state.json"
+
+    def load_state(self, worker: RepoWorker) -> RoundState:
+        try:
+            return RoundState.from_dict(json.loads(self._state_path(worker).read_text()))
+        except (OSError, ValueError):
+            return RoundState()
+
+    def save_state(self, worker: RepoWorker, state: RoundState) -> None:
+        atomic_write_text(self._state_path(worker), json.dumps(state.__dict__, indent=1) + "\n")
+
+    # -- the scheduled check -------------------------------------------------------------------------
+    def check(self, force_repo: RepoWorker | None = None) -> str:
+        """Start a round if one is due (one at a time across all repos). Returns what happened."""
+        with self._lock:
+            self._reap()
+            if self.active is not None:
+                return f"a round is already running for {self.active.worker.name}"
+            workers = [force_repo] if force_repo else self.daemon.find(None)
+            for worker in workers:
+                if worker.paused:
+                    self._why[worker.name] = "paused"
+                    continue
+                state = self.load_state(worker)
+                if force_repo is not None and worker.shards.unflushed() > 0:
+                    worker.shards.flush(self.daemon.config.shards.shard_size, self.daemon.config.shards.eval_fraction)
+                plan, why = decide(worker.shards.manifest(), state, now=time.time(),
+                                   min_new_shards=self.config.min_new_shards, cooldown_s=self.config.cooldown_s,
+                                   force=force_repo is not None)
+                self._why[worker.name] = why
+                if plan is None:
+                    continue
+                gpu_note = self._gpu_gate()
+                if gpu_note:
+                    self._why[worker.name] = gpu_note
+                    return gpu_note
+                self._start(worker, state, plan)
+                return f"started round {self.active.number} for {worker.name}" if self.active else "not started"
+            return "; ".join(f"{k}: {v}" for k, v in self._why.items()) or "no repositories"
+
+    def _gpu_gate(self) -> str | None:
+        if self.config.device == "cpu":
+            return None
+        free = gpu_free_mb()
+        if free is None:
+            return "cuda requested but nvidia-smi finds no GPU" if self.config.device == "cuda" else None
+        need = self.config.require_free_gpu_mb or 6000
+        return None if free >= need else f"GPU busy: {free} MiB free, {need} MiB needed"
+
+    def _start(self, worker: RepoWorker, state: RoundState, plan) -> None:
+        number = state.rounds + 1
+        directory = worker.paths.rounds / f"{number:04d}"
+        directory.mkdir(parents=True, exist_ok=True)
+        shards_dir = worker.paths.shards
+        spec = {
+            "base_model": self.config.base_model,
+            "adapters_dir": str(worker.paths.adapters),
+            "train_shards": [str(shards_dir / s["file"]) for s in plan.train],
+            "replay_shards": [str(shards_dir / s["file"]) for s in plan.replay],
+            "eval_shards": [str(shards_dir / s["file"]) for s in plan.eval],
+            "progress_file": str(directory / "progress.jsonl"),
+            "train": {k: getattr(self.config, k) for k in (
+                "learning_rate", "warmup_steps", "epochs", "max_steps", "lora_r", "lora_alpha", "lora_dropout",
+                "replay_share", "fim_share", "context_length", "promote_margin", "device")} | {"seed": number},
+        }
+        atomic_write_text(directory / "spec.json", json.dumps(spec, indent=1) + "\n")
+        command = [sys.executable, "-m", "gitlora.trainer", "--spec", str(directory / "spec.json")]
+        if shutil.which("ionice"):
+            command = ["ionice", "-c", "3", *command]  # idle IO class; the trainer lowers its CPU nice itself
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("NOTIFY_SOCKET", "WATCHDOG_"))}
+        with open(directory / "trainer.log", "ab") as out:
+            proc = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                    start_new_session=True, env=env, cwd=str(directory))
+        state.rounds = number
+        self.save_state(worker, state)
+        self.active = ActiveRound(worker, number, directory, proc, [s["id"] for s in plan.train])
+        _log.info("round_started", repo=worker.name, round=number, pid=proc.pid, train=len(plan.train),
+                  replay=len(plan.replay), eval=len(plan.eval))
+
+    def _reap(self) -> None:
+        """Record the outcome of a finished round (called with the lock held)."""
+        active = self.active
+        if active is None or active.proc.poll() is None:
+            return
+        self.active = None
+        events = active.events()
+        done = next((e for e in reversed(events) if e.get("event") == "done"), None)
+        error = next((e for e in reversed(events) if e.get("event") == "error"), None)
+        state = self.load_state(active.worker)
+        code = active.proc.returncode
+        outcome: dict[str, Any] = {"round": active.number, "exit_code": code, "finished_at": time.time(),
+                                   "seconds": round(time.time() - active.started_at, 1)}
+        if code == 0 and done is not None:
+            outcome.update(outcome="promoted" if done.get("promoted") else "kept current",
+                           version=done.get("version"), eval_loss_before=done.get("eval_loss_before"),
+                           eval_loss_after=done.get("eval_loss_after"), tokens_per_s=done.get("tokens_per_s"))
+            state.trained_shards = sorted(set(state.trained_shards) | set(active.shards))
+            state.failures, state.next_retry_at = 0, 0.0
+        else:
+            reason = (error or {}).get("reason") or _EXIT_REASONS.get(code, f"exit {code}")
+            outcome.update(outcome="failed", reason=reason, message=((error or {}).get("message") or "")[:500])
+            state.failures += 1
+            state.next_retry_at = time.time() + backoff_s(state.failures, self.config.max_retry_backoff_s)
+        state.last_round_at = time.time()
+        state.last = outcome
+        self.save_state(active.worker, state)
+        _log.info("round_finished", repo=active.worker.name, **outcome)
+
+    # -- socket commands and status --------------------------------------------------------------------
+    def handle(self, request: dict[str, Any]) -> dict[str, Any]:
+        targets = self.daemon.find(request.get("repo"))
+        if not targets:
+            return {"ok": False, "error": f"no registered repository matches {request.get('repo')!r}"}
+        if request.get("now"):
+            return {"result": self.check(force_repo=targets[0])}
+        return {"result": self.check()}
+
+    def status_for(self, worker: RepoWorker) -> dict[str, Any]:
+        from gitlora.trainer import registry  # torch-free by design
+
+        with self._lock:
+            self._reap()
+            active = self.active if self.active and self.active.worker is worker else None
+        state = self.load_state(worker)
+        return {
+            "current_adapter": registry.current_version(worker.paths.adapters),
+            "round": active.view() if active else None,
+            "last_round": state.last,
+            "rounds": state.rounds,
+            "next_trigger": self._why.get(worker.name),
+        }
+
+    def status(self) -> dict[str, Any]:
+        with self._lock:
+            self._reap()
+            active = self.active
+        return {"active_round": {"repo": active.worker.name, **active.view()} if active else None,
+                "base_model": self.config.base_model}
+
+    def shutdown(self) -> None:
+        """Stop a running round with the daemon; its half-written version never becomes current."""
+        with self._lock:
+            active = self.active
+        if active is not None and active.proc.poll() is None:
+            try:
+                os.killpg(active.proc.pid, signal.SIGTERM)
+                active.proc.wait(timeout=20)
+            except (OSError, subprocess.TimeoutExpired):
+                os.killpg(active.proc.pid, signal.SIGKILL)
+            with self._lock:
+                self._reap()
+
+
+def attach(daemon: Daemon) -> TrainingCoordinator:
+    coordinator = TrainingCoordinator(daemon)
+    daemon.scheduler.add_job(coordinator.check, "interval", id="train-check",
+                             seconds=daemon.config.train.check_interval_s, max_instances=1, coalesce=True)
+    return coordinator
