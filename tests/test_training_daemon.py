@@ -1,0 +1,122 @@
+"""The daemon's training scheduler with real rounds on the tiny model: thresholds, one round at a time,
+failures recorded and retried while the daemon and `current` stay intact."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from gitlora.daemon import paths
+from gitlora.daemon.gitrepo import GitRepo
+from gitlora.trainer import registry, tiny
+
+from daemonutil import DaemonProcess, gitlora, wait_stored
+from gitutil import commit_files, init_repo
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory) -> Path:
+    return tiny.build_tiny_model(tmp_path_factory.mktemp("model") / "tiny")
+
+
+def configure(home: Path, model: Path, **train) -> None:
+    settings = {"base_model": f'"{model}"', "min_new_shards": 3, "cooldown_s": 0, "check_interval_s": 1,
+                "max_steps": 4, "warmup_steps": 1, "device": '"cpu"', **{k: str(v) for k, v in train.items()}}
+    config = home / ".config/gitlora/config.toml"
+    config.parent.mkdir(parents=True, exist_ok=True)
+    config.write_text("[train]\n" + "".join(f"{k} = {v}\n" for k, v in settings.items())
+                      + "[shards]\nshard_size = 3\nquiet_flush_s = 1\n")
+
+
+def trainer_pids() -> list[int]:
+    done = subprocess.run(["pgrep", "-f", "gitlora.trainer --spec"], capture_output=True, text=True)
+    return [int(p) for p in done.stdout.split()]
+
+
+def repo_status(daemon: DaemonProcess, name: str) -> dict:
+    return next(r for r in daemon.status()["repos"] if r["name"] == name)
+
+
+def wait_for(predicate, timeout: float, what: str, during=None):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if during:
+            during()
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.1)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def make_commits(repo: Path, start: int, count: int) -> list[str]:
+    return [commit_files(repo, {f"src/f{n}.rs": f"pub fn f{n}(x: u32) -> u32 {{ x + {n} }}\n"
+                                f"pub fn g{n}() -> u32 {{ {n} }}\n"}, f"commit {n}") for n in range(start, start + count)]
+
+
+def test_rounds_start_only_at_threshold_and_never_two_at_once(tmp_path, isolated_home, tiny_model):
+    configure(isolated_home, tiny_model)
+    repos = [init_repo(tmp_path / name) for name in ("alpha", "beta")]
+    daemon = DaemonProcess().start()
+    try:
+        for repo in repos:
+            gitlora("install", str(repo))
+            wait_stored(repo, make_commits(repo, 0, 1))
+        time.sleep(3)  # quiet flush + several scheduler checks
+        for repo in repos:
+            view = repo_status(daemon, repo.name)
+            assert view["shards"] >= 1 and view["training"]["rounds"] == 0
+            assert "new shards" in view["training"]["next_trigger"]
+        assert trainer_pids() == []
+        for repo in repos:  # enough data for both repos at once
+            wait_stored(repo, make_commits(repo, 1, 12))
+        most_at_once = 0
+
+        def watch():
+            nonlocal most_at_once
+            most_at_once = max(most_at_once, len(trainer_pids()))
+
+        wait_for(lambda: all(repo_status(daemon, r.name)["training"]["rounds"] >= 1
+                             and repo_status(daemon, r.name)["training"]["round"] is None for r in repos),
+                 240, "a round in each repo", during=watch)
+        assert most_at_once == 1
+        for repo in repos:
+            training = repo_status(daemon, repo.name)["training"]
+            assert training["last_round"]["outcome"] in ("promoted", "kept current")
+            state_dir = paths.RepoPaths.for_git_dir(GitRepo(repo).common_dir)
+            versions = registry.list_versions(state_dir.adapters)
+            assert len(versions) == 1 and versions[0]["metrics"]["steps"] == 4
+        assert daemon.status()["ok"]
+    finally:
+        daemon.stop()
+
+
+def test_a_killed_round_is_recorded_and_retried_while_current_stays(tmp_path, isolated_home, tiny_model):
+    configure(isolated_home, tiny_model, min_new_shards=100, max_steps=400)
+    repo = init_repo(tmp_path / "gamma")
+    daemon = DaemonProcess().start()
+    try:
+        gitlora("install", str(repo))
+        wait_stored(repo, make_commits(repo, 0, 8))
+        adapters = paths.RepoPaths.for_git_dir(GitRepo(repo).common_dir).adapters
+        assert "started round 1" in gitlora("train", "--now", str(repo)).stdout
+        wait_for(lambda: (repo_status(daemon, "gamma")["training"]["round"] or {}).get("step"), 120,
+                 "the round to train")
+        assert "already running" in gitlora("train", "--now", str(repo)).stdout
+        for pid in trainer_pids():
+            os.kill(pid, signal.SIGKILL)
+        last = wait_for(lambda: repo_status(daemon, "gamma")["training"]["last_round"], 30, "the failure record")
+        assert last["outcome"] == "failed" and last["reason"] == "killed"
+        assert registry.current_version(adapters) is None and registry.list_versions(adapters) == []
+        state = json.loads((adapters.parent / "rounds/state.json").read_text())
+        assert state["failures"] == 1 and state["next_retry_at"] > time.time() + 30
+        wait_for(lambda: "retrying after failure" in repo_status(daemon, "gamma")["training"]["next_trigger"], 10,
+                 "the scheduler to report the backoff")
+        assert daemon.status()["ok"]  # the daemon stayed up
+    finally:
+        daemon.stop()
