@@ -36,14 +36,15 @@ def synthetic_records(n: int, seed: int = 0) -> list[dict]:
     return out
 
 
-def run_gitlora(model_dir: Path, shard: Path, work: Path, args) -> dict:
+def run_gitlora(model_dir: Path, shard: Path, work: Path, args, max_steps: int = 0) -> dict:
     from gitlora.trainer import round as R
 
     spec = dict(base_model=str(model_dir), adapters_dir=str(work / "adapters"), train_shards=[str(shard)],
                 replay_shards=[], eval_shards=[], progress_file=str(work / "progress.jsonl"),
-                train=dict(epochs=args.epochs, context_length=args.context, micro_batch=1, grad_accum=1,
+                train=dict(epochs=args.epochs, context_length=args.context, micro_batch=args.micro_batch, grad_accum=1,
                            learning_rate=2e-4, warmup_steps=2, lora_r=16, lora_alpha=32, lora_dropout=0.05,
-                           fim_share=0.0, replay_share=0.0, device=args.device, seed=0))
+                           fim_share=0.0, replay_share=0.0, device=args.device, seed=0,
+                           quantization=args.quantization, compute_dtype=args.dtype, max_steps=max_steps))
     res = R.run_round(spec, R.Progress(spec["progress_file"]))
     return dict(target_tokens=res["target_tokens"], seconds=res["train_time_s"], waste=res["padding_waste"],
                 steps=res["steps"], loss_first=res["train_loss_first"], loss_last=res["train_loss_last"])
@@ -80,6 +81,9 @@ def run_hf_trainer(model_dir: Path, shard: Path, work: Path, args, block_tokens:
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, attn_implementation="sdpa")
     model.config.use_cache = False
+    half = {"float16": dict(fp16=True), "bfloat16": dict(bf16=True)}.get(args.dtype, {})
+    if args.device == "cuda" and not half:  # what our plan picks on this GPU
+        half = dict(bf16=True) if torch.cuda.is_bf16_supported() else dict(fp16=True)
     model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, lora_dropout=0.05, task_type="CAUSAL_LM",
                                              target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "c_fc",
                                                              "c_proj"]))
@@ -87,7 +91,14 @@ def run_hf_trainer(model_dir: Path, shard: Path, work: Path, args, block_tokens:
                               num_train_epochs=args.epochs, learning_rate=2e-4, warmup_steps=2,
                               lr_scheduler_type="cosine", logging_steps=10_000, save_strategy="no", report_to=[],
                               use_cpu=args.device == "cpu", dataloader_num_workers=0, disable_tqdm=True,
-                              remove_unused_columns=False, seed=0)
+                              remove_unused_columns=False, seed=0, **half)
+    warm = Trainer(model=model, args=targs, train_dataset=examples[: batch_size * 3], data_collator=collate)
+    warm.train()  # warm-up (CUDA kernels, allocator), as our side gets; then a fresh LoRA for the timed run
+    stats.update(real=0, padded=0)
+    torch.manual_seed(0)
+    model = get_peft_model(model.unload(), LoraConfig(r=16, lora_alpha=32, lora_dropout=0.05, task_type="CAUSAL_LM",
+                                                      target_modules=["q_proj", "k_proj", "v_proj", "o_proj",
+                                                                      "c_fc", "c_proj"]))
     trainer = Trainer(model=model, args=targs, train_dataset=examples, data_collator=collate)
     t0 = time.time()
     out = trainer.train()
@@ -104,6 +115,11 @@ def main(argv=None) -> int:
     ap.add_argument("--context", type=int, default=1024)
     ap.add_argument("--model", type=Path, default=None, help="model dir (default: build the tiny StarCoder2)")
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--micro-batch", type=int, default=1, help="packed blocks per step (Trainer: same tokens)")
+    ap.add_argument("--quantization", default="auto", help="gitlora side only: auto | nf4 | none")
+    ap.add_argument("--dtype", default="auto", help="auto | float16 | bfloat16 | float32 (both sides)")
+    ap.add_argument("--hidden", type=int, default=0, help="build a bigger random StarCoder2: hidden size")
+    ap.add_argument("--layers", type=int, default=0, help="... and number of layers")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args(argv)
 
@@ -111,11 +127,19 @@ def main(argv=None) -> int:
 
     with tempfile.TemporaryDirectory(prefix="gitlora-bench-") as tmp:
         work = Path(tmp)
-        model_dir = args.model or tiny.build_tiny_model(work / "tiny")
+        size = {}
+        if args.hidden:
+            size = dict(hidden_size=args.hidden, intermediate_size=4 * args.hidden,
+                        num_attention_heads=max(4, args.hidden // 128), num_key_value_heads=2,
+                        max_position_embeddings=4096)
+        if args.layers:
+            size["num_hidden_layers"] = args.layers
+        model_dir = args.model or tiny.build_tiny_model(work / "tiny", **size)
         shard = work / "000001.jsonl"
         shard.write_text("".join(json.dumps(r) + "\n" for r in synthetic_records(args.examples)))
+        run_gitlora(model_dir, shard, work / "warmup", args, max_steps=3)  # CUDA kernels, allocator, caches
         ours = run_gitlora(model_dir, shard, work / "ours", args)
-        theirs = run_hf_trainer(model_dir, shard, work / "theirs", args, block_tokens=args.context)
+        theirs = run_hf_trainer(model_dir, shard, work / "theirs", args, block_tokens=args.context * args.micro_batch)
     ours["tokens_per_s"] = ours["target_tokens"] / ours["seconds"]
     theirs["tokens_per_s"] = theirs["target_tokens"] / theirs["seconds"]
     ratio = ours["tokens_per_s"] / theirs["tokens_per_s"]

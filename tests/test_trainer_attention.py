@@ -28,6 +28,10 @@ def test_packed_attention_equals_separate_sequences(tmp_path):
             alone = model(input_ids=ids[:, start:start + n], use_cache=False).logits
             torch.testing.assert_close(packed[:, start:start + n], alone, atol=1e-5, rtol=1e-5)
             start += n
+    with torch.no_grad():  # the one-kernel block-diagonal mask (the CUDA default) gives the same result
+        masked = model(input_ids=ids, position_ids=pos, gitlora_mask=PA.block_diagonal_mask(pos),
+                       use_cache=False).logits
+    torch.testing.assert_close(masked, packed, atol=1e-5, rtol=1e-5)
     assert model.config._attn_implementation == PA.NAME
     with pytest.raises(AssertionError):  # and it matters: plain causal attention over the block differs
         with torch.no_grad():

@@ -11,6 +11,8 @@ Used only inside a training round; saved adapters and merged exports know nothin
 """
 from __future__ import annotations
 
+import os
+
 import torch
 import torch.nn.functional as F
 from transformers import AttentionInterface
@@ -26,10 +28,14 @@ def _repeat_kv(x: torch.Tensor, n_rep: int) -> torch.Tensor:
 
 
 def packed_sdpa(module, query, key, value, attention_mask=None, dropout: float = 0.0, scaling=None,
-                gitlora_segments=None, **kwargs):
+                gitlora_segments=None, gitlora_mask=None, **kwargs):
     """query (b, heads, s, d), key/value (b, kv_heads, s, d) -> ((b, s, heads, d), None)."""
     n_rep = query.shape[1] // key.shape[1]
     key, value = _repeat_kv(key, n_rep), _repeat_kv(value, n_rep)
+    if gitlora_mask is not None:  # one kernel over the block with a block-diagonal causal mask
+        out = F.scaled_dot_product_attention(query, key, value, attn_mask=gitlora_mask, dropout_p=dropout,
+                                             scale=scaling)
+        return out.transpose(1, 2).contiguous(), None
     segments = gitlora_segments or [[(0, query.shape[2])]] * query.shape[0]
     rows = []
     for b, segs in enumerate(segments):
@@ -48,6 +54,23 @@ def segments_from_positions(position_ids: torch.Tensor) -> list[list[tuple[int, 
         starts = [i for i, p in enumerate(row) if p == 0] or [0]
         out.append([(s, e) for s, e in zip(starts, starts[1:] + [len(row)])])
     return out
+
+
+def block_diagonal_mask(position_ids: torch.Tensor) -> torch.Tensor:
+    """(b, 1, L, L) bool: causal within each packed example, nothing across examples."""
+    seg = (position_ids == 0).cumsum(-1)
+    n = position_ids.shape[-1]
+    causal = torch.ones(n, n, dtype=torch.bool, device=position_ids.device).tril()
+    return ((seg[:, :, None] == seg[:, None, :]) & causal)[:, None]
+
+
+def attention_kwargs(position_ids: torch.Tensor) -> dict:
+    """What the model call needs: per-segment calls on CPU (compute-bound: sum l_i^2 beats L^2), one masked
+    kernel on CUDA (launch-bound for these sizes). GITLORA_PACKED_ATTENTION=segments|mask overrides."""
+    mode = os.environ.get("GITLORA_PACKED_ATTENTION", "auto")
+    if mode == "mask" or (mode == "auto" and position_ids.is_cuda):
+        return {"gitlora_mask": block_diagonal_mask(position_ids)}
+    return {"gitlora_segments": segments_from_positions(position_ids)}
 
 
 def enable(model) -> None:

@@ -6,7 +6,10 @@
 SPEC.json = {"base_model", "adapters_dir", "train_shards", "replay_shards", "eval_shards", "progress_file",
              "train": {learning_rate, warmup_steps, epochs, max_steps, lora_r, lora_alpha, lora_dropout,
                        replay_share, fim_share, context_length, promote_margin, device, seed,
-                       micro_batch, grad_accum}}   (0 / missing = from the plan or the defaults below)
+                       micro_batch, grad_accum, quantization ('auto'|'nf4'|'none'),
+                       compute_dtype ('auto'|'float16'|'bfloat16'|'float32')}}
+           (0 / 'auto' / missing = from the plan or the defaults below; the overrides exist to test the Turing
+            path, fp16 + nf4, on other GPUs)
 
 It talks back through `progress_file` (JSON lines: start, progress, eval, done | error) and its exit status:
 0 = round finished (promoted or not), 1 = failure, 2 = bad spec / no data, 3 = out of memory.
@@ -14,6 +17,7 @@ It talks back through `progress_file` (JSON lines: start, progress, eval, done |
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import os
@@ -27,7 +31,8 @@ from gitlora.trainer import data, plan as planlib, registry
 
 DEFAULTS = dict(learning_rate=2e-4, warmup_steps=10, epochs=1, max_steps=0, lora_r=16, lora_alpha=32,
                 lora_dropout=0.05, replay_share=0.3, fim_share=0.2, context_length=0, promote_margin=0.0,
-                device="auto", seed=0, micro_batch=0, grad_accum=0, min_lr_ratio=0.1)
+                device="auto", seed=0, micro_batch=0, grad_accum=0, min_lr_ratio=0.1, quantization="auto",
+                compute_dtype="auto")
 EXIT_FAIL, EXIT_SPEC, EXIT_OOM = 1, 2, 3
 
 
@@ -73,13 +78,9 @@ def load_base(base_model: str, plan, torch):
         model.to("cuda")
     model.config.use_cache = False
     packed_attention.enable(model)  # per-example causal SDPA inside packed blocks (see packed_attention.py)
-    if plan.quantization == "nf4":
-        from peft import prepare_model_for_kbit_training
-
-        model = prepare_model_for_kbit_training(
-            model, use_gradient_checkpointing=plan.gradient_checkpointing,
-            gradient_checkpointing_kwargs={"use_reentrant": False})
-    elif plan.gradient_checkpointing:
+    # Not peft's prepare_model_for_kbit_training: it upcasts every non-quantised weight (embeddings too) to fp32,
+    # ~0.6 GB more for StarCoder2-3B, for frozen weights that autocast handles fine in fp16.
+    if plan.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     return model
 
@@ -107,8 +108,7 @@ def target_loss_sum(model, input_ids, position_ids, labels, torch, chunked_ckpt:
 
     causal_lm = model.get_base_model()
     hidden = causal_lm.model(input_ids=input_ids, position_ids=position_ids, use_cache=False,
-                             gitlora_segments=packed_attention.segments_from_positions(position_ids)
-                             ).last_hidden_state
+                             **packed_attention.attention_kwargs(position_ids)).last_hidden_state
     targets = labels[:, 1:]
     keep = targets != data.IGNORE
     h = hidden[:, :-1][keep]
@@ -178,6 +178,15 @@ def run_round(spec: dict, progress: Progress) -> dict:
         shape = planlib.shape_from_config(AutoConfig.from_pretrained(base_model).to_dict(), name=base_model)
     plan = planlib.auto_plan(shape, device=cfg["device"], context_length=int(cfg["context_length"]),
                              lora_r=int(cfg["lora_r"]), lora_alpha=int(cfg["lora_alpha"]))
+    overrides = {}
+    if cfg["quantization"] != "auto":
+        overrides["quantization"] = None if cfg["quantization"] in ("none", None) else cfg["quantization"]
+    if cfg["compute_dtype"] != "auto":
+        overrides["compute_dtype"] = cfg["compute_dtype"]
+    if overrides:
+        plan = dataclasses.replace(plan, **overrides)
+    if plan.quantization and plan.device != "cuda":
+        raise SpecError("4-bit quantisation needs CUDA (bitsandbytes)")
     micro_batch = int(cfg["micro_batch"]) or plan.micro_batch
     grad_accum = int(cfg["grad_accum"]) or plan.grad_accum
 

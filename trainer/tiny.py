@@ -273,15 +273,15 @@ def build_tokenizer(vocab_size: int = VOCAB_SIZE):
         clean_up_tokenization_spaces=False)
 
 
-def tiny_config(vocab_size: int):
+def tiny_config(vocab_size: int, **overrides):
     """StarCoder2 shape in miniature: GQA (4 heads, 2 kv heads), biases, tied embeddings, gelu MLP."""
     from transformers import Starcoder2Config
 
-    return Starcoder2Config(
-        vocab_size=vocab_size, hidden_size=128, intermediate_size=512, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024, sliding_window=None,
-        bos_token_id=0, eos_token_id=0, pad_token_id=0, use_bias=True, tie_word_embeddings=True,
-        initializer_range=0.02)
+    kw = dict(vocab_size=vocab_size, hidden_size=128, intermediate_size=512, num_hidden_layers=2,
+              num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024, sliding_window=None,
+              bos_token_id=0, eos_token_id=0, pad_token_id=0, use_bias=True, tie_word_embeddings=True,
+              initializer_range=0.02)
+    return Starcoder2Config(**{**kw, **overrides})
 
 
 def default_dir() -> Path:
@@ -290,9 +290,10 @@ def default_dir() -> Path:
     return paths.models_dir() / TINY_NAME
 
 
-def build_tiny_model(dest: Path | None = None, force: bool = False) -> Path:
+def build_tiny_model(dest: Path | None = None, force: bool = False, **config_overrides) -> Path:
     """Build (once) the tiny model directory at `dest` and return it; an existing complete build is reused.
 
+    `config_overrides` (hidden_size=1024, num_hidden_layers=8, ...) make a bigger random StarCoder2 for benchmarks.
     Written into a temp sibling and renamed into place, so a killed build never leaves a half model behind.
     """
     dest = Path(dest) if dest is not None else default_dir()
@@ -306,7 +307,7 @@ def build_tiny_model(dest: Path | None = None, force: bool = False) -> Path:
     try:
         tokenizer = build_tokenizer()
         torch.manual_seed(SEED)
-        config = tiny_config(len(tokenizer))
+        config = tiny_config(len(tokenizer), **config_overrides)
         model = AutoModelForCausalLM.from_config(config)
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
