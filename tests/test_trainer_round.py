@@ -264,6 +264,36 @@ def test_sigkill_mid_round_leaves_current_intact(world):
     PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(world["model"]), str(adapters / "current"))
 
 
+def test_sigterm_reports_terminated_and_a_second_round_is_refused(world):
+    adapters = snapshot(world, "terminated")
+    before = registry.current_version(adapters)
+    tmp = world["root"] / "term-round"
+    tmp.mkdir()
+    spec = make_spec(tmp, world["model"], adapters, [world["new"]], [], [world["eval"]], max_steps=100_000)
+    proc = subprocess.Popen([sys.executable, "-m", "gitlora.trainer", "--spec", str(spec)], cwd=REPO_ROOT,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 120
+        while not any(e["event"] == "progress" for e in events(tmp / "progress.jsonl")):
+            assert proc.poll() is None and time.time() < deadline, "round never started training"
+            time.sleep(0.2)
+        from gitlora.trainer import round as R
+
+        other = tmp / "other"
+        other.mkdir()
+        with pytest.raises(R.SpecError, match="another training round"):  # the adapters lock is held
+            run_inprocess(make_spec(other, world["model"], adapters, [world["new"]]))
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=60) == 143
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    last = events(tmp / "progress.jsonl")[-1]
+    assert last["event"] == "error" and last["reason"] == "terminated"
+    assert registry.current_version(adapters) == before
+
+
 def test_bad_spec_exits_nonzero_with_error_event(tmp_path):
     progress = tmp_path / "progress.jsonl"
     spec = tmp_path / "spec.json"

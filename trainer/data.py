@@ -249,13 +249,3 @@ def build(records: list[dict], tokenizer, context_length: int, *, fim_share: flo
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     return Dataset(pack(toks, context_length, pad_id, seed=seed), len(toks), skipped, truncated)
 
-
-def load(train_shards, replay_shards, tokenizer, context_length: int, *, replay_share: float = 0.3,
-         fim_share: float = 0.0, seed: int = 0) -> Dataset:
-    """The training set of one round: new shards + replayed older shards, rendered and packed."""
-    new, old = read_shards(train_shards), read_shards(replay_shards)
-    mixed, replayed = mix_replay(new, old, replay_share, seed)
-    ds = build(mixed, tokenizer, context_length, fim_share=fim_share, seed=seed)
-    ds.replayed = replayed
-    return ds
-

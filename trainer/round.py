@@ -12,7 +12,12 @@ SPEC.json = {"base_model", "adapters_dir", "train_shards", "replay_shards", "eva
             path, fp16 + nf4, on other GPUs)
 
 It talks back through `progress_file` (JSON lines: start, progress, eval, done | error) and its exit status:
-0 = round finished (promoted or not), 1 = failure, 2 = bad spec / no data, 3 = out of memory.
+0 = round finished (promoted or not), 1 = failure, 2 = bad spec / no data / another round holds the adapters
+lock, 3 = out of memory, 143 = SIGTERM (an "error" event with reason "terminated" is written first).
+
+Choices worth knowing: the loss is computed on target tokens only (lm_head applied to those positions alone);
+packed blocks attend only within each example (packed_attention.py); `train_loss_last` is the mean of the last
+three optimizer steps; without eval shards the candidate is promoted on training alone (the gate needs data).
 """
 from __future__ import annotations
 
@@ -22,6 +27,7 @@ import json
 import math
 import os
 import random
+import signal
 import sys
 import time
 import traceback
@@ -38,6 +44,27 @@ EXIT_FAIL, EXIT_SPEC, EXIT_OOM = 1, 2, 3
 
 class SpecError(Exception):
     """Bad spec or nothing to train on: exit 2."""
+
+
+class Terminated(Exception):
+    """SIGTERM (the daemon cancelling a round): report it, exit 143; written versions stay consistent."""
+
+
+def _on_sigterm(signum, frame):
+    raise Terminated("terminated by SIGTERM")
+
+
+def lock_adapters(adapters_dir: Path):
+    """One round per adapters dir: an flock held for the round (the kernel releases it if the process dies)."""
+    import fcntl
+
+    fd = os.open(adapters_dir / ".round.lock", os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise SpecError(f"another training round holds {adapters_dir / '.round.lock'}") from None
+    return fd
 
 
 class Progress:
@@ -167,8 +194,16 @@ def run_round(spec: dict, progress: Progress) -> dict:
             raise SpecError(f"spec lacks {key!r}")
     base_model, adapters_dir = str(spec["base_model"]), Path(spec["adapters_dir"])
     adapters_dir.mkdir(parents=True, exist_ok=True)
-    registry.clean_partial(adapters_dir)
+    lock = lock_adapters(adapters_dir)
+    try:
+        registry.clean_partial(adapters_dir)
+        return _round(spec, progress, cfg, base_model, adapters_dir, t_start)
+    finally:
+        os.close(lock)
 
+
+def _round(spec: dict, progress: Progress, cfg: dict, base_model: str, adapters_dir: Path, t_start: float) -> dict:
+    """The round proper, with the adapters lock held."""
     # ---- plan
     try:
         shape = planlib.model_shape(base_model)
@@ -328,6 +363,7 @@ def main(argv=None) -> int:
         os.nice(10)  # a background job: the user's editor and compiler come first
     except OSError:
         pass
+    signal.signal(signal.SIGTERM, _on_sigterm)
     try:
         spec = json.loads(Path(args.spec).read_text())
     except (OSError, json.JSONDecodeError) as e:
@@ -340,6 +376,9 @@ def main(argv=None) -> int:
     except SpecError as e:
         progress("error", reason="spec", message=str(e))
         return EXIT_SPEC
+    except Terminated as e:
+        progress("error", reason="terminated", message=str(e))
+        return 143
     except BaseException as e:  # noqa: BLE001 - the daemon must always get an error event
         if _is_oom(e):
             progress("error", reason="oom", message=str(e)[:2000])
