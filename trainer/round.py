@@ -22,6 +22,7 @@ three optimizer steps; without eval shards the candidate is promoted on training
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import math
@@ -31,6 +32,7 @@ import signal
 import sys
 import time
 import traceback
+import warnings
 from pathlib import Path
 
 from gitlora.trainer import data, plan as planlib, registry
@@ -40,6 +42,8 @@ DEFAULTS = dict(learning_rate=2e-4, warmup_steps=10, epochs=1, max_steps=0, lora
                 device="auto", seed=0, micro_batch=0, grad_accum=0, min_lr_ratio=0.1, quantization="auto",
                 compute_dtype="auto")
 EXIT_FAIL, EXIT_SPEC, EXIT_OOM = 1, 2, 3
+# peft 0.21 still asks transformers 5 for the deprecated attribute on every get_peft_model: noise, not news.
+warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
 
 
 class SpecError(Exception):
@@ -235,7 +239,7 @@ def _round(spec: dict, progress: Progress, cfg: dict, base_model: str, adapters_
     dtype = getattr(torch, plan.compute_dtype)
 
     def autocast():
-        return torch.autocast("cuda", dtype=dtype) if device.type == "cuda" and half else _null()
+        return torch.autocast("cuda", dtype=dtype) if device.type == "cuda" and half else contextlib.nullcontext()
 
     # ---- data: render, mask, pack; replay older shards; eval on held-out newest commits
     tokenizer = AutoTokenizer.from_pretrained(base_model)
@@ -339,14 +343,6 @@ def _round(spec: dict, progress: Progress, cfg: dict, base_model: str, adapters_
                                    "train_loss_last", "target_tokens", "tokens_per_s", "padding_waste", "gate")}
     progress("done", promoted=passed, current=registry.current_version(adapters_dir), **done)
     return {"promoted": passed, **result}
-
-
-class _null:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
 
 
 def _is_oom(exc: BaseException) -> bool:
