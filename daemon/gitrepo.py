@@ -43,6 +43,7 @@ class FileChange:
     new_path: str | None
     old_oid: str | None
     new_oid: str | None
+    hunks: tuple[tuple[int, int, int, int], ...] | None = None  # line hunks old->new (for incremental parsing)
 
 
 @dataclass(slots=True)
@@ -230,15 +231,28 @@ class GitRepo:
             # Rename detection reads blobs; in a partial clone some are missing. Fall back to add+delete.
             diff = self._diff(parent_tree, commit.tree)
             result.notes.append(f"rename detection failed, diffed without it: {exc}")
-        for delta in diff.deltas:
+        for index, delta in enumerate(diff.deltas):
             self._classify(delta, result)
+            change = result.files[-1] if result.files else None
+            if change is not None and change.old_oid and change.new_oid and change.new_path == delta.new_file.path:
+                result.files[-1] = self._with_hunks(diff, index, change)
         return result
+
+    @staticmethod
+    def _with_hunks(diff: pygit2.Diff, index: int, change: FileChange) -> FileChange:
+        """Attach git's line hunks (zero context) so the parser can reparse only what changed."""
+        try:
+            patch = diff[index]
+            hunks = tuple((h.old_start, h.old_lines, h.new_start, h.new_lines) for h in patch.hunks)
+        except (pygit2.GitError, KeyError, ValueError, IndexError, OSError):
+            return change  # e.g. a missing blob: the file is parsed in full (or recorded as missing)
+        return FileChange(change.status, change.old_path, change.new_path, change.old_oid, change.new_oid, hunks)
 
     @staticmethod
     def _diff(old_tree: pygit2.Tree | None, new_tree: pygit2.Tree) -> pygit2.Diff:
         if old_tree is None:
-            return new_tree.diff_to_tree(swap=True)
-        return old_tree.diff_to_tree(new_tree)
+            return new_tree.diff_to_tree(swap=True, context_lines=0)
+        return old_tree.diff_to_tree(new_tree, context_lines=0)
 
     def is_excluded(self, path: str) -> bool:
         return any(fnmatch.fnmatchcase(path, pattern) for pattern in self.exclude)

@@ -20,11 +20,13 @@ from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
+from tree_sitter import Tree
+
 from . import log
 from .config import IngestConfig
 from .examples import file_examples
 from .gitrepo import BlobUnreadable, CommitDiff, CommitInfo, GitRepo
-from .rust_items import FileItems, extract_items
+from .rust_items import FileItems, extract_items, parse
 from .store import PendingCommit, Store
 
 _log = log.get("gitlora.ingest")
@@ -38,11 +40,13 @@ class Unparsable:
     reason: str
 
 
-def parse_blob(data: bytes) -> FileItems | Unparsable:
+def parse_blob(data: bytes, previous: tuple[bytes, Tree] | None = None,
+               hunks: list | None = None) -> tuple[FileItems | Unparsable, Tree | None]:
     try:
-        return extract_items(data)
+        tree = parse(data, previous, hunks)
+        return extract_items(data, tree), tree
     except Exception as exc:  # a tree-sitter or decoding bug must cost one file, not the run
-        return Unparsable(f"parse-error: {type(exc).__name__}: {exc}")
+        return Unparsable(f"parse-error: {type(exc).__name__}: {exc}"), None
 
 
 class _BlobCache:
@@ -83,6 +87,9 @@ class CommitProcessor:
         self.source = source
         self.repo_name = repo.name
         self._cache = _BlobCache(cache_bytes)
+        # Syntax trees of recently parsed blobs, so the next version of the same file reparses incrementally.
+        self._trees: OrderedDict[str, tuple[bytes, Tree]] = OrderedDict()
+        self._max_trees = 512
 
     def process(self, oids: list[str]) -> list[PendingCommit]:
         shallow = self.repo.shallow_boundary()
@@ -118,7 +125,7 @@ class CommitProcessor:
         return PendingCommit(bytes.fromhex(oid), {**base, "status": "skipped", "reason": reason,
                                                   "stored_at": time.time()})
 
-    def _items(self, blob: str | None) -> FileItems | Unparsable | None:
+    def _items(self, blob: str | None, previous: str | None = None, hunks=None) -> FileItems | Unparsable | None:
         if blob is None:
             return None
         cached = self._cache.get(blob)
@@ -130,8 +137,12 @@ class CommitProcessor:
             parsed: FileItems | Unparsable = Unparsable(str(exc))
             self._cache.put(blob, parsed, 64)
             return parsed
-        parsed = parse_blob(data)
+        parsed, tree = parse_blob(data, self._trees.get(previous) if previous else None, hunks)
         self._cache.put(blob, parsed, len(data))
+        if tree is not None:
+            self._trees[blob] = (data, tree)
+            while len(self._trees) > self._max_trees:
+                self._trees.popitem(last=False)
         return parsed
 
     def _compose(self, oid: str, info: CommitInfo, diff: CommitDiff, base: dict[str, Any]) -> PendingCommit:
@@ -139,7 +150,8 @@ class CommitProcessor:
         skipped = list(diff.skipped)
         syntax_errors: list[dict[str, Any]] = []
         for change in diff.files:
-            old, new = self._items(change.old_oid), self._items(change.new_oid)
+            old = self._items(change.old_oid)
+            new = self._items(change.new_oid, previous=change.old_oid, hunks=change.hunks)
             unreadable = next((s for s in (old, new) if isinstance(s, Unparsable)), None)
             if unreadable is not None:
                 skipped.append((change.new_path or change.old_path or "?", unreadable.reason))

@@ -68,9 +68,13 @@ class Store:
             str(self.path), max_dbs=4, map_size=max(map_size, existing * 2, _INITIAL_MAP_SIZE),
             readonly=readonly, subdir=True, lock=True, readahead=False, meminit=False,
         )
-        self._commits = self.env.open_db(b"commits", create=not readonly)
-        self._examples = self.env.open_db(b"examples", create=not readonly)
-        self._meta = self.env.open_db(b"meta", create=not readonly)
+        try:
+            self._commits = self.env.open_db(b"commits", create=not readonly)
+            self._examples = self.env.open_db(b"examples", create=not readonly)
+            self._meta = self.env.open_db(b"meta", create=not readonly)
+        except lmdb.NotFoundError:  # read-only, and the writer has not created its databases yet
+            self.env.close()
+            raise StoreError(f"store at {self.path} is not initialised yet") from None
         self._check_schema()
 
     # -- lifecycle -------------------------------------------------------------------------------

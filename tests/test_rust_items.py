@@ -125,3 +125,36 @@ def test_module_path_from_file_path(path, expected):
 
 def test_qualified_name_joins_module_and_item():
     assert qualified_name("node/src/net/peer.rs", "Peer::connect") == "node::net::peer::Peer::connect"
+
+
+def _git_style_hunks(old: bytes, new: bytes) -> list[tuple[int, int, int, int]]:
+    """Hunks in git's zero-context convention (a count of 0 means "after line start")."""
+    import difflib
+
+    a, b = old.splitlines(keepends=True), new.splitlines(keepends=True)
+    hunks = []
+    for tag, i1, i2, j1, j2 in difflib.SequenceMatcher(a=a, b=b, autojunk=False).get_opcodes():
+        if tag != "equal":
+            hunks.append((i1 + 1 if i2 > i1 else i1, i2 - i1, j1 + 1 if j2 > j1 else j1, j2 - j1))
+    return hunks
+
+
+@pytest.mark.parametrize("edit", [
+    lambda s: s.replace(b"a + 1", b"a + 2"),                      # one line changed
+    lambda s: b"// header\n" + s,                                  # insertion at the top
+    lambda s: s + b"fn tail() {}",                                 # at the end, no trailing newline
+    lambda s: s.replace(b"pub const LIMIT: usize = 10;\n", b""),   # a deleted line
+    lambda s: s.replace(b"mod external;", b"mod external;\nmod more;\nmod most;").replace(b"u64 = 0", b"u64 = 9"),
+    lambda s: s.replace(b"{ 1.0 }", b"{\n        let x = 1.0;\n        x\n    }"),  # one line becomes four
+])
+def test_incremental_reparse_with_git_hunks_equals_a_full_parse(edit):
+    from gitlora.daemon.rust_items import parse
+
+    new = edit(ALL_KINDS)
+    assert new != ALL_KINDS
+    old_tree = parse(ALL_KINDS)
+    incremental = parse(new, (ALL_KINDS, old_tree), _git_style_hunks(ALL_KINDS, new))
+    full = parse(new)
+    assert str(incremental.root_node) == str(full.root_node)
+    assert incremental.root_node.end_point == full.root_node.end_point
+    assert extract_items(new, incremental).items == extract_items(new, full).items

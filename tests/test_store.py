@@ -76,3 +76,12 @@ def test_readonly_store(tmp_path):
         with pytest.raises(StoreError):
             reader.write([pending(2, 1)])
     assert isinstance(lmdb.version(), tuple)
+
+
+def test_reader_of_a_half_created_store_gets_a_clear_error(tmp_path):
+    env = lmdb.open(str(tmp_path / "s"), max_dbs=4)  # the file exists, the named databases do not yet
+    env.close()
+    with pytest.raises(StoreError, match="not initialised"):
+        Store(tmp_path / "s", readonly=True)
+    with Store(tmp_path / "s") as store:  # a writer completes it
+        assert store.counters() == {"examples": 0}
