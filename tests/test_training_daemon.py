@@ -34,7 +34,9 @@ def configure(home: Path, model: Path, **train) -> None:
 
 
 def trainer_pids() -> list[int]:
-    done = subprocess.run(["pgrep", "-f", "gitlora.trainer --spec"], capture_output=True, text=True)
+    """Trainer processes of this test's daemon only (their spec lives under this test's state dir)."""
+    pattern = f"gitlora.trainer --spec {paths.state_home()}"
+    done = subprocess.run(["pgrep", "-f", pattern], capture_output=True, text=True)
     return [int(p) for p in done.stdout.split()]
 
 
