@@ -61,6 +61,12 @@ class BlobUnreadable(Exception):
         self.reason = reason
 
 
+def limit_object_cache(max_bytes: int) -> None:
+    """libgit2 keeps up to 256 MB of decoded commits and trees per process by default: right for a backfill,
+    too much for a daemon that idles between commits."""
+    pygit2.settings.cache_max_size(max_bytes)
+
+
 def clean_git_env() -> dict[str, str]:
     """The environment minus GIT_*: hooks export GIT_DIR/GIT_INDEX_FILE, which would redirect any git we spawn."""
     return {k: v for k, v in os.environ.items() if not k.startswith("GIT_")}

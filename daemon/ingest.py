@@ -81,7 +81,8 @@ def _encode(example: dict[str, Any]) -> bytes:
 class CommitProcessor:
     """Turns commits into PendingCommits (git read, cached parse, compose, JSON). One per process."""
 
-    def __init__(self, repo: GitRepo, config: IngestConfig, *, source: str, cache_bytes: int = 192 << 20):
+    def __init__(self, repo: GitRepo, config: IngestConfig, *, source: str, cache_bytes: int = 192 << 20,
+                 max_trees: int = 512):
         self.repo = repo
         self.config = config
         self.source = source
@@ -89,7 +90,7 @@ class CommitProcessor:
         self._cache = _BlobCache(cache_bytes)
         # Syntax trees of recently parsed blobs, so the next version of the same file reparses incrementally.
         self._trees: OrderedDict[str, tuple[bytes, Tree]] = OrderedDict()
-        self._max_trees = 512
+        self._max_trees = max_trees
 
     def process(self, oids: list[str]) -> list[PendingCommit]:
         shallow = self.repo.shallow_boundary()
@@ -205,7 +206,8 @@ class Ingestor:
     """Writes commits into one store. Used by backfill (many commits, a pool) and the daemon (a few)."""
 
     def __init__(self, repo: GitRepo, store: Store, config: IngestConfig | None = None, *,
-                 workers: int | None = None, source: str = "backfill") -> None:
+                 workers: int | None = None, source: str = "backfill", cache_bytes: int = 192 << 20,
+                 max_trees: int = 512) -> None:
         self.repo = repo
         self.store = store
         self.config = config or IngestConfig()
@@ -213,7 +215,8 @@ class Ingestor:
             workers = self.config.workers or (os.cpu_count() or 1)
         self.workers = max(1, workers)
         self.source = source
-        self.processor = CommitProcessor(repo, self.config, source=source)
+        self.processor = CommitProcessor(repo, self.config, source=source, cache_bytes=cache_bytes,
+                                         max_trees=max_trees)
 
     def close(self) -> None:
         pass

@@ -7,6 +7,8 @@ thread goes on.
 """
 from __future__ import annotations
 
+import ctypes
+import gc
 import threading
 import time
 import traceback
@@ -24,6 +26,25 @@ from .store import Store
 _log = log.get("gitlora.worker")
 
 
+def limit_malloc_arenas(arenas: int = 2) -> None:
+    """glibc gives each thread that allocates its own heap arena; a daemon of mostly idle threads needs few.
+    (mallopt(M_ARENA_MAX) is the runtime form of MALLOC_ARENA_MAX; call before starting threads.)"""
+    try:
+        ctypes.CDLL("libc.so.6").mallopt(-8, arenas)  # M_ARENA_MAX
+    except (OSError, AttributeError):
+        pass
+
+
+def release_memory() -> None:
+    """Give freed heap back to the OS after a burst, so an idle daemon stays small. CPython's allocator and
+    glibc keep freed arenas otherwise; there is no library for this, it is one libc call."""
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc (musl, macOS): nothing to trim
+        pass
+
+
 class RepoWorker:
     def __init__(self, opened: OpenedRepo, config: Config, *, stop: threading.Event) -> None:
         self.git = opened.git
@@ -33,7 +54,10 @@ class RepoWorker:
         self.store = Store(opened.paths.store)
         self.spool = SpoolReader(opened.paths.spool, self.store)
         self.shards = ShardWriter(opened.paths.shards, opened.paths.manifest, self.store)
-        self.ingestor = Ingestor(opened.git, self.store, config.ingest, source="daemon")
+        # Live commits touch a few files each: a small in-process cache keeps the idle daemon small; big
+        # backlogs (a new repo's history) go to the spawned pool, whose memory leaves with it.
+        self.ingestor = Ingestor(opened.git, self.store, config.ingest, source="daemon", cache_bytes=8 << 20,
+                                 max_trees=16)
         self.watcher_state = "not watched"
         self.paused = False
         self._stop = stop
@@ -121,6 +145,8 @@ class RepoWorker:
         self.spool.commit(position)
         if self.shards.unflushed() >= self.config.shards.shard_size:
             self._flush("size")
+        if pending:
+            release_memory()
 
     def _consumed(self, commits: int) -> None:
         self._queue_depth = max(0, self._queue_depth - commits)

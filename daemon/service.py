@@ -20,8 +20,8 @@ from watchdog.observers import Observer
 from . import config as config_mod
 from . import log, paths, repos, sdnotify
 from .control import ControlServer
-from .gitrepo import GitRepo, GitRepoError
-from .repo_worker import RepoWorker
+from .gitrepo import GitRepo, GitRepoError, limit_object_cache
+from .repo_worker import RepoWorker, limit_malloc_arenas
 from .watcher import RepoWatcher
 
 _log = log.get("gitlora.daemon")
@@ -225,6 +225,8 @@ class Daemon:
 
 
 def main(config: config_mod.Config | None = None) -> int:
+    limit_malloc_arenas()
+    limit_object_cache(8 << 20)
     config = config or config_mod.load()
     log.configure(paths.state_home() / "daemon.log")
     try:
