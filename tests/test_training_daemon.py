@@ -94,6 +94,16 @@ def test_rounds_start_only_at_threshold_and_never_two_at_once(tmp_path, isolated
             versions = registry.list_versions(state_dir.adapters)
             assert len(versions) == 1 and versions[0]["metrics"]["steps"] == 4
         assert daemon.status()["ok"]
+        # the registry from the command line
+        listed = gitlora("adapters", "list", "--repo", str(repos[0])).stdout
+        assert listed.startswith("* v0001") or listed.startswith("  v0001")
+        refused = gitlora("adapters", "rollback", "--repo", str(repos[0]), check=False)
+        assert refused.returncode == 1 and "roll back" in refused.stdout  # one version: nothing earlier
+        state_dir = paths.RepoPaths.for_git_dir(GitRepo(repos[0]).common_dir)
+        if registry.current_version(state_dir.adapters):
+            merged = tmp_path / "merged"
+            gitlora("adapters", "export", "--repo", str(repos[0]), "--merged", str(merged))
+            assert (merged / "config.json").exists() and list(merged.glob("*.safetensors"))
     finally:
         daemon.stop()
 
