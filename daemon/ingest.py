@@ -218,15 +218,6 @@ class Ingestor:
         self.processor = CommitProcessor(repo, self.config, source=source, cache_bytes=cache_bytes,
                                          max_trees=max_trees)
 
-    def close(self) -> None:
-        pass
-
-    def __enter__(self) -> "Ingestor":
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
     def pending(self, tips: Iterable[str] | None = None) -> list[str]:
         """Commits reachable from the tips that the store does not hold yet, parents first."""
         return self.repo.new_commits(self.store.known_commits, tips)

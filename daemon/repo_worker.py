@@ -87,7 +87,6 @@ class RepoWorker:
         self._thread.join(timeout)
 
     def close(self) -> None:
-        self.ingestor.close()
         self.store.close()
 
     # -- the thread ------------------------------------------------------------------------------

@@ -26,7 +26,8 @@ def backfill(repo_path: str, *, workers: int | None = None, progress: bool = Tru
     opened = open_repo(repo_path, config)
     log.configure(opened.paths.log, console=False)
     logger = log.get("gitlora.backfill")
-    with Store(opened.paths.store) as store, Ingestor(opened.git, store, config.ingest, workers=workers) as ingestor:
+    with Store(opened.paths.store) as store:
+        ingestor = Ingestor(opened.git, store, config.ingest, workers=workers)
         oids = ingestor.pending()
         logger.info("backfill_start", repo=str(opened.git.common_dir), pending=len(oids))
         bar = tqdm(total=len(oids), unit="commit", disable=not progress or not oids, dynamic_ncols=True,
