@@ -15,6 +15,8 @@ def test_demo_runs_the_whole_product(tmp_path):
     assert "commit→stored" in out
     assert "started round 1 for demo-crate" in out
     assert "round 1: promoted" in out or "round 1: kept current" in out
-    assert "v0001" in out
+    assert "v0001" in out and "round 2 resumed v0001" in out  # the second round continues the first adapter
+    assert "round 2: promoted" in out or "round 2: kept current" in out
+    assert "replayed from older shards" in out and " 0 replayed" not in out
     assert "daemon exited with 0" in out
     assert (tmp_path / "d" / "state" / "daemon.log").exists()

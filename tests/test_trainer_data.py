@@ -147,3 +147,12 @@ def test_read_shards(tmp_path):
     bad.write_text(json.dumps(record(0)) + "\n{not json\n")
     with pytest.raises(ValueError, match="000002.jsonl:2"):
         data.read_shards([bad])
+
+
+def test_a_tiny_round_still_replays_old_data():
+    new = [{"i": 0}]
+    old = [{"o": i} for i in range(10)]
+    mixed, replayed = data.mix_replay(new, old, 0.3, seed=3)
+    assert replayed == 1 and len(mixed) == 2 and {"i": 0} in mixed
+    assert data.mix_replay(new, [], 0.3, seed=3)[1] == 0
+    assert data.mix_replay(new, old, 0.0, seed=3)[1] == 0

@@ -213,7 +213,9 @@ def mix_replay(new: list[dict], old: list[dict], replay_share: float, seed: int)
         mixed = list(new)
         random.Random(seed).shuffle(mixed)
         return mixed, 0
-    want = round(len(new) * replay_share / max(1e-9, 1.0 - replay_share))
+    # At least one old example whenever there is old data: a one-commit round would otherwise round to zero
+    # and train on nothing but the newest change, the case replay exists for.
+    want = max(1, round(len(new) * replay_share / max(1e-9, 1.0 - replay_share)))
     rng = random.Random(seed)
     if want <= len(old):
         replay = rng.sample(old, want)
