@@ -135,7 +135,9 @@ class RepoWorker:
                 latency = record.get("stored_at", time.time()) - noticed
                 self._last = {"commit": summary.last_commit, "examples": record.get("examples", 0),
                               "status": record.get("status"), "stored_at": record.get("stored_at"),
-                              "latency_ms": round(latency * 1000, 1)}
+                              "batch": summary.commits,
+                              # commit->stored only means something for live commits, not for a backfill
+                              "latency_ms": round(latency * 1000, 1) if summary.commits <= 16 else None}
                 self._last_ingest = time.time()
             _log.info("ingested", repo=self.name, commits=summary.commits, examples=summary.examples,
                       skipped=summary.skipped, seconds=round(summary.seconds, 3))
@@ -160,7 +162,8 @@ class RepoWorker:
 
     def _flush(self, why: str) -> None:
         entries = self.shards.flush(self.config.shards.shard_size, self.config.shards.eval_fraction)
-        _log.info("shards_flushed", repo=self.name, why=why, shards=[e["id"] for e in entries])
+        _log.info("shards_flushed", repo=self.name, why=why, shards=len(entries))
+        release_memory()
 
     # -- status ----------------------------------------------------------------------------------
     def status(self) -> dict[str, Any]:

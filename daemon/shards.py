@@ -13,6 +13,7 @@ import hashlib
 import json
 import math
 import os
+import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -57,7 +58,16 @@ def plan_group(examples: list[tuple[int, str, int]], shard_size: int, eval_fract
     return plans
 
 
+_COMMIT = re.compile(rb'"commit":"([0-9a-f]{40,64})"')
+_COMMIT_TIME = re.compile(rb'"commit_time":(-?\d+)[,}]')
+
+
 def _meta(raw: bytes) -> tuple[str, int]:
+    """(commit, commit_time) of a stored example. Quotes inside JSON strings are escaped, so these top-level
+    keys cannot be matched inside the code text; a full parse is the fallback."""
+    commit, commit_time = _COMMIT.search(raw), _COMMIT_TIME.search(raw)
+    if commit and commit_time:
+        return commit.group(1).decode(), int(commit_time.group(1))
     record = json.loads(raw)
     return record["commit"], int(record["commit_time"])
 
@@ -114,14 +124,16 @@ class ShardWriter:
         return written
 
     def _write_group(self, group: dict[str, Any], next_id: int, only_missing: bool = False) -> list[dict[str, Any]]:
-        raw = dict(self.store.iter_raw_examples(group["first_seq"], group["last_seq"] + 1))
-        metas = {seq: _meta(data) for seq, data in raw.items()}
-        plans = plan_group([(s, *metas[s]) for s in sorted(raw)], group["shard_size"], group["eval_fraction"])
+        # Two passes so memory stays at one shard, not one group (a first backfill is one group of ~100k
+        # examples): metadata only, then each shard's examples fetched by sequence.
+        metas = {seq: _meta(data) for seq, data in self.store.iter_raw_examples(group["first_seq"],
+                                                                                group["last_seq"] + 1)}
+        plans = plan_group([(s, *metas[s]) for s in sorted(metas)], group["shard_size"], group["eval_fraction"])
         self.dir.mkdir(parents=True, exist_ok=True)
         entries = []
         for offset, plan in enumerate(plans):
             shard_id = next_id + offset
-            body = b"".join(raw[s] + b"\n" for s in plan.seqs)
+            body = b"".join(raw + b"\n" for raw in self.store.get_raw_examples(plan.seqs))
             path = self.dir / f"{shard_id:06d}.jsonl"
             entry: dict[str, Any] = {
                 "id": shard_id, "file": path.name, "first_seq": plan.seqs[0], "last_seq": plan.seqs[-1],

@@ -22,8 +22,11 @@ def render_repo(repo: dict[str, Any]) -> list[str]:
                  f"   examples {repo['examples']}")
     last = repo.get("last_commit")
     if last:
+        latency = last.get("latency_ms")
+        how = (f"commit→stored {latency:.0f} ms" if latency is not None
+               else f"the last of {last.get('batch', '?')} commits backfilled")
         lines.append(f"  last      {last['commit'][:12]} ({last.get('examples', 0)} examples) stored "
-                     f"{_ago(last.get('stored_at'))}, commit→stored {last.get('latency_ms', 0):.0f} ms")
+                     f"{_ago(last.get('stored_at'))}, {how}")
     state = "paused" if repo.get("paused") else ("ingesting" if repo.get("ingesting") else "idle")
     if "queue_depth" in repo:
         lines.append(f"  ingest    {state}, queue {repo['queue_depth']}   watcher {repo.get('watcher', '-')}")

@@ -214,6 +214,17 @@ class Store:
                     return
                 yield seq, bytes(value)
 
+    def get_raw_examples(self, seqs: Iterable[int]) -> list[bytes]:
+        """Examples by sequence number, as stored, in one read transaction (random access is cheap: mmap)."""
+        with self.env.begin(db=self._examples) as txn:
+            found = []
+            for seq in seqs:
+                raw = txn.get(seq_key(seq))
+                if raw is None:
+                    raise StoreError(f"example {seq} is not in the store")
+                found.append(bytes(raw))
+            return found
+
     def next_seq(self) -> int:
         with self.env.begin() as txn:
             return self._next_seq(txn)

@@ -64,3 +64,13 @@ def test_deleted_shards_reproduce_byte_for_byte(tmp_path):
         after = {p.name: p.read_bytes() for p in (tmp_path / "shards").iterdir()}
         assert after == before
         assert writer.rebuild() == 0
+
+
+def test_shard_metadata_is_read_from_the_real_keys_only():
+    from gitlora.daemon.shards import _meta
+
+    tricky = {"repo": "r", "before": 'let s = "\\"commit\\":\\"' + "f" * 40 + '\\"";', "commit": "a" * 40,
+              "after": '"commit_time":1', "commit_time": 1234}
+    assert _meta(json.dumps(tricky, separators=(",", ":")).encode()) == ("a" * 40, 1234)
+    spaced = json.dumps({"commit_time": 7, "commit": "b" * 40}).encode()  # not our compact encoding
+    assert _meta(spaced) == ("b" * 40, 7)
