@@ -70,6 +70,18 @@ def rows_for(name: str, r: dict) -> list[tuple[str, str, str, bool]]:
     return []
 
 
+def _last_json(stdout: str) -> dict | None:
+    """The --json report: the last top-level object in stdout (libraries may print dict-like lines before it)."""
+    starts = [0] + [i + 1 for i, c in enumerate(stdout) if c == "\n"]
+    for start in reversed(starts):
+        if stdout.startswith("{", start):
+            try:
+                return json.loads(stdout[start:])
+            except ValueError:
+                continue
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true")
@@ -88,9 +100,8 @@ def main(argv: list[str] | None = None) -> int:
         t0 = time.perf_counter()
         proc = subprocess.run(cmd, capture_output=True, text=True)
         took = time.perf_counter() - t0
-        try:
-            report = json.loads(proc.stdout[proc.stdout.index("{"):])
-        except ValueError:
+        report = _last_json(proc.stdout)
+        if report is None:
             failed.append(name)
             print(f"   {name} failed (exit {proc.returncode}) after {took:.0f} s:\n{proc.stdout[-2000:]}"
                   f"{proc.stderr[-3000:]}", file=sys.stderr)
