@@ -6,7 +6,7 @@ Everything runs under a throw-away HOME / XDG_STATE_HOME / XDG_CONFIG_HOME / XDG
 XDG_RUNTIME_DIR under /tmp (AF_UNIX path limit): the user's daemon, stores and config are never touched.
 Training is switched off in that config (train.min_new_shards is huge) so no trainer subprocess competes.
 
-Set-up: two repositories with the same Rust tree (40 files); `python -m gitlora.daemon daemon` is started;
+Set-up: two repositories with the same Rust tree (--files, default 1,200 like the user's the-block); `python -m gitlora.daemon daemon` is started;
 `install --no-backfill` puts the hooks into one ("hooked") and registers it with the daemon; the other
 ("plain") has no hooks. Each iteration makes the same "median" change in both (2 Rust files, 1-3 items
 modified each, sometimes one added; staged untimed), then:
@@ -75,7 +75,8 @@ class Tree:
 
     def __init__(self, seed: int, files: int = 40) -> None:
         self.rng = random.Random(seed)
-        self.files = [RustFile(self.rng, f"src/m{i:02d}.rs", self.rng.randint(6, 16)) for i in range(files)]
+        self.files = [RustFile(self.rng, f"crates/c{i % 95:02d}/src/m{i:04d}.rs", self.rng.randint(6, 16))
+                      for i in range(files)]
 
     def change(self) -> list[RustFile]:
         changed = self.rng.sample(self.files, 2)
@@ -150,6 +151,8 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--commits", type=int, default=200, help="iterations (one commit per repo each)")
     ap.add_argument("--idle-seconds", type=float, default=60.0)
+    ap.add_argument("--files", type=int, default=1200,
+                    help="Rust files in the work tree (default: the size of the user's repo, ~1,200)")
     ap.add_argument("--json", action="store_true")
     ap.add_argument("--check", action="store_true", help="exit 1 if a target is missed")
     args = ap.parse_args(argv)
@@ -163,7 +166,7 @@ def main(argv: list[str] | None = None) -> int:
         from gitlora.daemon import paths
         from gitlora.daemon.gitrepo import GitRepo
 
-        tree = Tree(seed=3)
+        tree = Tree(seed=3, files=args.files)
         repos = {name: root / name for name in ("plain", "hooked")}
         for repo in repos.values():
             subprocess.run(["git", "init", "-q", str(repo)], check=True)

@@ -10,7 +10,8 @@ Line format (UTF-8/ASCII, fields separated by a single TAB, terminated by LF)::
     Full hex object id of the commit the event produced (``git rev-parse HEAD`` for post-commit, post-merge and
     post-applypatch; the rewritten commit for post-rewrite). 40 hex (SHA-1) or 64 hex (SHA-256 repositories).
 ``unix-time``
-    Seconds since the epoch when the hook ran (``date +%s``), not the commit time.
+    Seconds since the epoch when the hook ran, not the commit time; **empty** on the hooks' fast path, which
+    reads HEAD without starting any process (sh has no clock of its own). Readers use their own read time.
 ``old-oid``
     post-rewrite only: the commit that was rewritten (the ``old`` of git's ``old new`` stdin pair). Empty
     otherwise, and empty in the post-rewrite fallback line written when the hook got no pairs on stdin (a
@@ -46,8 +47,8 @@ class SpoolEntry:
     """One of :data:`HOOK_NAMES`."""
     new: str
     """Hex oid of the commit produced (HEAD after the event, or the rewritten commit for post-rewrite)."""
-    time: int
-    """Unix seconds when the hook ran."""
+    time: int | None
+    """Unix seconds when the hook ran; None for lines from the no-process fast path."""
     old: str | None = None
     """post-rewrite: the commit that was rewritten (None in the no-stdin fallback line); None otherwise."""
     info: str | None = None
@@ -59,7 +60,8 @@ class SpoolEntry:
 
     def to_line(self) -> str:
         """The exact line the sh hooks write (with the trailing newline)."""
-        return f"{self.hook}\t{self.new}\t{self.time}\t{self.old or ''}\t{self.info or ''}\n"
+        when = "" if self.time is None else self.time
+        return f"{self.hook}\t{self.new}\t{when}\t{self.old or ''}\t{self.info or ''}\n"
 
 
 def parse_spool_line(line: str) -> SpoolEntry | None:
@@ -75,13 +77,13 @@ def parse_spool_line(line: str) -> SpoolEntry | None:
     info = fields[4].strip() if len(fields) > 4 else ""
     if hook not in HOOK_NAMES or not _OID.match(new):
         return None
-    if not when.isascii() or not when.isdigit():
+    if when and (not when.isascii() or not when.isdigit()):
         return None
     if old and not _OID.match(old):
         return None
     if not _INFO.match(info):
         return None
-    return SpoolEntry(hook=hook, new=new, time=int(when), old=old or None, info=info or None)
+    return SpoolEntry(hook=hook, new=new, time=int(when) if when else None, old=old or None, info=info or None)
 
 
 def parse_spool_chunk(data: bytes) -> tuple[list[SpoolEntry], int]:
