@@ -135,7 +135,7 @@ class Daemon:
         if cmd == "stop":
             threading.Timer(0.05, self.stop_event.set).start()
             return {"stopping": True}
-        if cmd in ("train", "adapters") and self.trainer is not None:
+        if cmd == "train" and self.trainer is not None:
             return self.trainer.handle(request)
         return {"ok": False, "error": f"unknown command {cmd!r}"}
 
