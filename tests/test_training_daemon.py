@@ -92,13 +92,21 @@ def test_rounds_start_only_at_threshold_and_never_two_at_once(tmp_path, isolated
             assert training["last_round"]["outcome"] in ("promoted", "kept current")
             state_dir = paths.RepoPaths.for_git_dir(GitRepo(repo).common_dir)
             versions = registry.list_versions(state_dir.adapters)
-            assert len(versions) == 1 and versions[0]["metrics"]["steps"] == 4
+            # later flush groups may have earned a second round meanwhile; each is a complete 4-step round
+            assert versions and all(v["metrics"]["steps"] == 4 for v in versions)
         assert daemon.status()["ok"]
         # the registry from the command line
         listed = gitlora("adapters", "list", "--repo", str(repos[0])).stdout
         assert listed.startswith("* v0001") or listed.startswith("  v0001")
-        refused = gitlora("adapters", "rollback", "--repo", str(repos[0]), check=False)
-        assert refused.returncode == 1 and "roll back" in refused.stdout  # one version: nothing earlier
+        adapters = paths.RepoPaths.for_git_dir(GitRepo(repos[0]).common_dir).adapters
+        current = registry.current_version(adapters)
+        parent = next((v["metrics"].get("parent") for v in registry.list_versions(adapters)
+                       if v["version"] == current), None)
+        rolled = gitlora("adapters", "rollback", "--repo", str(repos[0]), check=False)
+        if parent:  # a second round was promoted on top of the first: roll back to it
+            assert rolled.returncode == 0 and registry.current_version(adapters) == parent
+        else:  # one version (or none promoted): nothing earlier to go back to
+            assert rolled.returncode == 1 and "roll back" in rolled.stdout
         state_dir = paths.RepoPaths.for_git_dir(GitRepo(repos[0]).common_dir)
         if registry.current_version(state_dir.adapters):
             merged = tmp_path / "merged"
