@@ -46,7 +46,7 @@ def release_memory() -> None:
 
 
 class RepoWorker:
-    def __init__(self, opened: OpenedRepo, config: Config, *, stop: threading.Event) -> None:
+    def __init__(self, opened: OpenedRepo, config: Config) -> None:
         self.git = opened.git
         self.paths = opened.paths
         self.config = config
@@ -60,7 +60,7 @@ class RepoWorker:
                                  max_trees=16)
         self.watcher_state = "not watched"
         self.paused = False
-        self._stop = stop
+        self._stop = threading.Event()  # this worker's own: a repo can be unregistered while the daemon runs
         self._wake = threading.Event()
         self._lock = threading.Lock()
         self._first_nudge: float | None = None
@@ -73,6 +73,8 @@ class RepoWorker:
 
     # -- control ---------------------------------------------------------------------------------
     def start(self) -> None:
+        if self.shards.unflushed() > 0:  # left by a CLI backfill or before a restart: flush after a quiet period
+            self._last_ingest = time.time()
         self.nudge("start")  # drain the spool and reconcile tips: commits made while we were down
         self._thread.start()
 
@@ -82,12 +84,16 @@ class RepoWorker:
                 self._first_nudge = time.time()
         self._wake.set()
 
-    def join(self, timeout: float | None = None) -> None:
+    def stop(self, timeout: float | None = 60) -> bool:
+        """Finish the transaction in flight, end the thread, close the store; False if it did not end."""
+        self._stop.set()
         self._wake.set()
-        self._thread.join(timeout)
-
-    def close(self) -> None:
+        if self._thread.is_alive():
+            self._thread.join(timeout)
+        if self._thread.is_alive():
+            return False  # never close the store under a live writer
         self.store.close()
+        return True
 
     # -- the thread ------------------------------------------------------------------------------
     def _loop(self) -> None:
@@ -154,6 +160,8 @@ class RepoWorker:
 
     def _maybe_quiet_flush(self) -> None:
         quiet = self.config.shards.quiet_flush_s
+        if self.paused:
+            return
         if self._last_ingest and time.time() - self._last_ingest >= quiet and self.shards.unflushed() > 0:
             try:
                 self._flush("quiet")

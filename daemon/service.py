@@ -78,7 +78,7 @@ class Daemon:
         with self._lock:
             if key in self.workers:
                 return self.workers[key]
-            worker = RepoWorker(opened, self.config, stop=self.stop_event)
+            worker = RepoWorker(opened, self.config)
             self.workers[key] = worker
         watcher = RepoWatcher(self.observer, opened.git.common_dir, opened.paths.root, opened.paths.spool,
                               worker.nudge)
@@ -146,7 +146,7 @@ class Daemon:
         watcher = self.watchers.pop(key, None)
         if watcher:
             watcher.close()
-        worker.paused = True
+        worker.stop()  # its thread ends and its store closes, so the repo can be registered again
         repos.unregister(worker.git.common_dir)
 
     def status(self) -> dict[str, Any]:
@@ -211,8 +211,8 @@ class Daemon:
                 self.trainer.shutdown()
             self.observer.stop()
             for worker in list(self.workers.values()):
-                worker.join(timeout=60)  # finishes the transaction in flight
-                worker.close()
+                if not worker.stop(timeout=60):  # finishes the transaction in flight
+                    _log.error("worker_did_not_stop", repo=worker.name)
             self.observer.join(timeout=5)
             lock.release()
             _log.info("daemon_stopped")

@@ -10,7 +10,9 @@ from __future__ import annotations
 import json
 import os
 import struct
+import threading
 from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -51,6 +53,43 @@ class WriteResult:
     examples: int  # examples appended
 
 
+class _SharedExclusiveLock:
+    """Many transactions at once, or one map resize alone (LMDB forbids mdb_env_set_mapsize while any
+    transaction of the process is open). The standard library has no readers-writer lock; this is the
+    textbook one on a Condition."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._shared = 0
+        self._exclusive = False
+
+    @contextmanager
+    def shared(self) -> Iterator[None]:
+        with self._cond:
+            while self._exclusive:
+                self._cond.wait()
+            self._shared += 1
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._shared -= 1
+                self._cond.notify_all()
+
+    @contextmanager
+    def exclusive(self) -> Iterator[None]:
+        with self._cond:
+            while self._exclusive or self._shared:
+                self._cond.wait()
+            self._exclusive = True
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._exclusive = False
+                self._cond.notify_all()
+
+
 class Store:
     """One LMDB environment per repository. Safe for one writer thread plus readers; LMDB's own lock
     serialises writers across processes (a backfill next to the daemon stays exactly-once)."""
@@ -63,6 +102,7 @@ class Store:
                 raise StoreError(f"no store at {self.path}")
         else:
             self.path.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self._resize_lock = _SharedExclusiveLock()
         existing = (self.path / "data.mdb").stat().st_size if (self.path / "data.mdb").exists() else 0
         self.env = lmdb.open(
             str(self.path), max_dbs=4, map_size=max(map_size, existing * 2, _INITIAL_MAP_SIZE),
@@ -77,6 +117,24 @@ class Store:
             raise StoreError(f"store at {self.path} is not initialised yet") from None
         self._check_schema()
 
+    @contextmanager
+    def _txn(self, **kwargs: Any) -> Iterator[lmdb.Transaction]:
+        """A transaction that survives the map growing: another process (a backfill next to the daemon) may
+        have grown it, which LMDB reports as MapResizedError until this process adopts the new size."""
+        with self._resize_lock.shared():
+            try:
+                txn = self.env.begin(**kwargs)
+            except lmdb.MapResizedError:
+                txn = None
+            if txn is not None:
+                with txn:
+                    yield txn
+                return
+        with self._resize_lock.exclusive():
+            self.env.set_mapsize(0)  # 0 = adopt the size the other process set
+        with self._resize_lock.shared(), self.env.begin(**kwargs) as txn:
+            yield txn
+
     # -- lifecycle -------------------------------------------------------------------------------
     def close(self) -> None:
         self.env.close()
@@ -88,12 +146,12 @@ class Store:
         self.close()
 
     def _check_schema(self) -> None:
-        with self.env.begin(db=self._meta) as txn:
+        with self._txn(db=self._meta) as txn:
             raw = txn.get(b"schema_version")
         if raw is None:
             if self.readonly:
                 return
-            with self.env.begin(db=self._meta, write=True) as txn:
+            with self._txn(db=self._meta, write=True) as txn:
                 if txn.get(b"schema_version") is None:
                     txn.put(b"schema_version", str(SCHEMA_VERSION).encode())
             return
@@ -112,16 +170,20 @@ class Store:
         batch = list(batch)
         while True:
             try:
-                with self.env.begin(write=True) as txn:
+                with self._txn(write=True) as txn:
                     return self._write_txn(txn, batch)
             except lmdb.MapFullError:
                 self._grow()
+            except lmdb.MapResizedError:  # grown by another process while our write was pending
+                with self._resize_lock.exclusive():
+                    self.env.set_mapsize(0)
 
     def _grow(self) -> None:
-        new_size = self.env.info()["map_size"] * 2
-        if new_size > _MAX_MAP_SIZE:
-            raise StoreError(f"store at {self.path} would exceed {_MAX_MAP_SIZE} bytes")
-        self.env.set_mapsize(new_size)
+        with self._resize_lock.exclusive():
+            new_size = self.env.info()["map_size"] * 2
+            if new_size > _MAX_MAP_SIZE:
+                raise StoreError(f"store at {self.path} would exceed {_MAX_MAP_SIZE} bytes")
+            self.env.set_mapsize(new_size)
 
     def _write_txn(self, txn: lmdb.Transaction, batch: list[PendingCommit]) -> WriteResult:
         next_seq = self._next_seq(txn)
@@ -170,31 +232,31 @@ class Store:
         return json.loads(raw) if raw else {}
 
     def set_meta(self, key: str, value: Any) -> None:
-        with self.env.begin(db=self._meta, write=True) as txn:
+        with self._txn(db=self._meta, write=True) as txn:
             txn.put(b"x:" + key.encode(), _dumps(value))
 
     # -- reading ---------------------------------------------------------------------------------
     def get_meta(self, key: str, default: Any = None) -> Any:
-        with self.env.begin(db=self._meta) as txn:
+        with self._txn(db=self._meta) as txn:
             raw = txn.get(b"x:" + key.encode())
         return json.loads(raw) if raw is not None else default
 
     def has_commit(self, oid: bytes) -> bool:
-        with self.env.begin(db=self._commits, buffers=True) as txn:
+        with self._txn(db=self._commits, buffers=True) as txn:
             return txn.get(oid) is not None
 
     def known_commits(self, oids: Iterable[bytes]) -> set[bytes]:
         """Which of `oids` are stored, in one read transaction."""
-        with self.env.begin(db=self._commits, buffers=True) as txn:
+        with self._txn(db=self._commits, buffers=True) as txn:
             return {oid for oid in oids if txn.get(oid) is not None}
 
     def get_commit(self, oid: bytes) -> dict[str, Any] | None:
-        with self.env.begin(db=self._commits) as txn:
+        with self._txn(db=self._commits) as txn:
             raw = txn.get(oid)
         return json.loads(raw) if raw is not None else None
 
     def iter_commits(self) -> Iterator[tuple[bytes, dict[str, Any]]]:
-        with self.env.begin(db=self._commits) as txn:
+        with self._txn(db=self._commits) as txn:
             for key, value in txn.cursor():
                 yield bytes(key), json.loads(value)
 
@@ -204,7 +266,7 @@ class Store:
 
     def iter_raw_examples(self, start: int = 0, stop: int | None = None) -> Iterator[tuple[int, bytes]]:
         """Examples exactly as stored (the bytes shards are made of), in sequence order."""
-        with self.env.begin(db=self._examples) as txn:
+        with self._txn(db=self._examples) as txn:
             cursor = txn.cursor()
             if not cursor.set_range(seq_key(start)):
                 return
@@ -216,7 +278,7 @@ class Store:
 
     def get_raw_examples(self, seqs: Iterable[int]) -> list[bytes]:
         """Examples by sequence number, as stored, in one read transaction (random access is cheap: mmap)."""
-        with self.env.begin(db=self._examples) as txn:
+        with self._txn(db=self._examples) as txn:
             found = []
             for seq in seqs:
                 raw = txn.get(seq_key(seq))
@@ -226,11 +288,11 @@ class Store:
             return found
 
     def next_seq(self) -> int:
-        with self.env.begin() as txn:
+        with self._txn() as txn:
             return self._next_seq(txn)
 
     def counters(self) -> dict[str, int]:
-        with self.env.begin() as txn:
+        with self._txn() as txn:
             counters = self._counters(txn)
         counters.setdefault("examples", 0)
         return counters

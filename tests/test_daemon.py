@@ -260,3 +260,15 @@ def test_a_peer_with_another_uid_is_refused(daemon):
     reply = json.loads(done.stdout)
     assert reply["ok"] is False and "permission denied" in reply["error"]
     assert daemon.status()["ok"]
+
+
+def test_uninstall_then_install_again_with_the_daemon_running(repo, daemon):
+    gitlora("install", str(repo))
+    wait_stored(repo, all_commits(repo))
+    gitlora("uninstall", str(repo))
+    assert daemon.status()["repos"] == []
+    offline = commit_files(repo, {"src/u.rs": "fn u() {}\n"}, "while uninstalled")
+    gitlora("install", str(repo))  # the same store opens again in the same daemon
+    wait_stored(repo, [offline, commit_files(repo, {"src/v.rs": "fn v() {}\n"}, "after reinstall")])
+    assert [r["name"] for r in daemon.status()["repos"]] == ["work"]
+    assert daemon.status()["repos"][0]["errors"] == []

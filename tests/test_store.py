@@ -85,3 +85,25 @@ def test_reader_of_a_half_created_store_gets_a_clear_error(tmp_path):
         Store(tmp_path / "s", readonly=True)
     with Store(tmp_path / "s") as store:  # a writer completes it
         assert store.counters() == {"examples": 0}
+
+
+def test_a_map_grown_by_another_process_is_adopted(tmp_path):
+    """A backfill next to the daemon grows the map; the daemon's next transactions must adopt the new size."""
+    import subprocess
+    import sys
+
+    with Store(tmp_path / "s", map_size=1 << 20) as store:
+        store.env.set_mapsize(1 << 20)
+        store.write([pending(1, 1)])
+        grow = (
+            "import sys; sys.path[:0] = %r\n"
+            "from gitlora.daemon.store import Store, PendingCommit\n"
+            "with Store(%r) as s:\n"
+            "    s.write([PendingCommit(n.to_bytes(20, 'big'), {'status': 'ingested'}, [{'t': 'x' * 40000}] * 20)"
+            " for n in range(100, 140)])\n"
+        ) % (sys.path, str(tmp_path / "s"))
+        subprocess.run([sys.executable, "-c", grow], check=True)
+        assert store.counters()["examples"] == 1 + 40 * 20  # reads see the other process's data
+        store.write([pending(2, 3)])  # and writes go on
+        assert store.known_commits([oid(2), oid(100)]) == {oid(2), oid(100)}
+        assert sum(1 for _ in store.iter_examples()) == 1 + 800 + 3
