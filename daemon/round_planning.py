@@ -21,6 +21,7 @@ class RoundState:
     failures: int = 0
     next_retry_at: float = 0.0
     last: dict[str, Any] | None = None
+    active: dict[str, Any] | None = None  # the round in flight: {round, pid, shards, started_at}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "RoundState":

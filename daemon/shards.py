@@ -14,6 +14,7 @@ import json
 import math
 import os
 import re
+import threading
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -79,6 +80,9 @@ class ShardWriter:
         self.dir = shards_dir
         self.manifest_path = manifest_path
         self.store = store
+        # The ingest thread flushes, and so does `train --now` on a control thread: one flush at a time, or
+        # two could plan the same group and overwrite each other's files.
+        self._lock = threading.Lock()
 
     def manifest(self) -> dict[str, Any]:
         try:
@@ -96,6 +100,10 @@ class ShardWriter:
 
     def flush(self, shard_size: int, eval_fraction: float) -> list[dict[str, Any]]:
         """Write every unflushed example as one group; returns the new manifest entries."""
+        with self._lock:
+            return self._flush(shard_size, eval_fraction)
+
+    def _flush(self, shard_size: int, eval_fraction: float) -> list[dict[str, Any]]:
         start, stop = self.flushed_upto(), self.store.next_seq()
         if stop <= start:
             return []
@@ -110,6 +118,10 @@ class ShardWriter:
 
     def rebuild(self) -> int:
         """Re-create missing shard files from the store using the recorded groups; verifies each sha256."""
+        with self._lock:
+            return self._rebuild()
+
+    def _rebuild(self) -> int:
         manifest = self.manifest()
         written = 0
         next_id = 1
@@ -152,7 +164,7 @@ class ShardWriter:
 
 
 def _atomic_write_bytes(target: Path, data: bytes) -> None:
-    tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+    tmp = target.with_name(f".{target.name}.{os.getpid()}.{threading.get_ident()}.tmp")
     with open(tmp, "wb") as handle:
         handle.write(data)
         handle.flush()

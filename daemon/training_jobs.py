@@ -51,8 +51,12 @@ class ActiveRound:
         self.progress_file = directory / "progress.jsonl"
 
     def events(self) -> list[dict[str, Any]]:
+        return self.read_events(self.progress_file)
+
+    @staticmethod
+    def read_events(progress_file: Path) -> list[dict[str, Any]]:
         try:
-            lines = self.progress_file.read_text(encoding="utf-8").splitlines()
+            lines = progress_file.read_text(encoding="utf-8").splitlines()
         except OSError:
             return []
         events = []
@@ -99,32 +103,38 @@ class TrainingCoordinator:
 
     # -- the scheduled check -------------------------------------------------------------------------
     def check(self, force_repo: RepoWorker | None = None) -> str:
-        """Start a round if one is due (one at a time across all repos). Returns what happened."""
+        """Start a round if one is due (one at a time across all repos). Returns what happened.
+
+        The lock is held only to look at and set the active round: flushing shards and asking nvidia-smi can
+        take seconds, and `gitlora status` needs the lock too."""
         with self._lock:
             self._reap()
             if self.active is not None:
                 return f"a round is already running for {self.active.worker.name}"
-            workers = [force_repo] if force_repo else self.daemon.find(None)
-            for worker in workers:
-                if worker.paused:
-                    self._why[worker.name] = "paused"
-                    continue
-                state = self.load_state(worker)
-                if force_repo is not None and worker.shards.unflushed() > 0:
-                    worker.shards.flush(self.daemon.config.shards.shard_size, self.daemon.config.shards.eval_fraction)
-                plan, why = decide(worker.shards.manifest(), state, now=time.time(),
-                                   min_new_shards=self.config.min_new_shards, cooldown_s=self.config.cooldown_s,
-                                   force=force_repo is not None)
-                self._why[worker.name] = why
-                if plan is None:
-                    continue
-                gpu_note = self._gpu_gate()
-                if gpu_note:
-                    self._why[worker.name] = gpu_note
-                    return gpu_note
+        workers = [force_repo] if force_repo else self.daemon.find(None)
+        for worker in workers:
+            state = self._recover(worker, self.load_state(worker))
+            if worker.paused:
+                self._why[worker.name] = "paused"
+                continue
+            if force_repo is not None and worker.shards.unflushed() > 0:
+                worker.shards.flush(self.daemon.config.shards.shard_size, self.daemon.config.shards.eval_fraction)
+            plan, why = decide(worker.shards.manifest(), state, now=time.time(),
+                               min_new_shards=self.config.min_new_shards, cooldown_s=self.config.cooldown_s,
+                               force=force_repo is not None)
+            self._why[worker.name] = why
+            if plan is None:
+                continue
+            gpu_note = self._gpu_gate()
+            if gpu_note:
+                self._why[worker.name] = gpu_note
+                return gpu_note
+            with self._lock:
+                if self.active is not None:
+                    return f"a round is already running for {self.active.worker.name}"
                 self._start(worker, state, plan)
-                return f"started round {self.active.number} for {worker.name}" if self.active else "not started"
-            return "; ".join(f"{k}: {v}" for k, v in self._why.items()) or "no repositories"
+                return f"started round {self.active.number} for {worker.name}"
+        return "; ".join(f"{k}: {v}" for k, v in self._why.items()) or "no repositories"
 
     def _gpu_gate(self) -> str | None:
         if self.config.device == "cpu":
@@ -156,12 +166,17 @@ class TrainingCoordinator:
         if shutil.which("ionice"):
             command = ["ionice", "-c", "3", *command]  # idle IO class; the trainer lowers its CPU nice itself
         env = {k: v for k, v in os.environ.items() if not k.startswith(("NOTIFY_SOCKET", "WATCHDOG_"))}
+        shards = [s["id"] for s in plan.train]
+        # Persist the round before it exists, so a daemon killed at any instant finds it on restart.
+        state.rounds = number
+        state.active = {"round": number, "pid": None, "shards": shards, "started_at": time.time()}
+        self.save_state(worker, state)
         with open(directory / "trainer.log", "ab") as out:
             proc = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                     start_new_session=True, env=env, cwd=str(directory))
-        state.rounds = number
+        state.active["pid"] = proc.pid
         self.save_state(worker, state)
-        self.active = ActiveRound(worker, number, directory, proc, [s["id"] for s in plan.train])
+        self.active = ActiveRound(worker, number, directory, proc, shards)
         _log.info("round_started", repo=worker.name, round=number, pid=proc.pid, train=len(plan.train),
                   replay=len(plan.replay), eval=len(plan.eval))
 
@@ -171,18 +186,20 @@ class TrainingCoordinator:
         if active is None or active.proc.poll() is None:
             return
         self.active = None
-        events = active.events()
+        self._record(active.worker, self.load_state(active.worker), active.number, active.shards,
+                     active.events(), active.proc.returncode, active.started_at)
+
+    def _record(self, worker: RepoWorker, state: RoundState, number: int, shards: list[int],
+                events: list[dict[str, Any]], code: int | None, started_at: float) -> RoundState:
         done = next((e for e in reversed(events) if e.get("event") == "done"), None)
         error = next((e for e in reversed(events) if e.get("event") == "error"), None)
-        state = self.load_state(active.worker)
-        code = active.proc.returncode
-        outcome: dict[str, Any] = {"round": active.number, "exit_code": code, "finished_at": time.time(),
-                                   "seconds": round(time.time() - active.started_at, 1)}
-        if code == 0 and done is not None:
+        outcome: dict[str, Any] = {"round": number, "exit_code": code, "finished_at": time.time(),
+                                   "seconds": round(time.time() - started_at, 1)}
+        if done is not None and code in (0, None):
             outcome.update(outcome="promoted" if done.get("promoted") else "kept current",
                            version=done.get("version"), eval_loss_before=done.get("eval_loss_before"),
                            eval_loss_after=done.get("eval_loss_after"), tokens_per_s=done.get("tokens_per_s"))
-            state.trained_shards = sorted(set(state.trained_shards) | set(active.shards))
+            state.trained_shards = sorted(set(state.trained_shards) | set(shards))
             state.failures, state.next_retry_at = 0, 0.0
         else:
             reason = (error or {}).get("reason") or _EXIT_REASONS.get(code, f"exit {code}")
@@ -191,8 +208,30 @@ class TrainingCoordinator:
             state.next_retry_at = time.time() + backoff_s(state.failures, self.config.max_retry_backoff_s)
         state.last_round_at = time.time()
         state.last = outcome
-        self.save_state(active.worker, state)
-        _log.info("round_finished", repo=active.worker.name, **outcome)
+        state.active = None
+        self.save_state(worker, state)
+        _log.info("round_finished", repo=worker.name, **outcome)
+        return state
+
+    def _recover(self, worker: RepoWorker, state: RoundState) -> RoundState:
+        """A round persisted as active that this process is not running: an earlier daemon died under it.
+        Stop its trainer if it still runs (it holds the adapters lock), then record what it got to."""
+        with self._lock:
+            if state.active is None or (self.active is not None and self.active.worker is worker):
+                return state
+            info = state.active
+            pid = info.get("pid")
+            stopped = bool(pid) and _is_trainer(pid)
+            if stopped:
+                _stop_process_group(pid)
+            directory = worker.paths.rounds / f"{info['round']:04d}"
+            events = ActiveRound.read_events(directory / "progress.jsonl")
+            finished = any(e.get("event") == "done" for e in events)
+            if (stopped and not finished) or not any(e.get("event") in ("done", "error") for e in events):
+                events.append({"event": "error", "reason": "daemon restarted",
+                               "message": "the daemon stopped while this round ran"})
+            return self._record(worker, state, info["round"], info.get("shards", []), events, None,
+                                info.get("started_at", time.time()))
 
     # -- socket commands and status --------------------------------------------------------------------
     def handle(self, request: dict[str, Any]) -> dict[str, Any]:
@@ -235,8 +274,32 @@ class TrainingCoordinator:
                 active.proc.wait(timeout=20)
             except (OSError, subprocess.TimeoutExpired):
                 os.killpg(active.proc.pid, signal.SIGKILL)
+                active.proc.wait()
             with self._lock:
                 self._reap()
+
+
+def _is_trainer(pid: int) -> bool:
+    try:
+        return b"gitlora.trainer" in Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return False
+
+
+def _stop_process_group(pid: int, grace_s: float = 20.0) -> None:
+    """SIGTERM a trainer we are not the parent of, then SIGKILL if it lingers (we cannot wait() on it)."""
+    try:
+        os.killpg(pid, signal.SIGTERM)
+    except OSError:
+        return
+    deadline = time.monotonic() + grace_s
+    while time.monotonic() < deadline and _is_trainer(pid):
+        time.sleep(0.1)
+    if _is_trainer(pid):
+        try:
+            os.killpg(pid, signal.SIGKILL)
+        except OSError:
+            pass
 
 
 def attach(daemon: Daemon) -> TrainingCoordinator:

@@ -74,3 +74,23 @@ def test_shard_metadata_is_read_from_the_real_keys_only():
     assert _meta(json.dumps(tricky, separators=(",", ":")).encode()) == ("a" * 40, 1234)
     spaced = json.dumps({"commit_time": 7, "commit": "b" * 40}).encode()  # not our compact encoding
     assert _meta(spaced) == ("b" * 40, 7)
+
+
+def test_concurrent_flushes_write_each_group_once(tmp_path):
+    import threading
+
+    with Store(tmp_path / "store") as store:
+        fill(store, [(n, 1000 + n, 3) for n in range(40)])
+        writer = ShardWriter(tmp_path / "shards", tmp_path / "manifest.json", store)
+        results: list = []
+        threads = [threading.Thread(target=lambda: results.append(writer.flush(4, 0.1))) for _ in range(4)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        assert sorted(len(r) for r in results)[:-1] == [0, 0, 0]  # one flush took the group, the others nothing
+        manifest = writer.manifest()
+        assert len(manifest["groups"]) == 1
+        for entry in manifest["shards"]:
+            body = (tmp_path / "shards" / entry["file"]).read_bytes()
+            assert hashlib.sha256(body).hexdigest() == entry["sha256"]

@@ -140,3 +140,28 @@ def test_a_killed_round_is_recorded_and_retried_while_current_stays(tmp_path, is
         assert daemon.status()["ok"]  # the daemon stayed up
     finally:
         daemon.stop()
+
+
+def test_a_round_orphaned_by_a_killed_daemon_is_stopped_and_recorded(tmp_path, isolated_home, tiny_model):
+    configure(isolated_home, tiny_model, min_new_shards=100, max_steps=400)
+    repo = init_repo(tmp_path / "delta")
+    daemon = DaemonProcess().start()
+    try:
+        gitlora("install", str(repo))
+        wait_stored(repo, make_commits(repo, 0, 8))
+        assert "started round 1" in gitlora("train", "--now", str(repo)).stdout
+        wait_for(lambda: (repo_status(daemon, "delta")["training"]["round"] or {}).get("step"), 120,
+                 "the round to train")
+        [orphan] = trainer_pids()
+        daemon.kill()  # SIGKILL: the trainer lives on in its own session
+        assert trainer_pids() == [orphan]
+        daemon = DaemonProcess().start()
+        last = wait_for(lambda: repo_status(daemon, "delta")["training"]["last_round"], 60, "the recovery")
+        assert last["round"] == 1 and last["outcome"] == "failed" and last["reason"] == "daemon restarted"
+        wait_for(lambda: trainer_pids() == [], 30, "the orphaned trainer to stop")
+        adapters = paths.RepoPaths.for_git_dir(GitRepo(repo).common_dir).adapters
+        state = json.loads((adapters.parent / "rounds/state.json").read_text())
+        assert state["active"] is None and registry.current_version(adapters) is None
+        assert "started round 2" in gitlora("train", "--now", str(repo)).stdout  # the adapters lock was freed
+    finally:
+        daemon.stop()
