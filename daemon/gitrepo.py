@@ -164,7 +164,8 @@ class GitRepo:
             return None
         return content if _HEX40.match(content) and content in self.repo else None
 
-    def new_commits(self, is_known: Callable[[list[bytes]], set[bytes]], tips: Iterable[str] | None = None) -> list[str]:
+    def new_commits(self, is_known: Callable[[list[bytes]], set[bytes]], tips: Iterable[str] | None = None,
+                    walk_through: frozenset[str] | set[str] = frozenset()) -> list[str]:
         """Commits reachable from `tips` that `is_known` does not report, parents before children.
 
         Walks back from the tips only until it meets stored commits, so a nudge after one new commit costs
@@ -173,7 +174,8 @@ class GitRepo:
         tips = list(dict.fromkeys(tips if tips is not None else self.tips().values()))
         unknown: dict[str, tuple[str, ...]] = {}
         seen: set[str] = set()
-        frontier = tips
+        # Stored shallow boundaries are walked from too: once unshallowed, their parents are new history.
+        frontier = tips + sorted(o for o in walk_through if o in self.repo)
         while frontier:
             batch = [oid for oid in dict.fromkeys(frontier) if oid not in seen]
             seen.update(batch)
@@ -181,13 +183,15 @@ class GitRepo:
             frontier = []
             for oid in batch:
                 if bytes.fromhex(oid) in known:
+                    if oid in walk_through:  # stored, but its parents may have arrived since (unshallowed)
+                        frontier.extend(p for p in (self._parent_ids(oid) or ()) if p not in seen)
                     continue
                 parents = self._parent_ids(oid)
                 if parents is None:
                     continue
                 unknown[oid] = parents
                 frontier.extend(p for p in parents if p not in seen)
-        return _parents_first(unknown, tips)
+        return _parents_first(unknown, tips + list(unknown))  # tips first; then what only a boundary reached
 
     def _parent_ids(self, oid: str) -> tuple[str, ...] | None:
         try:

@@ -220,7 +220,7 @@ class Ingestor:
 
     def pending(self, tips: Iterable[str] | None = None) -> list[str]:
         """Commits reachable from the tips that the store does not hold yet, parents first."""
-        return self.repo.new_commits(self.store.known_commits, tips)
+        return self.repo.new_commits(self.store.known_commits, tips, self.store.shallow_boundaries())
 
     def run(self, oids: list[str], *, on_batch: Callable[[int, int], None] | None = None,
             should_stop: Callable[[], bool] = lambda: False, extra: dict[str, Any] | None = None) -> IngestSummary:

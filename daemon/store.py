@@ -214,6 +214,10 @@ class Store:
                 raise StoreError(f"commit {pending.oid.hex()} appeared during its own transaction")
             status = record.get("status", "ingested")
             counters[f"commits_{status}"] = counters.get(f"commits_{status}", 0) + 1
+            if str(record.get("reason", "")).startswith("shallow-boundary"):
+                boundaries = json.loads(txn.get(b"shallow_boundaries", b"[]", db=self._meta))
+                boundaries.append(pending.oid.hex())
+                txn.put(b"shallow_boundaries", _dumps(boundaries), db=self._meta)
             stored += 1
         counters["examples"] = counters.get("examples", 0) + appended
         txn.put(b"next_seq", str(next_seq).encode(), db=self._meta)
@@ -240,6 +244,12 @@ class Store:
         with self._txn(db=self._meta) as txn:
             raw = txn.get(b"x:" + key.encode())
         return json.loads(raw) if raw is not None else default
+
+    def shallow_boundaries(self) -> set[str]:
+        """Commits stored as skipped because a shallow clone cut off their parents: a later walk goes on
+        through them, so history fetched by `git fetch --unshallow` is still ingested."""
+        with self._txn(db=self._meta) as txn:
+            return set(json.loads(txn.get(b"shallow_boundaries", b"[]")))
 
     def has_commit(self, oid: bytes) -> bool:
         with self._txn(db=self._commits, buffers=True) as txn:

@@ -147,6 +147,14 @@ def test_shallow_clone(demo, tmp_path):
     assert commits[oldest]["reason"].startswith("shallow-boundary")
     assert [c["status"] for oid, c in commits.items() if oid != oldest] == ["ingested", "ingested"]
     assert {e["commit"] for e in examples} <= set(commits) - {oldest}
+    # unshallowed later: the older history is ingested, the boundary commit stays stored once, as skipped
+    git(shallow, "fetch", "-q", "--unshallow")
+    assert not GitRepo(shallow).is_shallow
+    again = backfill(str(shallow), progress=False, workers=1)
+    commits, _ = stored(shallow)
+    assert again.commits == 9 and len(commits) == 12
+    assert commits[oldest]["status"] == "skipped"
+    assert sum(c["status"] == "ingested" for c in commits.values()) == 11
 
 
 def test_missing_blob_is_a_recorded_skip(tmp_path):
