@@ -10,7 +10,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from pathlib import Path
 
-from watchdog.events import FileSystemEvent, FileSystemEventHandler
+from watchdog.events import (DirMovedEvent, FileClosedEvent, FileCreatedEvent, FileModifiedEvent, FileMovedEvent,
+                             FileSystemEvent, FileSystemEventHandler)
 from watchdog.observers import Observer
 from watchdog.observers.api import ObservedWatch
 
@@ -60,13 +61,21 @@ class RepoWatcher:
         self._observer = observer
         self._watches: list[ObservedWatch] = []
         handler = _Handler(git_dir, spool, nudge)
+        # Git and libgit2 update refs, packed-refs and HEAD by renaming a lock file into place, so in the git
+        # dir only renames (and creations) matter; asking the kernel for nothing else keeps the daemon from
+        # waking on every write of the index while `git commit` runs. The spool is appended to: modifications.
+        ref_events = [FileMovedEvent, DirMovedEvent, FileCreatedEvent]
+        spool_events = [FileModifiedEvent, FileCreatedEvent, FileClosedEvent, FileMovedEvent]
         try:
-            self._watches.append(observer.schedule(handler, str(git_dir), recursive=False))
-            self._watches.append(observer.schedule(handler, str(git_dir / "refs"), recursive=True))
+            self._watches.append(observer.schedule(handler, str(git_dir), recursive=False, event_filter=ref_events))
+            self._watches.append(observer.schedule(handler, str(git_dir / "refs"), recursive=True,
+                                                   event_filter=ref_events))
             if (git_dir / "worktrees").is_dir():
-                self._watches.append(observer.schedule(handler, str(git_dir / "worktrees"), recursive=True))
+                self._watches.append(observer.schedule(handler, str(git_dir / "worktrees"), recursive=True,
+                                                       event_filter=ref_events))
             state_dir.mkdir(parents=True, exist_ok=True)
-            self._watches.append(observer.schedule(handler, str(state_dir), recursive=False))
+            self._watches.append(observer.schedule(handler, str(state_dir), recursive=False,
+                                                   event_filter=spool_events))
             self.state = "watching"
         except OSError as exc:  # e.g. inotify watch limit: the periodic rescan still covers this repo
             self.state = f"failed: {exc}; relying on periodic rescans"
