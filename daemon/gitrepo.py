@@ -248,6 +248,16 @@ class GitRepo:
                 result.files[-1] = self._with_hunks(diff, index, change)
         return result
 
+    def count_rust_changes(self, oid: str) -> int:
+        """How many .rs paths a commit touches, cheaply (no rename detection, no hunks): sizes up work."""
+        try:
+            commit = self.repo[oid]
+            parent = self.repo[commit.parent_ids[0]].tree if commit.parent_ids and commit.parent_ids[0] in self.repo else None
+            diff = self._diff(parent, commit.tree)
+        except (KeyError, ValueError, pygit2.GitError):
+            return 0
+        return sum(1 for d in diff.deltas if d.new_file.path.endswith(".rs") or d.old_file.path.endswith(".rs"))
+
     @staticmethod
     def _with_hunks(diff: pygit2.Diff, index: int, change: FileChange) -> FileChange:
         """Attach git's line hunks (zero context) so the parser can reparse only what changed."""

@@ -207,7 +207,7 @@ class Ingestor:
 
     def __init__(self, repo: GitRepo, store: Store, config: IngestConfig | None = None, *,
                  workers: int | None = None, source: str = "backfill", cache_bytes: int = 192 << 20,
-                 max_trees: int = 512) -> None:
+                 max_trees: int = 512, isolate_files: int | None = None) -> None:
         self.repo = repo
         self.store = store
         self.config = config or IngestConfig()
@@ -217,6 +217,9 @@ class Ingestor:
         self.source = source
         self.processor = CommitProcessor(repo, self.config, source=source, cache_bytes=cache_bytes,
                                          max_trees=max_trees)
+        # A long-lived process (the daemon) sends a batch touching more .rs files than this to a spawned
+        # process even when it is one commit: parsing a whole crate leaves a fragmented heap behind.
+        self.isolate_files = isolate_files
 
     def pending(self, tips: Iterable[str] | None = None) -> list[str]:
         """Commits reachable from the tips that the store does not hold yet, parents first."""
@@ -253,13 +256,15 @@ class Ingestor:
     def _batches(self, oids: list[str]) -> Iterator[list[PendingCommit]]:
         chunk = max(1, min(self.config.batch_commits, _CHUNK_COMMITS))
         chunks = [oids[i:i + chunk] for i in range(0, len(oids), chunk)]
-        if self.workers == 1 or len(chunks) < 2:
+        large = self.isolate_files is not None and len(chunks) == 1 and \
+            sum(self.repo.count_rust_changes(oid) for oid in chunks[0]) > self.isolate_files
+        if not large and (self.workers == 1 or len(chunks) < 2):
             for part in chunks:
                 yield self.processor.process(part)
             return
         # spawn, not fork: the daemon has threads, and a forked LMDB env or libgit2 handle is unsafe.
         context = multiprocessing.get_context("spawn")
-        pool = ProcessPoolExecutor(min(self.workers, len(chunks)), mp_context=context, initializer=_worker_init,
+        pool = ProcessPoolExecutor(max(1, min(self.workers, len(chunks))), mp_context=context, initializer=_worker_init,
                                    initargs=(str(self.repo.common_dir), self.config.model_dump_json(), self.source))
         try:
             yield from pool.map(_worker_process, chunks)

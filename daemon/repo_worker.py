@@ -57,7 +57,7 @@ class RepoWorker:
         # Live commits touch a few files each: a small in-process cache keeps the idle daemon small; big
         # backlogs (a new repo's history) go to the spawned pool, whose memory leaves with it.
         self.ingestor = Ingestor(opened.git, self.store, config.ingest, source="daemon", cache_bytes=8 << 20,
-                                 max_trees=16)
+                                 max_trees=16, isolate_files=200)
         self.watcher_state = "not watched"
         self.paused = False
         self._stop = threading.Event()  # this worker's own: a repo can be unregistered while the daemon runs
@@ -154,6 +154,7 @@ class RepoWorker:
             self._flush("size")
         if pending:
             release_memory()
+            self.store.release_mapped_pages()
 
     def _consumed(self, commits: int) -> None:
         self._queue_depth = max(0, self._queue_depth - commits)
@@ -172,6 +173,7 @@ class RepoWorker:
         entries = self.shards.flush(self.config.shards.shard_size, self.config.shards.eval_fraction)
         _log.info("shards_flushed", repo=self.name, why=why, shards=len(entries))
         release_memory()
+        self.store.release_mapped_pages()
 
     # -- status ----------------------------------------------------------------------------------
     def status(self) -> dict[str, Any]:

@@ -7,6 +7,7 @@ already stored: LMDB's atomic commit makes that "exactly once" even if the proce
 """
 from __future__ import annotations
 
+import ctypes
 import json
 import os
 import struct
@@ -306,6 +307,26 @@ class Store:
             counters = self._counters(txn)
         counters.setdefault("examples", 0)
         return counters
+
+    def release_mapped_pages(self) -> int:
+        """Drop this process's resident pages of the map (bytes released); they fault back in from the page
+        cache on the next read. After a flush has read the whole store, the daemon's RSS would otherwise count
+        every page of it. LMDB maps the file read-only and shared (no writemap), so MADV_DONTNEED loses
+        nothing. py-lmdb does not expose the map's address: it is found in /proc/self/maps."""
+        data = str((self.path / "data.mdb").resolve())
+        released = 0
+        try:
+            libc = ctypes.CDLL("libc.so.6", use_errno=True)
+            with open("/proc/self/maps", encoding="utf-8", errors="replace") as maps:
+                for line in maps:
+                    if not line.rstrip().endswith(data):
+                        continue
+                    start, end = (int(x, 16) for x in line.split()[0].split("-"))
+                    if libc.madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start), 4) == 0:  # MADV_DONTNEED
+                        released += end - start
+        except (OSError, AttributeError, ValueError):
+            return 0  # not Linux/glibc: nothing to do
+        return released
 
     def size_bytes(self) -> int:
         data = self.path / "data.mdb"

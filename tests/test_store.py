@@ -107,3 +107,19 @@ def test_a_map_grown_by_another_process_is_adopted(tmp_path):
         store.write([pending(2, 3)])  # and writes go on
         assert store.known_commits([oid(2), oid(100)]) == {oid(2), oid(100)}
         assert sum(1 for _ in store.iter_examples()) == 1 + 800 + 3
+
+
+def test_released_map_pages_leave_rss_and_data_intact(tmp_path):
+    def rss_file_kb() -> int:
+        for line in open("/proc/self/status"):
+            if line.startswith("RssFile:"):
+                return int(line.split()[1])
+        return 0
+
+    with Store(tmp_path / "s") as store:
+        store.write([PendingCommit(oid(n), {"status": "ingested"}, [{"t": "y" * 4000}] * 50) for n in range(100)])
+        assert sum(len(e["t"]) for _, e in store.iter_examples()) == 5000 * 4000  # touches every page
+        before = rss_file_kb()
+        assert store.release_mapped_pages() > 0
+        assert rss_file_kb() < before - 10_000  # ~20 MB of map no longer resident
+        assert store.counters()["examples"] == 5000 and next(store.iter_examples())[1]["t"] == "y" * 4000
