@@ -262,3 +262,20 @@ def test_sigkill_at_random_moments_loses_and_doubles_nothing(tmp_path, isolated_
     assert len(got) == len(set(got)), "an item was stored twice"
     assert got == expected
     assert len(stored(repo)[0]) == clean_commits == 400
+
+
+def test_a_large_commit_is_parsed_in_a_spawned_process_with_the_same_result(tmp_path, monkeypatch):
+    from gitlora.daemon.config import IngestConfig
+    from gitlora.daemon.ingest import Ingestor
+
+    repo = synthetic_history(tmp_path / "syn", commits=1, files=12)
+    results = []
+    for name, isolate in (("inproc", None), ("spawned", 5)):
+        monkeypatch.setenv("GITLORA_STATE_HOME", str(tmp_path / name))
+        opened = open_repo(repo, Config())
+        with Store(opened.paths.store) as store:
+            ingestor = Ingestor(opened.git, store, IngestConfig(), workers=1, isolate_files=isolate)
+            summary = ingestor.run(ingestor.pending())
+            assert summary.commits == 1 and summary.examples == 12 * 7
+            results.append([e for _, e in store.iter_examples()])
+    assert results[0] == results[1]
