@@ -27,6 +27,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["daemon"]:
+        # structlog renders exceptions with rich (and pygments) whenever it can import them; the daemon logs
+        # JSON to a file and never uses them, and they would stay resident for its whole life.
+        sys.modules.setdefault("rich", None)  # type: ignore[arg-type]
     args = build_parser().parse_args(argv)
     try:
         return int(args.run(args) or 0)
