@@ -8,6 +8,7 @@ import argparse
 import importlib
 import sys
 
+from .commands import CommandFailed
 from .config import ConfigError
 from .gitrepo import GitRepoError
 from .store import StoreError
@@ -38,6 +39,8 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, GitRepoError, StoreError) as exc:
         print(f"gitlora: error: {exc}", file=sys.stderr)
         return 2
+    except CommandFailed as failed:  # the command already said why
+        return failed.code
     except BrokenPipeError:  # `gitlora examples | head`
         return 0
 

@@ -2,10 +2,8 @@
 from __future__ import annotations
 
 import argparse
-import os
-import sys
 
-from ..control import ControlError, DaemonNotRunning, request
+from .common import ask_daemon, repo_selector
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -19,17 +17,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     payload = {"cmd": args.cmd}
     if args.repo:
-        payload["repo"] = os.path.abspath(args.repo) if os.path.exists(args.repo) else args.repo
-    try:
-        reply = request(payload)
-    except DaemonNotRunning as exc:
-        print(f"gitlora: the daemon is not running ({exc})", file=sys.stderr)
-        return 1
-    except ControlError as exc:
-        print(f"gitlora: error: {exc}", file=sys.stderr)
-        return 2
-    if not reply.get("ok"):
-        print(f"gitlora: {reply.get('error')}", file=sys.stderr)
-        return 1
+        payload["repo"] = repo_selector(args.repo)
+    reply = ask_daemon(payload)
     print(f"{args.cmd}: " + ", ".join(reply.get("repos", [])))
     return 0

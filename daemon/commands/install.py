@@ -12,6 +12,7 @@ from gitlora.hooks import install as hooks
 from .. import config as config_mod
 from .. import repos
 from ..control import DaemonNotRunning, request
+from .common import print_hook_actions
 from ..gitrepo import clean_git_env
 
 
@@ -31,9 +32,7 @@ def run(args: argparse.Namespace) -> int:
     except hooks.HookError as exc:
         print(f"gitlora: {exc}", file=sys.stderr)
         return 2
-    for action in result.actions:
-        detail = f" ({action.detail})" if action.detail else ""
-        print(f"  {action.hook:16} {action.action}{detail}")
+    print_hook_actions(result.actions)
     repos.register(opened.git.common_dir)
     try:
         reply = request({"cmd": "register", "path": str(opened.git.common_dir)})

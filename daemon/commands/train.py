@@ -2,10 +2,8 @@
 from __future__ import annotations
 
 import argparse
-import os
-import sys
 
-from ..control import ControlError, DaemonNotRunning, request
+from .common import ask_daemon, repo_selector
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -16,17 +14,6 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    repo = os.path.abspath(args.repo) if os.path.exists(args.repo) else args.repo
-    try:
-        reply = request({"cmd": "train", "repo": repo, "now": args.now}, timeout=30)
-    except DaemonNotRunning as exc:
-        print(f"gitlora: {exc}", file=sys.stderr)
-        return 1
-    except ControlError as exc:
-        print(f"gitlora: error: {exc}", file=sys.stderr)
-        return 2
-    if not reply.get("ok"):
-        print(f"gitlora: {reply.get('error')}", file=sys.stderr)
-        return 1
+    reply = ask_daemon({"cmd": "train", "repo": repo_selector(args.repo), "now": args.now}, timeout=30)
     print(reply.get("result", ""))
     return 0

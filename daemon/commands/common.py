@@ -1,0 +1,36 @@
+"""What several subcommands share: asking the daemon, naming a repository to it, printing hook actions."""
+from __future__ import annotations
+
+import os
+import sys
+from typing import Any
+
+from ..control import ControlError, DaemonNotRunning, request
+from . import CommandFailed
+
+
+def repo_selector(path: str) -> str:
+    """An existing path is sent absolute (the daemon's cwd differs); anything else as typed (a repo name)."""
+    return os.path.abspath(path) if os.path.exists(path) else path
+
+
+def ask_daemon(payload: dict[str, Any], *, timeout: float = 5.0) -> dict[str, Any]:
+    """The daemon's reply, or CommandFailed after a one-line explanation (1: not running or refused, 2: broken)."""
+    try:
+        reply = request(payload, timeout=timeout)
+    except DaemonNotRunning as exc:
+        print(f"gitlora: {exc}", file=sys.stderr)
+        raise CommandFailed(1) from None
+    except ControlError as exc:
+        print(f"gitlora: error: {exc}", file=sys.stderr)
+        raise CommandFailed(2) from None
+    if not reply.get("ok"):
+        print(f"gitlora: {reply.get('error')}", file=sys.stderr)
+        raise CommandFailed(1)
+    return reply
+
+
+def print_hook_actions(actions) -> None:
+    for action in actions:
+        detail = f" ({action.detail})" if action.detail else ""
+        print(f"  {action.hook:16} {action.action}{detail}")
