@@ -219,9 +219,7 @@ def test_sigkill_at_random_moments_loses_and_doubles_nothing(tmp_path, isolated_
     config.write_text("[ingest]\nbatch_commits = 2\nworkers = 1\n")  # steady progress: many kill points
     cmd = [sys.executable, "-m", "gitlora.daemon", "backfill", "--no-progress", str(repo)]
     monkeypatch.setenv("GITLORA_STATE_HOME", str(tmp_path / "clean"))
-    started = time.monotonic()
     subprocess.run(cmd, check=True, capture_output=True)
-    clean_seconds = time.monotonic() - started
     expected = _item_set(repo)
     clean_commits = len(stored(repo)[0])
     monkeypatch.setenv("GITLORA_STATE_HOME", str(tmp_path / "killed"))

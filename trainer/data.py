@@ -32,7 +32,6 @@ import hashlib
 import json
 import random
 from dataclasses import dataclass, field
-from pathlib import Path
 
 IGNORE = -100
 EOS = "<|endoftext|>"

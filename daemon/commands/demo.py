@@ -171,7 +171,7 @@ def run(args: argparse.Namespace) -> int:
         _gitlora("examples", "--commit", "HEAD", str(repo))
 
         _banner("6. continual LoRA rounds on the tiny model (a subprocess; the daemon never imports torch)")
-        outcome = _train_round(repo, 1)
+        _train_round(repo, 1)
         _gitlora("adapters", "list", "--repo", str(repo))
         for path, addition, message in FOLLOW_UPS:
             with open(repo / path, "a", encoding="utf-8") as handle:
@@ -181,7 +181,7 @@ def run(args: argparse.Namespace) -> int:
             oid = _git(repo, "rev-parse", "HEAD")
             _wait(lambda: (r := _status_json().get("repos")) and (r[0].get("last_commit") or {}).get("commit") == oid,
                   60, f"commit {oid[:10]} to be stored", poll=0.05)
-        outcome = _train_round(repo, 2)
+        _train_round(repo, 2)
         listed = json.loads(subprocess.run([sys.executable, "-m", "gitlora.daemon", "adapters", "list", "--json",
                                             "--repo", str(repo)], capture_output=True, text=True, check=True).stdout)
         if len(listed) >= 2:
