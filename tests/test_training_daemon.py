@@ -116,17 +116,22 @@ def test_rounds_start_only_at_threshold_and_never_two_at_once(tmp_path, isolated
         daemon.stop()
 
 
+def start_long_round(daemon: DaemonProcess, repo: Path) -> None:
+    """Install, commit, force round 1 (configured long) and wait until it is training."""
+    gitlora("install", str(repo))
+    wait_stored(repo, make_commits(repo, 0, 8))
+    assert "started round 1" in gitlora("train", "--now", str(repo)).stdout
+    wait_for(lambda: (repo_status(daemon, repo.name)["training"]["round"] or {}).get("step"), 120,
+             "the round to train")
+
+
 def test_a_killed_round_is_recorded_and_retried_while_current_stays(tmp_path, isolated_home, tiny_model):
     configure(isolated_home, tiny_model, min_new_shards=100, max_steps=400)
     repo = init_repo(tmp_path / "gamma")
     daemon = DaemonProcess().start()
     try:
-        gitlora("install", str(repo))
-        wait_stored(repo, make_commits(repo, 0, 8))
+        start_long_round(daemon, repo)
         adapters = paths.RepoPaths.for_git_dir(GitRepo(repo).common_dir).adapters
-        assert "started round 1" in gitlora("train", "--now", str(repo)).stdout
-        wait_for(lambda: (repo_status(daemon, "gamma")["training"]["round"] or {}).get("step"), 120,
-                 "the round to train")
         assert "already running" in gitlora("train", "--now", str(repo)).stdout
         for pid in trainer_pids():
             os.kill(pid, signal.SIGKILL)
@@ -147,11 +152,7 @@ def test_a_round_orphaned_by_a_killed_daemon_is_stopped_and_recorded(tmp_path, i
     repo = init_repo(tmp_path / "delta")
     daemon = DaemonProcess().start()
     try:
-        gitlora("install", str(repo))
-        wait_stored(repo, make_commits(repo, 0, 8))
-        assert "started round 1" in gitlora("train", "--now", str(repo)).stdout
-        wait_for(lambda: (repo_status(daemon, "delta")["training"]["round"] or {}).get("step"), 120,
-                 "the round to train")
+        start_long_round(daemon, repo)
         [orphan] = trainer_pids()
         daemon.kill()  # SIGKILL: the trainer lives on in its own session
         assert trainer_pids() == [orphan]
