@@ -153,8 +153,7 @@ class RepoWorker:
         if self.shards.unflushed() >= self.config.shards.shard_size:
             self._flush("size")
         if pending:
-            release_memory()
-            self.store.release_mapped_pages()
+            self._shed_memory()
 
     def _consumed(self, commits: int) -> None:
         self._queue_depth = max(0, self._queue_depth - commits)
@@ -172,6 +171,11 @@ class RepoWorker:
     def _flush(self, why: str) -> None:
         entries = self.shards.flush(self.config.shards.shard_size, self.config.shards.eval_fraction)
         _log.info("shards_flushed", repo=self.name, why=why, shards=len(entries))
+        self._shed_memory()
+
+    def _shed_memory(self) -> None:
+        """After a burst, so an idle daemon stays small: LMDB's write buffers, then the heap, then map pages."""
+        self.store.release_write_buffers()
         release_memory()
         self.store.release_mapped_pages()
 

@@ -52,27 +52,35 @@ class WriteResult:
     stored: int  # commits newly stored
     already_present: int  # commits skipped because an earlier writer stored them
     examples: int  # examples appended
+    bytes_written: int = 0  # example bytes appended
 
 
 class _SharedExclusiveLock:
-    """Many transactions at once, or one map resize alone (LMDB forbids mdb_env_set_mapsize while any
-    transaction of the process is open). The standard library has no readers-writer lock; this is the
-    textbook one on a Condition."""
+    """Many transactions at once, or one map resize / reopen alone (LMDB forbids mdb_env_set_mapsize and
+    closing the environment while any transaction of the process is open). The standard library has no
+    readers-writer lock; this is the textbook one on a Condition, preferring the exclusive side so a
+    steady stream of readers (status polls) cannot starve it. A thread already inside a shared section may
+    enter another (a read nested in a read) without waiting, or it would deadlock behind a waiting writer."""
 
     def __init__(self) -> None:
         self._cond = threading.Condition()
         self._shared = 0
         self._exclusive = False
+        self._exclusive_waiting = 0
+        self._depth = threading.local()
 
     @contextmanager
     def shared(self) -> Iterator[None]:
+        depth = getattr(self._depth, "n", 0)
         with self._cond:
-            while self._exclusive:
+            while self._exclusive or (self._exclusive_waiting and depth == 0):
                 self._cond.wait()
             self._shared += 1
+        self._depth.n = getattr(self._depth, "n", 0) + 1
         try:
             yield
         finally:
+            self._depth.n = getattr(self._depth, "n", 1) - 1  # not a restore: generators may close out of order
             with self._cond:
                 self._shared -= 1
                 self._cond.notify_all()
@@ -80,8 +88,12 @@ class _SharedExclusiveLock:
     @contextmanager
     def exclusive(self) -> Iterator[None]:
         with self._cond:
-            while self._exclusive or self._shared:
-                self._cond.wait()
+            self._exclusive_waiting += 1
+            try:
+                while self._exclusive or self._shared:
+                    self._cond.wait()
+            finally:
+                self._exclusive_waiting -= 1
             self._exclusive = True
         try:
             yield
@@ -104,25 +116,32 @@ class Store:
         else:
             self.path.mkdir(parents=True, exist_ok=True, mode=0o700)
         self._resize_lock = _SharedExclusiveLock()
+        self._written_since_open = 0
         existing = (self.path / "data.mdb").stat().st_size if (self.path / "data.mdb").exists() else 0
+        self._open(max(map_size, existing * 2, _INITIAL_MAP_SIZE))
+        self._check_schema()
+
+    def _open(self, map_size: int) -> None:
         self.env = lmdb.open(
-            str(self.path), max_dbs=4, map_size=max(map_size, existing * 2, _INITIAL_MAP_SIZE),
-            readonly=readonly, subdir=True, lock=True, readahead=False, meminit=False,
+            str(self.path), max_dbs=4, map_size=map_size,
+            readonly=self.readonly, subdir=True, lock=True, readahead=False, meminit=False,
         )
         try:
-            self._commits = self.env.open_db(b"commits", create=not readonly)
-            self._examples = self.env.open_db(b"examples", create=not readonly)
-            self._meta = self.env.open_db(b"meta", create=not readonly)
+            self._dbs = {name: self.env.open_db(name.encode(), create=not self.readonly)
+                         for name in ("commits", "examples", "meta")}
         except lmdb.NotFoundError:  # read-only, and the writer has not created its databases yet
             self.env.close()
             raise StoreError(f"store at {self.path} is not initialised yet") from None
-        self._check_schema()
+        self._commits, self._examples, self._meta = (self._dbs[n] for n in ("commits", "examples", "meta"))
 
     @contextmanager
-    def _txn(self, **kwargs: Any) -> Iterator[lmdb.Transaction]:
+    def _txn(self, db: str | None = None, **kwargs: Any) -> Iterator[lmdb.Transaction]:
         """A transaction that survives the map growing: another process (a backfill next to the daemon) may
-        have grown it, which LMDB reports as MapResizedError until this process adopts the new size."""
+        have grown it, which LMDB reports as MapResizedError until this process adopts the new size.
+        `db` is a name, resolved under the lock: `release_write_buffers` may reopen the environment."""
         with self._resize_lock.shared():
+            if db is not None:
+                kwargs["db"] = self._dbs[db]
             try:
                 txn = self.env.begin(**kwargs)
             except lmdb.MapResizedError:
@@ -133,8 +152,11 @@ class Store:
                 return
         with self._resize_lock.exclusive():
             self.env.set_mapsize(0)  # 0 = adopt the size the other process set
-        with self._resize_lock.shared(), self.env.begin(**kwargs) as txn:
-            yield txn
+        with self._resize_lock.shared():
+            if db is not None:
+                kwargs["db"] = self._dbs[db]
+            with self.env.begin(**kwargs) as txn:
+                yield txn
 
     # -- lifecycle -------------------------------------------------------------------------------
     def close(self) -> None:
@@ -147,12 +169,12 @@ class Store:
         self.close()
 
     def _check_schema(self) -> None:
-        with self._txn(db=self._meta) as txn:
+        with self._txn(db="meta") as txn:
             raw = txn.get(b"schema_version")
         if raw is None:
             if self.readonly:
                 return
-            with self._txn(db=self._meta, write=True) as txn:
+            with self._txn(db="meta", write=True) as txn:
                 if txn.get(b"schema_version") is None:
                     txn.put(b"schema_version", str(SCHEMA_VERSION).encode())
             return
@@ -172,7 +194,9 @@ class Store:
         while True:
             try:
                 with self._txn(write=True) as txn:
-                    return self._write_txn(txn, batch)
+                    result = self._write_txn(txn, batch)
+                self._written_since_open += result.bytes_written
+                return result
             except lmdb.MapFullError:
                 self._grow()
             except lmdb.MapResizedError:  # grown by another process while our write was pending
@@ -189,7 +213,7 @@ class Store:
     def _write_txn(self, txn: lmdb.Transaction, batch: list[PendingCommit]) -> WriteResult:
         next_seq = self._next_seq(txn)
         counters = self._counters(txn)
-        stored = present = appended = 0
+        stored = present = appended = written = 0
         seen_in_batch: set[bytes] = set()
         for pending in batch:
             if len(pending.oid) != 20:
@@ -207,6 +231,7 @@ class Store:
                 # append=True is LMDB's fast path for sorted keys; it returns False (not an exception)
                 # when the key is out of order, which would mean a corrupt counter: stop loudly.
                 value = example if isinstance(example, bytes) else _dumps(example)
+                written += len(value)
                 if not txn.put(seq_key(next_seq), value, db=self._examples, append=True):
                     raise StoreError(f"append of example {next_seq} refused: sequence out of order")
                 next_seq += 1
@@ -223,7 +248,7 @@ class Store:
         counters["examples"] = counters.get("examples", 0) + appended
         txn.put(b"next_seq", str(next_seq).encode(), db=self._meta)
         txn.put(b"counters", _dumps(counters), db=self._meta)
-        return WriteResult(stored, present, appended)
+        return WriteResult(stored, present, appended, written)
 
     def _next_seq(self, txn: lmdb.Transaction) -> int:
         raw = txn.get(b"next_seq", db=self._meta)
@@ -237,37 +262,37 @@ class Store:
         return json.loads(raw) if raw else {}
 
     def set_meta(self, key: str, value: Any) -> None:
-        with self._txn(db=self._meta, write=True) as txn:
+        with self._txn(db="meta", write=True) as txn:
             txn.put(b"x:" + key.encode(), _dumps(value))
 
     # -- reading ---------------------------------------------------------------------------------
     def get_meta(self, key: str, default: Any = None) -> Any:
-        with self._txn(db=self._meta) as txn:
+        with self._txn(db="meta") as txn:
             raw = txn.get(b"x:" + key.encode())
         return json.loads(raw) if raw is not None else default
 
     def shallow_boundaries(self) -> set[str]:
         """Commits stored as skipped because a shallow clone cut off their parents: a later walk goes on
         through them, so history fetched by `git fetch --unshallow` is still ingested."""
-        with self._txn(db=self._meta) as txn:
+        with self._txn(db="meta") as txn:
             return set(json.loads(txn.get(b"shallow_boundaries", b"[]")))
 
     def has_commit(self, oid: bytes) -> bool:
-        with self._txn(db=self._commits, buffers=True) as txn:
+        with self._txn(db="commits", buffers=True) as txn:
             return txn.get(oid) is not None
 
     def known_commits(self, oids: Iterable[bytes]) -> set[bytes]:
         """Which of `oids` are stored, in one read transaction."""
-        with self._txn(db=self._commits, buffers=True) as txn:
+        with self._txn(db="commits", buffers=True) as txn:
             return {oid for oid in oids if txn.get(oid) is not None}
 
     def get_commit(self, oid: bytes) -> dict[str, Any] | None:
-        with self._txn(db=self._commits) as txn:
+        with self._txn(db="commits") as txn:
             raw = txn.get(oid)
         return json.loads(raw) if raw is not None else None
 
     def iter_commits(self) -> Iterator[tuple[bytes, dict[str, Any]]]:
-        with self._txn(db=self._commits) as txn:
+        with self._txn(db="commits") as txn:
             for key, value in txn.cursor():
                 yield bytes(key), json.loads(value)
 
@@ -277,7 +302,7 @@ class Store:
 
     def iter_raw_examples(self, start: int = 0, stop: int | None = None) -> Iterator[tuple[int, bytes]]:
         """Examples exactly as stored (the bytes shards are made of), in sequence order."""
-        with self._txn(db=self._examples) as txn:
+        with self._txn(db="examples") as txn:
             cursor = txn.cursor()
             if not cursor.set_range(seq_key(start)):
                 return
@@ -289,7 +314,7 @@ class Store:
 
     def get_raw_examples(self, seqs: Iterable[int]) -> list[bytes]:
         """Examples by sequence number, as stored, in one read transaction (random access is cheap: mmap)."""
-        with self._txn(db=self._examples) as txn:
+        with self._txn(db="examples") as txn:
             found = []
             for seq in seqs:
                 raw = txn.get(seq_key(seq))
@@ -327,6 +352,21 @@ class Store:
         except (OSError, AttributeError, ValueError):
             return 0  # not Linux/glibc: nothing to do
         return released
+
+    def release_write_buffers(self, min_written: int = 4 << 20) -> bool:
+        """Reopen the environment once `min_written` bytes have been written since it was opened; True if it
+        was. LMDB keeps every page a write transaction dirtied on a free list for reuse until the environment
+        closes (mdb_dpage_free), so one big transaction (a new repository's first commit: ~13k examples)
+        pins ~20 MB of heap in a daemon that then writes a few pages per commit. Waits for other threads'
+        transactions to end; must not be called from inside one."""
+        if self.readonly or self._written_since_open < min_written:
+            return False
+        with self._resize_lock.exclusive():
+            map_size = self.env.info()["map_size"]
+            self.env.close()
+            self._open(map_size)
+            self._written_since_open = 0
+        return True
 
     def size_bytes(self) -> int:
         data = self.path / "data.mdb"

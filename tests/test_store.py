@@ -123,3 +123,69 @@ def test_released_map_pages_leave_rss_and_data_intact(tmp_path):
         assert store.release_mapped_pages() > 0
         assert rss_file_kb() < before - 10_000  # ~20 MB of map no longer resident
         assert store.counters()["examples"] == 5000 and next(store.iter_examples())[1]["t"] == "y" * 4000
+
+
+def test_reopening_after_a_big_write_frees_lmdb_dirty_pages_and_keeps_working(tmp_path):
+    """LMDB keeps each page a write transaction dirtied on a free list until the environment closes: one
+    big commit (~13k examples under 2 KB, so single pages) would pin ~20 MB of a daemon's heap for good."""
+    import threading
+
+    def rss_anon_kb() -> int:
+        for line in open("/proc/self/status"):
+            if line.startswith("RssAnon:"):
+                return int(line.split()[1])
+        return 0
+
+    with Store(tmp_path / "s") as store:
+        store.write([pending(1, 2)])
+        assert not store.release_write_buffers()  # a few hundred bytes: nothing worth a reopen
+        store.write([PendingCommit(oid(2), {"status": "ingested"}, [{"t": "z" * 1500, "i": i} for i in range(15_000)])])
+        before = rss_anon_kb()
+        stop = threading.Event()
+        seen: list[int] = []
+        errors: list[BaseException] = []
+
+        def read_while_reopening() -> None:  # another thread (the control socket's status) reading throughout
+            try:
+                while not stop.is_set():
+                    seen.append(store.counters()["examples"])
+                    store.known_commits([oid(1), oid(2)])
+            except BaseException as exc:  # noqa: BLE001 - reported below
+                errors.append(exc)
+
+        reader = threading.Thread(target=read_while_reopening)
+        reader.start()
+        try:
+            assert store.release_write_buffers()
+        finally:
+            stop.set()
+            reader.join()
+        assert not errors and set(seen) == {15_002}
+        assert rss_anon_kb() < before - 10_000  # ~15k dirtied pages (~22 MB) handed back
+        assert not store.release_write_buffers()  # counted from the reopen
+        store.write([pending(3, 4)])
+        assert store.counters() == {"commits_ingested": 3, "examples": 15_006}
+        assert [seq for seq, _ in store.iter_examples(15_000)] == list(range(15_000, 15_006))
+
+
+def test_a_read_nested_in_a_read_does_not_wait_behind_a_waiting_reopen():
+    import threading
+    import time
+
+    from gitlora.daemon.store import _SharedExclusiveLock
+
+    lock = _SharedExclusiveLock()
+    order: list[str] = []
+
+    def reopen() -> None:
+        with lock.exclusive():
+            order.append("exclusive")
+
+    with lock.shared():  # e.g. a flush iterating the store while it looks something else up
+        writer = threading.Thread(target=reopen)
+        writer.start()
+        time.sleep(0.1)  # the writer is now waiting for this reader
+        with lock.shared():
+            order.append("nested read")
+    writer.join(5)
+    assert not writer.is_alive() and order == ["nested read", "exclusive"]
