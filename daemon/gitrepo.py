@@ -63,7 +63,7 @@ class BlobUnreadable(Exception):
 
 def limit_object_cache(max_bytes: int) -> None:
     """libgit2 keeps up to 256 MB of decoded commits and trees per process by default: right for a backfill,
-    too much for a daemon that idles between commits."""
+    too much for a daemon that idles between commits. 0 turns the cache off."""
     pygit2.settings.cache_max_size(max_bytes)
 
 
