@@ -50,20 +50,29 @@ def rows_for(name: str, r: dict) -> list[tuple[str, str, str, bool]]:
         return [
             ("git commit, hooks+daemon / none", f"{c['ratio_median']:.3f}x ({c['hooked_median_ms']:.1f} / "
              f"{c['plain_median_ms']:.1f} ms)", "<= 1.10x", c["ratio_median"] <= 1.10),
+            ("git commit, empty sh hook / none", f"{c['empty_hook_ratio']:.3f}x", "(floor)", True),
             ("commit -> stored p50", f"{lat['p50_ms']:.0f} ms (p95 {lat['p95_ms']:.0f} ms)", "<= 250 ms",
              lat["p50_ms"] <= 250),
             ("idle daemon RSS", f"{idle['rss_mb']:.1f} MB", "<= 80 MB", idle["rss_mb"] <= 80),
+            ("daemon RSS creep", f"{r['rss_creep']['kb_per_commit']:+.1f} KB/commit"
+             + ("" if r["rss_creep"]["judged"] else " (not judged: < 120 commits)"), "<= 10 KB/commit",
+             not r["rss_creep"]["judged"] or r["rss_creep"]["kb_per_commit"] <= 10),
             ("idle daemon CPU", f"{idle['cpu_s']:.2f} s in {idle['seconds']:.0f} s", "~0", idle["cpu_share"] <= 0.005),
             ("torch in daemon", "none" if not idle["heavy_mappings"] else f"{len(idle['heavy_mappings'])} mappings",
              "none", not idle["heavy_mappings"]),
         ]
     if name == "hooks":
+        # A one-file repo, so the commit is as cheap as git gets and any hook is a large share of it: the
+        # issue's <= 1.10x is judged in the daemon row (the user's repo size and median commit). Here: what
+        # gitlora's hook costs over the floor of running any hook at all.
         v = r["variants"]["gitlora-hooks"]
         empty = r["variants"].get("empty-hook")
-        rows = [("git commit, gitlora hooks / none", f"{v['ratio_median']:.3f}x ({v['median_ms']:.1f} ms)", "<= 1.10x",
-                 v["ratio_median"] <= 1.10)]
+        rows = [("git commit, gitlora hooks / none", f"{v['ratio_median']:.3f}x ({v['median_ms']:.1f} ms, tiny repo)",
+                 "(info)", True)]
         if empty:
+            over = v["median_ms"] - empty["median_ms"]
             rows.append(("git commit, empty sh hook / none", f"{empty['ratio_median']:.3f}x", "(floor)", True))
+            rows.append(("gitlora hooks over empty sh hook", f"{over:+.2f} ms", "<= 0.5 ms", over <= 0.5))
         return rows
     if name == "train":
         return [("train loop / HF Trainer tok/s", f"{r['ratio']:.2f}x", ">= 1.0x", r["ratio"] >= 1.0)]
