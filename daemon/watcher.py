@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from pathlib import Path
 
-from watchdog.events import (DirMovedEvent, FileClosedEvent, FileCreatedEvent, FileModifiedEvent, FileMovedEvent,
+from watchdog.events import (DirMovedEvent, FileClosedEvent, FileCreatedEvent, FileMovedEvent,
                              FileSystemEvent, FileSystemEventHandler)
 from watchdog.observers import Observer
 from watchdog.observers.api import ObservedWatch
@@ -63,9 +63,10 @@ class RepoWatcher:
         handler = _Handler(git_dir, spool, nudge)
         # Git and libgit2 update refs, packed-refs and HEAD by renaming a lock file into place, so in the git
         # dir only renames (and creations) matter; asking the kernel for nothing else keeps the daemon from
-        # waking on every write of the index while `git commit` runs. The spool is appended to: modifications.
+        # waking on every write of the index while `git commit` runs. A hook appends its spool line with one
+        # write and closes the file: the close (IN_CLOSE_WRITE) is the one event that means "a line is there".
         ref_events = [FileMovedEvent, DirMovedEvent, FileCreatedEvent]
-        spool_events = [FileModifiedEvent, FileCreatedEvent, FileClosedEvent, FileMovedEvent]
+        spool_events = [FileCreatedEvent, FileClosedEvent, FileMovedEvent]
         try:
             self._watches.append(observer.schedule(handler, str(git_dir), recursive=False, event_filter=ref_events))
             self._watches.append(observer.schedule(handler, str(git_dir / "refs"), recursive=True,
