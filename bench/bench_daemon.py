@@ -6,19 +6,23 @@ Everything runs under a throw-away HOME / XDG_STATE_HOME / XDG_CONFIG_HOME / XDG
 XDG_RUNTIME_DIR under /tmp (AF_UNIX path limit): the user's daemon, stores and config are never touched.
 Training is switched off in that config (train.min_new_shards is huge) so no trainer subprocess competes.
 
-Set-up: three repositories with the same Rust tree (--files, default 1,200 like the user's the-block);
-`python -m gitlora.daemon daemon` is started; `install --no-backfill` puts gitlora's hooks into one
-("hooked") and registers it with the daemon; "plain" has no hooks; "empty-hook" has a post-commit hook that
-does nothing (`#!/bin/sh` alone): the floor any hook costs, shown for reference. Each iteration makes the
-same change in all three: the user's median commit (shared/README: ~22 files, ~1,400 lines), i.e.
---change-files Rust files with 1-2 functions rewritten each and sometimes one added. The order of the
-three rotates per iteration; each repo is staged (`git add -A`, untimed) right before its own commit, as a
-user does. (Staging all repos first and then committing made the first-staged repo ~10 % faster in an
-A/A test with no hooks anywhere: that bias alone is the whole target.)
+Set-up: one repository with a Rust tree the size of the user's the-block (--files, default 1,200);
+`python -m gitlora.daemon daemon` is started and `install --no-backfill` installs gitlora's hooks and
+registers the repository. Each timed commit is the user's median commit (shared/README: ~22 files, ~1,400
+lines), i.e. --change-files Rust files with 1-2 functions rewritten each and sometimes one added, staged
+(`git add -A`, untimed) right before it, as a user does. Every iteration commits three times, in a random
+order, once per variant:
+    hooked      gitlora's hooks, the daemon running (what the user has);
+    plain       no post-commit hook, the daemon stopped (SIGSTOP: it does nothing during the commit);
+    empty-hook  a post-commit hook that does nothing (`#!/bin/sh`), the daemon stopped: the floor that
+                running any hook at all costs, shown for reference.
+Why one repository and random order: with three separate repositories and a fixed rotation, A/A tests
+with no hooks anywhere showed 10-25 % between repositories (which repo, which one committed before it),
+more than the whole 1.10x budget; toggling the hook file inside one repository measured ~1 % apart.
 
-(a) times each `git commit`. After the hooked commit the bench waits until the daemon has stored it and
-    gone quiet (no CPU used for 50 ms) before the next timed commit, so the daemon's ingest never overlaps
-    a timed commit of any repo: the ratio is the hooks' cost, as a user committing normally sees it.
+(a) times each `git commit`. After every commit the daemon is resumed (SIGCONT), the bench waits until
+    it has stored the commit and gone quiet (no CPU for 50 ms), so its ingest never overlaps a timed
+    commit: the ratio is the hooks' and the daemon's cost, as a user committing normally sees it.
     Target: median(hooked) / median(plain) <= 1.10.
 (b) that wait is the latency: from `git commit` returning to the commit being in the store, polled every
     2 ms through `Store(readonly=True).has_commit`. Target: p50 <= 250 ms. (The daemon debounces nudges by
@@ -188,16 +192,11 @@ def main(argv: list[str] | None = None) -> int:
         from gitlora.daemon.gitrepo import GitRepo
 
         tree = Tree(seed=3, files=args.files)
-        names = ("plain", "empty-hook", "hooked")
-        repos = {name: root / name for name in names}
-        for repo in repos.values():
-            subprocess.run(["git", "init", "-q", str(repo)], check=True)
-            Tree.write(repo, tree.files)
-            git(repo, "add", "-A")
-            git(repo, "commit", "-q", "-m", "initial tree")
-        floor_hook = repos["empty-hook"] / ".git" / "hooks" / "post-commit"
-        floor_hook.write_text("#!/bin/sh\n")
-        floor_hook.chmod(0o755)
+        repo = root / "repo"
+        subprocess.run(["git", "init", "-q", str(repo)], check=True)
+        Tree.write(repo, tree.files)
+        git(repo, "add", "-A")
+        git(repo, "commit", "-q", "-m", "initial tree")
 
         log = open(root / "daemon.out", "wb")
         daemon = subprocess.Popen([PY, "-m", "gitlora.daemon", "daemon"], stdout=log, stderr=log,
@@ -208,46 +207,63 @@ def main(argv: list[str] | None = None) -> int:
                 raise SystemExit(f"daemon did not come up:\n{(root / 'daemon.out').read_text()}")
             time.sleep(0.1)
         report["daemon_startup_s"] = time.perf_counter() - t0
-        cli("install", "--no-backfill", str(repos["hooked"]))
-        store_path = paths.RepoPaths.for_git_dir(GitRepo(repos["hooked"]).common_dir).store
-        head = bytes.fromhex(git(repos["hooked"], "rev-parse", "HEAD"))
+        cli("install", "--no-backfill", str(repo))
+        store_path = paths.RepoPaths.for_git_dir(GitRepo(repo).common_dir).store
+        head = bytes.fromhex(git(repo, "rev-parse", "HEAD"))
         if wait_stored(store_path, head, timeout=60) is None:
             raise SystemExit(f"the daemon never stored the initial commit:\n{(root / 'daemon.out').read_text()}")
+        hook = repo / ".git" / "hooks" / "post-commit"
+        gitlora_hook = hook.read_bytes()
 
+        def use(variant: str) -> None:
+            """Put the variant's post-commit hook in place; freeze the daemon unless it is part of it."""
+            if variant == "plain":
+                hook.unlink(missing_ok=True)
+            else:
+                hook.write_bytes(gitlora_hook if variant == "hooked" else b"#!/bin/sh\n")
+                hook.chmod(0o755)
+            if variant != "hooked":
+                daemon.send_signal(signal.SIGSTOP)
+
+        names = ("plain", "empty-hook", "hooked")
         commit_s: dict[str, list[float]] = {name: [] for name in names}
         latency: list[float] = []
         changed_lines: list[int] = []
         timeouts = 0
+        order_rng = random.Random(11)
 
         early_at = min(19, args.commits - 1)  # creep is judged from here on (caches are full by then)
         for i in range(-3, args.commits):  # 3 warm-up iterations, not recorded
-            changed = tree.change(args.change_files)
-            for name in names[i % 3:] + names[:i % 3]:
-                repo = repos[name]
-                Tree.write(repo, changed)
+            order = list(names)
+            order_rng.shuffle(order)
+            for name in order:
+                use(name)
+                Tree.write(repo, tree.change(args.change_files))
                 git(repo, "add", "-A")
                 t = time.perf_counter()
-                subprocess.run(["git", "commit", "-q", "-m", f"change {i}"], cwd=repo, check=True)
+                subprocess.run(["git", "commit", "-q", "-m", f"change {i} {name}"], cwd=repo, check=True)
                 t_return = time.perf_counter()
+                if name != "hooked":
+                    daemon.send_signal(signal.SIGCONT)
+                oid = bytes.fromhex(git(repo, "rev-parse", "HEAD"))
+                waited = wait_stored(store_path, oid)
+                if waited is None:
+                    timeouts += 1
+                elif i >= 0 and name == "hooked":
+                    latency.append(time.perf_counter() - t_return)
+                settle(daemon.pid)
                 if i >= 0:
                     commit_s[name].append(t_return - t)
-                if name == "plain" and i >= 0:  # after the commit: staging-to-commit must be the same everywhere
                     stat = git(repo, "diff", "--numstat", "HEAD~", "HEAD").splitlines()
                     changed_lines.append(sum(int(a) + int(d) for a, d, _ in (line.split("\t") for line in stat)))
-                if name == "hooked":
-                    oid = bytes.fromhex(git(repo, "rev-parse", "HEAD"))
-                    waited = wait_stored(store_path, oid)
-                    if waited is None:
-                        timeouts += 1
-                    elif i >= 0:
-                        latency.append(time.perf_counter() - t_return)
-                    settle(daemon.pid)
-                    if i == early_at:
-                        rss_early = proc_status_kb(daemon.pid, "VmRSS") / 1024
+            if i == early_at:
+                rss_early = proc_status_kb(daemon.pid, "VmRSS") / 1024
+        hook.write_bytes(gitlora_hook)
 
         rss_late = proc_status_kb(daemon.pid, "VmRSS") / 1024
-        report["rss_creep"] = {"after_20_commits_mb": rss_early, "at_end_mb": rss_late,
-                               "kb_per_commit": (rss_late - rss_early) * 1024 / max(1, args.commits - 1 - early_at),
+        report["rss_creep"] = {"after_20_iterations_mb": rss_early, "at_end_mb": rss_late,
+                               # every iteration stores three commits
+                               "kb_per_commit": (rss_late - rss_early) * 1024 / max(1, 3 * (args.commits - 1 - early_at)),
                                "judged": args.commits - 1 - early_at >= 100}  # fewer: page-size noise dominates
         status = json.loads(cli("status", "--json").stdout)
         repo_view = status["repos"][0]
@@ -280,7 +296,7 @@ def main(argv: list[str] | None = None) -> int:
         daemon = None
     finally:
         if daemon is not None and daemon.poll() is None:
-            daemon.kill()
+            daemon.kill()  # SIGKILL also ends a stopped process
             daemon.wait()
         shutil.rmtree(root, ignore_errors=True)
 
@@ -311,7 +327,7 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(report, indent=2))
     else:
         c, lat = report["commit"], report["latency"]
-        print(f"daemon up in {report['daemon_startup_s']:.2f} s; {args.commits} commits per repo, interleaved")
+        print(f"daemon up in {report['daemon_startup_s']:.2f} s; {args.commits} iterations x 3 variants in one repo, random order")
         print(f"(a) git commit of {c['change_files']} files / {c['changed_lines_median']:.0f} lines (medians): "
               f"plain {c['plain_median_ms']:.1f} ms (mean {c['plain_mean_ms']:.1f}), "
               f"hooks+daemon {c['hooked_median_ms']:.1f} ms (mean {c['hooked_mean_ms']:.1f}) -> "
@@ -323,9 +339,9 @@ def main(argv: list[str] | None = None) -> int:
               f"(min {lat['min_ms']:.0f}, max {lat['max_ms']:.0f}, n={lat['n']}, timeouts {lat['timeouts']}; "
               f"target p50 <= 250 ms)")
         creep = report["rss_creep"]
-        print(f"    RSS after 20 commits {creep['after_20_commits_mb']:.1f} MB, after all {creep['at_end_mb']:.1f} MB: "
+        print(f"    RSS after 20 iterations (60 commits) {creep['after_20_iterations_mb']:.1f} MB, after all {creep['at_end_mb']:.1f} MB: "
               f"{creep['kb_per_commit']:+.1f} KB per commit (target: no creep, <= 10"
-              f"{'' if creep['judged'] else '; not judged on fewer than 120 commits'})")
+              f"{'' if creep['judged'] else '; not judged on fewer than 120 iterations'})")
         print(f"(c) idle {idle['seconds']:.0f} s: RSS {idle['rss_mb']:.1f} MB (anon {idle['rss_anon_mb']:.1f}, file {idle['rss_file_mb']:.1f}, "
               f"peak {idle['hwm_mb']:.1f}; just importing the daemon's modules: "
               f"{idle['import_floor_rss_mb']:.1f}; target <= 80), "

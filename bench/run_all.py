@@ -55,7 +55,7 @@ def rows_for(name: str, r: dict) -> list[tuple[str, str, str, bool]]:
              lat["p50_ms"] <= 250),
             ("idle daemon RSS", f"{idle['rss_mb']:.1f} MB", "<= 80 MB", idle["rss_mb"] <= 80),
             ("daemon RSS creep", f"{r['rss_creep']['kb_per_commit']:+.1f} KB/commit"
-             + ("" if r["rss_creep"]["judged"] else " (not judged: < 120 commits)"), "<= 10 KB/commit",
+             + ("" if r["rss_creep"]["judged"] else " (not judged: < 120 iterations)"), "<= 10 KB/commit",
              not r["rss_creep"]["judged"] or r["rss_creep"]["kb_per_commit"] <= 10),
             ("idle daemon CPU", f"{idle['cpu_s']:.2f} s in {idle['seconds']:.0f} s", "~0", idle["cpu_share"] <= 0.005),
             ("torch in daemon", "none" if not idle["heavy_mappings"] else f"{len(idle['heavy_mappings'])} mappings",
