@@ -21,7 +21,7 @@ from . import config as config_mod
 from . import log, paths, repos, sdnotify
 from .control import ControlServer
 from .gitrepo import GitRepo, GitRepoError, limit_object_cache
-from .repo_worker import RepoWorker, limit_malloc_arenas
+from .repo_worker import RepoWorker, configure_malloc
 from .watcher import RepoWatcher
 
 _log = log.get("gitlora.daemon")
@@ -225,7 +225,7 @@ class Daemon:
 
 
 def main(config: config_mod.Config | None = None) -> int:
-    limit_malloc_arenas()
+    configure_malloc()
     # No libgit2 object cache: the daemon reads each new commit's trees once, and an 8 MB cap (its
     # accounting counts raw object bytes, not the parsed trees) still let RSS creep ~55 KB per live commit.
     limit_object_cache(0)
