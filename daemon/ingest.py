@@ -14,10 +14,11 @@ import os
 import signal
 import time
 import traceback
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import Future, ProcessPoolExecutor
 from dataclasses import dataclass, field
+from itertools import islice
 from typing import Any
 
 from tree_sitter import Tree
@@ -267,6 +268,17 @@ class Ingestor:
         pool = ProcessPoolExecutor(max(1, min(self.workers, len(chunks))), mp_context=context, initializer=_worker_init,
                                    initargs=(str(self.repo.common_dir), self.config.model_dump_json(), self.source))
         try:
-            yield from pool.map(_worker_process, chunks)
+            # Not pool.map: it submits every chunk at once, and results pile up in the parent faster than it
+            # writes them (the-block's whole history, ~150 MB, at once). A few chunks ahead per worker keep
+            # the workers busy and the parent's peak, and the fragmented heap it leaves, small.
+            chunk_iter = iter(chunks)
+            in_flight: deque[Future[list[PendingCommit]]] = deque(
+                pool.submit(_worker_process, chunk) for chunk in islice(chunk_iter, 2 * self.workers))
+            while in_flight:
+                done = in_flight.popleft().result()
+                following = next(chunk_iter, None)
+                if following is not None:
+                    in_flight.append(pool.submit(_worker_process, following))
+                yield done
         finally:
             pool.shutdown(wait=True, cancel_futures=True)
