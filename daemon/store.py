@@ -12,6 +12,7 @@ import json
 import os
 import struct
 import threading
+import time
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -67,23 +68,34 @@ class _SharedExclusiveLock:
         self._shared = 0
         self._exclusive = False
         self._exclusive_waiting = 0
-        self._depth = threading.local()
+        self._held: dict[int, int] = {}  # thread id -> shared sections it entered and has not left
 
     @contextmanager
     def shared(self) -> Iterator[None]:
-        depth = getattr(self._depth, "n", 0)
+        # Counted by the entering thread's id, and released against that id: a generator holding a section
+        # may be closed out of order, or finalised by another thread.
+        holder = threading.get_ident()
         with self._cond:
-            while self._exclusive or (self._exclusive_waiting and depth == 0):
+            while self._exclusive or (self._exclusive_waiting and not self._held.get(holder)):
                 self._cond.wait()
             self._shared += 1
-        self._depth.n = getattr(self._depth, "n", 0) + 1
+            self._held[holder] = self._held.get(holder, 0) + 1
         try:
             yield
         finally:
-            self._depth.n = getattr(self._depth, "n", 1) - 1  # not a restore: generators may close out of order
             with self._cond:
                 self._shared -= 1
+                left = self._held[holder] - 1
+                if left:
+                    self._held[holder] = left
+                else:
+                    del self._held[holder]
                 self._cond.notify_all()
+
+    def held_here(self) -> bool:
+        """Is the calling thread inside a shared section (e.g. a store generator it has not finished)?"""
+        with self._cond:
+            return bool(self._held.get(threading.get_ident()))
 
     @contextmanager
     def exclusive(self) -> Iterator[None]:
@@ -160,7 +172,11 @@ class Store:
 
     # -- lifecycle -------------------------------------------------------------------------------
     def close(self) -> None:
-        self.env.close()
+        if self._resize_lock.held_here():  # an unfinished generator of this thread: waiting would deadlock
+            self.env.close()
+            return
+        with self._resize_lock.exclusive():  # not under another thread's transaction (a status read)
+            self.env.close()
 
     def __enter__(self) -> "Store":
         return self
@@ -339,6 +355,12 @@ class Store:
         every page of it. LMDB maps the file read-only and shared (no writemap), so MADV_DONTNEED loses
         nothing. py-lmdb does not expose the map's address: it is found in /proc/self/maps."""
         data = str((self.path / "data.mdb").resolve())
+        # Under the lock: a map another thread moved meanwhile (adopting a resize) frees its old range, which
+        # malloc may reuse, and MADV_DONTNEED on that would zero live heap memory.
+        with self._resize_lock.shared():
+            return self._release_mapped_pages(data)
+
+    def _release_mapped_pages(self, data: str) -> int:
         released = 0
         try:
             libc = ctypes.CDLL("libc.so.6", use_errno=True)
@@ -364,7 +386,14 @@ class Store:
         with self._resize_lock.exclusive():
             map_size = self.env.info()["map_size"]
             self.env.close()
-            self._open(map_size)
+            for attempt in range(3):  # out of file handles or memory for a moment: the store must not stay closed
+                try:
+                    self._open(map_size)
+                    break
+                except lmdb.Error as exc:
+                    if attempt == 2:
+                        raise StoreError(f"could not reopen the store at {self.path}: {exc}") from exc
+                    time.sleep(0.2)
             self._written_since_open = 0
         return True
 

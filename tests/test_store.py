@@ -130,6 +130,8 @@ def test_reopening_after_a_big_write_frees_lmdb_dirty_pages_and_keeps_working(tm
     big commit (~13k examples under 2 KB, so single pages) would pin ~20 MB of a daemon's heap for good."""
     import threading
 
+    from gitlora.daemon.repo_worker import release_memory
+
     def rss_anon_kb() -> int:
         for line in open("/proc/self/status"):
             if line.startswith("RssAnon:"):
@@ -140,6 +142,7 @@ def test_reopening_after_a_big_write_frees_lmdb_dirty_pages_and_keeps_working(tm
         store.write([pending(1, 2)])
         assert not store.release_write_buffers()  # a few hundred bytes: nothing worth a reopen
         store.write([PendingCommit(oid(2), {"status": "ingested"}, [{"t": "z" * 1500, "i": i} for i in range(15_000)])])
+        release_memory()  # what the daemon does after a burst: the pages stay, LMDB still holds them
         before = rss_anon_kb()
         stop = threading.Event()
         seen: list[int] = []
@@ -161,6 +164,7 @@ def test_reopening_after_a_big_write_frees_lmdb_dirty_pages_and_keeps_working(tm
             stop.set()
             reader.join()
         assert not errors and set(seen) == {15_002}
+        release_memory()  # LMDB free()d them; glibc hands free heap pages back on trim
         assert rss_anon_kb() < before - 10_000  # ~15k dirtied pages (~22 MB) handed back
         assert not store.release_write_buffers()  # counted from the reopen
         store.write([pending(3, 4)])
@@ -189,3 +193,60 @@ def test_a_read_nested_in_a_read_does_not_wait_behind_a_waiting_reopen():
             order.append("nested read")
     writer.join(5)
     assert not writer.is_alive() and order == ["nested read", "exclusive"]
+
+
+def test_a_read_section_closed_by_another_thread_is_released_for_its_owner():
+    """A generator holding a read may be finalised by another thread; the section must count as released for
+    the thread that entered it, or a later nested read there would queue behind a writer it blocks."""
+    import threading
+
+    from gitlora.daemon.store import _SharedExclusiveLock
+
+    lock = _SharedExclusiveLock()
+
+    def reader():
+        with lock.shared():
+            yield
+
+    held = reader()
+    next(held)  # this thread is inside a shared section
+    assert lock.held_here()
+    closer = threading.Thread(target=held.close)
+    closer.start()
+    closer.join(5)
+    assert not lock.held_here()
+    with lock.exclusive():  # nothing left holding it
+        pass
+
+
+def test_close_waits_for_another_threads_read_and_not_for_its_own_unfinished_generator(tmp_path):
+    import threading
+    import time
+
+    store = Store(tmp_path / "s")
+    store.write([pending(1, 3)])
+    reading, finish = threading.Event(), threading.Event()
+    counted: list[int] = []
+
+    def status_poll() -> None:  # the control socket's thread, mid-read
+        with store._txn() as txn:
+            reading.set()
+            finish.wait(5)
+            counted.append(store._counters(txn)["examples"])  # the env must still be open here
+
+    poller = threading.Thread(target=status_poll)
+    poller.start()
+    reading.wait(5)
+    closer = threading.Thread(target=store.close)
+    closer.start()
+    time.sleep(0.2)
+    assert closer.is_alive()  # waiting for the read to end
+    finish.set()
+    poller.join(5)
+    closer.join(5)
+    assert not closer.is_alive() and counted == [3]
+
+    again = Store(tmp_path / "s")
+    unfinished = again.iter_examples()
+    next(unfinished)  # this thread holds a read section
+    again.close()  # would deadlock if it waited for itself
