@@ -17,7 +17,7 @@ from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import lmdb
 
@@ -139,21 +139,20 @@ class Store:
             readonly=self.readonly, subdir=True, lock=True, readahead=False, meminit=False,
         )
         try:
-            self._dbs = {name: self.env.open_db(name.encode(), create=not self.readonly)
-                         for name in ("commits", "examples", "meta")}
+            self._commits, self._examples, self._meta = (self.env.open_db(name, create=not self.readonly)
+                                                         for name in (b"commits", b"examples", b"meta"))
         except lmdb.NotFoundError:  # read-only, and the writer has not created its databases yet
             self.env.close()
             raise StoreError(f"store at {self.path} is not initialised yet") from None
-        self._commits, self._examples, self._meta = (self._dbs[n] for n in ("commits", "examples", "meta"))
 
     @contextmanager
-    def _txn(self, db: str | None = None, **kwargs: Any) -> Iterator[lmdb.Transaction]:
+    def _txn(self, db: Literal["commits", "examples", "meta"] | None = None, **kwargs: Any) -> Iterator[lmdb.Transaction]:
         """A transaction that survives the map growing: another process (a backfill next to the daemon) may
         have grown it, which LMDB reports as MapResizedError until this process adopts the new size.
         `db` is a name, resolved under the lock: `release_write_buffers` may reopen the environment."""
         with self._resize_lock.shared():
             if db is not None:
-                kwargs["db"] = self._dbs[db]
+                kwargs["db"] = getattr(self, f"_{db}")
             try:
                 txn = self.env.begin(**kwargs)
             except lmdb.MapResizedError:
@@ -166,7 +165,7 @@ class Store:
             self.env.set_mapsize(0)  # 0 = adopt the size the other process set
         with self._resize_lock.shared():
             if db is not None:
-                kwargs["db"] = self._dbs[db]
+                kwargs["db"] = getattr(self, f"_{db}")
             with self.env.begin(**kwargs) as txn:
                 yield txn
 

@@ -1,14 +1,27 @@
 """The LMDB store on a real environment: exactly-once, append-only, growing, schema-guarded."""
 from __future__ import annotations
 
+import subprocess
+import sys
+import threading
+import time
+
 import lmdb
 import pytest
 
-from gitlora.daemon.store import SCHEMA_VERSION, PendingCommit, Store, StoreError
+from gitlora.daemon.repo_worker import release_memory
+from gitlora.daemon.store import SCHEMA_VERSION, PendingCommit, Store, StoreError, _SharedExclusiveLock
 
 
 def oid(n: int) -> bytes:
     return n.to_bytes(20, "big")
+
+
+def proc_status_kb(key: str) -> int:
+    for line in open("/proc/self/status"):
+        if line.startswith(key + ":"):
+            return int(line.split()[1])
+    return 0
 
 
 def pending(n: int, examples: int) -> PendingCommit:
@@ -89,8 +102,6 @@ def test_reader_of_a_half_created_store_gets_a_clear_error(tmp_path):
 
 def test_a_map_grown_by_another_process_is_adopted(tmp_path):
     """A backfill next to the daemon grows the map; the daemon's next transactions must adopt the new size."""
-    import subprocess
-    import sys
 
     with Store(tmp_path / "s", map_size=1 << 20) as store:
         store.env.set_mapsize(1 << 20)
@@ -110,40 +121,24 @@ def test_a_map_grown_by_another_process_is_adopted(tmp_path):
 
 
 def test_released_map_pages_leave_rss_and_data_intact(tmp_path):
-    def rss_file_kb() -> int:
-        for line in open("/proc/self/status"):
-            if line.startswith("RssFile:"):
-                return int(line.split()[1])
-        return 0
-
     with Store(tmp_path / "s") as store:
         store.write([PendingCommit(oid(n), {"status": "ingested"}, [{"t": "y" * 4000}] * 50) for n in range(100)])
         assert sum(len(e["t"]) for _, e in store.iter_examples()) == 5000 * 4000  # touches every page
-        before = rss_file_kb()
+        before = proc_status_kb("RssFile")
         assert store.release_mapped_pages() > 0
-        assert rss_file_kb() < before - 10_000  # ~20 MB of map no longer resident
+        assert proc_status_kb("RssFile") < before - 10_000  # ~20 MB of map no longer resident
         assert store.counters()["examples"] == 5000 and next(store.iter_examples())[1]["t"] == "y" * 4000
 
 
 def test_reopening_after_a_big_write_frees_lmdb_dirty_pages_and_keeps_working(tmp_path):
     """LMDB keeps each page a write transaction dirtied on a free list until the environment closes: one
     big commit (~13k examples under 2 KB, so single pages) would pin ~20 MB of a daemon's heap for good."""
-    import threading
-
-    from gitlora.daemon.repo_worker import release_memory
-
-    def rss_anon_kb() -> int:
-        for line in open("/proc/self/status"):
-            if line.startswith("RssAnon:"):
-                return int(line.split()[1])
-        return 0
-
     with Store(tmp_path / "s") as store:
         store.write([pending(1, 2)])
         assert not store.release_write_buffers()  # a few hundred bytes: nothing worth a reopen
         store.write([PendingCommit(oid(2), {"status": "ingested"}, [{"t": "z" * 1500, "i": i} for i in range(15_000)])])
         release_memory()  # what the daemon does after a burst: the pages stay, LMDB still holds them
-        before = rss_anon_kb()
+        before = proc_status_kb("RssAnon")
         stop = threading.Event()
         seen: list[int] = []
         errors: list[BaseException] = []
@@ -165,7 +160,7 @@ def test_reopening_after_a_big_write_frees_lmdb_dirty_pages_and_keeps_working(tm
             reader.join()
         assert not errors and set(seen) == {15_002}
         release_memory()  # LMDB free()d them; glibc hands free heap pages back on trim
-        assert rss_anon_kb() < before - 10_000  # ~15k dirtied pages (~22 MB) handed back
+        assert proc_status_kb("RssAnon") < before - 10_000  # ~15k dirtied pages (~22 MB) handed back
         assert not store.release_write_buffers()  # counted from the reopen
         store.write([pending(3, 4)])
         assert store.counters() == {"commits_ingested": 3, "examples": 15_006}
@@ -173,11 +168,6 @@ def test_reopening_after_a_big_write_frees_lmdb_dirty_pages_and_keeps_working(tm
 
 
 def test_a_read_nested_in_a_read_does_not_wait_behind_a_waiting_reopen():
-    import threading
-    import time
-
-    from gitlora.daemon.store import _SharedExclusiveLock
-
     lock = _SharedExclusiveLock()
     order: list[str] = []
 
@@ -198,10 +188,6 @@ def test_a_read_nested_in_a_read_does_not_wait_behind_a_waiting_reopen():
 def test_a_read_section_closed_by_another_thread_is_released_for_its_owner():
     """A generator holding a read may be finalised by another thread; the section must count as released for
     the thread that entered it, or a later nested read there would queue behind a writer it blocks."""
-    import threading
-
-    from gitlora.daemon.store import _SharedExclusiveLock
-
     lock = _SharedExclusiveLock()
 
     def reader():
@@ -220,9 +206,6 @@ def test_a_read_section_closed_by_another_thread_is_released_for_its_owner():
 
 
 def test_close_waits_for_another_threads_read_and_not_for_its_own_unfinished_generator(tmp_path):
-    import threading
-    import time
-
     store = Store(tmp_path / "s")
     store.write([pending(1, 3)])
     reading, finish = threading.Event(), threading.Event()
