@@ -62,7 +62,7 @@ _COMMIT = re.compile(rb'"commit":"([0-9a-f]{40,64})"')
 _COMMIT_TIME = re.compile(rb'"commit_time":(-?\d+)[,}]')
 
 
-def _meta(raw: bytes) -> tuple[str, int]:
+def example_meta(raw: bytes) -> tuple[str, int]:
     """(commit, commit_time) of a stored example. Quotes inside JSON strings are escaped, so these top-level
     keys cannot be matched inside the code text; a full parse is the fallback."""
     commit, commit_time = _COMMIT.search(raw), _COMMIT_TIME.search(raw)
@@ -70,6 +70,14 @@ def _meta(raw: bytes) -> tuple[str, int]:
         return commit.group(1).decode(), int(commit_time.group(1))
     record = json.loads(raw)
     return record["commit"], int(record["commit_time"])
+
+
+def read_manifest(path: Path) -> dict[str, Any]:
+    """The manifest, or an empty one when there is none yet (or it does not parse)."""
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {"shards": [], "groups": []}
 
 
 class ShardWriter:
@@ -84,10 +92,15 @@ class ShardWriter:
         self._lock = threading.Lock()
 
     def manifest(self) -> dict[str, Any]:
+        return read_manifest(self.manifest_path)
+
+    def verified_body(self, entry: dict[str, Any]) -> bytes | None:
+        """A shard file's bytes when they match the sha256 its manifest entry records, else None."""
         try:
-            return json.loads(self.manifest_path.read_text())
-        except (OSError, ValueError):
-            return {"shards": [], "groups": []}
+            body = (self.dir / entry["file"]).read_bytes()
+        except OSError:
+            return None
+        return body if hashlib.sha256(body).hexdigest() == entry["sha256"] else None
 
     def flushed_upto(self) -> int:
         """The first example sequence no flush has taken yet."""
@@ -172,7 +185,7 @@ class ShardWriter:
         return {entry["id"]: plan for entry, plan in zip(recorded, plans)}, ""
 
     def _metas(self, group: dict[str, Any]) -> dict[int, tuple[str, int]]:
-        return {seq: _meta(data) for seq, data in self.store.iter_raw_examples(group["first_seq"],
+        return {seq: example_meta(data) for seq, data in self.store.iter_raw_examples(group["first_seq"],
                                                                                group["last_seq"] + 1)}
 
     def _body(self, seqs: tuple[int, ...]) -> bytes:
@@ -213,7 +226,9 @@ class ShardVerification:
         return not self.failed
 
     def summary(self) -> str:
-        text = f"{self.checked} shards checked, {len(self.rebuilt)} rebuilt from the store"
+        if not self.checked:
+            return "no shards yet"
+        text = f"{self.checked} shards verified, {len(self.rebuilt)} rebuilt from the store"
         if self.failed:
             first = min(self.failed)
             text += f", {len(self.failed)} not rebuildable (shard {first}: {self.failed[first]})"

@@ -384,6 +384,15 @@ class Store:
         raw = txn.get(b"counters", db=self._meta)
         return _loads(raw, self.path) if raw else {}
 
+    def reserve_seqs(self, upto: int) -> None:
+        """Make `upto` the next sequence number, never moving it back; the numbers skipped hold no example.
+        Repair keeps a lost shard's numbers out of later shard groups this way."""
+        if self.readonly:
+            raise StoreError("store opened read-only")
+        with self._txn(write=True) as txn:
+            if upto > self._next_seq(txn):
+                txn.put(b"next_seq", str(upto).encode(), db=self._meta)
+
     def set_meta(self, key: str, value: Any) -> None:
         with self._txn(db="meta", write=True) as txn:
             txn.put(b"x:" + key.encode(), _dumps(value))

@@ -115,13 +115,13 @@ def test_a_shard_the_store_cannot_reproduce_is_reported_not_accepted(tmp_path):
 
 
 def test_shard_metadata_is_read_from_the_real_keys_only():
-    from gitlora.daemon.shards import _meta
+    from gitlora.daemon.shards import example_meta
 
     tricky = {"repo": "r", "before": 'let s = "\\"commit\\":\\"' + "f" * 40 + '\\"";', "commit": "a" * 40,
               "after": '"commit_time":1', "commit_time": 1234}
-    assert _meta(json.dumps(tricky, separators=(",", ":")).encode()) == ("a" * 40, 1234)
+    assert example_meta(json.dumps(tricky, separators=(",", ":")).encode()) == ("a" * 40, 1234)
     spaced = json.dumps({"commit_time": 7, "commit": "b" * 40}).encode()  # not our compact encoding
-    assert _meta(spaced) == ("b" * 40, 7)
+    assert example_meta(spaced) == ("b" * 40, 7)
 
 
 def test_concurrent_flushes_write_each_group_once(tmp_path):
