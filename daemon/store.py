@@ -41,9 +41,11 @@ class StoreDamaged(StoreError):
         super().__init__(f"store at {self.path} is damaged: {reason}")
 
 
-# What LMDB reports when the pages it reads are not what it wrote.
+# What LMDB reports when the pages it reads are not what it wrote. BadTxnError too: inside the store every
+# transaction is fresh and scoped, so a transaction already failed means an earlier read in it hit a bad page
+# (opening a cursor on a database whose record is damaged fails silently, and the cursor's first read says so).
 _DAMAGE_ERRORS = (lmdb.CorruptedError, lmdb.PageNotFoundError, lmdb.PanicError, lmdb.InvalidError,
-                  lmdb.VersionMismatchError, lmdb.BadValsizeError)
+                  lmdb.VersionMismatchError, lmdb.BadValsizeError, lmdb.BadTxnError)
 
 # LMDB's on-disk meta page (mdb.c: MDB_page header, then MDB_meta), in native sizes: page 0 and page 1 each
 # hold one; readers use the valid one with the larger transaction id. size_t fields are pointer-sized.
@@ -227,7 +229,7 @@ class Store:
                 readonly=self.readonly, subdir=True, lock=True, readahead=False, meminit=False,
             )
         except _DAMAGE_ERRORS as exc:
-            raise StoreDamaged(self.path, _lmdb_reason(exc)) from None
+            raise StoreDamaged(self.path, f"LMDB cannot read its pages ({_lmdb_reason(exc)})") from None
         except lmdb.Error as exc:  # permissions, a full disk, a stale lock file: not damage, still one line
             raise StoreError(f"cannot open the store at {self.path}: {_lmdb_reason(exc)}") from None
         try:
@@ -238,7 +240,7 @@ class Store:
             raise StoreError(f"store at {self.path} is not initialised yet") from None
         except _DAMAGE_ERRORS as exc:
             self.env.close()
-            raise StoreDamaged(self.path, _lmdb_reason(exc)) from None
+            raise StoreDamaged(self.path, f"LMDB cannot read its pages ({_lmdb_reason(exc)})") from None
 
     @contextmanager
     def _txn(self, db: Literal["commits", "examples", "meta"] | None = None, **kwargs: Any) -> Iterator[lmdb.Transaction]:
@@ -247,7 +249,7 @@ class Store:
             with self._locked_txn(db, **kwargs) as txn:
                 yield txn
         except _DAMAGE_ERRORS as exc:
-            raise StoreDamaged(self.path, _lmdb_reason(exc)) from None
+            raise StoreDamaged(self.path, f"LMDB cannot read its pages ({_lmdb_reason(exc)})") from None
 
     @contextmanager
     def _locked_txn(self, db: Literal["commits", "examples", "meta"] | None = None,
