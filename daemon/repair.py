@@ -98,8 +98,15 @@ def repair_store(opened: OpenedRepo, config: Config, *, progress: Progress | Non
     then verify every shard against it (rebuilding any that do not match). Precondition: no Store on
     this repository's store path is open in this process. Running it again never doubles anything: a sound
     store is only checked, and a rebuild stores each commit once."""
+    try:
+        return _repair(opened, config, progress, should_stop or (lambda: False), force)
+    except OSError as exc:  # a full disk, a permission: one line, and the old store is still in place
+        raise RepairError(f"repair of {opened.git.name} failed: {exc}") from None
+
+
+def _repair(opened: OpenedRepo, config: Config, progress: Progress | None, stop: Callable[[], bool],
+            force: bool) -> RepairReport:
     paths = opened.paths
-    stop = should_stop or (lambda: False)
     with _repair_lock(paths.root):
         damage = diagnose(paths.store, read_manifest(paths.manifest))
         report = RepairReport(repo=opened.git.name, action="checked")
@@ -157,63 +164,55 @@ def diagnose(store_dir: Path, manifest: dict[str, Any]) -> str | None:
 
 def _rebuild(opened: OpenedRepo, config: Config, target: Path, report: RepairReport,
              progress: Progress | None, stop: Callable[[], bool]) -> bool:
-    """Build the new store at `target`; False when asked to stop first."""
+    """Build the new store at `target`; False when asked to stop first. One shard in memory at a time."""
     git = opened.git
     with Store(target) as store:
         writer = ShardWriter(opened.paths.shards, opened.paths.manifest, store)
         manifest = writer.manifest()
-        placed = _shard_order(writer, manifest, report)
         everything = git.new_commits(lambda oids: set(), _tips(opened))  # the whole history, parents first
-        in_shards = {oid for group in placed for oid, _ in group[1]}
-        remaining = [oid for oid in everything if oid not in in_shards]
-        total = len(in_shards) + len(remaining)
         done = 0
-        processor = CommitProcessor(git, config.ingest, source="repair")
-        for group, commits in placed:
-            for start in range(0, len(commits), _BATCH):
-                if stop():
-                    return False
-                part = commits[start:start + _BATCH]
-                store.write([_from_shard(processor, git, oid, lines, report) for oid, lines in part])
-                done += len(part)
-                if progress:
-                    progress(done, total)
-            # A lost shard's commits are unknown: keep its numbers free so later groups stay where they were.
-            store.reserve_seqs(group["last_seq"] + 1)
-        report.from_shards = len(in_shards)
-        ingestor = Ingestor(git, store, config.ingest, source="repair")
 
-        def on_batch(commits: int, _examples: int) -> None:
+        def advance(commits: int, _examples: int = 0) -> None:
             nonlocal done
             done += commits
             if progress:
-                progress(done, total)
+                progress(done, max(done, len(everything) + len(report.not_rederived)))
 
-        return ingestor.run(remaining, on_batch=on_batch, should_stop=stop).commits == len(remaining)
+        processor = CommitProcessor(git, config.ingest, source="repair")
+        for group in manifest.get("groups", []):
+            for entry in sorted((s for s in manifest.get("shards", []) if s.get("group") == group["id"]),
+                                key=lambda s: s["id"]):
+                body = writer.verified_body(entry)
+                if body is None:  # its commits are unknown: the second pass stores them, a later flush takes them
+                    report.lost_shards.append(entry["id"])
+                    continue
+                commits = _commits_in(body)
+                for start in range(0, len(commits), _BATCH):
+                    if stop():
+                        return False
+                    part = commits[start:start + _BATCH]
+                    store.write([_from_shard(processor, git, oid, lines, report) for oid, lines in part])
+                    report.from_shards += len(part)
+                    advance(len(part))
+            # Keep a lost shard's numbers free, so that later groups keep theirs.
+            store.reserve_seqs(group["last_seq"] + 1)
+        stored = store.known_commits(bytes.fromhex(oid) for oid in everything)
+        remaining = [oid for oid in everything if bytes.fromhex(oid) not in stored]
+        summary = Ingestor(git, store, config.ingest, source="repair").run(remaining, on_batch=advance,
+                                                                          should_stop=stop)
+        return summary.commits == len(remaining)
 
 
-def _shard_order(writer: ShardWriter, manifest: dict[str, Any],
-                 report: RepairReport) -> list[tuple[dict[str, Any], list[tuple[str, list[bytes]]]]]:
-    """Each group with its commits in shard order, each commit with its example lines as the shards hold them.
-    Shards whose file is gone or wrong are recorded in `report.lost_shards`."""
-    placed = []
-    for group in manifest.get("groups", []):
-        commits: list[tuple[str, list[bytes]]] = []
-        entries = sorted((s for s in manifest.get("shards", []) if s.get("group") == group["id"]),
-                         key=lambda s: s["id"])
-        for entry in entries:
-            body = writer.verified_body(entry)
-            if body is None:
-                report.lost_shards.append(entry["id"])
-                continue
-            for line in body.split(b"\n")[:-1]:
-                commit, _ = example_meta(line)
-                if commits and commits[-1][0] == commit:
-                    commits[-1][1].append(line)
-                else:
-                    commits.append((commit, [line]))
-        placed.append((group, commits))
-    return placed
+def _commits_in(body: bytes) -> list[tuple[str, list[bytes]]]:
+    """A shard's lines grouped by commit, in the shard's order (a commit's examples are contiguous in it)."""
+    commits: list[tuple[str, list[bytes]]] = []
+    for line in body.split(b"\n")[:-1]:
+        commit, _ = example_meta(line)
+        if commits and commits[-1][0] == commit:
+            commits[-1][1].append(line)
+        else:
+            commits.append((commit, [line]))
+    return commits
 
 
 def _from_shard(processor: CommitProcessor, git: GitRepo, oid: str, lines: list[bytes], report: RepairReport) -> PendingCommit:

@@ -74,6 +74,13 @@ def check_data_file(store_dir: Path) -> None:
     try:
         with open(data, "rb") as handle:
             first = handle.read(_META_BYTES)
+            # Empty for a moment while another process's lmdb.open creates the store (it writes both metas
+            # right away); empty for good is damage, and not a new store: sequence numbers would start over.
+            deadline = time.monotonic() + 0.5
+            while len(first) < _META_BYTES and time.monotonic() < deadline:
+                time.sleep(0.01)
+                handle.seek(0)
+                first = handle.read(_META_BYTES)
             if not first:
                 raise StoreDamaged(store_dir, "data.mdb is empty")
             metas = [_parse_meta(store_dir, first, 0)]
@@ -229,7 +236,7 @@ class Store:
                 readonly=self.readonly, subdir=True, lock=True, readahead=False, meminit=False,
             )
         except _DAMAGE_ERRORS as exc:
-            raise StoreDamaged(self.path, f"LMDB cannot read its pages ({_lmdb_reason(exc)})") from None
+            raise _unreadable(self.path, exc) from None
         except lmdb.Error as exc:  # permissions, a full disk, a stale lock file: not damage, still one line
             raise StoreError(f"cannot open the store at {self.path}: {_lmdb_reason(exc)}") from None
         try:
@@ -240,7 +247,7 @@ class Store:
             raise StoreError(f"store at {self.path} is not initialised yet") from None
         except _DAMAGE_ERRORS as exc:
             self.env.close()
-            raise StoreDamaged(self.path, f"LMDB cannot read its pages ({_lmdb_reason(exc)})") from None
+            raise _unreadable(self.path, exc) from None
 
     @contextmanager
     def _txn(self, db: Literal["commits", "examples", "meta"] | None = None, **kwargs: Any) -> Iterator[lmdb.Transaction]:
@@ -249,7 +256,7 @@ class Store:
             with self._locked_txn(db, **kwargs) as txn:
                 yield txn
         except _DAMAGE_ERRORS as exc:
-            raise StoreDamaged(self.path, f"LMDB cannot read its pages ({_lmdb_reason(exc)})") from None
+            raise _unreadable(self.path, exc) from None
 
     @contextmanager
     def _locked_txn(self, db: Literal["commits", "examples", "meta"] | None = None,
@@ -518,6 +525,10 @@ class Store:
     def size_bytes(self) -> int:
         data = self.path / "data.mdb"
         return os.path.getsize(data) if data.exists() else 0
+
+
+def _unreadable(path: Path, exc: lmdb.Error) -> StoreDamaged:
+    return StoreDamaged(path, f"LMDB cannot read its pages ({_lmdb_reason(exc)})")
 
 
 def _lmdb_reason(exc: lmdb.Error) -> str:
