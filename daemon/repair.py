@@ -215,7 +215,8 @@ def _commits_in(body: bytes) -> list[tuple[str, list[bytes]]]:
     return commits
 
 
-def _from_shard(processor: CommitProcessor, git: GitRepo, oid: str, lines: list[bytes], report: RepairReport) -> PendingCommit:
+def _from_shard(processor: CommitProcessor, git: GitRepo, oid: str, lines: list[bytes],
+                report: RepairReport) -> PendingCommit:
     """The commit re-derived from git, holding exactly the examples its shard has."""
     try:
         git.resolve_commit(oid)

@@ -258,3 +258,26 @@ def test_cli_repair_of_a_sound_store_and_a_failure_are_one_line(history):
     assert failed.stderr.strip().count("\n") == 0 and "newer than this gitlora" in failed.stderr
     with pytest.raises(RepairError, match="newer"):
         repair_store(opened, Config())
+
+
+def test_a_repair_asked_to_stop_leaves_the_damaged_store_and_one_at_a_time(history):
+    repo, opened = history
+    damage(opened.paths.store, "truncated")
+    damaged_bytes = (opened.paths.store / "data.mdb").read_bytes()
+    polls: list[int] = []
+
+    def stop_after_first_batch() -> bool:
+        polls.append(1)
+        return len(polls) > 1
+
+    report = repair_store(opened, Config(), should_stop=stop_after_first_batch)
+    assert report.action == "stopped" and not report.ok and "left as it was" in report.summary()
+    assert (opened.paths.store / "data.mdb").read_bytes() == damaged_bytes
+    assert sorted(p.name for p in opened.paths.root.glob("store*")) == ["store"]  # nothing half-built left
+    import fcntl
+
+    with open(opened.paths.root / "repair.lock", "a+b") as held:  # another repair (process) holds it
+        fcntl.flock(held.fileno(), fcntl.LOCK_EX)
+        with pytest.raises(RepairError, match="another repair"):
+            repair_store(opened, Config())
+    assert repair_store(opened, Config()).action == "rebuilt"

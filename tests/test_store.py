@@ -296,7 +296,8 @@ def test_a_damaged_data_file_is_a_one_line_error_not_a_crash(tmp_path, how, reas
     assert done.returncode == 1, (done.returncode, done.stderr[-2000:])
     assert done.stderr == ""
     line = done.stdout.rstrip("\n")
-    assert "\n" not in line and re.fullmatch(f"store at {re.escape(str(tmp_path / 's'))} is damaged: .*{reason}.*", line)
+    assert "\n" not in line
+    assert re.fullmatch(f"store at {re.escape(str(tmp_path / 's'))} is damaged: .*{reason}.*", line)
 
 
 def test_a_sound_store_passes_the_check_and_a_growing_one_too(tmp_path):
