@@ -15,7 +15,7 @@ from .store import StoreError
 
 # Subcommand modules under gitlora.daemon.commands, in help order.
 COMMANDS = ("demo", "install", "uninstall", "daemon", "status", "ingest", "backfill", "stats", "examples",
-            "config", "service", "train", "plan", "model", "adapters")
+            "repair", "config", "service", "train", "plan", "model", "adapters")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -36,8 +36,13 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return int(args.run(args) or 0)
-    except (ConfigError, GitRepoError, StoreError) as exc:
+    except (ConfigError, GitRepoError) as exc:
         print(f"gitlora: error: {exc}", file=sys.stderr)
+        return 2
+    except StoreError as exc:
+        from .commands.common import store_error_line  # the error path only: it imports the socket client
+
+        print(f"gitlora: error: {store_error_line(exc)}", file=sys.stderr)
         return 2
     except CommandFailed as failed:  # the command already said why
         return failed.code

@@ -15,13 +15,12 @@ import math
 import os
 import re
 import threading
-from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from .repos import atomic_write_text
-from .store import Store
+from .store import Store, StoreError
 
 
 @dataclass(frozen=True)
@@ -63,7 +62,7 @@ _COMMIT = re.compile(rb'"commit":"([0-9a-f]{40,64})"')
 _COMMIT_TIME = re.compile(rb'"commit_time":(-?\d+)[,}]')
 
 
-def _meta(raw: bytes) -> tuple[str, int]:
+def example_meta(raw: bytes) -> tuple[str, int]:
     """(commit, commit_time) of a stored example. Quotes inside JSON strings are escaped, so these top-level
     keys cannot be matched inside the code text; a full parse is the fallback."""
     commit, commit_time = _COMMIT.search(raw), _COMMIT_TIME.search(raw)
@@ -71,6 +70,14 @@ def _meta(raw: bytes) -> tuple[str, int]:
         return commit.group(1).decode(), int(commit_time.group(1))
     record = json.loads(raw)
     return record["commit"], int(record["commit_time"])
+
+
+def read_manifest(path: Path) -> dict[str, Any]:
+    """The manifest, or an empty one when there is none yet (or it does not parse)."""
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {"shards": [], "groups": []}
 
 
 class ShardWriter:
@@ -85,10 +92,15 @@ class ShardWriter:
         self._lock = threading.Lock()
 
     def manifest(self) -> dict[str, Any]:
+        return read_manifest(self.manifest_path)
+
+    def verified_body(self, entry: dict[str, Any]) -> bytes | None:
+        """A shard file's bytes when they match the sha256 its manifest entry records, else None."""
         try:
-            return json.loads(self.manifest_path.read_text())
-        except (OSError, ValueError):
-            return {"shards": [], "groups": []}
+            body = (self.dir / entry["file"]).read_bytes()
+        except OSError:
+            return None
+        return body if hashlib.sha256(body).hexdigest() == entry["sha256"] else None
 
     def flushed_upto(self) -> int:
         """The first example sequence no flush has taken yet."""
@@ -116,51 +128,127 @@ class ShardWriter:
         atomic_write_text(self.manifest_path, json.dumps(manifest, indent=1) + "\n")
         return entries
 
-    def rebuild(self) -> int:
-        """Re-create missing shard files from the store using the recorded groups; verifies each sha256."""
+    def verify(self, rebuild: bool = True) -> "ShardVerification":
+        """Check every shard file against the sha256 its manifest entry records; with `rebuild`, rewrite a
+        missing or mismatching one from the store (a group's plan is a pure function of its examples, so
+        this reproduces it byte for byte). A shard the store cannot reproduce is reported in `failed`,
+        never accepted: training on it would train on something the manifest does not describe."""
         with self._lock:
-            return self._rebuild()
+            return self._verify(rebuild)
 
-    def _rebuild(self) -> int:
+    def _verify(self, rebuild: bool) -> "ShardVerification":
         manifest = self.manifest()
-        written = 0
-        next_id = 1
+        result = ShardVerification()
         for group in manifest.get("groups", []):
-            expected = [s for s in manifest["shards"] if s.get("group") == group["id"]]
-            entries = self._write_group(group, next_id=next_id, only_missing=True)
-            for entry, recorded in zip(entries, expected):
-                if entry["sha256"] != recorded["sha256"]:
-                    raise RuntimeError(f"shard {recorded['id']} does not reproduce: store and manifest disagree")
-            written += sum(1 for e in entries if e.pop("_written", False))
-            next_id += len(entries)
-        return written
+            recorded = sorted((s for s in manifest["shards"] if s.get("group") == group["id"]), key=lambda s: s["id"])
+            bad = {}
+            for entry in recorded:
+                result.checked += 1
+                problem = _file_problem(self.dir / entry["file"], entry["sha256"])
+                if problem:
+                    bad[entry["id"]] = problem
+            if not bad:
+                continue
+            if not rebuild:
+                result.failed.update(bad)
+                continue
+            reproduced, why_not = self._reproduce(group, recorded)
+            for entry in recorded:
+                if entry["id"] not in bad:
+                    continue
+                plan = reproduced.get(entry["id"])
+                if plan is None:
+                    result.failed[entry["id"]] = f"{bad[entry['id']]}; cannot rebuild: {why_not}"
+                    continue
+                body = self._body(plan.seqs)
+                if hashlib.sha256(body).hexdigest() != entry["sha256"]:
+                    result.failed[entry["id"]] = (f"{bad[entry['id']]}; cannot rebuild: the store's examples "
+                                                  "differ from those the shard was made of")
+                    continue
+                _atomic_write_bytes(self.dir / entry["file"], body)
+                result.rebuilt.append(entry["id"])
+        return result
 
-    def _write_group(self, group: dict[str, Any], next_id: int, only_missing: bool = False) -> list[dict[str, Any]]:
+    def _reproduce(self, group: dict[str, Any], recorded: list[dict[str, Any]]) -> tuple[dict[int, ShardPlan], str]:
+        """The group's plans from the store by shard id, or ({}, why) when the store cannot give them all."""
+        try:
+            metas = self._metas(group)
+        except StoreError as exc:
+            return {}, str(exc)
+        expected = group["last_seq"] - group["first_seq"] + 1
+        if len(metas) != expected:
+            return {}, (f"the store holds {len(metas)} of the {expected} examples "
+                        f"{group['first_seq']}..{group['last_seq']} of group {group['id']}")
+        plans = plan_group([(s, *metas[s]) for s in sorted(metas)], group["shard_size"], group["eval_fraction"])
+        if len(plans) != len(recorded):
+            return {}, f"the store's examples plan into {len(plans)} shards, not {len(recorded)}"
+        return {entry["id"]: plan for entry, plan in zip(recorded, plans)}, ""
+
+    def _metas(self, group: dict[str, Any]) -> dict[int, tuple[str, int]]:
+        return {seq: example_meta(data) for seq, data in self.store.iter_raw_examples(group["first_seq"],
+                                                                               group["last_seq"] + 1)}
+
+    def _body(self, seqs: tuple[int, ...]) -> bytes:
+        return b"".join(raw + b"\n" for raw in self.store.get_raw_examples(seqs))
+
+    def _write_group(self, group: dict[str, Any], next_id: int) -> list[dict[str, Any]]:
         # Two passes so memory stays at one shard, not one group (a first backfill is one group of ~100k
         # examples): metadata only, then each shard's examples fetched by sequence.
-        metas = {seq: _meta(data) for seq, data in self.store.iter_raw_examples(group["first_seq"],
-                                                                                group["last_seq"] + 1)}
+        metas = self._metas(group)
         plans = plan_group([(s, *metas[s]) for s in sorted(metas)], group["shard_size"], group["eval_fraction"])
         self.dir.mkdir(parents=True, exist_ok=True)
         entries = []
         for offset, plan in enumerate(plans):
             shard_id = next_id + offset
-            body = b"".join(raw + b"\n" for raw in self.store.get_raw_examples(plan.seqs))
+            body = self._body(plan.seqs)
             path = self.dir / f"{shard_id:06d}.jsonl"
-            entry: dict[str, Any] = {
+            entries.append({
                 "id": shard_id, "file": path.name, "first_seq": plan.seqs[0], "last_seq": plan.seqs[-1],
                 "count": len(plan.seqs), "first_commit_time": min(metas[s][1] for s in plan.seqs),
                 "last_commit_time": max(metas[s][1] for s in plan.seqs),
                 "sha256": hashlib.sha256(body).hexdigest(), "split": plan.split, "group": group["id"],
-            }
-            if not (only_missing and path.exists()):
-                _atomic_write_bytes(path, body)
-                entry["_written"] = True
-            entries.append(entry)
-        if not only_missing:
-            for entry in entries:
-                entry.pop("_written", None)
+            })
+            _atomic_write_bytes(path, body)
         return entries
+
+
+@dataclass
+class ShardVerification:
+    """What `ShardWriter.verify` found: shards checked, rewritten from the store, and those that are wrong
+    and could not be rewritten (shard id -> why)."""
+
+    checked: int = 0
+    rebuilt: list[int] = field(default_factory=list)
+    failed: dict[int, str] = field(default_factory=dict)
+
+    @property
+    def ok(self) -> bool:
+        return not self.failed
+
+    def summary(self) -> str:
+        if not self.checked:
+            return "no shards yet"
+        text = f"{self.checked} shards verified, {len(self.rebuilt)} rebuilt from the store"
+        if self.failed:
+            first = min(self.failed)
+            text += f", {len(self.failed)} not rebuildable (shard {first}: {self.failed[first]})"
+        return text
+
+
+def _file_problem(path: Path, sha256: str) -> str | None:
+    """Why the shard file does not match its recorded sha256, or None when it does."""
+    digest = hashlib.sha256()
+    try:
+        with open(path, "rb") as handle:
+            for block in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(block)
+    except FileNotFoundError:
+        return f"{path.name} is missing"
+    except OSError as exc:
+        return f"{path.name} cannot be read ({exc.strerror or exc})"
+    if digest.hexdigest() != sha256:
+        return f"{path.name} does not match its sha256"
+    return None
 
 
 def _atomic_write_bytes(target: Path, data: bytes) -> None:
@@ -171,9 +259,3 @@ def _atomic_write_bytes(target: Path, data: bytes) -> None:
         os.fsync(handle.fileno())
     os.replace(tmp, target)
 
-
-def read_shard(path: Path) -> Iterable[dict[str, Any]]:
-    with open(path, encoding="utf-8") as handle:
-        for line in handle:
-            if line.strip():
-                yield json.loads(line)

@@ -31,6 +31,96 @@ class StoreError(Exception):
     """The store cannot be used as asked (newer schema, corrupt record, failed append)."""
 
 
+class StoreDamaged(StoreError):
+    """The store's files are damaged (truncated, overwritten, emptied). The store is derived data: `gitlora
+    repair` rebuilds it from git. Raised before LMDB maps a file that would fault (SIGBUS) when read."""
+
+    def __init__(self, path: Path, reason: str) -> None:
+        self.path = Path(path)
+        self.reason = reason
+        super().__init__(f"store at {self.path} is damaged: {reason}")
+
+
+# What LMDB reports when the pages it reads are not what it wrote. BadTxnError too: inside the store every
+# transaction is fresh and scoped, so a transaction already failed means an earlier read in it hit a bad page
+# (opening a cursor on a database whose record is damaged fails silently, and the cursor's first read says so).
+_DAMAGE_ERRORS = (lmdb.CorruptedError, lmdb.PageNotFoundError, lmdb.PanicError, lmdb.InvalidError,
+                  lmdb.VersionMismatchError, lmdb.BadValsizeError, lmdb.BadTxnError)
+
+# LMDB's on-disk meta page (mdb.c: MDB_page header, then MDB_meta), in native sizes: page 0 and page 1 each
+# hold one; readers use the valid one with the larger transaction id. size_t fields are pointer-sized.
+_MDB_MAGIC = 0xBEEFC0DE
+_MDB_DATA_VERSION = 1
+_P_META = 0x08
+_WORD = struct.calcsize("P")
+_WORD_FMT = "Q" if _WORD == 8 else "I"
+_PAGE_HEADER = _WORD + 8  # mp_pgno, mp_pad, mp_flags, mp_lower, mp_upper
+_DB_RECORD = 8 + 5 * _WORD  # MDB_db: md_pad (= page size in the free DB), flags, depth, 5 page counts/ids
+_META_FLAGS = struct.Struct(f"@{_WORD_FMT}HH")  # mp_pgno, mp_pad, mp_flags
+_META_HEAD = struct.Struct("@II")  # mm_magic, mm_version
+_META_PSIZE_AT = _PAGE_HEADER + 8 + 2 * _WORD  # after magic, version, mm_address, mm_mapsize
+_META_TAIL = struct.Struct(f"@{_WORD_FMT}{_WORD_FMT}")  # mm_last_pg, mm_txnid
+_META_TAIL_AT = _META_PSIZE_AT + 2 * _DB_RECORD
+_META_BYTES = _META_TAIL_AT + _META_TAIL.size
+
+
+def check_data_file(store_dir: Path) -> None:
+    """Raise StoreDamaged unless `store_dir/data.mdb` holds two valid LMDB meta pages and every page the newer
+    one uses. LMDB maps the file and trusts it: a file shorter than its own last page makes the first read
+    past the end a SIGBUS that kills the process, so this runs before the file is ever mapped. Meta first,
+    size second: a writer in another process only grows the file, and writes pages before the meta naming them.
+    """
+    data = Path(store_dir) / "data.mdb"
+    try:
+        with open(data, "rb") as handle:
+            first = handle.read(_META_BYTES)
+            # Empty for a moment while another process's lmdb.open creates the store (it writes both metas
+            # right away); empty for good is damage, and not a new store: sequence numbers would start over.
+            deadline = time.monotonic() + 0.5
+            while len(first) < _META_BYTES and time.monotonic() < deadline:
+                time.sleep(0.01)
+                handle.seek(0)
+                first = handle.read(_META_BYTES)
+            if not first:
+                raise StoreDamaged(store_dir, "data.mdb is empty")
+            metas = [_parse_meta(store_dir, first, 0)]
+            handle.seek(metas[0][0])
+            metas.append(_parse_meta(store_dir, handle.read(_META_BYTES), 1))
+            size = os.fstat(handle.fileno()).st_size
+    except OSError as exc:
+        raise StoreError(f"cannot read the store at {store_dir}: {exc.strerror or exc}") from None
+    page_size, last_page, _ = max(metas, key=lambda meta: meta[2])
+    needed = (last_page + 1) * page_size
+    if size < needed:
+        raise StoreDamaged(store_dir, f"data.mdb is truncated: {size} bytes, but its pages reach {needed}")
+
+
+def _parse_meta(store_dir: Path, raw: bytes, number: int) -> tuple[int, int, int]:
+    """(page size, last used page, transaction id) of meta page `number`, or StoreDamaged."""
+    if len(raw) < _META_BYTES:
+        raise StoreDamaged(store_dir, f"data.mdb is truncated: it ends inside meta page {number}")
+    _, _, flags = _META_FLAGS.unpack_from(raw, 0)
+    magic, version = _META_HEAD.unpack_from(raw, _PAGE_HEADER)
+    if not flags & _P_META or magic != _MDB_MAGIC:
+        raise StoreDamaged(store_dir, f"meta page {number} of data.mdb is not an LMDB meta page (overwritten?)")
+    if version != _MDB_DATA_VERSION:
+        raise StoreDamaged(store_dir, f"meta page {number} of data.mdb has LMDB data version {version}, "
+                                      f"not {_MDB_DATA_VERSION}")
+    (page_size,) = struct.unpack_from("@I", raw, _META_PSIZE_AT)
+    last_page, txnid = _META_TAIL.unpack_from(raw, _META_TAIL_AT)
+    if page_size < 512 or page_size > (1 << 20) or page_size & (page_size - 1):
+        raise StoreDamaged(store_dir, f"meta page {number} of data.mdb names an impossible page size {page_size}")
+    return page_size, last_page, txnid
+
+
+def _loads(raw: bytes | memoryview, path: Path) -> Any:
+    """A stored JSON value; one that does not parse is damage, not a bug of the caller."""
+    try:
+        return json.loads(bytes(raw))
+    except ValueError as exc:
+        raise StoreDamaged(path, f"a stored record does not parse ({exc})") from None
+
+
 def seq_key(seq: int) -> bytes:
     return _SEQ.pack(seq)
 
@@ -130,23 +220,47 @@ class Store:
         self._resize_lock = _SharedExclusiveLock()
         self._written_since_open = 0
         existing = (self.path / "data.mdb").stat().st_size if (self.path / "data.mdb").exists() else 0
+        if (self.path / "data.mdb").exists():
+            check_data_file(self.path)
         self._open(max(map_size, existing * 2, _INITIAL_MAP_SIZE))
-        self._check_schema()
+        try:
+            self._check_schema()
+        except StoreError:
+            self.env.close()
+            raise
 
     def _open(self, map_size: int) -> None:
-        self.env = lmdb.open(
-            str(self.path), max_dbs=4, map_size=map_size,
-            readonly=self.readonly, subdir=True, lock=True, readahead=False, meminit=False,
-        )
+        try:
+            self.env = lmdb.open(
+                str(self.path), max_dbs=4, map_size=map_size,
+                readonly=self.readonly, subdir=True, lock=True, readahead=False, meminit=False,
+            )
+        except _DAMAGE_ERRORS as exc:
+            raise _unreadable(self.path, exc) from None
+        except lmdb.Error as exc:  # permissions, a full disk, a stale lock file: not damage, still one line
+            raise StoreError(f"cannot open the store at {self.path}: {_lmdb_reason(exc)}") from None
         try:
             self._commits, self._examples, self._meta = (self.env.open_db(name, create=not self.readonly)
                                                          for name in (b"commits", b"examples", b"meta"))
         except lmdb.NotFoundError:  # read-only, and the writer has not created its databases yet
             self.env.close()
             raise StoreError(f"store at {self.path} is not initialised yet") from None
+        except _DAMAGE_ERRORS as exc:
+            self.env.close()
+            raise _unreadable(self.path, exc) from None
 
     @contextmanager
     def _txn(self, db: Literal["commits", "examples", "meta"] | None = None, **kwargs: Any) -> Iterator[lmdb.Transaction]:
+        """`_locked_txn`, with LMDB's reports of damaged pages (on any read) turned into StoreDamaged."""
+        try:
+            with self._locked_txn(db, **kwargs) as txn:
+                yield txn
+        except _DAMAGE_ERRORS as exc:
+            raise _unreadable(self.path, exc) from None
+
+    @contextmanager
+    def _locked_txn(self, db: Literal["commits", "examples", "meta"] | None = None,
+                    **kwargs: Any) -> Iterator[lmdb.Transaction]:
         """A transaction that survives the map growing: another process (a backfill next to the daemon) may
         have grown it, which LMDB reports as MapResizedError until this process adopts the new size.
         `db` is a name, resolved under the lock: `release_write_buffers` may reopen the environment."""
@@ -193,7 +307,10 @@ class Store:
                 if txn.get(b"schema_version") is None:
                     txn.put(b"schema_version", str(SCHEMA_VERSION).encode())
             return
-        version = int(raw)
+        try:
+            version = int(raw)
+        except ValueError:
+            raise StoreDamaged(self.path, f"its schema version {bytes(raw)[:20]!r} is not a number") from None
         if version > SCHEMA_VERSION:
             raise StoreError(
                 f"store at {self.path} has schema version {version}, newer than this gitlora "
@@ -274,7 +391,16 @@ class Store:
 
     def _counters(self, txn: lmdb.Transaction) -> dict[str, int]:
         raw = txn.get(b"counters", db=self._meta)
-        return json.loads(raw) if raw else {}
+        return _loads(raw, self.path) if raw else {}
+
+    def reserve_seqs(self, upto: int) -> None:
+        """Make `upto` the next sequence number, never moving it back; the numbers skipped hold no example.
+        Repair keeps a lost shard's numbers out of later shard groups this way."""
+        if self.readonly:
+            raise StoreError("store opened read-only")
+        with self._txn(write=True) as txn:
+            if upto > self._next_seq(txn):
+                txn.put(b"next_seq", str(upto).encode(), db=self._meta)
 
     def set_meta(self, key: str, value: Any) -> None:
         with self._txn(db="meta", write=True) as txn:
@@ -284,13 +410,13 @@ class Store:
     def get_meta(self, key: str, default: Any = None) -> Any:
         with self._txn(db="meta") as txn:
             raw = txn.get(b"x:" + key.encode())
-        return json.loads(raw) if raw is not None else default
+        return _loads(raw, self.path) if raw is not None else default
 
     def shallow_boundaries(self) -> set[str]:
         """Commits stored as skipped because a shallow clone cut off their parents: a later walk goes on
         through them, so history fetched by `git fetch --unshallow` is still ingested."""
         with self._txn(db="meta") as txn:
-            return set(json.loads(txn.get(b"shallow_boundaries", b"[]")))
+            return set(_loads(txn.get(b"shallow_boundaries", b"[]"), self.path))
 
     def has_commit(self, oid: bytes) -> bool:
         with self._txn(db="commits", buffers=True) as txn:
@@ -304,16 +430,16 @@ class Store:
     def get_commit(self, oid: bytes) -> dict[str, Any] | None:
         with self._txn(db="commits") as txn:
             raw = txn.get(oid)
-        return json.loads(raw) if raw is not None else None
+        return _loads(raw, self.path) if raw is not None else None
 
     def iter_commits(self) -> Iterator[tuple[bytes, dict[str, Any]]]:
         with self._txn(db="commits") as txn:
             for key, value in txn.cursor():
-                yield bytes(key), json.loads(value)
+                yield bytes(key), _loads(value, self.path)
 
     def iter_examples(self, start: int = 0, stop: int | None = None) -> Iterator[tuple[int, dict[str, Any]]]:
         for seq, raw in self.iter_raw_examples(start, stop):
-            yield seq, json.loads(raw)
+            yield seq, _loads(raw, self.path)
 
     def iter_raw_examples(self, start: int = 0, stop: int | None = None) -> Iterator[tuple[int, bytes]]:
         """Examples exactly as stored (the bytes shards are made of), in sequence order."""
@@ -389,7 +515,7 @@ class Store:
                 try:
                     self._open(map_size)
                     break
-                except lmdb.Error as exc:
+                except StoreError as exc:
                     if attempt == 2:
                         raise StoreError(f"could not reopen the store at {self.path}: {exc}") from exc
                     time.sleep(0.2)
@@ -399,3 +525,12 @@ class Store:
     def size_bytes(self) -> int:
         data = self.path / "data.mdb"
         return os.path.getsize(data) if data.exists() else 0
+
+
+def _unreadable(path: Path, exc: lmdb.Error) -> StoreDamaged:
+    return StoreDamaged(path, f"LMDB cannot read its pages ({_lmdb_reason(exc)})")
+
+
+def _lmdb_reason(exc: lmdb.Error) -> str:
+    """py-lmdb's message (`mdb_txn_begin: MDB_CORRUPTED: Located page was wrong type`), on one line."""
+    return " ".join(str(exc).split()) or type(exc).__name__

@@ -60,20 +60,68 @@ def test_deleted_shards_reproduce_byte_for_byte(tmp_path):
         before = {p.name: p.read_bytes() for p in (tmp_path / "shards").iterdir()}
         for path in (tmp_path / "shards").iterdir():
             path.unlink()
-        assert writer.rebuild() == len(before)
+        result = writer.verify()
+        assert sorted(result.rebuilt) == list(range(1, len(before) + 1)) and result.ok
         after = {p.name: p.read_bytes() for p in (tmp_path / "shards").iterdir()}
         assert after == before
-        assert writer.rebuild() == 0
+        again = writer.verify()
+        assert again.rebuilt == [] and again.ok and again.checked == len(before)
+
+
+def test_a_corrupt_shard_is_detected_and_rebuilt_byte_for_byte(tmp_path):
+    with Store(tmp_path / "store") as store:
+        fill(store, [(n, 1000 + n, 3) for n in range(10)])
+        writer = ShardWriter(tmp_path / "shards", tmp_path / "manifest.json", store)
+        writer.flush(6, 0.2)
+        fill(store, [(30 + n, 3000 + n, 2) for n in range(4)])
+        writer.flush(6, 0.2)
+        shards = tmp_path / "shards"
+        original = {p.name: p.read_bytes() for p in shards.iterdir()}
+        damaged = shards / "000002.jsonl"
+        body = bytearray(damaged.read_bytes())
+        body[10] ^= 0x01  # one flipped bit: same size, different bytes
+        damaged.write_bytes(bytes(body))
+        (shards / "000007.jsonl").write_bytes(b"")  # one emptied, in the second group
+
+        report = writer.verify(rebuild=False)  # detection alone leaves the files as they are
+        assert set(report.failed) == {2, 7} and "sha256" in report.failed[2] and report.rebuilt == []
+        assert damaged.read_bytes() != original["000002.jsonl"]
+
+        report = writer.verify()
+        assert report.ok and sorted(report.rebuilt) == [2, 7] and report.checked == len(original)
+        assert {p.name: p.read_bytes() for p in shards.iterdir()} == original
+        assert "2 rebuilt" in report.summary()
+
+
+def test_a_shard_the_store_cannot_reproduce_is_reported_not_accepted(tmp_path):
+    with Store(tmp_path / "store") as store:
+        fill(store, [(n, 1000 + n, 3) for n in range(6)])
+        writer = ShardWriter(tmp_path / "shards", tmp_path / "manifest.json", store)
+        writer.flush(6, 0.2)
+    # The same commits stored again with other example bytes (a store rebuilt under another config).
+    with Store(tmp_path / "other") as other:
+        other.write([PendingCommit(n.to_bytes(20, "big"), {"status": "ingested"},
+                                   [{"commit": f"{n:040x}", "commit_time": 1000 + n, "i": i, "x": 1} for i in range(3)])
+                     for n in range(6)])
+        (tmp_path / "shards" / "000001.jsonl").unlink()
+        report = ShardWriter(tmp_path / "shards", tmp_path / "manifest.json", other).verify()
+        assert not report.ok and report.failed.keys() == {1}
+        assert "missing" in report.failed[1] and "differ" in report.failed[1]
+        assert not (tmp_path / "shards" / "000001.jsonl").exists()  # nothing wrong written in its place
+    with Store(tmp_path / "empty") as empty:  # a store that lacks the examples altogether
+        report = ShardWriter(tmp_path / "shards", tmp_path / "manifest.json", empty).verify()
+        assert report.failed.keys() == {1} and "holds 0 of the 18 examples" in report.failed[1]
+        assert "not rebuildable (shard 1" in report.summary()
 
 
 def test_shard_metadata_is_read_from_the_real_keys_only():
-    from gitlora.daemon.shards import _meta
+    from gitlora.daemon.shards import example_meta
 
     tricky = {"repo": "r", "before": 'let s = "\\"commit\\":\\"' + "f" * 40 + '\\"";', "commit": "a" * 40,
               "after": '"commit_time":1', "commit_time": 1234}
-    assert _meta(json.dumps(tricky, separators=(",", ":")).encode()) == ("a" * 40, 1234)
+    assert example_meta(json.dumps(tricky, separators=(",", ":")).encode()) == ("a" * 40, 1234)
     spaced = json.dumps({"commit_time": 7, "commit": "b" * 40}).encode()  # not our compact encoding
-    assert _meta(spaced) == ("b" * 40, 7)
+    assert example_meta(spaced) == ("b" * 40, 7)
 
 
 def test_concurrent_flushes_write_each_group_once(tmp_path):

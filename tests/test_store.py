@@ -1,6 +1,9 @@
 """The LMDB store on a real environment: exactly-once, append-only, growing, schema-guarded."""
 from __future__ import annotations
 
+import os
+import random
+import re
 import subprocess
 import sys
 import threading
@@ -10,7 +13,8 @@ import lmdb
 import pytest
 
 from gitlora.daemon.repo_worker import release_memory
-from gitlora.daemon.store import SCHEMA_VERSION, PendingCommit, Store, StoreError, _SharedExclusiveLock
+from gitlora.daemon.store import (SCHEMA_VERSION, PendingCommit, Store, StoreDamaged, StoreError, _SharedExclusiveLock,
+                                  check_data_file)
 
 
 def oid(n: int) -> bytes:
@@ -233,3 +237,89 @@ def test_close_waits_for_another_threads_read_and_not_for_its_own_unfinished_gen
     unfinished = again.iter_examples()
     next(unfinished)  # this thread holds a read section
     again.close()  # would deadlock if it waited for itself
+
+
+# -- damaged files: a clear StoreDamaged before anything is mapped, never a SIGBUS --------------------------
+
+def _filled_store(path) -> int:
+    with Store(path) as store:
+        for batch in range(10):
+            store.write([PendingCommit(oid(batch * 100 + n), {"status": "ingested"},
+                                       [{"i": i, "t": "x" * 300} for i in range(20)]) for n in range(10)])
+    return (path / "data.mdb").stat().st_size
+
+
+def _damage(data, how: str, size: int) -> None:
+    if how == "truncated":  # a crash or a full disk after the file was cut short
+        os.truncate(data, size // 2)
+    elif how == "empty":
+        os.truncate(data, 0)
+    elif how == "garbage pages":  # every page after the two meta pages overwritten
+        with open(data, "r+b") as handle:
+            handle.seek(2 * 4096)
+            handle.write(bytes(random.Random(3).randrange(256) for _ in range(size - 2 * 4096)))
+    elif how == "garbage meta":
+        with open(data, "r+b") as handle:
+            handle.write(bytes(random.Random(4).randrange(256) for _ in range(2 * 4096)))
+    elif how == "one garbage page":  # the tree's pages are fine up to one leaf: found on the first read of it
+        with open(data, "r+b") as handle:
+            handle.seek(10 * 4096)
+            handle.write(b"\xa5" * 4096)
+
+
+_OPEN_AND_READ = (
+    "import sys; sys.path[:0] = %r\n"
+    "from gitlora.daemon.store import Store, StoreDamaged\n"
+    "try:\n"
+    "    with Store(%r, readonly=%r) as store:\n"
+    "        store.counters(); list(store.iter_commits()); list(store.iter_examples())\n"
+    "except StoreDamaged as exc:\n"
+    "    print(exc)\n"
+    "    sys.exit(1)\n"
+)
+
+
+@pytest.mark.parametrize("how, reason", [
+    ("truncated", r"data.mdb is truncated: \d+ bytes, but its pages reach \d+"),
+    ("empty", "data.mdb is empty"),
+    ("garbage pages", r"LMDB cannot read its pages \(.*MDB_CORRUPTED"),
+    ("garbage meta", "meta page 0 of data.mdb is not an LMDB meta page"),
+    ("one garbage page", r"LMDB cannot read its pages \(.*MDB_"),
+])
+@pytest.mark.parametrize("readonly", [True, False])
+def test_a_damaged_data_file_is_a_one_line_error_not_a_crash(tmp_path, how, reason, readonly):
+    """In a child process: a SIGBUS would kill it (exit -7), which no exception handler can catch."""
+    size = _filled_store(tmp_path / "s")
+    _damage(tmp_path / "s" / "data.mdb", how, size)
+    done = subprocess.run([sys.executable, "-c", _OPEN_AND_READ % (sys.path, str(tmp_path / "s"), readonly)],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 1, (done.returncode, done.stderr[-2000:])
+    assert done.stderr == ""
+    line = done.stdout.rstrip("\n")
+    assert "\n" not in line
+    assert re.fullmatch(f"store at {re.escape(str(tmp_path / 's'))} is damaged: .*{reason}.*", line)
+
+
+def test_a_sound_store_passes_the_check_and_a_growing_one_too(tmp_path):
+    size = _filled_store(tmp_path / "s")
+    check_data_file(tmp_path / "s")
+    with Store(tmp_path / "s") as store:  # grown after the check: the file only ever gets longer
+        store.write([pending(5000, 2000)])
+        check_data_file(tmp_path / "s")
+    assert (tmp_path / "s" / "data.mdb").stat().st_size > size
+    os.truncate(tmp_path / "s" / "data.mdb", (tmp_path / "s" / "data.mdb").stat().st_size - 4096)
+    with pytest.raises(StoreDamaged, match="truncated") as caught:
+        check_data_file(tmp_path / "s")
+    assert caught.value.path == tmp_path / "s" and "truncated" in caught.value.reason
+    assert isinstance(caught.value, StoreError)  # callers that handle StoreError handle damage too
+
+
+def test_a_record_that_does_not_parse_is_damage(tmp_path):
+    with Store(tmp_path / "s") as store:
+        store.write([pending(1, 2)])
+        with store.env.begin(write=True) as txn:  # a bit flipped inside a value: the pages are fine
+            txn.put(oid(1), b'{"status": "ingest', db=store._commits)
+        with pytest.raises(StoreDamaged, match="does not parse"):
+            store.get_commit(oid(1))
+        with pytest.raises(StoreDamaged, match="does not parse"):
+            list(store.iter_commits())

@@ -1,11 +1,16 @@
-"""What several subcommands share: asking the daemon, naming a repository to it, printing hook actions."""
+"""What several subcommands share: asking the daemon, naming a repository to it, printing hook actions,
+saying what is wrong with a store."""
 from __future__ import annotations
 
+import json
 import os
+import shlex
 import sys
+from pathlib import Path
 from typing import Any
 
 from ..control import ControlError, DaemonNotRunning, request
+from ..store import StoreDamaged, StoreError
 from . import CommandFailed
 
 
@@ -34,3 +39,20 @@ def print_hook_actions(actions) -> None:
     for action in actions:
         detail = f" ({action.detail})" if action.detail else ""
         print(f"  {action.hook:16} {action.action}{detail}")
+
+
+def store_error_line(exc: StoreError) -> str:
+    """One line for any store error; a damaged store's line ends with the command that rebuilds it."""
+    if isinstance(exc, StoreDamaged):
+        return f"{exc}; rebuild it from git: {repair_command(exc.path)}"
+    return str(exc)
+
+
+def repair_command(store_dir: Path) -> str:
+    """`gitlora repair <the repository>` for a store dir, the repository read from its state dir's repo.json."""
+    try:
+        info = json.loads((Path(store_dir).parent / "repo.json").read_text())
+        target = info.get("workdir") or info.get("git_dir")
+    except (OSError, ValueError, AttributeError):
+        target = None
+    return f"gitlora repair {shlex.quote(str(target))}" if target else "gitlora repair REPO"

@@ -8,7 +8,7 @@ from typing import Any
 
 from .. import config as config_mod
 from ..repos import open_repo
-from ..store import Store, StoreError
+from ..store import Store, StoreDamaged, StoreError
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -40,6 +40,8 @@ def run(args: argparse.Namespace) -> int:
     opened = open_repo(args.repo, config_mod.load())
     try:
         store = Store(opened.paths.store, readonly=True)
+    except StoreDamaged:
+        raise  # not "nothing stored": the CLI says what is damaged and how to rebuild it
     except StoreError:
         print(f"nothing stored yet for {opened.git.name}", file=sys.stderr)
         return 1

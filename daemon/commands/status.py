@@ -9,7 +9,8 @@ from pathlib import Path
 from .. import paths, repos
 from ..control import ControlError, DaemonNotRunning, request
 from ..status_view import render, render_repo
-from ..store import Store, StoreError
+from ..store import Store, StoreDamaged, StoreError
+from .common import store_error_line
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -28,6 +29,9 @@ def offline_view() -> list[dict]:
         try:
             with Store(repo_paths.store, readonly=True) as store:
                 counters = store.counters()
+        except StoreDamaged as exc:
+            counters = {}
+            view.update(state="damaged", errors=[store_error_line(exc)])
         except (StoreError, OSError):
             counters = {}
         view.update(commits_ingested=counters.get("commits_ingested", 0),
