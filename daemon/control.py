@@ -214,6 +214,9 @@ class ControlServer:
     def __init__(self, path: Path, handler: Handler, *, max_request: int = 64 * 1024, max_depth: int = 64,
                  timeout_s: float = 5.0, max_connections: int | None = None, handler_threads: int = 8,
                  max_queued: int = 1024, dir_mode: int = 0o700) -> None:
+        if handler_threads < 1 or max_queued < 0 or max_request < 1 or max_depth < 1 or not timeout_s > 0:
+            raise ValueError("ControlServer needs handler_threads >= 1, max_queued >= 0, max_request >= 1, "
+                             "max_depth >= 1 and timeout_s > 0")
         self.path = Path(path)
         self.handler = handler
         self.max_request = max_request
@@ -495,8 +498,8 @@ class ControlServer:
             if error is not None:
                 conn.out = memoryview(_encode({"ok": False, "error": error}))
             elif self._in_handlers >= self.max_queued + self.handler_threads:
-                conn.out = memoryview(_encode({"ok": False, "error": f"server busy: {self._in_handlers} "
-                                                                     "requests running or waiting; try again"}))
+                conn.out = memoryview(_encode({"ok": False, "error": "server busy: too many requests in progress "
+                                                                     f"({self._in_handlers}); try again"}))
             else:
                 conn.busy = True
                 self._in_handlers += 1

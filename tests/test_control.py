@@ -466,9 +466,8 @@ def test_the_request_queue_is_bounded_and_overflow_is_answered():
             while len(answered) < 7 and time.monotonic() < deadline:
                 answered = readable(socks, 0.1)
             assert len(answered) == 7
-            for sock in answered:
-                reply = read_line(sock)
-                assert reply["ok"] is False and reply["error"].startswith("server busy: 3 requests"), reply
+            busy = {"ok": False, "error": "server busy: too many requests in progress (3); try again"}
+            assert [read_line(sock) for sock in answered] == [busy] * 7
             held = [sock for sock in socks if sock not in answered]
             gate.open()
             assert [read_line(sock) for sock in held] == [{"ok": True, "gated": None}] * 3
@@ -535,3 +534,23 @@ def test_close_is_prompt_and_leaves_no_threads_or_descriptors():
         for sock in [busy, *idle]:
             sock.close()
     assert len(os.listdir("/proc/self/fd")) == fds_before
+
+
+def test_the_cli_prints_one_line_when_the_server_refuses(capsys):
+    from gitlora.daemon import cli
+
+    gate = Gate()
+    with ControlServer(control_socket_path(), gate, timeout_s=60, handler_threads=1, max_queued=0) as srv:
+        with connect(srv.path, send=b'{"cmd": "gate"}\n') as holder:
+            try:
+                gate.wait_entered(1)  # the only handler is taken: the next request is refused, for real
+                capsys.readouterr()
+                assert cli.main(["status"]) == 2
+                out, err = capsys.readouterr()
+                assert (out, err) == ("", "gitlora: error: server busy: too many requests in progress (1); try again\n")
+                assert cli.main(["pause"]) == 1
+                out, err = capsys.readouterr()
+                assert (out, err) == ("", "gitlora: server busy: too many requests in progress (1); try again\n")
+            finally:
+                gate.open()
+            assert read_line(holder) == {"ok": True, "gated": None}
