@@ -183,7 +183,7 @@ class _Conn:
     while busy or while its reply is still going out, it is not read, so a client that pipelines faster than
     it is answered is held back by its own socket buffer, not by our memory."""
 
-    __slots__ = ("sock", "buf", "out", "busy", "eof", "events", "closed")
+    __slots__ = ("sock", "buf", "out", "busy", "eof", "lingering", "events", "closed")
 
     def __init__(self, sock: socket.socket) -> None:
         self.sock = sock
@@ -191,6 +191,7 @@ class _Conn:
         self.out = memoryview(b"")  # reply bytes not yet sent (a view: sending in parts copies nothing)
         self.busy = False
         self.eof = False  # the client half-closed: answer what it sent, then hang up
+        self.lingering = False  # told why it is being hung up on; waits for the client's EOF (see _hang_up)
         self.events = 0  # what the selector watches for it (0: not registered)
         self.closed = False
 
@@ -392,7 +393,7 @@ class ControlServer:
         finally:
             for conn in list(self._conns):
                 if conn.busy:  # it waits for a reply that will not come
-                    self._hang_up(conn, "the gitlora daemon is shutting down")
+                    self._hang_up(conn, "the gitlora daemon is shutting down", linger=False)
                 else:
                     self._drop(conn)
             self._selector.close()
@@ -441,16 +442,18 @@ class ControlServer:
                 continue
             if uid != os.geteuid():
                 self._log.warning("control peer refused", uid=uid)
+                self._conns.add(conn)
                 self._hang_up(conn, f"permission denied: uid {uid}")
                 continue
             assert self.max_connections is not None
             if len(self._conns) >= self.max_connections:
                 if not self._deadlines:  # every connection is waiting on a handler: none can be dropped
-                    self._hang_up(conn, f"server busy: {len(self._conns)} connections with requests running")
+                    self._hang_up(conn, f"server busy: {len(self._conns)} connections with requests running",
+                                  linger=False)
                     continue
                 oldest = next(iter(self._deadlines))
                 self._hang_up(oldest, f"connection closed: the server holds its limit of {self.max_connections} "
-                                      "connections and this one had waited longest")
+                                      "connections and this one had waited longest", linger=False)  # frees its slot
             self._conns.add(conn)
             self._set_deadline(conn)
             self._advance(conn)
@@ -463,14 +466,17 @@ class ControlServer:
         except OSError:
             self._drop(conn)
             return
-        if chunk:
+        if conn.lingering:
+            if not chunk:
+                self._drop(conn)  # the client has read our reason and hung up too
+        elif chunk:
             conn.buf += chunk
         else:
             conn.eof = True
 
     def _advance(self, conn: _Conn) -> None:
         """Move a connection on as far as it can go: flush its reply, then take its next request."""
-        while not conn.closed and not conn.busy:
+        while not conn.closed and not conn.busy and not conn.lingering:
             if conn.out:
                 if not self._flush(conn):
                     return  # waits for the socket to drain
@@ -529,7 +535,7 @@ class ControlServer:
             conn, deadline = next(iter(self._deadlines.items()))
             if deadline > now:
                 return
-            if conn.out:  # it stopped reading its reply: nothing can reach it
+            if conn.out or conn.lingering:  # it stopped reading its reply, or never hung up after ours
                 self._drop(conn)
             elif conn.buf.strip():
                 self._hang_up(conn, f"incomplete request: no newline within {self.timeout_s:g} s "
@@ -553,13 +559,28 @@ class ControlServer:
             self._selector.modify(conn.sock, events, conn)
         conn.events = events
 
-    def _hang_up(self, conn: _Conn, error: str) -> None:
-        """Tell the client why, as far as its socket buffer takes it without waiting, and close."""
+    def _hang_up(self, conn: _Conn, error: str, *, linger: bool = True) -> None:
+        """Tell the client why, as far as its socket buffer takes it without waiting, and end the connection.
+
+        Lingering: half-close and discard what the client still sends until it hangs up too (or timeout_s
+        passes). Closing at once would fail the send of a client that writes its request before reading
+        (EPIPE), and unread data at close makes Linux reset the connection; either way the reason is lost.
+        """
         try:
             conn.sock.send(_encode({"ok": False, "error": error}))
+            if linger:
+                conn.sock.shutdown(socket.SHUT_WR)
         except OSError:
-            pass
-        self._drop(conn)
+            linger = False
+        if not linger:
+            self._drop(conn)
+            return
+        conn.lingering = True
+        conn.busy = False
+        conn.out = memoryview(b"")
+        conn.buf.clear()
+        self._set_deadline(conn)
+        self._watch(conn, selectors.EVENT_READ)
 
     def _drop(self, conn: _Conn) -> None:
         if conn.closed:

@@ -149,6 +149,17 @@ def test_idle_or_partial_connection_gets_an_error_reply_then_eof(sent, error):
         assert control.request({"cmd": "status"})["ok"] is True
 
 
+def test_a_client_that_writes_after_its_hang_up_still_reads_the_reason():
+    with ControlServer(control_socket_path(), handler, timeout_s=0.3) as srv:
+        with connect(srv.path) as sock:
+            hung_up = select.poll()
+            hung_up.register(sock, select.POLLRDHUP)
+            assert hung_up.poll(30_000)  # the server has sent its reason and ended its side
+            sock.sendall(b'{"cmd": "status"}\n')  # a late request must not fail with EPIPE or reset
+            sock.shutdown(socket.SHUT_WR)
+            assert read_until_eof(sock) == [{"ok": False, "error": "idle timeout: no complete request within 0.3 s"}]
+
+
 def test_idle_clock_restarts_after_each_reply():
     with ControlServer(control_socket_path(), handler, timeout_s=0.3) as srv:
         with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
