@@ -408,6 +408,8 @@ class ControlServer:
 
     def _guarded(self, conn: _Conn, mask: int) -> None:
         """Serve one connection's event; a bug while serving it costs that connection, not the server."""
+        if conn.closed:
+            return  # dropped earlier in this round (evicted, say): its event is stale
         try:
             if mask & selectors.EVENT_READ:
                 self._read(conn)
