@@ -1,19 +1,32 @@
 """The daemon's control socket: a JSON-lines server and the CLI's client (the contract in shared/DESIGN.md).
 
-One JSON object per line each way; a connection may carry several requests. The socket lives in a 0700
-directory owned by us and every peer's uid is checked with SO_PEERCRED, because anyone who can talk to the
-daemon can make it train, roll back adapters and read repository data: the directory mode keeps others out
-on a sane system, the uid check still holds when the directory is shared or misconfigured.
+One JSON object per line each way; a connection may carry several requests, answered in order. Every request
+gets a reply line, and so does a connection we hang up on while it waits for one (idle, incomplete, too
+large, server full): the client always learns why. The socket lives in a 0700 directory owned by us and
+every peer's uid is checked with SO_PEERCRED, because anyone who can talk to the daemon can make it train,
+roll back adapters and read repository data: the directory mode keeps others out on a sane system, the uid
+check still holds when the directory is shared or misconfigured.
 
-Threads, not asyncio: the daemon is thread-based (ingest threads, watchdog, APScheduler) and requests are
-rare, so a thread per connection with a hard cap is the smallest thing that cannot starve the process.
+Shape: one `selectors` loop thread owns every socket (no thread per connection, so thousands of idle clients
+cost a descriptor and a small buffer each), and a few handler threads run the requests, because a handler may
+take seconds (status reads stores, register opens a repository) and must not stall the loop or the others.
+Requests beyond the busy handlers wait in a bounded queue. selectors rather than asyncio: the rest of the
+daemon is threads and its handlers are blocking code, and the server needs its own buffer anyway (to tell an
+idle client from a half-sent line, and to bound a request's size and nesting before decoding it); asyncio
+would add an event loop to drive across threads, cancellation on close and an executor whose threads block
+interpreter exit, for no less code here.
 """
 from __future__ import annotations
 
+import collections
 import errno
 import json
+import math
 import os
-import select
+import queue
+import re
+import resource
+import selectors
 import socket
 import stat
 import struct
@@ -27,6 +40,10 @@ from gitlora.daemon.paths import control_socket_path
 
 Handler = Callable[[dict], dict]
 _MAX_REPLY = 16 * 1024 * 1024  # the client's bound on one reply line; status replies are a few KiB
+_RECV = 65536
+_ACCEPT_BATCH = 64  # connections accepted per wake-up, so a connect storm cannot starve replies
+_ACCEPT_PAUSE_S = 0.5  # out of descriptors: the listener stays readable, so stop polling it for a while
+_MAX_SLEEP_S = 60.0  # select() timeout cap: an infinite or huge timeout_s must not overflow it
 
 
 class ControlError(Exception):
@@ -39,6 +56,75 @@ class DaemonNotRunning(ControlError):
 
 class AlreadyRunning(ControlError):
     """Another live server answers on the socket path we were asked to bind."""
+
+
+# --------------------------------------------------------------------------------------------- limits
+
+
+def raise_open_file_limit(wanted: int = 65536) -> int:
+    """Raise the soft RLIMIT_NOFILE towards the hard limit (at most `wanted`); returns the soft limit in force.
+
+    Each control client holds a descriptor, and the common soft default (1024) would let a thousand idle
+    clients starve ingest of files. Capped at `wanted` because some hard limits are ~1e6 or unlimited and a
+    process needs nowhere near that. Call once at start, before threads open files.
+    """
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    ceiling = wanted if hard == resource.RLIM_INFINITY else min(hard, wanted)
+    if soft != resource.RLIM_INFINITY and soft < ceiling:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (ceiling, hard))
+            soft = ceiling
+        except (ValueError, OSError):
+            pass  # keep the old limit; the connection cap below is derived from what is in force
+    return soft
+
+
+def _default_max_connections() -> int:
+    """Half the descriptors we may open, so control clients can never take the ones ingest needs."""
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    return 8192 if soft == resource.RLIM_INFINITY else max(16, min(8192, soft // 2))
+
+
+# --------------------------------------------------------------------------------------------- requests
+
+_JSON_STRING = re.compile(rb'"[^"]*"')  # once escapes are gone (below), a string is quote, non-quotes, quote
+_BRACKET = re.compile(rb"[\[\]{}]")
+
+
+def _nesting_depth(line: bytes) -> int:
+    """How deep the arrays and objects of `line` nest, counted without decoding (brackets in strings skipped).
+
+    json.loads recurses per level, so a deep request must be refused before it is decoded. Escapes go first:
+    an escaped backslash, then an escaped quote, leaving strings that are plain quote-to-quote runs; linear
+    time whatever the input. Malformed input may count wrong, and json.loads then rejects it anyway.
+    """
+    text = _JSON_STRING.sub(b"", line.replace(b"\\\\", b"").replace(b'\\"', b""))
+    depth = deepest = 0
+    for bracket in _BRACKET.findall(text):
+        if bracket in (b"[", b"{"):
+            depth += 1
+            deepest = max(deepest, depth)
+        else:
+            depth -= 1
+    return deepest
+
+
+def _parse(line: bytes, max_depth: int) -> tuple[dict | None, str | None]:
+    """The request in one line, or the error to reply with."""
+    openers = line.count(b"[") + line.count(b"{")  # most requests have a few: no need to look closer
+    if openers > max_depth and _nesting_depth(line) > max_depth:
+        return None, f"request nested deeper than {max_depth} levels"
+    try:
+        request = json.loads(line)
+    except RecursionError:  # cannot happen below the depth bound; kept so it can never escape
+        return None, f"request nested deeper than {max_depth} levels"
+    except (UnicodeDecodeError, ValueError) as exc:
+        return None, f"malformed JSON: {exc}"
+    if not isinstance(request, dict):
+        return None, "request must be a JSON object"
+    if not isinstance(request.get("cmd"), str):
+        return None, 'request needs a "cmd" string'
+    return request, None
 
 
 # --------------------------------------------------------------------------------------------- server
@@ -92,37 +178,79 @@ def _peer_uid(conn: socket.socket) -> int:
     return uid
 
 
+class _Conn:
+    """One client as the loop sees it. At most one of its requests is in the handlers at a time (`busy`);
+    while busy or while its reply is still going out, it is not read, so a client that pipelines faster than
+    it is answered is held back by its own socket buffer, not by our memory."""
+
+    __slots__ = ("sock", "buf", "out", "busy", "eof", "lingering", "events", "closed")
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.buf = bytearray()
+        self.out = memoryview(b"")  # reply bytes not yet sent (a view: sending in parts copies nothing)
+        self.busy = False
+        self.eof = False  # the client half-closed: answer what it sent, then hang up
+        self.lingering = False  # told why it is being hung up on; waits for the client's EOF (see _hang_up)
+        self.events = 0  # what the selector watches for it (0: not registered)
+        self.closed = False
+
+
+_WAKE = object()  # selector key data of the wake-up pipe (the listener's is None)
+
+
 class ControlServer:
-    """Listen on `path`, answer each request line with `handler(request)`.
+    """Listen on `path`, answer each request line with `handler(request)` run on a handler thread.
 
     The handler gets the decoded request dict (always with a string "cmd") and returns a dict; "ok": true is
     added when absent. Its exceptions become `{"ok": false, "error": "internal error: ..."}` so one bad
-    command cannot take the daemon down. `timeout_s` bounds how long one request may take to arrive (a
-    silent or trickling client is disconnected); `max_connections` bounds the threads.
+    command cannot take the daemon down. `timeout_s` bounds how long a connection may go without a complete
+    request (then it gets an "idle timeout" or "incomplete request" reply and is closed) and how long a reply
+    may take to be read. `max_request` and `max_depth` bound one request's bytes and nesting. At most
+    `handler_threads` requests run at once and `max_queued` wait; beyond that a request is answered "server
+    busy". At `max_connections` (default: half the open-file limit) the longest-idle connection is closed to
+    make room.
     """
 
-    def __init__(self, path: Path, handler: Handler, *, max_request: int = 64 * 1024, timeout_s: float = 5.0,
-                 max_connections: int = 16, dir_mode: int = 0o700) -> None:
+    def __init__(self, path: Path, handler: Handler, *, max_request: int = 64 * 1024, max_depth: int = 64,
+                 timeout_s: float = 5.0, max_connections: int | None = None, handler_threads: int = 8,
+                 max_queued: int = 1024, dir_mode: int = 0o700) -> None:
+        if handler_threads < 1 or max_queued < 0 or max_request < 1 or max_depth < 1 or not timeout_s > 0:
+            raise ValueError("ControlServer needs handler_threads >= 1, max_queued >= 0, max_request >= 1, "
+                             "max_depth >= 1 and timeout_s > 0")
         self.path = Path(path)
         self.handler = handler
         self.max_request = max_request
+        self.max_depth = max_depth
         self.timeout_s = timeout_s
+        self.max_connections = max_connections
+        self.handler_threads = handler_threads
+        self.max_queued = max_queued
         self.dir_mode = dir_mode  # 0o700 always, except tests that must let another uid reach the socket
-        self._slots = threading.BoundedSemaphore(max_connections)
-        self._lock = threading.Lock()
-        self._conns: set[socket.socket] = set()
-        self._threads: set[threading.Thread] = set()
         self._sock: socket.socket | None = None
-        self._wake_r = self._wake_w = -1
-        self._accept_thread: threading.Thread | None = None
         self._ident: tuple[int, int] | None = None
-        self._closed = threading.Event()
+        self._selector: selectors.BaseSelector | None = None
+        self._conns: set[_Conn] = set()
+        # Connections waiting on a client (for a request, or for it to read a reply), oldest deadline first:
+        # every deadline is "now + timeout_s", so insertion order is deadline order and the next expiry and
+        # the longest-idle connection are both at the front.
+        self._deadlines: collections.OrderedDict[_Conn, float] = collections.OrderedDict()
+        self._in_handlers = 0  # requests running or queued (loop thread only)
+        self._jobs: queue.SimpleQueue = queue.SimpleQueue()
+        self._results: collections.deque[tuple[_Conn, bytes]] = collections.deque()
+        self._wake_lock = threading.Lock()  # guards the wake pipe against close() closing it under a worker
+        self._wake_r = self._wake_w = -1
+        self._loop_thread: threading.Thread | None = None
+        self._workers: list[threading.Thread] = []
+        self._closing = False
+        self._accept_paused_until = 0.0
+        self._accept_warned_at = -math.inf
         self._log = log.get("gitlora.control")
 
     # lifecycle -------------------------------------------------------------------------------------
 
     def start(self) -> "ControlServer":
-        """Bind and listen, then serve from a background thread; returns once clients can connect."""
+        """Bind and listen, then serve from background threads; returns once clients can connect."""
         if self._sock is not None:
             raise RuntimeError("ControlServer already started")
         _prepare_dir(self.path.parent, self.dir_mode)
@@ -142,36 +270,49 @@ class ControlServer:
         try:
             st = os.lstat(self.path)
             self._ident = (st.st_dev, st.st_ino)
-            sock.listen(64)
+            sock.listen(1024)  # the kernel caps it at net.core.somaxconn; a connect storm waits there
+            sock.setblocking(False)
         except OSError:
             sock.close()
             self.path.unlink(missing_ok=True)
             raise
+        if self.max_connections is None:
+            self.max_connections = _default_max_connections()
         self._sock = sock
-        self._wake_r, self._wake_w = os.pipe()
-        self._accept_thread = threading.Thread(target=self._accept_loop, name="control-accept", daemon=True)
-        self._accept_thread.start()
-        self._log.info("control socket listening", path=str(self.path))
+        self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self._selector = selectors.DefaultSelector()  # epoll: no FD_SETSIZE limit, cost per ready socket
+        self._selector.register(sock, selectors.EVENT_READ, None)
+        self._selector.register(self._wake_r, selectors.EVENT_READ, _WAKE)
+        for i in range(self.handler_threads):
+            worker = threading.Thread(target=self._work, name=f"control-handler-{i}", daemon=True)
+            worker.start()
+            self._workers.append(worker)
+        self._loop_thread = threading.Thread(target=self._loop, name="control-loop", daemon=True)
+        self._loop_thread.start()
+        self._log.info("control socket listening", path=str(self.path), max_connections=self.max_connections)
         return self
 
     def close(self, timeout: float = 5.0) -> None:
-        """Stop accepting, hang up on open connections, remove the socket file if it is still ours."""
-        if self._sock is None or self._closed.is_set():
+        """Stop accepting, hang up on every connection, remove the socket file if it is still ours.
+
+        Requests in the handlers get a "shutting down" reply at once; their threads get up to `timeout`
+        to finish (a handler cannot be interrupted) and exit as soon as they do.
+        """
+        if self._sock is None or self._closing:
             return
-        self._closed.set()
-        os.write(self._wake_w, b"x")
-        if self._accept_thread is not None:
-            self._accept_thread.join(timeout)
-        with self._lock:
-            conns, threads = list(self._conns), list(self._threads)
-        for conn in conns:
-            try:
-                conn.shutdown(socket.SHUT_RDWR)  # wakes a thread blocked in recv()
-            except OSError:
-                pass
+        self._closing = True
         deadline = time.monotonic() + timeout
-        for thread in threads:
-            thread.join(max(0.0, deadline - time.monotonic()))
+        self._wake()
+        assert self._loop_thread is not None
+        self._loop_thread.join(timeout)  # it closes every connection and the selector on its way out
+        for _ in self._workers:
+            self._jobs.put(None)
+        running = 0
+        for worker in self._workers:
+            worker.join(max(0.0, deadline - time.monotonic()))
+            running += worker.is_alive()
+        if running:
+            self._log.warning("control handlers still running at close", threads=running)
         try:  # while our socket is still bound its inode cannot be reused, so the identity check is sound
             st = os.lstat(self.path)
             if (st.st_dev, st.st_ino) == self._ident:  # never unlink a successor's socket
@@ -179,8 +320,10 @@ class ControlServer:
         except FileNotFoundError:
             pass
         self._sock.close()
-        os.close(self._wake_r)
-        os.close(self._wake_w)
+        with self._wake_lock:
+            os.close(self._wake_r)
+            os.close(self._wake_w)
+            self._wake_r = self._wake_w = -1
         self._log.info("control socket closed", path=str(self.path))
 
     def __enter__(self) -> "ControlServer":
@@ -189,124 +332,275 @@ class ControlServer:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    # serving ---------------------------------------------------------------------------------------
-
-    def _accept_loop(self) -> None:
-        assert self._sock is not None
-        poller = select.poll()  # not select(): the daemon may hold more than 1024 descriptors
-        poller.register(self._sock, select.POLLIN)
-        poller.register(self._wake_r, select.POLLIN)
-        while not self._closed.is_set():
-            ready = {fd for fd, _ in poller.poll()}
-            if self._closed.is_set() or self._wake_r in ready:
+    def _wake(self) -> None:
+        with self._wake_lock:
+            if self._wake_w < 0:
                 return
             try:
-                conn, _ = self._sock.accept()
-            except OSError as exc:  # EMFILE and friends: back off instead of spinning on a readable socket
-                self._log.warning("control accept failed", error=str(exc))
-                time.sleep(0.1)
-                continue
-            if not self._slots.acquire(blocking=False):
-                self._reply_and_close(conn, {"ok": False, "error": "server busy: too many connections"})
-                continue
-            thread = threading.Thread(target=self._serve, args=(conn,), name="control-conn", daemon=True)
-            with self._lock:
-                self._conns.add(conn)
-                self._threads.add(thread)
-            try:
-                thread.start()
-            except RuntimeError:  # "can't start new thread": refuse this one, keep the server up
-                with self._lock:
-                    self._conns.discard(conn)
-                    self._threads.discard(thread)
-                self._slots.release()
-                self._reply_and_close(conn, {"ok": False, "error": "server busy: cannot start a thread"})
+                os.write(self._wake_w, b"\0")
+            except BlockingIOError:
+                pass  # the pipe is full of wake-ups already
 
-    def _reply_and_close(self, conn: socket.socket, reply: dict) -> None:
-        try:
-            conn.settimeout(1.0)
-            conn.sendall(_encode(reply))
-        except OSError:
-            pass
-        finally:
-            _discard_pending(conn)
-            conn.close()
+    # handler threads -------------------------------------------------------------------------------
 
-    def _serve(self, conn: socket.socket) -> None:
-        try:
-            uid = _peer_uid(conn)
-            if uid != os.geteuid():
-                self._log.warning("control peer refused", uid=uid)
-                self._send(conn, {"ok": False, "error": f"permission denied: uid {uid}"})
-                return
-            buf = b""
-            while not self._closed.is_set():
-                line, buf, error = self._read_line(conn, buf)
-                if error:
-                    self._send(conn, {"ok": False, "error": error})
-                    return
-                if line is None:
-                    return  # EOF or idle timeout
-                if line.strip():
-                    self._send(conn, self._answer(line))
-        except OSError:
-            pass  # the peer went away mid-reply
-        finally:
-            with self._lock:
-                self._conns.discard(conn)
-                self._threads.discard(threading.current_thread())
-            _discard_pending(conn)
-            conn.close()
-            self._slots.release()
+    def _work(self) -> None:
+        while (job := self._jobs.get()) is not None:
+            conn, request = job
+            reply = self._answer(request)
+            if self._closing:
+                continue  # the loop already told the client; nobody reads the results any more
+            self._results.append((conn, reply))
+            self._wake()
 
-    def _read_line(self, conn: socket.socket, buf: bytes) -> tuple[bytes | None, bytes, str | None]:
-        """Next request line (without newline), remaining buffer, error; line is None on EOF/timeout."""
-        deadline = time.monotonic() + self.timeout_s
-        while True:
-            newline = buf.find(b"\n")
-            if newline >= 0:
-                if newline > self.max_request:
-                    return None, b"", "request too large"
-                return buf[:newline], buf[newline + 1:], None
-            if len(buf) > self.max_request:
-                return None, b"", "request too large"
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                return None, b"", None
-            conn.settimeout(remaining)
-            try:
-                chunk = conn.recv(65536)
-            except TimeoutError:
-                return None, b"", None
-            if not chunk:
-                # A client that half-closes without a final newline still gets its answer.
-                return (buf if buf.strip() else None), b"", None
-            buf += chunk
-
-    def _answer(self, line: bytes) -> dict:
-        try:
-            request = json.loads(line)
-        except (UnicodeDecodeError, ValueError) as exc:
-            return {"ok": False, "error": f"malformed JSON: {exc}"}
-        if not isinstance(request, dict):
-            return {"ok": False, "error": "request must be a JSON object"}
-        if not isinstance(request.get("cmd"), str):
-            return {"ok": False, "error": 'request needs a "cmd" string'}
+    def _answer(self, request: dict) -> bytes:
         try:
             reply = self.handler(request)
             if not isinstance(reply, dict):
                 raise TypeError(f"handler returned {type(reply).__name__}, not dict")
             reply = dict(reply)
             reply.setdefault("ok", True)
-            _encode(reply)  # fail here, inside the try, if the reply cannot be serialised
-            return reply
+            return _encode(reply)  # inside the try: a reply that cannot be serialised is an internal error
         except Exception as exc:  # noqa: BLE001 - one bad command must not kill the daemon
             self._log.exception("control handler failed", cmd=request.get("cmd"))
-            return {"ok": False, "error": f"internal error: {type(exc).__name__}: {exc}"}
+            return _encode({"ok": False, "error": f"internal error: {type(exc).__name__}: {exc}"})
 
-    def _send(self, conn: socket.socket, reply: dict) -> None:
-        conn.settimeout(self.timeout_s)  # a client that never reads cannot pin the thread forever
-        conn.sendall(_encode(reply))
+    # the loop --------------------------------------------------------------------------------------
+
+    def _loop(self) -> None:
+        assert self._selector is not None
+        try:
+            while not self._closing:
+                for key, mask in self._selector.select(self._sleep_s()):
+                    if key.data is None:
+                        self._accept()
+                    elif key.data is _WAKE:
+                        _drain(self._wake_r)
+                    else:
+                        self._guarded(key.data, mask)
+                while self._results:
+                    conn, reply = self._results.popleft()
+                    self._in_handlers -= 1
+                    if not conn.closed:
+                        conn.busy = False
+                        conn.out = memoryview(reply)
+                        self._guarded(conn, 0)
+                self._expire(time.monotonic())
+                if self._accept_paused_until and time.monotonic() >= self._accept_paused_until:
+                    self._accept_paused_until = 0.0
+                    self._selector.register(self._sock, selectors.EVENT_READ, None)
+        except Exception:  # noqa: BLE001 - a bug here must be loud, and must still release every socket
+            self._log.exception("control loop failed")
+        finally:
+            for conn in list(self._conns):
+                if conn.busy:  # it waits for a reply that will not come
+                    self._hang_up(conn, "the gitlora daemon is shutting down", linger=False)
+                else:
+                    self._drop(conn)
+            self._selector.close()
+
+    def _sleep_s(self) -> float | None:
+        wake_at = [self._accept_paused_until] if self._accept_paused_until else []
+        if self._deadlines:
+            wake_at.append(next(iter(self._deadlines.values())))
+        if not wake_at:
+            return None
+        return min(_MAX_SLEEP_S, max(0.0, min(wake_at) - time.monotonic()))
+
+    def _guarded(self, conn: _Conn, mask: int) -> None:
+        """Serve one connection's event; a bug while serving it costs that connection, not the server."""
+        if conn.closed:
+            return  # dropped earlier in this round (evicted, say): its event is stale
+        try:
+            if mask & selectors.EVENT_READ:
+                self._read(conn)
+            self._advance(conn)
+        except Exception:  # noqa: BLE001
+            self._log.exception("control connection failed")
+            self._drop(conn)
+
+    def _accept(self) -> None:
+        assert self._sock is not None and self._selector is not None
+        for _ in range(_ACCEPT_BATCH):
+            try:
+                sock, _ = self._sock.accept()
+            except BlockingIOError:
+                return
+            except OSError as exc:
+                if exc.errno not in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+                    continue  # e.g. ECONNABORTED: that client is gone, the next may be fine
+                now = time.monotonic()
+                if now - self._accept_warned_at > 60:
+                    self._accept_warned_at = now
+                    self._log.warning("control accept failed; pausing", error=str(exc))
+                self._selector.unregister(self._sock)  # readable until accepted: do not spin on it
+                self._accept_paused_until = now + _ACCEPT_PAUSE_S
+                return
+            sock.setblocking(False)
+            conn = _Conn(sock)
+            try:
+                uid = _peer_uid(sock)
+            except OSError:
+                sock.close()
+                continue
+            if uid != os.geteuid():
+                self._log.warning("control peer refused", uid=uid)
+                self._conns.add(conn)
+                self._hang_up(conn, f"permission denied: uid {uid}")
+                continue
+            assert self.max_connections is not None
+            if len(self._conns) >= self.max_connections:
+                if not self._deadlines:  # every connection is waiting on a handler: none can be dropped
+                    self._hang_up(conn, f"server busy: {len(self._conns)} connections with requests running",
+                                  linger=False)
+                    continue
+                oldest = next(iter(self._deadlines))
+                self._hang_up(oldest, f"connection closed: the server holds its limit of {self.max_connections} "
+                                      "connections and this one had waited longest", linger=False)  # frees its slot
+            self._conns.add(conn)
+            self._set_deadline(conn)
+            self._advance(conn)
+
+    def _read(self, conn: _Conn) -> None:
+        try:
+            chunk = conn.sock.recv(_RECV)
+        except BlockingIOError:
+            return
+        except OSError:
+            self._drop(conn)
+            return
+        if conn.lingering:
+            if not chunk:
+                self._drop(conn)  # the client has read our reason and hung up too
+        elif chunk:
+            conn.buf += chunk
+        else:
+            conn.eof = True
+
+    def _advance(self, conn: _Conn) -> None:
+        """Move a connection on as far as it can go: flush its reply, then take its next request."""
+        while not conn.closed and not conn.busy and not conn.lingering:
+            if conn.out:
+                if not self._flush(conn):
+                    return  # waits for the socket to drain
+                self._set_deadline(conn)  # the wait for the next request starts once the reply is out
+                continue
+            newline = conn.buf.find(b"\n")
+            if newline > self.max_request or (newline < 0 and len(conn.buf) > self.max_request):
+                self._hang_up(conn, f"request too large: over {self.max_request} bytes")
+                return
+            if newline >= 0:
+                line = bytes(conn.buf[:newline])
+                del conn.buf[:newline + 1]
+            elif conn.eof:  # a client that half-closes without a final newline still gets its answer
+                line = bytes(conn.buf)
+                conn.buf.clear()
+                if not line.strip():
+                    self._drop(conn)
+                    return
+            else:
+                self._watch(conn, selectors.EVENT_READ)
+                return
+            if not line.strip():
+                continue
+            request, error = _parse(line, self.max_depth)
+            if error is not None:
+                conn.out = memoryview(_encode({"ok": False, "error": error}))
+            elif self._in_handlers >= self.max_queued + self.handler_threads:
+                conn.out = memoryview(_encode({"ok": False, "error": "server busy: too many requests in progress "
+                                                                     f"({self._in_handlers}); try again"}))
+            else:
+                conn.busy = True
+                self._in_handlers += 1
+                self._deadlines.pop(conn, None)  # a slow handler is not the client's fault
+                self._watch(conn, 0)
+                self._jobs.put((conn, request))
+
+    def _flush(self, conn: _Conn) -> bool:
+        """Send what the socket takes now; True once the whole reply is out."""
+        try:
+            sent = conn.sock.send(conn.out)
+        except BlockingIOError:
+            sent = 0
+        except OSError:  # the client went away; nothing left to tell it
+            self._drop(conn)
+            return False
+        conn.out = conn.out[sent:]
+        if conn.out:
+            if conn.events != selectors.EVENT_WRITE:
+                self._set_deadline(conn)  # a client that never reads its reply is dropped in timeout_s
+                self._watch(conn, selectors.EVENT_WRITE)
+            return False
+        return True
+
+    def _expire(self, now: float) -> None:
+        while self._deadlines:
+            conn, deadline = next(iter(self._deadlines.items()))
+            if deadline > now:
+                return
+            if conn.out or conn.lingering:  # it stopped reading its reply, or never hung up after ours
+                self._drop(conn)
+            elif conn.buf.strip():
+                self._hang_up(conn, f"incomplete request: no newline within {self.timeout_s:g} s "
+                                    f"({len(conn.buf)} bytes received)")
+            else:
+                self._hang_up(conn, f"idle timeout: no complete request within {self.timeout_s:g} s")
+
+    def _set_deadline(self, conn: _Conn) -> None:
+        self._deadlines.pop(conn, None)
+        self._deadlines[conn] = time.monotonic() + self.timeout_s  # to the end: the latest deadline
+
+    def _watch(self, conn: _Conn, events: int) -> None:
+        assert self._selector is not None
+        if events == conn.events:
+            return
+        if not conn.events:
+            self._selector.register(conn.sock, events, conn)
+        elif not events:
+            self._selector.unregister(conn.sock)
+        else:
+            self._selector.modify(conn.sock, events, conn)
+        conn.events = events
+
+    def _hang_up(self, conn: _Conn, error: str, *, linger: bool = True) -> None:
+        """Tell the client why, as far as its socket buffer takes it without waiting, and end the connection.
+
+        Lingering: half-close and discard what the client still sends until it hangs up too (or timeout_s
+        passes). Closing at once would fail the send of a client that writes its request before reading
+        (EPIPE), and unread data at close makes Linux reset the connection; either way the reason is lost.
+        """
+        try:
+            conn.sock.send(_encode({"ok": False, "error": error}))
+            if linger:
+                conn.sock.shutdown(socket.SHUT_WR)
+        except OSError:
+            linger = False
+        if not linger:
+            self._drop(conn)
+            return
+        conn.lingering = True
+        conn.busy = False
+        conn.out = memoryview(b"")
+        conn.buf.clear()
+        self._set_deadline(conn)
+        self._watch(conn, selectors.EVENT_READ)
+
+    def _drop(self, conn: _Conn) -> None:
+        if conn.closed:
+            return
+        conn.closed = True
+        self._watch(conn, 0)
+        self._deadlines.pop(conn, None)
+        self._conns.discard(conn)
+        _discard_pending(conn.sock)
+        conn.sock.close()
+
+
+def _drain(fd: int) -> None:
+    try:
+        while os.read(fd, 4096):
+            pass
+    except BlockingIOError:
+        pass
 
 
 def _discard_pending(conn: socket.socket) -> None:
@@ -315,7 +609,7 @@ def _discard_pending(conn: socket.socket) -> None:
     try:
         conn.setblocking(False)
         for _ in range(16):
-            if not conn.recv(65536):
+            if not conn.recv(_RECV):
                 return
     except OSError:
         pass

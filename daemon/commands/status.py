@@ -42,7 +42,7 @@ def offline_view() -> list[dict]:
 
 def run(args: argparse.Namespace) -> int:
     try:
-        reply = request({"cmd": "status"}, timeout=10.0)
+        reply = request({"cmd": "status"}, timeout=10.0, check=True)  # an error reply is one line, not a traceback
     except DaemonNotRunning as exc:
         stores = offline_view()
         if args.json:
