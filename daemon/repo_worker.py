@@ -393,12 +393,12 @@ class RepoWorker:
                              ("unflushed_examples", 0), ("queue_depth", 0), ("ingesting", False)):
             view.setdefault(key, default)
         view.update(changes)
-        if self._missing:
+        if changes.get("state") == "repairing":
+            state, reason, step = "repairing", self._damage, None
+        elif self._missing:
             state, reason, step = "missing", "repository not found", missing_next_step(self.git_dir)
         elif self._damage is not None:
             state, reason, step = "damaged", self._damage, damaged_next_step(self._damage, self.git_dir)
-        elif changes.get("state") == "repairing":
-            state, reason, step = "repairing", None, None
         elif self._paused:
             state, reason, step = "paused", None, f"`gitlora resume {self.git_dir}` to ingest again"
         else:

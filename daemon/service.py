@@ -263,6 +263,9 @@ class Daemon:
             summary = worker.call("repair", timeout=float(timeout) if isinstance(timeout, (int, float)) else 3600)
         except WorkerBusy as exc:
             return {"ok": False, "error": str(exc)}
+        except Exception as exc:  # noqa: BLE001 - the repair's own failure, said in one line
+            return {"ok": False, "error": f"repair of {worker.name} failed: {type(exc).__name__}: {exc}",
+                    "state": worker.state}
         return {"repo": worker.name, "summary": summary, "state": worker.state}
 
     def _drop(self, worker: RepoWorker) -> None:
