@@ -194,25 +194,28 @@ class RepoWorker:
                     break
 
     def _open_store(self) -> None:
-        """Open the store and what uses it; a store that cannot be opened marks the repository damaged."""
+        """Open the store and what uses it; a store that cannot be opened or read marks the repository
+        damaged (the daemon goes on serving the others; `repair` rebuilds it)."""
         try:
-            store = Store(self.paths.store)
-        except Exception as exc:  # StoreError (StoreDamaged), or anything LMDB says about a broken file
-            self._damage = f"{type(exc).__name__}: {exc}" if not isinstance(exc, StoreError) else str(exc)
+            self._store = Store(self.paths.store)
+            self._spool = SpoolReader(self.paths.spool, self._store)
+            self._shards = ShardWriter(self.paths.shards, self.paths.manifest, self._store)
+            # Live commits touch a few files each: a small in-process cache keeps the idle daemon small; big
+            # backlogs (a new repo's history) go to the spawned pool, whose memory leaves with it.
+            self._ingestor = Ingestor(self.git, self._store, self.config.ingest, source="daemon",
+                                      cache_bytes=2 << 20, max_trees=16, isolate_files=200)
+            self._damage = None
+            if self._shards.unflushed() > 0:  # left by a backfill or before a restart: flush after a quiet period
+                self._last_ingest = time.time()
+            self._publish(refresh=True)
+        except Exception as exc:  # noqa: BLE001 - StoreError (StoreDamaged), or what LMDB says of a broken file
+            self._damage = str(exc) if isinstance(exc, StoreError) else f"{type(exc).__name__}: {exc}"
             _log.error("store_damaged", repo=self.name, reason=self._damage)
+            try:
+                self._close_store()
+            except Exception:  # noqa: BLE001 - already broken; what matters is that nothing uses it
+                self._store = self._spool = self._shards = self._ingestor = None
             self._publish()
-            return
-        self._store = store
-        self._damage = None
-        self._spool = SpoolReader(self.paths.spool, store)
-        self._shards = ShardWriter(self.paths.shards, self.paths.manifest, store)
-        # Live commits touch a few files each: a small in-process cache keeps the idle daemon small; big
-        # backlogs (a new repo's history) go to the spawned pool, whose memory leaves with it.
-        self._ingestor = Ingestor(self.git, store, self.config.ingest, source="daemon", cache_bytes=2 << 20,
-                                  max_trees=16, isolate_files=200)
-        if self._shards.unflushed() > 0:  # left by a CLI backfill or before a restart: flush after a quiet period
-            self._last_ingest = time.time()
-        self._publish(refresh=True)
 
     def _close_store(self) -> None:
         if self._store is not None:
