@@ -273,7 +273,7 @@ class RepoWorker:
             self._ingestor = Ingestor(self.git, self._store, config.ingest, source="daemon", cache_bytes=2 << 20,
                                       max_trees=16, isolate_files=200)
 
-    def _repair(self) -> str:
+    def _repair(self) -> Any:
         """Rebuild the store from git (`gitlora repair`); the store is closed meanwhile, then reopened."""
         from .repair import repair_store
 
@@ -285,7 +285,7 @@ class RepoWorker:
             self._open_store()
         if self._store is not None:
             self.nudge()  # commits that arrived meanwhile
-        return report.summary()
+        return report
 
     def _reconcile_safely(self, noticed: float) -> None:
         if not Path(self.git_dir).is_dir():  # moved or deleted under us: libgit2 may not even notice

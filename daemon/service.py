@@ -260,13 +260,13 @@ class Daemon:
             return {"ok": False, "error": f"a training round is running for {worker.name}; repair after it"}
         timeout = request.get("timeout_s", 3600)
         try:
-            summary = worker.call("repair", timeout=float(timeout) if isinstance(timeout, (int, float)) else 3600)
+            report = worker.call("repair", timeout=float(timeout) if isinstance(timeout, (int, float)) else 3600)
         except WorkerBusy as exc:
             return {"ok": False, "error": str(exc)}
         except Exception as exc:  # noqa: BLE001 - the repair's own failure, said in one line
             return {"ok": False, "error": f"repair of {worker.name} failed: {type(exc).__name__}: {exc}",
                     "state": worker.state}
-        return {"repo": worker.name, "summary": summary, "state": worker.state}
+        return {"repo": worker.name, "summary": report.summary(), "report": report.as_dict(), "state": worker.state}
 
     def _drop(self, worker: RepoWorker) -> None:
         """Stop serving a worker (its thread ends and its store closes, so the repo can be added again)."""
