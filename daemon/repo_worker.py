@@ -200,10 +200,7 @@ class RepoWorker:
             self._store = Store(self.paths.store)
             self._spool = SpoolReader(self.paths.spool, self._store)
             self._shards = ShardWriter(self.paths.shards, self.paths.manifest, self._store)
-            # Live commits touch a few files each: a small in-process cache keeps the idle daemon small; big
-            # backlogs (a new repo's history) go to the spawned pool, whose memory leaves with it.
-            self._ingestor = Ingestor(self.git, self._store, self.config.ingest, source="daemon",
-                                      cache_bytes=2 << 20, max_trees=16, isolate_files=200)
+            self._ingestor = self._make_ingestor()
             self._damage = None
             if self._shards.unflushed() > 0:  # left by a backfill or before a restart: flush after a quiet period
                 self._last_ingest = time.time()
@@ -216,6 +213,13 @@ class RepoWorker:
             except Exception:  # noqa: BLE001 - already broken; what matters is that nothing uses it
                 self._store = self._spool = self._shards = self._ingestor = None
             self._publish()
+
+    def _make_ingestor(self) -> Ingestor:
+        assert self._store is not None
+        # Live commits touch a few files each: a small in-process cache keeps the idle daemon small; big
+        # backlogs (a new repo's history) go to the spawned pool, whose memory leaves with it.
+        return Ingestor(self.git, self._store, self.config.ingest, source="daemon", cache_bytes=2 << 20,
+                        max_trees=16, isolate_files=200)
 
     def _close_store(self) -> None:
         if self._store is not None:
@@ -270,8 +274,7 @@ class RepoWorker:
         if ingest_changed and self._store is not None:
             self.opened = open_repo(self.git_dir, config)
             self.git = self.opened.git
-            self._ingestor = Ingestor(self.git, self._store, config.ingest, source="daemon", cache_bytes=2 << 20,
-                                      max_trees=16, isolate_files=200)
+            self._ingestor = self._make_ingestor()
 
     def _repair(self) -> Any:
         """Rebuild the store from git (`gitlora repair`); the store is closed meanwhile, then reopened."""

@@ -100,8 +100,9 @@ class Daemon:
             worker = RepoWorker(opened, self.config)
             self.workers[key] = worker
             self.unavailable.pop(key, None)
+        # The watcher names the path that changed (its tests observe that); the worker needs only the nudge.
         watcher = RepoWatcher(self.observer, opened.git.common_dir, opened.paths.root, opened.paths.spool,
-                              worker.nudge)
+                              lambda _path: worker.nudge())
         worker.watcher_state = watcher.state
         self.watchers[key] = watcher
         worker.start()

@@ -38,7 +38,7 @@ def is_relevant(git_dir: Path, spool: Path, path: str) -> bool:
 
 
 class _Handler(FileSystemEventHandler):
-    def __init__(self, git_dir: Path, spool: Path, nudge: Callable[[], None]) -> None:
+    def __init__(self, git_dir: Path, spool: Path, nudge: Callable[[str], None]) -> None:
         self.git_dir, self.spool, self.nudge = git_dir, spool, nudge
 
     def on_any_event(self, event: FileSystemEvent) -> None:
@@ -48,7 +48,7 @@ class _Handler(FileSystemEventHandler):
             if isinstance(path, bytes):
                 path = path.decode("utf-8", "replace")
             if is_relevant(self.git_dir, self.spool, path):
-                self.nudge()
+                self.nudge(f"fs:{Path(path).name}")
                 return
 
 
@@ -56,7 +56,7 @@ class RepoWatcher:
     """Watches one repository on a shared observer; `state` is what `gitlora status` shows."""
 
     def __init__(self, observer: Observer, git_dir: Path, state_dir: Path, spool: Path,
-                 nudge: Callable[[], None]) -> None:
+                 nudge: Callable[[str], None]) -> None:
         self.state = "starting"
         self._observer = observer
         self._watches: list[ObservedWatch] = []

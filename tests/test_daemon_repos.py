@@ -40,7 +40,7 @@ def state_dirs() -> list[Path]:
     return sorted(p for p in base.iterdir() if p.is_dir()) if base.is_dir() else []
 
 
-def wait_for(predicate, what: str, timeout: float = 30.0):
+def wait_for(predicate, what: str, timeout: float = 120.0):
     """Poll `predicate` (returns a truthy value when done) until it holds; the value, or fail saying what."""
     deadline = time.monotonic() + timeout
     while True:
@@ -56,7 +56,7 @@ def repo_view(status: dict, git_dir: str) -> dict | None:
     return next((r for r in status["repos"] if r["git_dir"] == git_dir), None)
 
 
-def view_when(daemon: DaemonProcess, git_dir: str, condition, what: str, timeout: float = 30.0) -> dict:
+def view_when(daemon: DaemonProcess, git_dir: str, condition, what: str, timeout: float = 120.0) -> dict:
     def check():
         view = repo_view(daemon.status(), git_dir)
         return view if view is not None and condition(view) else None
@@ -325,7 +325,7 @@ def test_status_is_served_while_the_worker_ingests_and_ingest_runs_niced(tmp_pat
     git_dir = git_dir_of(repo)
     slowest = 0.0
     saw_busy = False
-    deadline = time.monotonic() + 300
+    deadline = time.monotonic() + 600
     while time.monotonic() < deadline:
         started = time.monotonic()
         view = repo_view(daemon.status(), git_dir)
