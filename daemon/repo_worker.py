@@ -243,6 +243,8 @@ class RepoWorker:
                 message.reply.set_exception(exc)
         for message in deferred:
             self._inbox.put(message)
+        if deferred:
+            self._wake.set()  # answered as soon as the ingest ends, not at the next idle wake-up
 
     def _answer(self, message: Message) -> Any:
         if message.kind == "pause":
