@@ -1,150 +1,337 @@
-"""One registered repository inside the daemon: the store's only writer thread.
+"""One registered repository inside the daemon: the only thread that uses its store and its shard writer.
 
 Every trigger (hook spool line, ref change, periodic rescan, `gitlora ingest`) is a nudge; the thread
 debounces nudges, then reconciles: read the spool, walk back from every ref tip and spooled commit to what
-the store already holds, ingest the rest, flush shards. A failure is logged and shown in `status`, and the
-thread goes on.
+the store already holds, ingest the rest, flush shards. Anything else that needs the store (a flush before a
+training round, pause/resume, repair, a new config) is a message the thread answers through a future. Other
+threads read only `snapshot()`: an immutable mapping the thread replaces after each change. A failure is
+recorded with its time, shown in `status`, cleared by the next success, and the thread goes on.
 """
 from __future__ import annotations
 
-import ctypes
-import gc
+import os
 import threading
 import time
 import traceback
-from collections import deque
+from collections.abc import Mapping
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from pathlib import Path
+from queue import Empty, SimpleQueue
+from types import MappingProxyType
 from typing import Any
 
-from . import log
+from . import log, memory
 from .config import Config
 from .ingest import Ingestor
-from .repos import OpenedRepo
+from .repos import OpenedRepo, open_repo
 from .shards import ShardWriter
 from .spool_reader import SpoolReader
-from .store import Store
+from .store import Store, StoreError
 
 _log = log.get("gitlora.worker")
 
+#: How much nicer than the daemon the ingest thread (and the parser processes it spawns) runs: a commit's
+#: own `git` and the user's editor come first.
+INGEST_NICENESS = 10
 
-def configure_malloc(arenas: int = 2, mmap_threshold: int = 256 << 10) -> None:
-    """Tune glibc malloc for a long-lived daemon of mostly idle threads (call before starting threads;
-    mallopt is the runtime form of MALLOC_ARENA_MAX / MALLOC_MMAP_THRESHOLD_, there is no library for it):
-    - few arenas: glibc gives each thread that allocates its own heap arena otherwise;
-    - a fixed mmap threshold: glibc raises it after each large free (up to 32 MB), so big buffers (a pool
-      worker's pickled results, several MB) end up inside the heap and leave it fragmented for good. Kept
-      at 256 KB they are mapped and unmapped on their own: after ingesting the-block's 606 commits the heap
-      kept 28 MB more without this, 1 MB with it."""
+
+def _now_iso(ts: float) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(ts))
+
+
+def lower_thread_priority(niceness: int = INGEST_NICENESS) -> None:
+    """Make the calling thread (Linux: a task with its own nice value) and the processes it starts nicer."""
     try:
-        libc = ctypes.CDLL("libc.so.6")
-        libc.mallopt(-8, arenas)  # M_ARENA_MAX
-        libc.mallopt(-3, mmap_threshold)  # M_MMAP_THRESHOLD (setting it also turns off the dynamic raise)
-    except (OSError, AttributeError):  # not glibc (musl, macOS): their allocators behave differently anyway
+        tid = threading.get_native_id()
+        current = os.getpriority(os.PRIO_PROCESS, tid)
+        os.setpriority(os.PRIO_PROCESS, tid, min(19, current + niceness))
+    except (OSError, AttributeError):  # not Linux, or not allowed: ingest just competes as before
         pass
 
 
-def release_memory() -> None:
-    """Give freed heap back to the OS after a burst, so an idle daemon stays small. CPython's allocator and
-    glibc keep freed arenas otherwise; there is no library for this, it is one libc call."""
-    gc.collect()
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):  # not glibc (musl, macOS): nothing to trim
-        pass
+@dataclass
+class Message:
+    """A request for the worker thread; `reply` is resolved with its answer (or its exception)."""
+
+    kind: str  # "flush" | "pause" | "resume" | "repair" | "reconfigure"
+    args: dict[str, Any] = field(default_factory=dict)
+    reply: Future = field(default_factory=Future)
+
+
+class WorkerBusy(Exception):
+    """The worker did not answer a message in time (it is inside a long ingest or repair)."""
+
+
+def missing_next_step(git_dir: str) -> str:
+    return (f"repository not found at {git_dir}: `gitlora install NEWPATH` if it moved, "
+            f"`gitlora uninstall --forget {git_dir}` if it was deleted")
+
+
+def damaged_next_step(reason: str, git_dir: str) -> str:
+    return f"store damaged: {reason}; run `gitlora repair {git_dir}`"
 
 
 class RepoWorker:
     def __init__(self, opened: OpenedRepo, config: Config) -> None:
+        self.opened = opened
         self.git = opened.git
         self.paths = opened.paths
         self.config = config
         self.name = opened.git.name
-        self.store = Store(opened.paths.store)
-        self.spool = SpoolReader(opened.paths.spool, self.store)
-        self.shards = ShardWriter(opened.paths.shards, opened.paths.manifest, self.store)
-        # Live commits touch a few files each: a small in-process cache keeps the idle daemon small; big
-        # backlogs (a new repo's history) go to the spawned pool, whose memory leaves with it.
-        self.ingestor = Ingestor(opened.git, self.store, config.ingest, source="daemon", cache_bytes=2 << 20,
-                                 max_trees=16, isolate_files=200)
+        self.git_dir = str(opened.git.common_dir)
         self.watcher_state = "not watched"
-        self.paused = False
-        self._stop = threading.Event()  # this worker's own: a repo can be unregistered while the daemon runs
-        self._wake = threading.Event()
-        self._lock = threading.Lock()
-        self._first_nudge: float | None = None
-        self._queue_depth = 0
-        self._busy = False
+        # Owned by the thread (None until it has opened the store, or while the store is damaged):
+        self._store: Store | None = None
+        self._spool: SpoolReader | None = None
+        self._shards: ShardWriter | None = None
+        self._ingestor: Ingestor | None = None
+        self._paused = False
+        self._damage: str | None = None
+        self._missing = False
+        self._errors: list[dict[str, Any]] = []  # {"kind", "error", "at", "time"}, newest last; never mutated
         self._last: dict[str, Any] | None = None
         self._last_ingest = 0.0
-        self._errors: deque[str] = deque(maxlen=10)
+        # Shared with other threads:
+        self._stop = threading.Event()  # this worker's own: a repo can be unregistered while the daemon runs
+        self._wake = threading.Event()
+        self._inbox: SimpleQueue[Message] = SimpleQueue()
+        self._nudge_lock = threading.Lock()
+        self._first_nudge: float | None = None
+        self._snapshot: Mapping[str, Any] = MappingProxyType(self._base_view() | {"state": "starting"})
+        self._manifest: Mapping[str, Any] = MappingProxyType({"shards": [], "groups": []})
         self._thread = threading.Thread(target=self._loop, name=f"ingest-{self.name}", daemon=True)
 
-    # -- control ---------------------------------------------------------------------------------
+    # -- what other threads may call -------------------------------------------------------------
     def start(self) -> None:
-        if self.shards.unflushed() > 0:  # left by a CLI backfill or before a restart: flush after a quiet period
-            self._last_ingest = time.time()
-        self.nudge("start")  # drain the spool and reconcile tips: commits made while we were down
+        self.nudge()  # drain the spool and reconcile tips: commits made while we were down
         self._thread.start()
 
-    def nudge(self, reason: str = "nudge") -> None:
-        with self._lock:
+    def nudge(self) -> None:
+        with self._nudge_lock:
             if self._first_nudge is None:
                 self._first_nudge = time.time()
         self._wake.set()
 
+    def send(self, kind: str, **args: Any) -> Future:
+        """Queue a message for the thread; the future resolves with its answer."""
+        message = Message(kind, args)
+        if self._stop.is_set() or (self._thread.ident is not None and not self._thread.is_alive()):
+            message.reply.set_exception(WorkerBusy(f"{self.name}: the worker has stopped"))
+            return message.reply
+        self._inbox.put(message)
+        self._wake.set()
+        return message.reply
+
+    def call(self, kind: str, timeout: float, **args: Any) -> Any:
+        """`send` and wait for the answer; WorkerBusy when the thread is busy past `timeout`."""
+        future = self.send(kind, **args)
+        try:
+            return future.result(timeout)
+        except TimeoutError:
+            raise WorkerBusy(f"{self.name}: busy (ingesting or repairing); try again shortly") from None
+
+    def snapshot(self) -> Mapping[str, Any]:
+        """The latest published view (immutable; replaced, never changed, by the worker thread)."""
+        return self._snapshot
+
+    def manifest(self) -> Mapping[str, Any]:
+        """The shard manifest as the worker last wrote or read it."""
+        return self._manifest
+
+    @property
+    def paused(self) -> bool:
+        return bool(self._snapshot.get("paused"))
+
+    @property
+    def state(self) -> str:
+        return str(self._snapshot.get("state"))
+
     def stop(self, timeout: float | None = 60) -> bool:
-        """Finish the transaction in flight, end the thread, close the store; False if it did not end."""
+        """Finish the transaction in flight, end the thread (it closes the store); False if it did not end."""
         self._stop.set()
         self._wake.set()
         if self._thread.is_alive():
             self._thread.join(timeout)
         if self._thread.is_alive():
-            return False  # never close the store under a live writer
-        self.store.close()
+            return False
+        if self._thread.ident is None:  # never started
+            self._close_store()
         return True
 
     # -- the thread ------------------------------------------------------------------------------
     def _loop(self) -> None:
-        debounce = self.config.daemon.debounce_ms / 1000
-        quiet = self.config.shards.quiet_flush_s
-        while not self._stop.is_set():
-            woke = self._wake.wait(timeout=min(30.0, max(1.0, quiet)))
-            if self._stop.is_set():
-                break
-            if not woke:
-                self._maybe_quiet_flush()
-                continue
-            if self.paused:
+        lower_thread_priority()
+        self._open_store()
+        try:
+            while not self._stop.is_set():
+                quiet = self.config.shards.quiet_flush_s
+                woke = self._wake.wait(timeout=min(30.0, max(1.0, quiet)))
                 self._wake.clear()
-                continue
-            time.sleep(debounce)  # let a burst (rebase, pull) settle into one reconcile
-            self._wake.clear()
-            with self._lock:
-                noticed, self._first_nudge = self._first_nudge, None
+                self._serve_messages()
+                if self._stop.is_set():
+                    break
+                if self._store is None or self._paused:
+                    continue
+                with self._nudge_lock:
+                    nudged = self._first_nudge is not None
+                if not nudged:
+                    if not woke:
+                        self._maybe_quiet_flush()
+                    continue
+                # Let a burst (rebase, pull) settle into one reconcile; nudges meanwhile are absorbed.
+                if self._stop.wait(self.config.daemon.debounce_ms / 1000):
+                    break
+                with self._nudge_lock:
+                    noticed, self._first_nudge = self._first_nudge, None
+                self._reconcile_safely(noticed or time.time())
+        finally:
+            self._close_store()
+            while True:  # whoever still waits gets an answer, not a timeout
+                try:
+                    self._inbox.get_nowait().reply.set_exception(WorkerBusy(f"{self.name}: the worker stopped"))
+                except Empty:
+                    break
+
+    def _open_store(self) -> None:
+        """Open the store and what uses it; a store that cannot be opened or read marks the repository
+        damaged (the daemon goes on serving the others; `repair` rebuilds it)."""
+        try:
+            self._store = Store(self.paths.store)
+            self._spool = SpoolReader(self.paths.spool, self._store)
+            self._shards = ShardWriter(self.paths.shards, self.paths.manifest, self._store)
+            self._ingestor = self._make_ingestor()
+            self._damage = None
+            if self._shards.unflushed() > 0:  # left by a backfill or before a restart: flush after a quiet period
+                self._last_ingest = time.time()
+            self._publish(refresh=True)
+        except Exception as exc:  # noqa: BLE001 - StoreError (StoreDamaged), or what LMDB says of a broken file
+            self._damage = str(exc) if isinstance(exc, StoreError) else f"{type(exc).__name__}: {exc}"
+            _log.error("store_damaged", repo=self.name, reason=self._damage)
             try:
-                self.reconcile(noticed or time.time())
-            except Exception as exc:
-                message = f"{time.strftime('%H:%M:%S')} {type(exc).__name__}: {exc}"
-                self._errors.append(message)
-                _log.error("reconcile_failed", repo=self.name, error=message, traceback=traceback.format_exc())
-                self._stop.wait(1.0)  # no hot loop on a persistent failure; the next nudge retries
+                self._close_store()
+            except Exception:  # noqa: BLE001 - already broken; what matters is that nothing uses it
+                self._store = self._spool = self._shards = self._ingestor = None
+            self._publish()
+
+    def _make_ingestor(self) -> Ingestor:
+        assert self._store is not None
+        # Live commits touch a few files each: a small in-process cache keeps the idle daemon small; big
+        # backlogs (a new repo's history) go to the spawned pool, whose memory leaves with it.
+        return Ingestor(self.git, self._store, self.config.ingest, source="daemon", cache_bytes=2 << 20,
+                        max_trees=16, isolate_files=200)
+
+    def _close_store(self) -> None:
+        if self._store is not None:
+            self._store.close()
+        self._store = self._spool = self._shards = self._ingestor = None
+
+    def _serve_messages(self, light_only: bool = False) -> None:
+        """Answer queued messages. Inside an ingest (`light_only`) a repair or a new config waits for its end."""
+        deferred = []
+        while True:
+            try:
+                message = self._inbox.get_nowait()
+            except Empty:
+                break
+            if light_only and message.kind in ("repair", "reconfigure"):
+                deferred.append(message)
+                continue
+            try:
+                message.reply.set_result(self._answer(message))
+            except Exception as exc:  # noqa: BLE001 - the asker gets the error; the worker goes on
+                message.reply.set_exception(exc)
+        for message in deferred:
+            self._inbox.put(message)
+        if deferred:
+            self._wake.set()  # answered as soon as the ingest ends, not at the next idle wake-up
+
+    def _answer(self, message: Message) -> Any:
+        if message.kind == "pause":
+            self._paused = True
+            self._publish()
+            return True
+        if message.kind == "resume":
+            self._paused = False
+            self._publish()
+            self.nudge()
+            return True
+        if message.kind == "flush":
+            if self._shards is None:
+                raise StoreError(self._damage or "store not open")
+            entries = self._flush("request")
+            return len(entries)
+        if message.kind == "repair":
+            return self._repair()
+        if message.kind == "reconfigure":
+            self._reconfigure(message.args["config"])
+            return True
+        raise ValueError(f"unknown worker message {message.kind!r}")
+
+    def _reconfigure(self, config: Config) -> None:
+        """A reloaded config: debounce, quiet flush and shard settings apply at once; ingest settings (the
+        exclude globs, remotes) to commits not yet ingested."""
+        ingest_changed = config.ingest != self.config.ingest
+        self.config = config
+        if ingest_changed and self._store is not None:
+            self.opened = open_repo(self.git_dir, config)
+            self.git = self.opened.git
+            self._ingestor = self._make_ingestor()
+
+    def _repair(self) -> Any:
+        """Rebuild the store from git (`gitlora repair`); the store is closed meanwhile, then reopened."""
+        from .repair import repair_store
+
+        self._close_store()
+        self._publish(state="repairing")
+        try:
+            report = repair_store(self.opened, self.config, progress=None, should_stop=self._stop.is_set)
+        finally:
+            self._open_store()
+        if self._store is not None:
+            self.nudge()  # commits that arrived meanwhile
+        return report
+
+    def _reconcile_safely(self, noticed: float) -> None:
+        if not Path(self.git_dir).is_dir():  # moved or deleted under us: libgit2 may not even notice
+            if not self._missing:
+                self._missing = True
+                _log.error("repo_missing", repo=self.name, git_dir=self.git_dir)
+                self._publish(ingesting=False, queue_depth=0)
+            return
+        if self._missing:
+            self._missing = False
+            self._publish()
+        try:
+            self.reconcile(noticed)
+        except Exception as exc:  # noqa: BLE001 - one failure must not end the thread
+            self._record_error("reconcile", f"{type(exc).__name__}: {exc}")
+            _log.error("reconcile_failed", repo=self.name, error=str(exc), traceback=traceback.format_exc())
+            self._publish(ingesting=False, queue_depth=0)
+            self._stop.wait(1.0)  # no hot loop on a persistent failure; the next nudge retries
+        else:
+            self._clear_errors("reconcile")
 
     def reconcile(self, noticed: float) -> None:
-        entries, position = self.spool.read_new()
+        assert self._spool is not None and self._ingestor is not None and self._store is not None
+        entries, position = self._spool.read_new()
         spooled = [entry.new for entry in entries]
         tips = list(self.git.tips().values()) + spooled
-        pending = self.ingestor.pending(tips)
+        pending = self._ingestor.pending(tips)
         if pending:
-            self._busy = True
-            self._queue_depth = len(pending)
-            try:
-                summary = self.ingestor.run(
-                    pending, should_stop=self._stop.is_set, extra={"noticed_at": noticed},
-                    on_batch=lambda commits, _examples: self._consumed(commits))
-            finally:
-                self._busy = False
-                self._queue_depth = 0
+            queue = len(pending)
+            self._publish(ingesting=True, queue_depth=queue)
+
+            def consumed(commits: int, _examples: int) -> None:
+                nonlocal queue
+                queue = max(0, queue - commits)
+                self._publish(refresh=True, ingesting=True, queue_depth=queue)
+                self._serve_messages(light_only=True)  # between transactions: a flush or pause is safe here
+
+            summary = self._ingestor.run(pending, should_stop=lambda: self._stop.is_set() or self._paused,
+                                         extra={"noticed_at": noticed}, on_batch=consumed)
             if summary.last_commit:
-                record = self.store.get_commit(bytes.fromhex(summary.last_commit)) or {}
+                record = self._store.get_commit(bytes.fromhex(summary.last_commit)) or {}
                 latency = record.get("stored_at", time.time()) - noticed
                 self._last = {"commit": summary.last_commit, "examples": record.get("examples", 0),
                               "status": record.get("status"), "stored_at": record.get("stored_at"),
@@ -154,55 +341,76 @@ class RepoWorker:
                 self._last_ingest = time.time()
             _log.info("ingested", repo=self.name, commits=summary.commits, examples=summary.examples,
                       skipped=summary.skipped, seconds=round(summary.seconds, 3))
-            if self._stop.is_set():
-                return  # SIGTERM: the current transaction is done; leave the spool position for next start
-        self.spool.commit(position)
-        if self.shards.unflushed() >= self.config.shards.shard_size:
+            if self._stop.is_set() or self._paused:
+                # The current transaction is done; leave the spool position for the next pass.
+                self._publish(refresh=True, ingesting=False, queue_depth=0)
+                return
+        self._spool.commit(position)
+        assert self._shards is not None
+        if self._shards.unflushed() >= self.config.shards.shard_size:
             self._flush("size")
-        if pending:
-            self._shed_memory()
-
-    def _consumed(self, commits: int) -> None:
-        self._queue_depth = max(0, self._queue_depth - commits)
+        elif pending:
+            memory.after_burst(self._store)
+        self._publish(refresh=True, ingesting=False, queue_depth=0)
 
     def _maybe_quiet_flush(self) -> None:
-        quiet = self.config.shards.quiet_flush_s
-        if self.paused:
+        if self._shards is None or not self._last_ingest:
             return
-        if self._last_ingest and time.time() - self._last_ingest >= quiet and self.shards.unflushed() > 0:
-            try:
-                self._flush("quiet")
-            except Exception as exc:
-                self._errors.append(f"shard flush: {type(exc).__name__}: {exc}")
+        if time.time() - self._last_ingest < self.config.shards.quiet_flush_s or self._shards.unflushed() <= 0:
+            return
+        try:
+            self._flush("quiet")
+        except Exception as exc:  # noqa: BLE001 - recorded; the next quiet period retries
+            self._record_error("flush", f"shard flush: {type(exc).__name__}: {exc}")
+            self._publish()
 
-    def _flush(self, why: str) -> None:
-        entries = self.shards.flush(self.config.shards.shard_size, self.config.shards.eval_fraction)
+    def _flush(self, why: str) -> list[dict[str, Any]]:
+        assert self._shards is not None and self._store is not None
+        entries = self._shards.flush(self.config.shards.shard_size, self.config.shards.eval_fraction)
         _log.info("shards_flushed", repo=self.name, why=why, shards=len(entries))
-        self._shed_memory()
+        self._clear_errors("flush")
+        memory.after_burst(self._store)
+        self._publish(refresh=True)
+        return entries
 
-    def _shed_memory(self) -> None:
-        """After a burst, so an idle daemon stays small: LMDB's write buffers, then the heap, then map pages."""
-        self.store.release_write_buffers()
-        release_memory()
-        self.store.release_mapped_pages()
+    # -- errors and the published view -----------------------------------------------------------
+    def _record_error(self, kind: str, message: str) -> None:
+        now = time.time()
+        self._errors = [*self._errors[-9:], {"kind": kind, "error": message, "at": _now_iso(now), "time": now}]
 
-    # -- status ----------------------------------------------------------------------------------
-    def status(self) -> dict[str, Any]:
-        counters = self.store.counters()
-        manifest = self.shards.manifest()
-        return {
-            "name": self.name,
-            "git_dir": str(self.git.common_dir),
-            "state_dir": str(self.paths.root),
-            "commits_ingested": counters.get("commits_ingested", 0),
-            "commits_skipped": counters.get("commits_skipped", 0),
-            "examples": counters.get("examples", 0),
-            "last_commit": self._last,
-            "queue_depth": self._queue_depth,
-            "ingesting": self._busy,
-            "paused": self.paused,
-            "watcher": self.watcher_state,
-            "shards": len(manifest.get("shards", [])),
-            "unflushed_examples": self.shards.unflushed(),
-            "errors": list(self._errors),
-        }
+    def _clear_errors(self, kind: str) -> None:
+        if any(e["kind"] == kind for e in self._errors):
+            self._errors = [e for e in self._errors if e["kind"] != kind]
+            self._publish()
+
+    def _base_view(self) -> dict[str, Any]:
+        return {"name": self.name, "git_dir": self.git_dir, "state_dir": str(self.paths.root)}
+
+    def _publish(self, *, refresh: bool = False, **changes: Any) -> None:
+        """Replace the snapshot: the previous one with `changes`, re-reading the store when `refresh`."""
+        view = dict(self._snapshot)
+        view.update(self._base_view())
+        if refresh and self._store is not None and self._shards is not None:
+            counters = self._store.counters()
+            manifest = self._shards.manifest()
+            self._manifest = MappingProxyType(manifest)
+            view.update(commits_ingested=counters.get("commits_ingested", 0),
+                        commits_skipped=counters.get("commits_skipped", 0), examples=counters.get("examples", 0),
+                        shards=len(manifest.get("shards", [])), unflushed_examples=self._shards.unflushed())
+        for key, default in (("commits_ingested", 0), ("commits_skipped", 0), ("examples", 0), ("shards", 0),
+                             ("unflushed_examples", 0), ("queue_depth", 0), ("ingesting", False)):
+            view.setdefault(key, default)
+        view.update(changes)
+        if changes.get("state") == "repairing":
+            state, reason, step = "repairing", self._damage, None
+        elif self._missing:
+            state, reason, step = "missing", "repository not found", missing_next_step(self.git_dir)
+        elif self._damage is not None:
+            state, reason, step = "damaged", self._damage, damaged_next_step(self._damage, self.git_dir)
+        elif self._paused:
+            state, reason, step = "paused", None, f"`gitlora resume {self.git_dir}` to ingest again"
+        else:
+            state, reason, step = "ok", None, None
+        view.update(state=state, reason=reason, next_step=step, paused=self._paused, last_commit=self._last,
+                    watcher=self.watcher_state, errors=tuple(self._errors))
+        self._snapshot = MappingProxyType(view)

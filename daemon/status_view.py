@@ -16,10 +16,20 @@ def _ago(ts: float | None) -> str:
     return f"{seconds / 3600:.1f}h ago"
 
 
+def render_error(error: dict[str, Any] | str) -> str:
+    if isinstance(error, str):
+        return error
+    return f"{error.get('at', '?')} {error.get('error', '')}"
+
+
 def render_repo(repo: dict[str, Any]) -> list[str]:
-    lines = [f"{repo['name']}  ({repo['git_dir']})"]
-    lines.append(f"  commits   {repo['commits_ingested']} ingested, {repo['commits_skipped']} skipped"
-                 f"   examples {repo['examples']}")
+    state = repo.get("state", "ok")
+    lines = [f"{repo['name']}  ({repo['git_dir']})" + ("" if state == "ok" else f"  [{state}]")]
+    if repo.get("next_step"):
+        lines.append(f"  next      {repo['next_step']}")
+    if "commits_ingested" in repo:
+        lines.append(f"  commits   {repo['commits_ingested']} ingested, {repo['commits_skipped']} skipped"
+                     f"   examples {repo['examples']}")
     last = repo.get("last_commit")
     if last:
         latency = last.get("latency_ms")
@@ -27,16 +37,16 @@ def render_repo(repo: dict[str, Any]) -> list[str]:
                else f"the last of {last.get('batch', '?')} commits backfilled")
         lines.append(f"  last      {last['commit'][:12]} ({last.get('examples', 0)} examples) stored "
                      f"{_ago(last.get('stored_at'))}, {how}")
-    state = "paused" if repo.get("paused") else ("ingesting" if repo.get("ingesting") else "idle")
+    activity = "paused" if repo.get("paused") else ("ingesting" if repo.get("ingesting") else "idle")
     if "queue_depth" in repo:
-        lines.append(f"  ingest    {state}, queue {repo['queue_depth']}   watcher {repo.get('watcher', '-')}")
+        lines.append(f"  ingest    {activity}, queue {repo['queue_depth']}   watcher {repo.get('watcher', '-')}")
     if "shards" in repo:
         lines.append(f"  shards    {repo['shards']} written, {repo.get('unflushed_examples', 0)} examples waiting")
     training = repo.get("training")
     if training:
         lines.extend("  " + line for line in render_training(training))
-    for error in repo.get("errors", [])[-3:]:
-        lines.append(f"  error     {error}")
+    for error in list(repo.get("errors", []))[-3:]:
+        lines.append(f"  error     {render_error(error)}")
     return lines
 
 
@@ -70,4 +80,8 @@ def render(reply: dict[str, Any]) -> str:
         lines.extend(render_repo(repo))
     if not reply["repos"]:
         lines.append("no repositories registered: run `gitlora install` in one")
+    reload_error = (reply.get("config") or {}).get("reload_error")
+    if reload_error:
+        lines.append("")
+        lines.append(f"config reload refused {render_error(reload_error)} (the previous config stays in effect)")
     return "\n".join(lines)

@@ -7,11 +7,9 @@ already stored: LMDB's atomic commit makes that "exactly once" even if the proce
 """
 from __future__ import annotations
 
-import ctypes
 import json
 import os
 import struct
-import threading
 import time
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
@@ -146,68 +144,10 @@ class WriteResult:
     bytes_written: int = 0  # example bytes appended
 
 
-class _SharedExclusiveLock:
-    """Many transactions at once, or one map resize / reopen alone (LMDB forbids mdb_env_set_mapsize and
-    closing the environment while any transaction of the process is open). The standard library has no
-    readers-writer lock; this is the textbook one on a Condition, preferring the exclusive side so a
-    steady stream of readers (status polls) cannot starve it. A thread already inside a shared section may
-    enter another (a read nested in a read) without waiting, or it would deadlock behind a waiting writer."""
-
-    def __init__(self) -> None:
-        self._cond = threading.Condition()
-        self._shared = 0
-        self._exclusive = False
-        self._exclusive_waiting = 0
-        self._held: dict[int, int] = {}  # thread id -> shared sections it entered and has not left
-
-    @contextmanager
-    def shared(self) -> Iterator[None]:
-        # Counted by the entering thread's id, and released against that id: a generator holding a section
-        # may be closed out of order, or finalised by another thread.
-        holder = threading.get_ident()
-        with self._cond:
-            while self._exclusive or (self._exclusive_waiting and not self._held.get(holder)):
-                self._cond.wait()
-            self._shared += 1
-            self._held[holder] = self._held.get(holder, 0) + 1
-        try:
-            yield
-        finally:
-            with self._cond:
-                self._shared -= 1
-                left = self._held[holder] - 1
-                if left:
-                    self._held[holder] = left
-                else:
-                    del self._held[holder]
-                self._cond.notify_all()
-
-    def held_here(self) -> bool:
-        """Is the calling thread inside a shared section (e.g. a store generator it has not finished)?"""
-        with self._cond:
-            return bool(self._held.get(threading.get_ident()))
-
-    @contextmanager
-    def exclusive(self) -> Iterator[None]:
-        with self._cond:
-            self._exclusive_waiting += 1
-            try:
-                while self._exclusive or self._shared:
-                    self._cond.wait()
-            finally:
-                self._exclusive_waiting -= 1
-            self._exclusive = True
-        try:
-            yield
-        finally:
-            with self._cond:
-                self._exclusive = False
-                self._cond.notify_all()
-
-
 class Store:
-    """One LMDB environment per repository. Safe for one writer thread plus readers; LMDB's own lock
-    serialises writers across processes (a backfill next to the daemon stays exactly-once)."""
+    """One LMDB environment per repository, used by one thread (in the daemon: the repository's worker; in
+    the CLI: the main thread), so nothing here locks across threads. LMDB's own lock serialises writers
+    across processes (a backfill next to the daemon stays exactly-once)."""
 
     def __init__(self, path: Path, *, readonly: bool = False, map_size: int = _INITIAL_MAP_SIZE) -> None:
         self.path = Path(path)
@@ -217,7 +157,6 @@ class Store:
                 raise StoreError(f"no store at {self.path}")
         else:
             self.path.mkdir(parents=True, exist_ok=True, mode=0o700)
-        self._resize_lock = _SharedExclusiveLock()
         self._written_since_open = 0
         existing = (self.path / "data.mdb").stat().st_size if (self.path / "data.mdb").exists() else 0
         if (self.path / "data.mdb").exists():
@@ -263,33 +202,20 @@ class Store:
                     **kwargs: Any) -> Iterator[lmdb.Transaction]:
         """A transaction that survives the map growing: another process (a backfill next to the daemon) may
         have grown it, which LMDB reports as MapResizedError until this process adopts the new size.
-        `db` is a name, resolved under the lock: `release_write_buffers` may reopen the environment."""
-        with self._resize_lock.shared():
-            if db is not None:
-                kwargs["db"] = getattr(self, f"_{db}")
-            try:
-                txn = self.env.begin(**kwargs)
-            except lmdb.MapResizedError:
-                txn = None
-            if txn is not None:
-                with txn:
-                    yield txn
-                return
-        with self._resize_lock.exclusive():
+        `db` is a name, resolved now: `release_write_buffers` may have reopened the environment."""
+        if db is not None:
+            kwargs["db"] = getattr(self, f"_{db}")
+        try:
+            txn = self.env.begin(**kwargs)
+        except lmdb.MapResizedError:
             self.env.set_mapsize(0)  # 0 = adopt the size the other process set
-        with self._resize_lock.shared():
-            if db is not None:
-                kwargs["db"] = getattr(self, f"_{db}")
-            with self.env.begin(**kwargs) as txn:
-                yield txn
+            txn = self.env.begin(**kwargs)
+        with txn:
+            yield txn
 
     # -- lifecycle -------------------------------------------------------------------------------
     def close(self) -> None:
-        if self._resize_lock.held_here():  # an unfinished generator of this thread: waiting would deadlock
-            self.env.close()
-            return
-        with self._resize_lock.exclusive():  # not under another thread's transaction (a status read)
-            self.env.close()
+        self.env.close()
 
     def __enter__(self) -> "Store":
         return self
@@ -332,15 +258,13 @@ class Store:
             except lmdb.MapFullError:
                 self._grow()
             except lmdb.MapResizedError:  # grown by another process while our write was pending
-                with self._resize_lock.exclusive():
-                    self.env.set_mapsize(0)
+                self.env.set_mapsize(0)
 
     def _grow(self) -> None:
-        with self._resize_lock.exclusive():
-            new_size = self.env.info()["map_size"] * 2
-            if new_size > _MAX_MAP_SIZE:
-                raise StoreError(f"store at {self.path} would exceed {_MAX_MAP_SIZE} bytes")
-            self.env.set_mapsize(new_size)
+        new_size = self.env.info()["map_size"] * 2
+        if new_size > _MAX_MAP_SIZE:
+            raise StoreError(f"store at {self.path} would exceed {_MAX_MAP_SIZE} bytes")
+        self.env.set_mapsize(new_size)
 
     def _write_txn(self, txn: lmdb.Transaction, batch: list[PendingCommit]) -> WriteResult:
         next_seq = self._next_seq(txn)
@@ -474,52 +398,25 @@ class Store:
         counters.setdefault("examples", 0)
         return counters
 
-    def release_mapped_pages(self) -> int:
-        """Drop this process's resident pages of the map (bytes released); they fault back in from the page
-        cache on the next read. After a flush has read the whole store, the daemon's RSS would otherwise count
-        every page of it. LMDB maps the file read-only and shared (no writemap), so MADV_DONTNEED loses
-        nothing. py-lmdb does not expose the map's address: it is found in /proc/self/maps."""
-        data = str((self.path / "data.mdb").resolve())
-        # Under the lock: a map another thread moved meanwhile (adopting a resize) frees its old range, which
-        # malloc may reuse, and MADV_DONTNEED on that would zero live heap memory.
-        with self._resize_lock.shared():
-            return self._release_mapped_pages(data)
-
-    def _release_mapped_pages(self, data: str) -> int:
-        released = 0
-        try:
-            libc = ctypes.CDLL("libc.so.6", use_errno=True)
-            with open("/proc/self/maps", encoding="utf-8", errors="replace") as maps:
-                for line in maps:
-                    if not line.rstrip().endswith(data):
-                        continue
-                    start, end = (int(x, 16) for x in line.split()[0].split("-"))
-                    if libc.madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start), 4) == 0:  # MADV_DONTNEED
-                        released += end - start
-        except (OSError, AttributeError, ValueError):
-            return 0  # not Linux/glibc: nothing to do
-        return released
-
     def release_write_buffers(self, min_written: int = 4 << 20) -> bool:
         """Reopen the environment once `min_written` bytes have been written since it was opened; True if it
         was. LMDB keeps every page a write transaction dirtied on a free list for reuse until the environment
-        closes (mdb_dpage_free), so one big transaction (a new repository's first commit: ~13k examples)
-        pins ~20 MB of heap in a daemon that then writes a few pages per commit. Waits for other threads'
-        transactions to end; must not be called from inside one."""
+        closes (mdb_dpage_free), so one big transaction (a new repository's first commit: thousands of
+        examples) pins tens of MB of heap in a daemon that then writes a few pages per commit. Must not be
+        called with a transaction of this store open (an unfinished iterator)."""
         if self.readonly or self._written_since_open < min_written:
             return False
-        with self._resize_lock.exclusive():
-            map_size = self.env.info()["map_size"]
-            self.env.close()
-            for attempt in range(3):  # out of file handles or memory for a moment: the store must not stay closed
-                try:
-                    self._open(map_size)
-                    break
-                except StoreError as exc:
-                    if attempt == 2:
-                        raise StoreError(f"could not reopen the store at {self.path}: {exc}") from exc
-                    time.sleep(0.2)
-            self._written_since_open = 0
+        map_size = self.env.info()["map_size"]
+        self.env.close()
+        for attempt in range(3):  # out of file handles or memory for a moment: the store must not stay closed
+            try:
+                self._open(map_size)
+                break
+            except StoreError as exc:
+                if attempt == 2:
+                    raise StoreError(f"could not reopen the store at {self.path}: {exc}") from exc
+                time.sleep(0.2)
+        self._written_since_open = 0
         return True
 
     def size_bytes(self) -> int:

@@ -86,6 +86,19 @@ class TrainingCoordinator:
         self.active: ActiveRound | None = None
         self._lock = threading.Lock()
         self._why: dict[str, str] = {}
+        self.flush_timeout_s = 120.0  # a forced round waits this long for the worker to finish what it is doing
+
+    def reconfigure(self, config) -> None:
+        """A reloaded config: train settings apply to the next round, the check interval at once."""
+        old, self.config = self.config, config.train
+        if old.check_interval_s != self.config.check_interval_s and self.daemon.scheduler.running:
+            self.daemon.scheduler.reschedule_job("train-check", trigger="interval",
+                                                 seconds=self.config.check_interval_s)
+
+    def is_training(self, worker: RepoWorker) -> bool:
+        with self._lock:
+            self._reap()
+            return self.active is not None and self.active.worker is worker
 
     # -- persisted per-repo state ------------------------------------------------------------------
     @staticmethod
@@ -111,15 +124,19 @@ class TrainingCoordinator:
             self._reap()
             if self.active is not None:
                 return f"a round is already running for {self.active.worker.name}"
-        workers = [force_repo] if force_repo else self.daemon.find(None)
+        workers = [force_repo] if force_repo else self.daemon.all_workers()
         for worker in workers:
             state = self._recover(worker, self.load_state(worker))
-            if worker.paused:
-                self._why[worker.name] = "paused"
+            if worker.state != "ok":
+                self._why[worker.name] = worker.state  # paused, damaged, missing, repairing
                 continue
-            if force_repo is not None and worker.shards.unflushed() > 0:
-                worker.shards.flush(self.daemon.config.shards.shard_size, self.daemon.config.shards.eval_fraction)
-            plan, why = decide(worker.shards.manifest(), state, now=time.time(),
+            if force_repo is not None:
+                try:  # the worker owns the store: it flushes, between two of its transactions
+                    worker.call("flush", timeout=self.flush_timeout_s)
+                except Exception as exc:  # noqa: BLE001 - WorkerBusy, or the flush's own error
+                    self._why[worker.name] = f"could not flush shards: {exc}"
+                    return self._why[worker.name]
+            plan, why = decide(dict(worker.manifest()), state, now=time.time(),
                                min_new_shards=self.config.min_new_shards, cooldown_s=self.config.cooldown_s,
                                force=force_repo is not None)
             self._why[worker.name] = why
@@ -235,9 +252,9 @@ class TrainingCoordinator:
 
     # -- socket commands and status --------------------------------------------------------------------
     def handle(self, request: dict[str, Any]) -> dict[str, Any]:
-        targets = self.daemon.find(request.get("repo"))
-        if not targets:
-            return {"ok": False, "error": f"no registered repository matches {request.get('repo')!r}"}
+        targets = self.daemon.select(request, allow_all=False)
+        if isinstance(targets, str):
+            return {"ok": False, "error": targets}
         if request.get("now"):
             return {"result": self.check(force_repo=targets[0])}
         return {"result": self.check()}

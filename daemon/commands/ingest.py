@@ -15,9 +15,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    payload = {"cmd": args.cmd}
-    if args.repo:
-        payload["repo"] = repo_selector(args.repo)
+    payload = {"cmd": args.cmd, **({"repo": repo_selector(args.repo)} if args.repo else {"all": True})}
     reply = ask_daemon(payload)
     print(f"{args.cmd}: " + ", ".join(reply.get("repos", [])))
     return 0

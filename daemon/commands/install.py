@@ -10,10 +10,10 @@ from pathlib import Path
 from gitlora.hooks import install as hooks
 
 from .. import config as config_mod
-from .. import repos
+from .. import paths, repos
 from ..control import DaemonNotRunning, request
+from ..gitrepo import GitRepo, clean_git_env
 from .common import print_hook_actions
-from ..gitrepo import clean_git_env
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -26,22 +26,26 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    opened = repos.open_repo(args.repo, config_mod.load())
+    config = config_mod.load()
+    git = GitRepo(args.repo, exclude=config.ingest.exclude, include_remotes=config.ingest.include_remotes)
     try:
         result = hooks.install(Path(args.repo), allow_hooks_path=args.allow_hooks_path)
     except hooks.HookError as exc:
         print(f"gitlora: {exc}", file=sys.stderr)
         return 2
     print_hook_actions(result.actions)
-    repos.register(opened.git.common_dir)
     try:
-        reply = request({"cmd": "register", "path": str(opened.git.common_dir)})
-        if reply.get("ok"):
-            print(f"registered {opened.git.name} with the running daemon; it ingests the history now")
-        else:
+        # The daemon adopts a moved repository's state itself: it may be serving the old path.
+        reply = request({"cmd": "register", "path": str(git.common_dir)}, timeout=120.0)
+        if not reply.get("ok"):
             print(f"the daemon refused the repository: {reply.get('error')}", file=sys.stderr)
             return 1
+        report_adopted(git, reply.get("adopted_from"))
+        print(f"registered {git.name} with the running daemon; it ingests the history now")
     except DaemonNotRunning:
+        report_adopted(git, adopt_if_moved(git))
+        opened = repos.open_repo(args.repo, config)
+        repos.register(opened.git.common_dir)
         print(f"registered {opened.git.name}; the daemon is not running (start it: `gitlora daemon` or "
               "`gitlora service install`); commits are spooled meanwhile")
         if not args.no_backfill:
@@ -52,3 +56,20 @@ def run(args: argparse.Namespace) -> int:
                                  start_new_session=True, env=clean_git_env(), cwd=os.path.expanduser("~"))
             print(f"backfilling history in the background (output: {log_path})")
     return 0
+
+
+def adopt_if_moved(git: GitRepo) -> str | None:
+    """Without a daemon: a repository whose state sits under a path that is gone (same root commits, its
+    stored commits here) takes that state over instead of ingesting its history a second time."""
+    if paths.RepoPaths.for_git_dir(git.common_dir).store.exists():
+        return None
+    moved_from = repos.find_moved(git)
+    if moved_from is not None:
+        repos.adopt(moved_from, git)
+    return moved_from
+
+
+def report_adopted(git: GitRepo, moved_from: str | None) -> None:
+    if moved_from:
+        print(f"recognised {git.name} as moved from {moved_from}: its store, shards and adapters now live in "
+              f"{paths.RepoPaths.for_git_dir(git.common_dir).root}; nothing is ingested again")

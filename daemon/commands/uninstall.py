@@ -8,18 +8,28 @@ from pathlib import Path
 from gitlora.hooks import install as hooks
 
 from .. import config as config_mod
-from .. import repos
+from .. import paths, repos
 from ..control import DaemonNotRunning, request
+from ..gitrepo import GitRepo, GitRepoError
 from .common import print_hook_actions
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("uninstall", help="remove gitlora's hooks (restoring yours) and unregister")
     p.add_argument("repo", nargs="?", default=".")
+    p.add_argument("--forget", action="store_true",
+                   help="stop serving a repository that is gone (moved or deleted); its state dir is kept")
     p.set_defaults(run=run)
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.forget or not _is_repository(args.repo):
+        gone = repos.registered_match(args.repo)
+        if gone:
+            return forget(gone)
+        if args.forget:
+            print(f"gitlora: no registered repository matches {args.repo!r}", file=sys.stderr)
+            return 2
     opened = repos.open_repo(args.repo, config_mod.load())
     try:
         result = hooks.uninstall(Path(args.repo))
@@ -33,4 +43,27 @@ def run(args: argparse.Namespace) -> int:
         pass
     repos.unregister(opened.git.common_dir)
     print(f"unregistered {opened.git.name}; its examples, shards and adapters stay in {opened.paths.root}")
+    return 0
+
+
+def _is_repository(path: str) -> bool:
+    try:
+        GitRepo(path)
+    except GitRepoError:
+        return False
+    return True
+
+
+def forget(git_dirs: list[str]) -> int:
+    """Unregister repositories that are gone (their hooks went with them). Their state dirs are kept: a moved
+    repository's `gitlora install NEWPATH` adopts it; delete it by hand to free the space."""
+    for git_dir in git_dirs:
+        try:
+            request({"cmd": "unregister", "repo": git_dir})
+        except DaemonNotRunning:
+            pass
+        repos.unregister(Path(git_dir))
+        state = paths.RepoPaths.for_git_dir(git_dir).root
+        print(f"forgot {repos.repo_name(git_dir)} ({git_dir}): no longer served; its state stays in {state} "
+              "(`gitlora install NEWPATH` adopts it if the repository moved; delete it to free the space)")
     return 0
