@@ -102,10 +102,6 @@ class RepoPaths:
         return self.root / "adapters"
 
     @property
-    def current_adapter(self) -> Path:
-        return self.adapters / "current"
-
-    @property
     def rounds(self) -> Path:
         return self.root / "rounds"
 
