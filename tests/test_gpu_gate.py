@@ -123,7 +123,7 @@ def test_a_due_round_waits_for_a_busy_gpu_then_starts_when_it_frees(tmp_path, is
         gitlora("install", str(repo))
         oids = [commit_files(repo, {f"src/f{n}.rs": f"pub fn f{n}() -> u32 {{ {n} }}\n"}, f"commit {n}")
                 for n in range(3)]
-        wait_stored(repo, oids, timeout=60)
+        wait_stored(repo, oids)
 
         def training() -> dict:
             return next(r for r in daemon.status()["repos"] if r["name"] == "repo")["training"]

@@ -66,13 +66,13 @@ def test_the_daemon_ingests_a_fetched_commit_iff_the_option_is_set(tmp_path, iso
     daemon = DaemonProcess().start()
     try:
         gitlora("install", str(clone))
-        wait_stored(clone, [base], timeout=60)
+        wait_stored(clone, [base])
         # `git fetch` fires no hook: only the watcher sees refs/remotes change. A later local commit is the
         # barrier: once it is stored, the reconcile after the fetch has run.
         fetched = commit_files(upstream, {"src/more.rs": "pub fn more() -> u32 { 3 }\n"}, "more feature work")
         git(clone, "fetch", "-q", "origin")
         local = commit_files(clone, {"src/local.rs": "pub fn local() -> u32 { 4 }\n"}, "local work")
-        stored = wait_stored(clone, [local], timeout=60)
+        stored = wait_stored(clone, [local])
         assert (fetched in stored) is include
     finally:
         daemon.stop()

@@ -200,26 +200,26 @@ def test_the_daemon_ingests_commits_named_only_in_the_spool_across_rotation_and_
     daemon = DaemonProcess().start()
     try:
         gitlora("install", str(repo))
-        wait_stored(repo, [head], timeout=60)
+        wait_stored(repo, [head])
         # Past the real rotation size in one append (filler lines name a stored commit), then a new commit.
         filler = spool_line(head) * (spool_reader._ROTATE_BYTES // len(spool_line(head)) + 1)
         first = dangling_commit(repo, 1)
         append(spool, filler + spool_line(first))
-        wait_stored(repo, [first], timeout=120)
+        wait_stored(repo, [first])
         wait_for_path(rotated, True, daemon)
         second = dangling_commit(repo, 2)
         append(spool, spool_line(second))  # the fresh spool
-        wait_stored(repo, [second], timeout=60)
+        wait_stored(repo, [second])
         wait_for_path(rotated, False, daemon)
         assert daemon.stop() == 0
         # While it is down: one line into a fresh spool, and a second rotation's worth with a line after it.
         third = dangling_commit(repo, 3)
         append(spool, spool_line(third))
         daemon = DaemonProcess().start()
-        wait_stored(repo, [third], timeout=60)
+        wait_stored(repo, [third])
         fourth = dangling_commit(repo, 4)
         append(spool, filler + spool_line(fourth))
-        wait_stored(repo, [fourth], timeout=120)
+        wait_stored(repo, [fourth])
         wait_for_path(rotated, True, daemon)
         assert daemon.stop() == 0
         fifth = dangling_commit(repo, 5)  # a hook that had the spool open across the rename, daemon down
@@ -227,7 +227,7 @@ def test_the_daemon_ingests_commits_named_only_in_the_spool_across_rotation_and_
         sixth = dangling_commit(repo, 6)
         append(spool, spool_line(sixth))
         daemon = DaemonProcess().start()
-        wait_stored(repo, [fifth, sixth], timeout=60)
+        wait_stored(repo, [fifth, sixth])
         wait_for_path(rotated, False, daemon)
         stored = store_commits(repo)
         assert {head, first, second, third, fourth, fifth, sixth} <= set(stored)
