@@ -12,9 +12,9 @@ MB/s is MB of *patch text* (the size of that `git log -p` output, measured once,
 backfill: the same amount of history for both sides. (gitlora itself parses whole old and new blobs, which is
 more text than the patch; the patch is the measure both sides share.)
 
-Default repo: the user's repository at /work/.mirror/Ian-Reitsma+the-block/repo (a partial clone: a few
-missing blobs are expected to show up as recorded skips). Without it, a synthetic repository of ~600 commits
-over ~300 .rs files is built with `git fast-import`, so the script runs anywhere.
+The repository: `--repo PATH`, else $GITLORA_BENCH_REPO, else a synthetic repository of ~600 commits over ~300
+.rs files built with `git fast-import` (the one the other benches use), so the script runs anywhere. (With a
+partial clone, e.g. the user's repository, a few missing blobs show up as recorded skips.)
 """
 from __future__ import annotations
 
@@ -30,7 +30,7 @@ import tempfile
 import time
 from pathlib import Path
 
-DEFAULT_REPO = Path("/work/.mirror/Ian-Reitsma+the-block/repo")
+REPO_ENV = "GITLORA_BENCH_REPO"
 PY = sys.executable
 
 
@@ -178,8 +178,8 @@ def stats(repo: Path, state: Path) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--repo", type=Path, default=None, help=f"repository (default: {DEFAULT_REPO}, else synthetic)")
-    ap.add_argument("--synthetic", action="store_true", help="use the synthetic repository even if the default exists")
+    ap.add_argument("--repo", type=Path, default=None, help=f"repository (default: ${REPO_ENV}, else synthetic)")
+    ap.add_argument("--synthetic", action="store_true", help=f"use the synthetic repository even if ${REPO_ENV} is set")
     ap.add_argument("--synthetic-commits", type=int, default=600)
     ap.add_argument("--synthetic-files", type=int, default=300)
     ap.add_argument("--workers", type=int, default=None, help="backfill --workers (default: gitlora's own)")
@@ -190,10 +190,11 @@ def main(argv: list[str] | None = None) -> int:
 
     with tempfile.TemporaryDirectory(prefix="gitlora-bench-backfill-") as tmp:
         root = Path(tmp)
+        from_env = os.environ.get(REPO_ENV)
         if args.repo:
             repo, kind = args.repo.resolve(), "given"
-        elif DEFAULT_REPO.exists() and not args.synthetic:
-            repo, kind = DEFAULT_REPO, "the-block (partial clone)"
+        elif from_env and not args.synthetic:
+            repo, kind = Path(from_env).resolve(), f"${REPO_ENV}"
         else:
             t0 = time.perf_counter()
             repo = make_synthetic_repo(root / "synthetic", args.synthetic_commits, args.synthetic_files)

@@ -1,4 +1,7 @@
-"""A real `gitlora daemon` process for tests, and ways to wait on what it stored."""
+"""A real `gitlora daemon` process for tests, and ways to wait on what it stored.
+
+Every wait is for an event (a reply, a stored commit, an exit) and bounded, with bounds sized for a loaded
+2-core machine: they are how long to wait before calling it a hang, not how long things should take."""
 from __future__ import annotations
 
 import json
@@ -12,7 +15,7 @@ from pathlib import Path
 from gitlora.daemon import paths
 from gitlora.daemon.control import ControlError, request
 from gitlora.daemon.gitrepo import GitRepo
-from gitlora.daemon.store import Store
+from gitlora.daemon.store import Store, StoreError
 
 
 class DaemonProcess:
@@ -27,7 +30,7 @@ class DaemonProcess:
             self.wait_ready()
         return self
 
-    def wait_ready(self, timeout: float = 30) -> None:
+    def wait_ready(self, timeout: float = 120) -> None:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             assert self.proc is not None
@@ -41,9 +44,11 @@ class DaemonProcess:
         raise AssertionError("daemon did not answer in time")
 
     def status(self) -> dict:
-        return request({"cmd": "status"}, timeout=10)
+        return request({"cmd": "status"}, timeout=30)
 
-    def stop(self, timeout: float = 30) -> int:
+    def stop(self, timeout: float = 120) -> int:
+        """SIGTERM and wait for the exit status; the daemon itself gives a worker 60 s to finish its
+        transaction, so a shorter wait would turn a clean, slow stop into a kill."""
         if self.proc is None or self.proc.poll() is not None:
             return self.proc.returncode if self.proc else 0
         self.proc.send_signal(signal.SIGTERM)
@@ -73,11 +78,14 @@ def store_examples(repo: Path) -> list[dict]:
         return [example for _, example in store.iter_examples()]
 
 
-def wait_stored(repo: Path, oids, timeout: float = 30) -> dict[str, dict]:
+def wait_stored(repo: Path, oids, timeout: float = 120) -> dict[str, dict]:
     wanted = set(oids)
     deadline = time.monotonic() + timeout
     while True:
-        commits = store_commits(repo)
+        try:
+            commits = store_commits(repo)
+        except StoreError:  # the daemon has created the file but not yet its databases
+            commits = {}
         if wanted <= set(commits):
             return commits
         if time.monotonic() > deadline:
@@ -86,8 +94,9 @@ def wait_stored(repo: Path, oids, timeout: float = 30) -> dict[str, dict]:
         time.sleep(0.05)
 
 
-def gitlora(*args: str, check: bool = True) -> subprocess.CompletedProcess:
-    done = subprocess.run([sys.executable, "-m", "gitlora.daemon", *args], capture_output=True, text=True)
+def gitlora(*args: str, check: bool = True, timeout: float = 600) -> subprocess.CompletedProcess:
+    done = subprocess.run([sys.executable, "-m", "gitlora.daemon", *args], capture_output=True, text=True,
+                          timeout=timeout)
     if check and done.returncode != 0:
         raise AssertionError(f"gitlora {' '.join(args)} exited {done.returncode}: {done.stdout}{done.stderr}")
     return done

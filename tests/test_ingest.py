@@ -1,6 +1,7 @@
 """Backfill of real git histories into a real LMDB store: every outcome the foundation promises."""
 from __future__ import annotations
 
+import multiprocessing
 import os
 import random
 import signal
@@ -242,7 +243,7 @@ def test_sigkill_at_random_moments_loses_and_doubles_nothing(tmp_path, isolated_
         if attempt % 4 == 3:  # now and then early: during start-up or the first transactions
             time.sleep(rng.uniform(0.05, 0.6))
         else:  # mostly inside the write phase: once a transaction has landed, a random moment later
-            deadline = time.monotonic() + 30
+            deadline = time.monotonic() + 120  # a bound for a loaded box, not an expected duration
             while proc.poll() is None and stored_count() == before and time.monotonic() < deadline:
                 time.sleep(0.01)
             time.sleep(rng.uniform(0.0, 0.12))
@@ -271,9 +272,14 @@ def test_a_large_commit_is_parsed_in_a_spawned_process_with_the_same_result(tmp_
     for name, isolate in (("inproc", None), ("spawned", 5)):
         monkeypatch.setenv("GITLORA_STATE_HOME", str(tmp_path / name))
         opened = open_repo(repo, Config())
+        children: list[int] = []
         with Store(opened.paths.store) as store:
             ingestor = Ingestor(opened.git, store, IngestConfig(), workers=1, isolate_files=isolate)
-            summary = ingestor.run(ingestor.pending())
+            # on_batch runs while the pool that parsed the batch is still up: its worker is our live child
+            summary = ingestor.run(ingestor.pending(), on_batch=lambda *_: children.extend(
+                p.pid for p in multiprocessing.active_children()))
             assert summary.commits == 1 and summary.examples == 12 * 7
             results.append([e for _, e in store.iter_examples()])
+        assert bool(children) == (isolate is not None), (name, children)
+        assert (ingestor.processor._cache.size > 0) == (isolate is None)  # and the parent parsed nothing itself
     assert results[0] == results[1]

@@ -63,11 +63,6 @@ def current_version(adapters_dir) -> str | None:
     return name if _version_num(name) and (Path(adapters_dir) / name).is_dir() else None
 
 
-def current_path(adapters_dir) -> Path | None:
-    v = current_version(adapters_dir)
-    return None if v is None else Path(adapters_dir) / v
-
-
 def next_version_dir(adapters_dir) -> Path:
     """Path of the next version (not created): one past the highest complete or in-progress number."""
     root = Path(adapters_dir)
