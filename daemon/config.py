@@ -59,7 +59,7 @@ class ShardConfig(_Section):
 
 class TrainConfig(_Section):
     base_model: str = Field("bigcode/starcoder2-3b", min_length=1)
-    min_new_shards: int = Field(4, ge=1, le=100_000)
+    min_new_shards: int = Field(4, ge=1, le=10_000_000)
     cooldown_s: int = Field(3600, ge=0, le=WEEK)
     replay_share: float = Field(0.3, ge=0, lt=1)
     promote_margin: float = Field(0.005, ge=0, lt=1, description="relative eval-loss improvement needed to promote")

@@ -97,7 +97,7 @@ def write_config(text: str):
     ("[train]\ncheck_interval_s = 1e14\n", "train.check_interval_s", "an integer from 1 to 86,400"),
     ("[train]\ncheck_interval_s = 100_000_000_000_000\n", "train.check_interval_s", "from 1 to 86,400"),
     ("[train]\ncooldown_s = 99_999_999_999\n", "train.cooldown_s", "from 0 to 604,800"),
-    ("[train]\nmin_new_shards = true\n", "train.min_new_shards", "an integer from 1 to 100,000"),
+    ("[train]\nmin_new_shards = true\n", "train.min_new_shards", "an integer from 1 to 10,000,000"),
     ("[train]\nlora_r = false\n", "train.lora_r", "an integer from 1 to 4,096"),
     ("[train]\nlearning_rate = -inf\n", "train.learning_rate", "a finite number above 0 and at most 1"),
     ("[train]\nepochs = inf\n", "train.epochs", "a finite number above 0 and at most 1,000"),
@@ -201,7 +201,7 @@ def test_config_check(tmp_path):
     done = gitlora("config", "--check", str(bad))
     assert done.returncode == 1 and done.stdout == ""
     [line] = done.stderr.splitlines()
-    assert f"{bad}: train.min_new_shards:" in line and "allowed: an integer from 1 to 100,000" in line
+    assert f"{bad}: train.min_new_shards:" in line and "allowed: an integer from 1 to 10,000,000" in line
 
     for wrong in (tmp_path, tmp_path / "missing.toml"):
         done = gitlora("config", "--check", str(wrong))
