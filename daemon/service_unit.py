@@ -20,6 +20,8 @@ UNIT_TEMPLATE = """\
 # gitlora user unit, written by `gitlora service install` (gitlora.daemon.service_unit).
 # No Nice=/IOSchedulingClass=: the daemon answers hooks and its control socket at normal priority;
 # the trainer subprocess lowers its own. WatchdogSec=30: the daemon pings systemd about every 15 s.
+# ExecReload: `systemctl --user reload gitlora` sends SIGHUP; the daemon rereads its config file and keeps
+# the config it has (logging why) when the new one is bad. `gitlora config --check` tests a file first.
 [Unit]
 Description=gitlora: keep a LoRA adapter fine-tuned on your repositories' commits
 # Documentation=: add the project's public URL once it has one (none is known yet; none is invented here).
@@ -28,6 +30,7 @@ Description=gitlora: keep a LoRA adapter fine-tuned on your repositories' commit
 Type=notify
 NotifyAccess=main
 ExecStart=@GITLORA@ daemon
+ExecReload=/bin/kill -HUP $MAINPID
 WatchdogSec=30
 Restart=on-failure
 RestartSec=5

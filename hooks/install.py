@@ -23,6 +23,13 @@ Layout in the hooks dir, for a hook ``H``:
 ``core.hooksPath``: install refuses (:class:`HooksPathSetError`) unless ``allow_hooks_path=True``; then the
 scripts also carry the repository's common git dir and spool nothing for other repositories sharing the dir.
 
+Ownership: a script of ours belongs to one repository. When it carries a common git dir (``gitlora_repo=``,
+written for ``core.hooksPath`` dirs, which other repositories may share) that repository owns it; otherwise the
+script sits in the hooks dir inside its repository's own git dir and belongs to that repository (or, if some
+other repository's ``core.hooksPath`` points there, to the repository whose spool it writes). Install and
+uninstall touch only scripts this repository owns; another repository's are reported (``other-repo``) and kept.
+An owner that no longer exists (its git dir is gone: deleted or moved) does not hold on to its scripts.
+
 Uninstall removes our script (found at ``H`` or ``H.legacy``) and renames ``H.pre-gitlora`` back to the slot we
 took, so install + uninstall leaves the hooks dir byte-identical. A foreign script that replaced ours is left
 alone and reported.
@@ -70,7 +77,7 @@ class HookAction:
     hook: str
     action: str
     """install: created | chained | nested | updated | unchanged;
-    uninstall: removed | restored | foreign | absent."""
+    uninstall: removed | restored | foreign | other-repo (another repository's script: kept) | absent."""
     path: Path
     """Where our script is (install) or was (uninstall)."""
     chained: Path | None = None
@@ -101,14 +108,23 @@ class UninstallResult:
         """Hooks where a non-gitlora script replaced ours: left alone (the original stays at ``.pre-gitlora``)."""
         return [a for a in self.actions if a.action == "foreign"]
 
+    @property
+    def other_repo(self) -> list[HookAction]:
+        """Hooks that are gitlora's for another repository sharing the hooks dir: left alone."""
+        return [a for a in self.actions if a.action == "other-repo"]
+
+    @property
+    def changed(self) -> bool:
+        return any(a.action in ("removed", "restored") for a in self.actions)
+
 
 @dataclass(frozen=True)
 class HookStatus:
     hook: str
     state: str
     """installed (ours at H) | nested (ours at H.legacy, under pre-commit or similar) | stale (ours, but not the
-    script install would write now: other spool path / template) | replaced (a foreign H and our
-    H.pre-gitlora left behind) | absent."""
+    script install would write now: other spool path / template) | other-repo (gitlora's script for another
+    repository sharing the hooks dir) | replaced (a foreign H and our H.pre-gitlora left behind) | absent."""
     path: Path | None
     chained: Path | None
 
@@ -202,16 +218,36 @@ def _write_script(path: Path, data: bytes) -> None:
     os.replace(tmp, path)
 
 
-def _baked_repo(script: Path) -> str | None:
-    """The ``gitlora_repo=`` value baked into one of our scripts (None when empty or unreadable)."""
-    for line in (_read_if_file(script) or b"").decode("utf-8", "replace").splitlines():
-        if line.startswith("gitlora_repo="):
+def _baked(script: Path, name: str) -> str | None:
+    """The ``gitlora_<name>=`` value baked into one of our scripts (None when empty or unreadable)."""
+    prefix = f"gitlora_{name}="
+    for line in (_read_if_file(script) or b"").decode("utf-8", "surrogateescape").splitlines():
+        if line.startswith(prefix):
             try:
-                words = shlex.split(line.partition("=")[2])
+                words = shlex.split(line[len(prefix):])
             except ValueError:
                 return None
             return words[0] if words and words[0] else None
     return None
+
+
+def _owner(layout: _Layout, script: Path) -> str | None:
+    """Who owns our ``script`` when that is another, existing repository (its common git dir, in words);
+    None when this repository owns it or its recorded owner no longer exists. See the module docstring."""
+    baked = _baked(script, "repo")
+    if baked is not None:
+        owner = Path(baked)
+        return None if owner == layout.common_dir or not owner.is_dir() else str(owner)
+    if layout.hooks_dir.is_relative_to(layout.common_dir):
+        return None  # the hooks dir inside our own git dir: only we install there without core.hooksPath
+    spool = _baked(script, "spool")
+    if spool is None or Path(spool) == RepoPaths.for_git_dir(layout.common_dir).spool:
+        return None
+    # Written, without core.hooksPath, by the repository whose git dir holds this hooks dir.
+    for parent in layout.hooks_dir.parents:
+        if (parent / "HEAD").is_file() and (parent / "objects").is_dir():
+            return str(parent)
+    return f"the repository spooling to {spool}"
 
 
 def _ours(hooks_dir: Path, hook: str) -> Path | None:
@@ -244,10 +280,10 @@ def install(repo: Path, *, allow_hooks_path: bool = False) -> InstallResult:
         aside = hooks_dir / f"{hook}{ASIDE_SUFFIX}"
         ours = _ours(hooks_dir, hook)
         if ours is not None:
-            baked = _baked_repo(ours)
-            if baked and Path(baked) != layout.common_dir:
+            owner = _owner(layout, ours)
+            if owner is not None:
                 raise HookConflictError(
-                    f"{ours} is gitlora's hook for another repository ({baked}): a shared core.hooksPath "
+                    f"{ours} is gitlora's hook for another repository ({owner}): a shared core.hooksPath "
                     f"dir can serve only one repository")
             plan.append((hook, ours, None, aside))
             continue
@@ -299,6 +335,12 @@ def uninstall(repo: Path) -> UninstallResult:
             else:
                 actions.append(HookAction(hook, "absent", hooks_dir / hook))
             continue
+        owner = _owner(layout, ours)
+        if owner is not None:
+            actions.append(HookAction(
+                hook, "other-repo", ours, None,
+                f"gitlora's hook for another repository ({owner}) sharing {hooks_dir}; left it"))
+            continue
         os.unlink(ours)
         if os.path.lexists(aside):
             os.rename(aside, ours)
@@ -319,7 +361,9 @@ def installed_hooks(repo: Path) -> dict[str, HookStatus]:
         aside = hooks_dir / f"{hook}{ASIDE_SUFFIX}"
         chained = aside if os.path.lexists(aside) else None
         ours = _ours(hooks_dir, hook)
-        if ours is not None:
+        if ours is not None and _owner(layout, ours) is not None:
+            out[hook] = HookStatus(hook, "other-repo", ours, chained)
+        elif ours is not None:
             current = _read_if_file(ours) == render_hook(hook, spool, chained, only_repo)
             state = ("installed" if ours.name == hook else "nested") if current else "stale"
             out[hook] = HookStatus(hook, state, ours, chained)

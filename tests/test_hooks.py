@@ -517,6 +517,98 @@ def test_shared_global_hooks_path_spools_only_the_installed_repository(tmp_path)
     assert list(shared.iterdir()) == []
 
 
+def _share_hooks_dir(shared: Path, scope: str, *repos: Path) -> None:
+    """Point the repositories at one hooks dir: through the global config, or each one's own config."""
+    if scope == "global":
+        git(repos[0], "config", "--global", "core.hooksPath", str(shared))
+    else:
+        for repo in repos:
+            git(repo, "config", "core.hooksPath", str(shared))
+
+
+@pytest.mark.parametrize("scope", ["global", "per-repository"])
+def test_uninstall_of_another_repository_sharing_the_hooks_dir_keeps_the_owners_hooks(tmp_path, scope):
+    shared = tmp_path / "shared-hooks"
+    a = make_repo(tmp_path, "a")
+    b = make_repo(tmp_path, "b")
+    _share_hooks_dir(shared, scope, a, b)
+    shared.mkdir()
+    write_hook(shared / "post-commit", 'echo user >> "$(git rev-parse --git-dir)/user-ran"\n')
+    install(a, allow_hooks_path=True)
+    with pytest.raises(HookConflictError, match="another repository"):
+        install(b, allow_hooks_path=True)
+    before = snapshot(shared)
+    assert {s.state for s in installed_hooks(b).values()} == {"other-repo"}
+
+    result = uninstall(b)  # b never installed: a's hooks are not b's to remove (the old code deleted them)
+    assert {a.action for a in result.actions} == {"other-repo"} and not result.changed
+    assert all(str(a / ".git") in action.detail for action in result.other_repo)
+    assert snapshot(shared) == before
+    oid = commit(a, "a.rs")
+    assert summary(a) == [("post-commit", oid, None, None)]  # a is still served
+    assert (a / ".git" / "user-ran").read_text() == "user\n"  # and the user's chained hook still runs
+
+    assert {x.action for x in uninstall(a).actions} == {"restored", "removed"}  # the owner can
+    assert sorted(p.name for p in shared.iterdir()) == ["post-commit"]
+
+
+def test_hooks_of_a_deleted_repository_can_be_taken_over(tmp_path):
+    shared = tmp_path / "shared-hooks"
+    a = make_repo(tmp_path, "a")
+    b = make_repo(tmp_path, "b")
+    _share_hooks_dir(shared, "global", a, b)
+    install(a, allow_hooks_path=True)
+    shutil.rmtree(a)  # its recorded owner is gone: nobody is left to uninstall them
+    assert {s.state for s in installed_hooks(b).values()} == {"stale"}
+    result = install(b, allow_hooks_path=True)
+    assert {x.action for x in result.actions} == {"updated"}
+    oid = commit(b, "b.rs")
+    assert summary(b) == [("post-commit", oid, None, None)]
+    assert {x.action for x in uninstall(b).actions} == {"removed"}
+    assert list(shared.iterdir()) == []
+
+
+def test_hooks_in_another_repositorys_own_hooks_dir_are_not_ours(tmp_path):
+    # b points core.hooksPath at a's .git/hooks, where a installed without core.hooksPath (no repo baked in)
+    a = make_repo(tmp_path, "a")
+    b = make_repo(tmp_path, "b")
+    install(a)
+    git(b, "config", "core.hooksPath", str(hooks_dir(a)))
+    before = snapshot(hooks_dir(a))
+    assert {x.action for x in uninstall(b).actions} == {"other-repo"}
+    assert snapshot(hooks_dir(a)) == before
+    with pytest.raises(HookConflictError, match=re.escape(str(a / ".git"))):
+        install(b, allow_hooks_path=True)
+
+
+def test_cli_uninstall_of_a_non_owner_says_what_it_did(tmp_path):
+    shared = tmp_path / "shared-hooks"
+    a = make_repo(tmp_path, "a")
+    b = make_repo(tmp_path, "b")
+    _share_hooks_dir(shared, "global", a, b)
+
+    def gitlora(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "gitlora.daemon", *args], capture_output=True, text=True,
+                              timeout=120)
+
+    done = gitlora("install", "--allow-hooks-path", "--no-backfill", str(a))
+    assert done.returncode == 0, done.stderr
+    refused = gitlora("install", "--allow-hooks-path", "--no-backfill", str(b))
+    assert refused.returncode == 2 and "another repository" in refused.stderr
+    before = snapshot(shared)
+    done = gitlora("uninstall", str(b))
+    assert done.returncode == 0, done.stderr
+    assert snapshot(shared) == before
+    assert "other-repo" in done.stdout and "left it" in done.stdout
+    assert "unregistered" not in done.stdout and "b was not registered" in done.stdout
+    from gitlora.daemon import repos
+
+    assert repos.registered() == [str(a / ".git")]
+    done = gitlora("uninstall", str(a))
+    assert done.returncode == 0 and "unregistered a" in done.stdout and list(shared.iterdir()) == []
+    assert repos.registered() == []
+
+
 @pytest.mark.parametrize("breakage", ["spool-is-a-directory", "state-dir-is-a-file"])
 def test_unwritable_spool_does_not_break_git_commit(tmp_path, breakage):
     repo = make_repo(tmp_path)

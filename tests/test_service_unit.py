@@ -4,6 +4,7 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -35,8 +36,32 @@ def test_render_contents(tmp_path):
     assert k["ExecStart"] == f"{tmp_path}/bin/gitlora daemon"
     assert k["Type"] == "notify" and k["NotifyAccess"] == "main" and k["WatchdogSec"] == "30"
     assert k["Restart"] == "on-failure" and k["RestartSec"] == "5" and k["WantedBy"] == "default.target"
+    assert k["ExecReload"] == "/bin/kill -HUP $MAINPID"  # `systemctl --user reload gitlora`: SIGHUP
     assert "Nice" not in k and "IOSchedulingClass" not in k  # the daemon runs at normal priority
     assert "@GITLORA@" not in text
+
+
+def test_exec_reload_sends_sighup_to_the_main_pid(tmp_path):
+    """Run the unit's ExecReload= line as systemd would (it expands $MAINPID) against a process that waits
+    for SIGHUP; the signal must arrive and the process must live on (a reload is not a restart)."""
+    command = keys(render_unit(tmp_path / "gitlora"))["ExecReload"]
+    main = subprocess.Popen(
+        [sys.executable, "-c",
+         "import signal, sys\n"
+         "signal.signal(signal.SIGHUP, lambda *_: print('reload', flush=True))\n"
+         "print('ready', flush=True)\n"
+         "signal.pause()\n"
+         "sys.stdin.readline()\n"],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert main.stdout.readline() == "ready\n"
+        argv = [word.replace("$MAINPID", str(main.pid)) for word in command.split()]
+        subprocess.run(argv, check=True, timeout=30)
+        assert main.stdout.readline() == "reload\n"  # blocks until the handler ran
+        assert main.poll() is None
+    finally:
+        main.kill()
+        main.wait()
 
 
 def test_render_requires_absolute_path():

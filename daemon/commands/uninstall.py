@@ -41,8 +41,10 @@ def run(args: argparse.Namespace) -> int:
         request({"cmd": "unregister", "repo": str(opened.git.common_dir)})
     except DaemonNotRunning:
         pass
-    repos.unregister(opened.git.common_dir)
-    print(f"unregistered {opened.git.name}; its examples, shards and adapters stay in {opened.paths.root}")
+    if repos.unregister(opened.git.common_dir):
+        print(f"unregistered {opened.git.name}; its examples, shards and adapters stay in {opened.paths.root}")
+    else:
+        print(f"{opened.git.name} was not registered with gitlora; nothing to unregister")
     return 0
 
 
