@@ -231,10 +231,11 @@ class ControlServer:
         self._ident: tuple[int, int] | None = None
         self._selector: selectors.BaseSelector | None = None
         self._conns: set[_Conn] = set()
-        # Connections waiting on a client (for a request, or for it to read a reply), oldest deadline first:
-        # every deadline is "now + timeout_s", so insertion order is deadline order and the next expiry and
-        # the longest-idle connection are both at the front.
-        self._deadlines: collections.OrderedDict[_Conn, float] = collections.OrderedDict()
+        # Connections waiting on a client (for a request, or for it to read a reply), by when they started
+        # waiting: every deadline is "then + timeout_s" (read at expiry, so a reloaded timeout applies to all
+        # alike), so insertion order is deadline order and the next expiry and the longest-idle connection are
+        # both at the front.
+        self._waiting_since: collections.OrderedDict[_Conn, float] = collections.OrderedDict()
         self._in_handlers = 0  # requests running or queued (loop thread only)
         self._jobs: queue.SimpleQueue = queue.SimpleQueue()
         self._results: collections.deque[tuple[_Conn, bytes]] = collections.deque()
@@ -400,8 +401,8 @@ class ControlServer:
 
     def _sleep_s(self) -> float | None:
         wake_at = [self._accept_paused_until] if self._accept_paused_until else []
-        if self._deadlines:
-            wake_at.append(next(iter(self._deadlines.values())))
+        if self._waiting_since:
+            wake_at.append(next(iter(self._waiting_since.values())) + self.timeout_s)
         if not wake_at:
             return None
         return min(_MAX_SLEEP_S, max(0.0, min(wake_at) - time.monotonic()))
@@ -449,11 +450,11 @@ class ControlServer:
                 continue
             assert self.max_connections is not None
             if len(self._conns) >= self.max_connections:
-                if not self._deadlines:  # every connection is waiting on a handler: none can be dropped
+                if not self._waiting_since:  # every connection is waiting on a handler: none can be dropped
                     self._hang_up(conn, f"server busy: {len(self._conns)} connections with requests running",
                                   linger=False)
                     continue
-                oldest = next(iter(self._deadlines))
+                oldest = next(iter(self._waiting_since))
                 self._hang_up(oldest, f"connection closed: the server holds its limit of {self.max_connections} "
                                       "connections and this one had waited longest", linger=False)  # frees its slot
             self._conns.add(conn)
@@ -511,7 +512,7 @@ class ControlServer:
             else:
                 conn.busy = True
                 self._in_handlers += 1
-                self._deadlines.pop(conn, None)  # a slow handler is not the client's fault
+                self._waiting_since.pop(conn, None)  # a slow handler is not the client's fault
                 self._watch(conn, 0)
                 self._jobs.put((conn, request))
 
@@ -533,9 +534,9 @@ class ControlServer:
         return True
 
     def _expire(self, now: float) -> None:
-        while self._deadlines:
-            conn, deadline = next(iter(self._deadlines.items()))
-            if deadline > now:
+        while self._waiting_since:
+            conn, since = next(iter(self._waiting_since.items()))
+            if since + self.timeout_s > now:
                 return
             if conn.out or conn.lingering:  # it stopped reading its reply, or never hung up after ours
                 self._drop(conn)
@@ -546,8 +547,8 @@ class ControlServer:
                 self._hang_up(conn, f"idle timeout: no complete request within {self.timeout_s:g} s")
 
     def _set_deadline(self, conn: _Conn) -> None:
-        self._deadlines.pop(conn, None)
-        self._deadlines[conn] = time.monotonic() + self.timeout_s  # to the end: the latest deadline
+        self._waiting_since.pop(conn, None)
+        self._waiting_since[conn] = time.monotonic()  # to the end: the latest deadline
 
     def _watch(self, conn: _Conn, events: int) -> None:
         assert self._selector is not None
@@ -589,7 +590,7 @@ class ControlServer:
             return
         conn.closed = True
         self._watch(conn, 0)
-        self._deadlines.pop(conn, None)
+        self._waiting_since.pop(conn, None)
         self._conns.discard(conn)
         _discard_pending(conn.sock)
         conn.sock.close()

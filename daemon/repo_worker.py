@@ -27,7 +27,7 @@ from .ingest import Ingestor
 from .repos import OpenedRepo, open_repo
 from .shards import ShardWriter
 from .spool_reader import SpoolReader
-from .store import Store, StoreError
+from .store import Store, StoreDamaged, StoreError
 
 _log = log.get("gitlora.worker")
 
@@ -206,13 +206,17 @@ class RepoWorker:
                 self._last_ingest = time.time()
             self._publish(refresh=True)
         except Exception as exc:  # noqa: BLE001 - StoreError (StoreDamaged), or what LMDB says of a broken file
-            self._damage = str(exc) if isinstance(exc, StoreError) else f"{type(exc).__name__}: {exc}"
-            _log.error("store_damaged", repo=self.name, reason=self._damage)
-            try:
-                self._close_store()
-            except Exception:  # noqa: BLE001 - already broken; what matters is that nothing uses it
-                self._store = self._spool = self._shards = self._ingestor = None
-            self._publish()
+            self._mark_damaged(str(exc) if isinstance(exc, StoreError) else f"{type(exc).__name__}: {exc}")
+
+    def _mark_damaged(self, reason: str) -> None:
+        """Stop using the store until `repair`: the repository shows as damaged with that next step."""
+        self._damage = reason
+        _log.error("store_damaged", repo=self.name, reason=reason)
+        try:
+            self._close_store()
+        except Exception:  # noqa: BLE001 - already broken; what matters is that nothing uses it
+            self._store = self._spool = self._shards = self._ingestor = None
+        self._publish(ingesting=False, queue_depth=0)
 
     def _make_ingestor(self) -> Ingestor:
         assert self._store is not None
@@ -304,6 +308,8 @@ class RepoWorker:
             self._publish()
         try:
             self.reconcile(noticed)
+        except StoreDamaged as exc:  # a bad page met mid-ingest: the same state as a store that will not open
+            self._mark_damaged(str(exc))
         except Exception as exc:  # noqa: BLE001 - one failure must not end the thread
             self._record_error("reconcile", f"{type(exc).__name__}: {exc}")
             _log.error("reconcile_failed", repo=self.name, error=str(exc), traceback=traceback.format_exc())
