@@ -61,10 +61,7 @@ class RepoWorker:
         self.store = Store(opened.paths.store)
         self.spool = SpoolReader(opened.paths.spool, self.store)
         self.shards = ShardWriter(opened.paths.shards, opened.paths.manifest, self.store)
-        # Live commits touch a few files each: a small in-process cache keeps the idle daemon small; big
-        # backlogs (a new repo's history) go to the spawned pool, whose memory leaves with it.
-        self.ingestor = Ingestor(opened.git, self.store, config.ingest, source="daemon", cache_bytes=2 << 20,
-                                 max_trees=16, isolate_files=200)
+        self.ingestor = Ingestor.for_daemon(opened.git, self.store, config.ingest)
         self.watcher_state = "not watched"
         self.paused = False
         self._stop = threading.Event()  # this worker's own: a repo can be unregistered while the daemon runs
