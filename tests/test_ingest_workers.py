@@ -1,0 +1,71 @@
+"""Parser pool workers never outlive the process that owns the pool."""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from gitutil import synthetic_history
+
+
+def _stat(pid: int) -> list[str] | None:
+    """/proc/PID/stat fields after the command name (state first), or None once the process is gone."""
+    try:
+        text = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return text.rsplit(")", 1)[1].split()
+
+
+def pool_workers(parent: int) -> dict[int, str]:
+    """The parent's spawned multiprocessing children: pid -> start time (which tells a reused pid apart)."""
+    found = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        fields = _stat(int(entry))
+        if fields is None or int(fields[1]) != parent:
+            continue
+        try:
+            cmdline = Path(f"/proc/{entry}/cmdline").read_bytes()
+        except OSError:
+            continue
+        if b"spawn_main" in cmdline:
+            found[int(entry)] = fields[19]
+    return found
+
+
+def alive(pid: int, started: str) -> bool:
+    fields = _stat(pid)
+    return fields is not None and fields[19] == started and fields[0] not in ("Z", "X")
+
+
+def test_pool_workers_exit_when_a_backfill_is_sigkilled(tmp_path, isolated_home):
+    repo = synthetic_history(tmp_path / "syn", commits=300, files=10, functions=80)
+    config = isolated_home / ".config/gitlora/config.toml"
+    config.parent.mkdir(parents=True)
+    config.write_text("[ingest]\nbatch_commits = 2\nworkers = 2\n")  # many chunks: the pool, two workers
+    proc = subprocess.Popen([sys.executable, "-m", "gitlora.daemon", "backfill", "--no-progress", str(repo)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 60
+        workers: dict[int, str] = {}
+        while len(workers) < 2 and proc.poll() is None and time.monotonic() < deadline:
+            workers = pool_workers(proc.pid)
+            time.sleep(0.02)
+        assert len(workers) == 2, f"no pool of two workers appeared (backfill exit {proc.poll()})"
+        proc.send_signal(signal.SIGKILL)  # the backfill alone, not its process group
+        proc.wait()
+        deadline = time.monotonic() + 30
+        while any(alive(pid, started) for pid, started in workers.items()) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        survivors = [pid for pid, started in workers.items() if alive(pid, started)]
+        assert survivors == [], f"pool workers outlived their parent: {survivors}"
+    finally:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)  # whatever is left of the session (the old code's workers)
+        except ProcessLookupError:
+            pass
