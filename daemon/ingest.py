@@ -23,6 +23,7 @@ import traceback
 from collections import OrderedDict, deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from itertools import islice
 from typing import Any
@@ -311,7 +312,7 @@ class Ingestor:
         examples)` reports each committed transaction; `should_stop` is polled between them."""
         summary = IngestSummary()
         started = time.perf_counter()
-        for batch in self._batches(oids):
+        for batch in self._batches(oids, should_stop):
             if should_stop():
                 break
             if extra:
@@ -350,41 +351,84 @@ class Ingestor:
                                    initargs=(str(self.repo.common_dir), self.config.model_dump_json(), self.source,
                                              os.getpid()))
 
-    def _batches(self, oids: list[str]) -> Iterator[list[PendingCommit]]:
+    def _batches(self, oids: list[str], should_stop: Callable[[], bool]) -> Iterator[list[PendingCommit]]:
         chunk = max(1, min(self.config.batch_commits, _CHUNK_COMMITS))
         chunks = [oids[i:i + chunk] for i in range(0, len(oids), chunk)]
         if self.workers > 1 and len(chunks) >= 2:
-            yield from self._pooled(chunks)
+            yield from self._pooled(chunks, should_stop)
             return
         spawned: ProcessPoolExecutor | None = None  # started at the first heavy chunk, kept for this run
         try:
             for part in chunks:
-                if self._heavy(part):
-                    spawned = spawned or self._pool(1)
-                    yield spawned.submit(_worker_process, part).result()
-                else:
+                if not self._heavy(part):
                     yield self.processor.process(part)
+                    continue
+                spawned = spawned or self._pool(1)
+                try:
+                    yield spawned.submit(_worker_process, part).result()
+                except BrokenProcessPool:
+                    spawned.shutdown(wait=True)
+                    spawned = None
+                    yield self._one_by_one(part, should_stop)
         finally:
             if spawned is not None:
                 spawned.shutdown(wait=True, cancel_futures=True)
 
-    def _pooled(self, chunks: list[list[str]]) -> Iterator[list[PendingCommit]]:
-        pool = self._pool(min(self.workers, len(chunks)))
-        try:
-            # Not pool.map: it submits every chunk at once, and results pile up in the parent faster than it
-            # writes them (the-block's whole history, ~150 MB, at once). A few chunks ahead per worker keep
-            # the workers busy and the parent's peak, and the fragmented heap it leaves, small.
-            chunk_iter = iter(chunks)
-            in_flight: deque[Future[list[PendingCommit]]] = deque(
-                pool.submit(_worker_process, chunk) for chunk in islice(chunk_iter, 2 * self.workers))
-            while in_flight:
-                done = in_flight.popleft().result()
-                following = next(chunk_iter, None)
-                if following is not None:
-                    in_flight.append(pool.submit(_worker_process, following))
-                yield done
-        finally:
-            pool.shutdown(wait=True, cancel_futures=True)
+    def _pooled(self, chunks: list[list[str]], should_stop: Callable[[], bool]) -> Iterator[list[PendingCommit]]:
+        while chunks:
+            pool = self._pool(min(self.workers, len(chunks)))
+            broken_at: int | None = None
+            try:
+                # Not pool.map: it submits every chunk at once, and results pile up in the parent faster than
+                # it writes them (the-block's whole history, ~150 MB, at once). A few chunks ahead per worker
+                # keep the workers busy and the parent's peak, and the fragmented heap it leaves, small.
+                chunk_iter = enumerate(chunks)
+                in_flight: deque[tuple[int, Future[list[PendingCommit]]]] = deque(
+                    (i, pool.submit(_worker_process, chunk)) for i, chunk in islice(chunk_iter, 2 * self.workers))
+                while in_flight:
+                    index, future = in_flight[0]
+                    try:
+                        done = future.result()
+                    except BrokenProcessPool:
+                        broken_at = index
+                        break
+                    in_flight.popleft()
+                    yield done
+                    following = next(chunk_iter, None)
+                    if following is not None:
+                        try:
+                            in_flight.append((following[0], pool.submit(_worker_process, following[1])))
+                        except BrokenProcessPool:
+                            broken_at = in_flight[0][0] if in_flight else following[0]
+                            break
+            finally:
+                pool.shutdown(wait=True, cancel_futures=True)
+            if broken_at is None:
+                return
+            # A worker died (a parser crash, the OOM killer): which chunk killed it is unknown, so the first
+            # unfinished one is retried commit by commit, and a fresh pool takes the rest.
+            yield self._one_by_one(chunks[broken_at], should_stop)
+            chunks = chunks[broken_at + 1:]
+
+    def _one_by_one(self, oids: list[str], should_stop: Callable[[], bool]) -> list[PendingCommit]:
+        """Each commit in a process of its own. One whose process dies again is recorded as skipped: a poison
+        commit must cost itself, never the commits after it, and never be retried forever."""
+        done: list[PendingCommit] = []
+        for oid in oids:
+            if should_stop():
+                break  # e.g. the service stopping, which may be what killed the worker: retried on next start
+            with self._pool(1) as alone:
+                try:
+                    done.extend(alone.submit(_worker_process, [oid]).result())
+                except BrokenProcessPool:
+                    base: dict[str, Any] = {"source": self.source}
+                    try:
+                        base["commit_time"] = self.repo.commit_info(oid).commit_time
+                    except Exception:
+                        pass  # the skip is recorded all the same
+                    done.append(CommitProcessor._skipped(oid, base, "parser-died: the process parsing this "
+                                                                    "commit died (a parser crash, or out of memory)"))
+        return done
 
 
 def write_isolating(store: Store, batch: list[PendingCommit]) -> tuple[WriteResult, list[PendingCommit]]:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import resource
 import signal
 import subprocess
 import sys
@@ -69,3 +70,33 @@ def test_pool_workers_exit_when_a_backfill_is_sigkilled(tmp_path, isolated_home)
             os.killpg(proc.pid, signal.SIGKILL)  # whatever is left of the session (the old code's workers)
         except ProcessLookupError:
             pass
+
+
+def test_a_commit_that_kills_its_parser_process_is_its_own_skip_and_the_rest_goes_on(tmp_path, isolated_home):
+    """A file whose parse needs more memory than the process may have (tree-sitter then crashes the process):
+    the pool breaks, the commit is retried alone, dies again and is stored as skipped; all others are stored."""
+    from gitutil import commit_files, init_repo
+    from test_ingest_memory import generated_bindings
+    from daemonutil import store_commits
+
+    repo = init_repo(tmp_path / "poison")
+    oids = [commit_files(repo, {"src/lib.rs": "pub fn base() {}\n"}, "base"),
+            commit_files(repo, {"src/a.rs": "pub fn a() {}\n"}, "before"),
+            commit_files(repo, {"src/huge.rs": generated_bindings(0, 0, target_bytes=40_000_000),
+                                "src/b.rs": "pub fn b() {}\n"}, "poison"),
+            commit_files(repo, {"src/c.rs": "pub fn c() {}\n"}, "after"),
+            commit_files(repo, {"src/d.rs": "pub fn d() {}\n"}, "after that")]
+    config = isolated_home / ".config/gitlora/config.toml"
+    config.parent.mkdir(parents=True)
+    config.write_text("[ingest]\nbatch_commits = 1\nworkers = 2\nmax_file_bytes = 64000000\n")
+
+    def limit_memory() -> None:  # the huge file's syntax tree needs well over this; everything else fits
+        resource.setrlimit(resource.RLIMIT_AS, (700 << 20, 700 << 20))
+
+    done = subprocess.run([sys.executable, "-m", "gitlora.daemon", "backfill", "--no-progress", str(repo)],
+                          capture_output=True, text=True, preexec_fn=limit_memory, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    commits = store_commits(repo)
+    assert set(commits) == set(oids)
+    assert commits[oids[2]]["status"] == "skipped" and commits[oids[2]]["reason"].startswith("parser-died")
+    assert [commits[o]["status"] for o in oids[:2] + oids[3:]] == ["ingested"] * 4
