@@ -41,8 +41,8 @@ _log = log.get("gitlora.ingest")
 _MAX_RECORDED_SKIPS = 50
 # Commits per worker task: long enough runs that the blob cache hits, short enough to balance the cores.
 _CHUNK_COMMITS = 16
-# What a tree-sitter syntax tree costs per byte of its source (nodes are ~40-50 bytes each), plus the source
-# kept beside it for incremental reparsing.
+# What a tree-sitter-rust syntax tree costs in memory per byte of its source (tens of bytes: one node per
+# token or so, each larger than the token), plus the source kept beside it for incremental reparsing.
 _TREE_BYTES_PER_SOURCE_BYTE = 48
 
 
