@@ -274,8 +274,8 @@ class GitRepo:
         hunks, object headers only): sizes up the work a commit costs before anything is parsed."""
         try:
             commit = self.repo[oid]
-            parent = self.repo[commit.parent_ids[0]].tree if commit.parent_ids and commit.parent_ids[0] in self.repo else None
-            diff = self._diff(parent, commit.tree)
+            first = commit.parent_ids[0] if commit.parent_ids else None
+            diff = self._diff(self.repo[first].tree if first is not None and first in self.repo else None, commit.tree)
         except (KeyError, ValueError, pygit2.GitError):
             return 0, 0
         files = size = 0

@@ -96,7 +96,8 @@ def test_latin1_names_through_backfill_are_stored_losslessly_and_readably(tmp_pa
     assert bytes.fromhex(renamed["path_hex"]) == b"src/d\xe9.rs"
     assert bytes.fromhex(renamed["old_path_hex"]) == b"src/c\xe9.rs"
     [nested] = by_commit[oids[5]]
-    assert bytes.fromhex(nested["path_hex"]) == b"cr\xe9ate/src/lib.rs" and nested["qualified_name"] == "cr\\xe9ate::nested"
+    assert bytes.fromhex(nested["path_hex"]) == b"cr\xe9ate/src/lib.rs"
+    assert nested["qualified_name"] == "cr\\xe9ate::nested"
     deleted = by_commit[oids[6]]
     assert len(deleted) == 9 and {e["change_kind"] for e in deleted} == {"deleted"}
     assert {bytes.fromhex(e["path_hex"]) for e in deleted} == {b"src/d\xe9.rs"}
