@@ -24,8 +24,10 @@ from collections import OrderedDict, deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from itertools import islice
+from pathlib import Path
 from typing import Any
 
 from tree_sitter import Tree
@@ -293,6 +295,7 @@ class Ingestor:
         # heap behind. None: parse in-process (a backfill, whose process ends anyway).
         self.isolate_files = isolate_files
         self.isolate_bytes = isolate_bytes
+        self._crash_guard = _CrashGuard(store.path.parent)
 
     @classmethod
     def for_daemon(cls, repo: GitRepo, store: Store, config: IngestConfig) -> "Ingestor":
@@ -357,11 +360,14 @@ class Ingestor:
         if self.workers > 1 and len(chunks) >= 2:
             yield from self._pooled(chunks, should_stop)
             return
+        suspects = self._crash_guard.take_suspects()
         spawned: ProcessPoolExecutor | None = None  # started at the first heavy chunk, kept for this run
         try:
             for part in chunks:
-                if not self._heavy(part):
-                    yield self.processor.process(part)
+                if not (self._heavy(part) or suspects.intersection(part)):
+                    with self._crash_guard.parsing(part):
+                        done = self.processor.process(part)
+                    yield done
                     continue
                 spawned = spawned or self._pool(1)
                 try:
@@ -429,6 +435,64 @@ class Ingestor:
                     done.append(CommitProcessor._skipped(oid, base, "parser-died: the process parsing this "
                                                                     "commit died (a parser crash, or out of memory)"))
         return done
+
+
+class _CrashGuard:
+    """Which commits this process is parsing in-process, in a file of its own beside the store, so that when a
+    parser bug kills the process (a segfault, the OOM killer) the next run parses those commits in a spawned
+    process instead: a second death there costs only the commit (parser-died), not the daemon again and again.
+    A plain write: it must survive the process, not the machine."""
+
+    _PREFIX = "parsing-in-process."
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+        self.own = directory / f"{self._PREFIX}{os.getpid()}"
+
+    def take_suspects(self) -> set[str]:
+        """Commits that processes now dead were parsing when they died (their files are removed)."""
+        suspects: set[str] = set()
+        try:
+            markers = [m for m in self.directory.iterdir() if m.name.startswith(self._PREFIX)]
+        except OSError:
+            return suspects
+        for marker in markers:
+            pid = marker.name[len(self._PREFIX):]
+            if pid.isdigit() and int(pid) != os.getpid() and _alive(int(pid)):
+                continue  # a backfill beside the daemon, working (our own pid: a dead predecessor's)
+            try:
+                suspects.update(line for line in marker.read_text().split() if len(line) == 40)
+                marker.unlink()
+            except OSError:
+                continue
+        if suspects:
+            _log.warning("crashed_while_parsing", commits=sorted(suspects),
+                         detail="a process died while parsing these: they are parsed in a spawned process now")
+        return suspects
+
+    @contextmanager
+    def parsing(self, oids: list[str]) -> Iterator[None]:
+        try:
+            self.own.write_text("\n".join(oids))
+        except OSError:
+            pass  # no marker: a crash would be retried in-process, as before
+        try:
+            yield
+        finally:
+            try:
+                self.own.unlink()
+            except OSError:
+                pass
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def write_isolating(store: Store, batch: list[PendingCommit]) -> tuple[WriteResult, list[PendingCommit]]:

@@ -100,3 +100,38 @@ def test_a_commit_that_kills_its_parser_process_is_its_own_skip_and_the_rest_goe
     assert set(commits) == set(oids)
     assert commits[oids[2]]["status"] == "skipped" and commits[oids[2]]["reason"].startswith("parser-died")
     assert [commits[o]["status"] for o in oids[:2] + oids[3:]] == ["ingested"] * 4
+
+
+def test_a_commit_that_crashes_an_in_process_parse_is_parsed_apart_on_the_next_run(tmp_path, isolated_home):
+    """In-process parsing (one worker; the daemon's small commits) that crashes the whole process: the next run
+    knows which commits were being parsed, parses them in a spawned process, and a second death there costs
+    that commit only. Without this every restart would crash on the same commit."""
+    from gitutil import commit_files, init_repo
+    from test_ingest_memory import generated_bindings
+    from daemonutil import store_commits
+
+    repo = init_repo(tmp_path / "poison")
+    oids = [commit_files(repo, {"src/lib.rs": "pub fn base() {}\n"}, "base"),
+            commit_files(repo, {"src/huge.rs": generated_bindings(0, 0, target_bytes=40_000_000),
+                                "src/b.rs": "pub fn b() {}\n"}, "poison"),
+            commit_files(repo, {"src/c.rs": "pub fn c() {}\n"}, "after")]
+    config = isolated_home / ".config/gitlora/config.toml"
+    config.parent.mkdir(parents=True)
+    config.write_text("[ingest]\nbatch_commits = 1\nworkers = 1\nmax_file_bytes = 64000000\n")
+
+    def limit_memory() -> None:  # the huge file's syntax tree needs well over this; everything else fits
+        resource.setrlimit(resource.RLIMIT_AS, (700 << 20, 700 << 20))
+
+    def backfill() -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "gitlora.daemon", "backfill", "--no-progress", str(repo)],
+                              capture_output=True, text=True, preexec_fn=limit_memory, timeout=300)
+
+    crashed = backfill()
+    assert crashed.returncode < 0, (crashed.returncode, crashed.stderr[-2000:])  # killed by its own parser
+    assert set(store_commits(repo)) == {oids[0]}
+    done = backfill()
+    assert done.returncode == 0, done.stderr[-2000:]
+    commits = store_commits(repo)
+    assert set(commits) == set(oids)
+    assert commits[oids[1]]["status"] == "skipped" and commits[oids[1]]["reason"].startswith("parser-died")
+    assert commits[oids[0]]["status"] == commits[oids[2]]["status"] == "ingested"
