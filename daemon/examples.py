@@ -7,20 +7,29 @@ from .gitrepo import CommitInfo, FileChange
 from .rust_items import FileItems, ItemChange, diff_items, qualified_name
 
 
+def path_fields(key: str, path: str | None, raw: bytes | None) -> dict[str, Any]:
+    """`{key: readable path}`, plus `{key}_hex` (the name's exact bytes, hex) only where the name is not UTF-8:
+    every record shows a path readably and keeps it losslessly."""
+    return {key: path, f"{key}_hex": raw.hex()} if raw is not None else {key: path}
+
+
 def file_examples(repo_name: str, info: CommitInfo, change: FileChange,
                   old: FileItems | None, new: FileItems | None) -> list[dict[str, Any]]:
     """One example per changed item of one file; items that only moved produce nothing."""
-    path = change.new_path or change.old_path or ""
+    path, raw = (change.new_path, change.new_raw) if change.new_path else (change.old_path or "", change.old_raw)
     imports = (new or old or FileItems()).imports
     records = []
     for item in diff_items(old, new):
-        item_path = change.old_path if item.change_kind == "deleted" and change.old_path else path
-        records.append(example_record(repo_name, info, change, item, item_path, imports))
+        if item.change_kind == "deleted" and change.old_path:
+            records.append(example_record(repo_name, info, change, item, change.old_path, imports, change.old_raw))
+        else:
+            records.append(example_record(repo_name, info, change, item, path, imports, raw))
     return records
 
 
 def example_record(repo_name: str, info: CommitInfo, change: FileChange, item: ItemChange,
-                   path: str, imports: list[str]) -> dict[str, Any]:
+                   path: str, imports: list[str], raw_path: bytes | None = None) -> dict[str, Any]:
+    renamed = change.status == "renamed"
     return {
         "repo": repo_name,
         "commit": info.oid,
@@ -28,8 +37,8 @@ def example_record(repo_name: str, info: CommitInfo, change: FileChange, item: I
         "author_time": info.author_time,
         "commit_time": info.commit_time,
         "message": info.message,
-        "path": path,
-        "old_path": change.old_path if change.status == "renamed" else None,
+        **path_fields("path", path, raw_path),
+        **path_fields("old_path", change.old_path if renamed else None, change.old_raw if renamed else None),
         "kind": item.kind,
         "qualified_name": qualified_name(path, item.name),
         "change_kind": item.change_kind,

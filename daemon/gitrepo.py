@@ -44,12 +44,32 @@ class FileChange:
     old_oid: str | None
     new_oid: str | None
     hunks: tuple[tuple[int, int, int, int], ...] | None = None  # line hunks old->new (for incremental parsing)
+    # A name's bytes where they are not UTF-8 (None otherwise): the *_path fields then show it readably.
+    old_raw: bytes | None = None
+    new_raw: bytes | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class SkippedFile:
+    path: str  # readable (see readable_path)
+    reason: str
+    raw: bytes | None = None  # the name's bytes where they are not UTF-8
+
+
+def readable_path(raw: bytes) -> tuple[str, bytes | None]:
+    """A git path (bytes: git does not require any encoding) -> (UTF-8 text to show, the bytes where they are
+    not UTF-8). Invalid bytes show as backslash escapes (`src/b\\xe9.rs`); pygit2's `path` would instead
+    carry surrogate escapes, which no UTF-8 encoder (JSON, LMDB, a log line) accepts."""
+    try:
+        return raw.decode("utf-8"), None
+    except UnicodeDecodeError:
+        return raw.decode("utf-8", "backslashreplace"), raw
 
 
 @dataclass(slots=True)
 class CommitDiff:
     files: list[FileChange] = field(default_factory=list)
-    skipped: list[tuple[str, str]] = field(default_factory=list)  # (path, reason)
+    skipped: list[SkippedFile] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
 
 
@@ -242,21 +262,34 @@ class GitRepo:
             diff = self._diff(parent_tree, commit.tree)
             result.notes.append(f"rename detection failed, diffed without it: {exc}")
         for index, delta in enumerate(diff.deltas):
-            self._classify(delta, result)
-            change = result.files[-1] if result.files else None
-            if change is not None and change.old_oid and change.new_oid and change.new_path == delta.new_file.path:
-                result.files[-1] = self._with_hunks(diff, index, change)
+            change = self._classify(delta, result)
+            if change is not None and change.old_oid and change.new_oid:
+                change = self._with_hunks(diff, index, change)
+            if change is not None:
+                result.files.append(change)
         return result
 
-    def count_rust_changes(self, oid: str) -> int:
-        """How many .rs paths a commit touches, cheaply (no rename detection, no hunks): sizes up work."""
+    def rust_change_size(self, oid: str) -> tuple[int, int]:
+        """(.rs paths a commit touches, bytes of their old and new blobs), cheaply (no rename detection, no
+        hunks, object headers only): sizes up the work a commit costs before anything is parsed."""
         try:
             commit = self.repo[oid]
-            parent = self.repo[commit.parent_ids[0]].tree if commit.parent_ids and commit.parent_ids[0] in self.repo else None
-            diff = self._diff(parent, commit.tree)
+            first = commit.parent_ids[0] if commit.parent_ids else None
+            diff = self._diff(self.repo[first].tree if first is not None and first in self.repo else None, commit.tree)
         except (KeyError, ValueError, pygit2.GitError):
-            return 0
-        return sum(1 for d in diff.deltas if d.new_file.path.endswith(".rs") or d.old_file.path.endswith(".rs"))
+            return 0, 0
+        files = size = 0
+        for delta in diff.deltas:
+            if not (delta.new_file.raw_path.endswith(b".rs") or delta.old_file.raw_path.endswith(b".rs")):
+                continue
+            files += 1
+            for side in (delta.old_file, delta.new_file):
+                if side.mode in (pygit2.enums.FileMode.BLOB, pygit2.enums.FileMode.BLOB_EXECUTABLE):
+                    try:
+                        size += self.repo.odb.read_header(side.id)[1]
+                    except (KeyError, ValueError, pygit2.GitError):
+                        pass  # missing (a partial clone): it will be a recorded skip, at no parsing cost
+        return files, size
 
     @staticmethod
     def _with_hunks(diff: pygit2.Diff, index: int, change: FileChange) -> FileChange:
@@ -266,7 +299,8 @@ class GitRepo:
             hunks = tuple((h.old_start, h.old_lines, h.new_start, h.new_lines) for h in patch.hunks)
         except (pygit2.GitError, KeyError, ValueError, IndexError, OSError):
             return change  # e.g. a missing blob: the file is parsed in full (or recorded as missing)
-        return FileChange(change.status, change.old_path, change.new_path, change.old_oid, change.new_oid, hunks)
+        return FileChange(change.status, change.old_path, change.new_path, change.old_oid, change.new_oid, hunks,
+                          change.old_raw, change.new_raw)
 
     @staticmethod
     def _diff(old_tree: pygit2.Tree | None, new_tree: pygit2.Tree) -> pygit2.Diff:
@@ -277,37 +311,40 @@ class GitRepo:
     def is_excluded(self, path: str) -> bool:
         return any(fnmatch.fnmatchcase(path, pattern) for pattern in self.exclude)
 
-    def _classify(self, delta: pygit2.DiffDelta, result: CommitDiff) -> None:
+    def _classify(self, delta: pygit2.DiffDelta, result: CommitDiff) -> FileChange | None:
+        """The delta as a changed Rust file, or None (not Rust, or recorded in `result.skipped`)."""
         Status = pygit2.enums.DeltaStatus
         old, new = delta.old_file, delta.new_file
-        old_rs = delta.status not in (Status.ADDED,) and old.path.endswith(".rs")
-        new_rs = delta.status not in (Status.DELETED,) and new.path.endswith(".rs")
+        (old_path, old_raw), (new_path, new_raw) = readable_path(old.raw_path), readable_path(new.raw_path)
+        old_rs = delta.status not in (Status.ADDED,) and old_path.endswith(".rs")
+        new_rs = delta.status not in (Status.DELETED,) and new_path.endswith(".rs")
         if not (old_rs or new_rs):
-            return
-        shown = new.path if new_rs else old.path
-        for side, is_rs in ((old, old_rs), (new, new_rs)):
+            return None
+        shown = (new_path, new_raw) if new_rs else (old_path, old_raw)
+        for side, is_rs, named in ((old, old_rs, (old_path, old_raw)), (new, new_rs, (new_path, new_raw))):
             if not is_rs:
                 continue
             if side.mode == pygit2.enums.FileMode.COMMIT:
-                result.skipped.append((side.path, "submodule"))
-                return
+                result.skipped.append(SkippedFile(named[0], "submodule", named[1]))
+                return None
             if side.mode == pygit2.enums.FileMode.LINK:
-                result.skipped.append((side.path, "symlink"))
-                return
-        if (new_rs and self.is_excluded(new.path)) or (old_rs and not new_rs and self.is_excluded(old.path)):
-            result.skipped.append((shown, "excluded"))
-            return
+                result.skipped.append(SkippedFile(named[0], "symlink", named[1]))
+                return None
+        if (new_rs and self.is_excluded(new_path)) or (old_rs and not new_rs and self.is_excluded(old_path)):
+            result.skipped.append(SkippedFile(shown[0], "excluded", shown[1]))
+            return None
         if delta.status == Status.RENAMED and old_rs and new_rs:
             status = "renamed"
         elif old_rs and new_rs:
             status = "modified"
         else:
             status = "added" if new_rs else "deleted"
-        result.files.append(FileChange(
+        return FileChange(
             status=status,
-            old_path=old.path if old_rs else None, new_path=new.path if new_rs else None,
+            old_path=old_path if old_rs else None, new_path=new_path if new_rs else None,
             old_oid=str(old.id) if old_rs else None, new_oid=str(new.id) if new_rs else None,
-        ))
+            old_raw=old_raw if old_rs else None, new_raw=new_raw if new_rs else None,
+        )
 
     def read_text_blob(self, oid: str, max_bytes: int) -> bytes:
         """A blob's bytes if it is usable Rust source text; raises BlobUnreadable with the reason otherwise."""

@@ -3,37 +3,49 @@
 Parsing dominates the cost and a commit's new blob is usually the next commit's old blob, so each process
 keeps an LRU of parsed blobs keyed by oid and parses every blob once. Backfill spreads *contiguous runs* of
 commits over a process pool (tree-sitter holds the GIL); each worker reads git, parses and renders JSON, and
-the parent only writes transactions, in order. Anything that goes wrong with one commit becomes that
-commit's recorded skip reason.
+the parent only writes transactions, in order. Anything that goes wrong with one file becomes that file's
+recorded skip, with one commit that commit's recorded skip: ingest always moves on.
+
+Memory is bounded by (estimated) bytes, not counts: a syntax tree costs tens of times its source. A long-lived
+process (the daemon) parses in-process only what is small; a batch with many or large .rs files goes to a
+spawned process, whose memory leaves with it, and which does not hold the daemon's GIL while it parses.
 """
 from __future__ import annotations
 
+import ctypes
 import json
 import multiprocessing
 import os
 import signal
+import sys
 import time
 import traceback
 from collections import OrderedDict, deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from itertools import islice
+from pathlib import Path
 from typing import Any
 
 from tree_sitter import Tree
 
 from . import log
 from .config import IngestConfig
-from .examples import file_examples
-from .gitrepo import BlobUnreadable, CommitDiff, CommitInfo, GitRepo
+from .examples import file_examples, path_fields
+from .gitrepo import BlobUnreadable, CommitDiff, CommitInfo, FileChange, GitRepo, SkippedFile
 from .rust_items import FileItems, extract_items, parse
-from .store import PendingCommit, Store
+from .store import PendingCommit, Store, WriteResult
 
 _log = log.get("gitlora.ingest")
 _MAX_RECORDED_SKIPS = 50
 # Commits per worker task: long enough runs that the blob cache hits, short enough to balance the cores.
 _CHUNK_COMMITS = 16
+# What a tree-sitter-rust syntax tree costs in memory per byte of its source (tens of bytes: one node per
+# token or so, each larger than the token), plus the source kept beside it for incremental reparsing.
+_TREE_BYTES_PER_SOURCE_BYTE = 48
 
 
 @dataclass(frozen=True, slots=True)
@@ -50,29 +62,50 @@ def parse_blob(data: bytes, previous: tuple[bytes, Tree] | None = None,
         return Unparsable(f"parse-error: {type(exc).__name__}: {exc}"), None
 
 
-class _BlobCache:
-    """LRU of parsed blobs bounded by source bytes (an item map costs about its source size)."""
+def estimated_items_bytes(items: FileItems | Unparsable) -> int:
+    """About what an item map costs in memory: its strings plus per-item object overhead."""
+    if isinstance(items, Unparsable):
+        return 64 + len(items.reason)
+    size = 256 + sum(sys.getsizeof(i) for i in items.imports)
+    for item in items.items.values():
+        size += 300 + sys.getsizeof(item.text) + sys.getsizeof(item.name)
+        if item.compare_text is not item.text:
+            size += sys.getsizeof(item.compare_text)
+    return size
+
+
+class _ByteLRU:
+    """LRU bounded by the (estimated) bytes of its values. A value larger than the whole budget is not kept:
+    it would evict everything else and then stay resident in an idle process."""
 
     def __init__(self, max_bytes: int) -> None:
         self.max_bytes = max_bytes
         self.size = 0
-        self._entries: OrderedDict[str, tuple[FileItems | Unparsable, int]] = OrderedDict()
+        self._entries: OrderedDict[str, tuple[Any, int]] = OrderedDict()
 
-    def get(self, oid: str) -> FileItems | Unparsable | None:
-        entry = self._entries.get(oid)
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def get(self, key: str | None) -> Any:
+        entry = self._entries.get(key) if key is not None else None
         if entry is None:
             return None
-        self._entries.move_to_end(oid)
+        self._entries.move_to_end(key)
         return entry[0]
 
-    def put(self, oid: str, value: FileItems | Unparsable, size: int) -> None:
-        if oid in self._entries:
+    def put(self, key: str, value: Any, size: int) -> None:
+        if key in self._entries or size > self.max_bytes:
             return
-        self._entries[oid] = (value, size)
+        self._entries[key] = (value, size)
         self.size += size
-        while self.size > self.max_bytes and len(self._entries) > 1:
+        while self.size > self.max_bytes:
             _, (_, evicted) = self._entries.popitem(last=False)
             self.size -= evicted
+
+
+def _clean(text: str) -> str:
+    """Text that any UTF-8 encoder accepts: an exception's message may quote a surrogate-escaped name."""
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 def _encode(example: dict[str, Any]) -> bytes:
@@ -83,15 +116,15 @@ class CommitProcessor:
     """Turns commits into PendingCommits (git read, cached parse, compose, JSON). One per process."""
 
     def __init__(self, repo: GitRepo, config: IngestConfig, *, source: str, cache_bytes: int = 192 << 20,
-                 max_trees: int = 512):
+                 tree_bytes: int = 256 << 20):
         self.repo = repo
         self.config = config
         self.source = source
         self.repo_name = repo.name
-        self._cache = _BlobCache(cache_bytes)
-        # Syntax trees of recently parsed blobs, so the next version of the same file reparses incrementally.
-        self._trees: OrderedDict[str, tuple[bytes, Tree]] = OrderedDict()
-        self._max_trees = max_trees
+        # Item maps of parsed blobs by oid (each blob is parsed once), and the syntax trees of recently parsed
+        # blobs with their source, so the next version of the same file reparses incrementally.
+        self._cache = _ByteLRU(cache_bytes)
+        self._trees = _ByteLRU(tree_bytes)
 
     def process(self, oids: list[str]) -> list[PendingCommit]:
         shallow = self.repo.shallow_boundary()
@@ -112,9 +145,10 @@ class CommitProcessor:
         diff_done = time.perf_counter()
         try:
             pending = self._compose(oid, info, diff, base)
+            _encode(pending.record)  # what the store will do: a record it cannot write is this commit's skip
         except Exception as exc:  # a bug on one commit is recorded, and the run goes on
             reason = f"error: {type(exc).__name__}: {exc}"
-            _log.error("commit_failed", commit=oid, reason=reason, traceback=traceback.format_exc())
+            _log.error("commit_failed", commit=oid, reason=_clean(reason), traceback=_clean(traceback.format_exc()))
             return self._skipped(oid, {**base, "commit_time": info.commit_time}, reason)
         pending.record["timings_ms"] = {"diff": round((diff_done - started) * 1000, 2),
                                         "parse": round((time.perf_counter() - diff_done) * 1000, 2)}
@@ -123,6 +157,7 @@ class CommitProcessor:
 
     @staticmethod
     def _skipped(oid: str, base: dict[str, Any], reason: str) -> PendingCommit:
+        reason = _clean(reason)
         _log.warning("commit_skipped", commit=oid, reason=reason)
         return PendingCommit(bytes.fromhex(oid), {**base, "status": "skipped", "reason": reason,
                                                   "stored_at": time.time()})
@@ -137,14 +172,12 @@ class CommitProcessor:
             data = self.repo.read_text_blob(blob, self.config.max_file_bytes)
         except BlobUnreadable as exc:
             parsed: FileItems | Unparsable = Unparsable(str(exc))
-            self._cache.put(blob, parsed, 64)
+            self._cache.put(blob, parsed, estimated_items_bytes(parsed))
             return parsed
-        parsed, tree = parse_blob(data, self._trees.get(previous) if previous else None, hunks)
-        self._cache.put(blob, parsed, len(data))
+        parsed, tree = parse_blob(data, self._trees.get(previous), hunks)
+        self._cache.put(blob, parsed, estimated_items_bytes(parsed))
         if tree is not None:
-            self._trees[blob] = (data, tree)
-            while len(self._trees) > self._max_trees:
-                self._trees.popitem(last=False)
+            self._trees.put(blob, (data, tree), len(data) * _TREE_BYTES_PER_SOURCE_BYTE)
         return parsed
 
     def _compose(self, oid: str, info: CommitInfo, diff: CommitDiff, base: dict[str, Any]) -> PendingCommit:
@@ -152,34 +185,71 @@ class CommitProcessor:
         skipped = list(diff.skipped)
         syntax_errors: list[dict[str, Any]] = []
         for change in diff.files:
-            old = self._items(change.old_oid)
-            new = self._items(change.new_oid, previous=change.old_oid, hunks=change.hunks)
-            unreadable = next((s for s in (old, new) if isinstance(s, Unparsable)), None)
-            if unreadable is not None:
-                skipped.append((change.new_path or change.old_path or "?", unreadable.reason))
-                continue
-            assert not isinstance(old, Unparsable) and not isinstance(new, Unparsable)
-            if new is not None and new.syntax_error:
-                syntax_errors.append({"path": change.new_path, "broken_items": new.broken_items})
-            examples.extend(_encode(e) for e in file_examples(self.repo_name, info, change, old, new))
+            try:
+                examples.extend(self._file(info, change, skipped, syntax_errors))
+            except Exception as exc:  # a bug on one file costs that file, not the commit
+                reason = _clean(f"error: {type(exc).__name__}: {exc}")
+                _log.error("file_failed", commit=oid, path=change.new_path or change.old_path, reason=reason,
+                           traceback=_clean(traceback.format_exc()))
+                skipped.append(_skipped_file(change, reason))
         record: dict[str, Any] = {**base, "status": "ingested", "parent": info.parent,
                                   "commit_time": info.commit_time, "rust_files": len(diff.files)}
         if skipped:
-            record["skipped_files"] = [{"path": p, "reason": r} for p, r in skipped[:_MAX_RECORDED_SKIPS]]
+            record["skipped_files"] = [{**path_fields("path", s.path, s.raw), "reason": _clean(s.reason)}
+                                       for s in skipped[:_MAX_RECORDED_SKIPS]]
             record["skipped_files_total"] = len(skipped)
         if syntax_errors:
             record["syntax_errors"] = syntax_errors[:_MAX_RECORDED_SKIPS]
         if diff.notes:
-            record["notes"] = diff.notes
+            record["notes"] = [_clean(note) for note in diff.notes]
         return PendingCommit(bytes.fromhex(oid), record, examples)
+
+    def _file(self, info: CommitInfo, change: FileChange, skipped: list[SkippedFile],
+              syntax_errors: list[dict[str, Any]]) -> list[bytes]:
+        """One changed file's examples, encoded; or its skip (appended to `skipped`) and none."""
+        old = self._items(change.old_oid)
+        new = self._items(change.new_oid, previous=change.old_oid, hunks=change.hunks)
+        unreadable = next((s for s in (old, new) if isinstance(s, Unparsable)), None)
+        if unreadable is not None:
+            skipped.append(_skipped_file(change, unreadable.reason))
+            return []
+        assert not isinstance(old, Unparsable) and not isinstance(new, Unparsable)
+        encoded = [_encode(e) for e in file_examples(self.repo_name, info, change, old, new)]
+        if new is not None and new.syntax_error:
+            syntax_errors.append({**path_fields("path", change.new_path, change.new_raw),
+                                  "broken_items": new.broken_items})
+        return encoded
+
+
+def _skipped_file(change: FileChange, reason: str) -> SkippedFile:
+    if change.new_path is not None:
+        return SkippedFile(change.new_path, reason, change.new_raw)
+    return SkippedFile(change.old_path or "?", reason, change.old_raw)
 
 
 # -- the worker side of the pool ---------------------------------------------------------------------
 _worker: CommitProcessor | None = None
 
 
-def _worker_init(repo_path: str, config_json: str, source: str) -> None:
+def _die_with_parent(parent_pid: int) -> None:
+    """A worker must not outlive the process that owns its pool (a SIGKILLed daemon or backfill): it holds
+    the write end of its own task pipe, so it would wait on it forever. Linux's PR_SET_PDEATHSIG has the kernel
+    kill it instead; it is one prctl call, which ctypes makes without a dependency (no maintained library wraps
+    just this). The signal comes when the *thread* that spawned the worker ends: the thread that runs an
+    Ingestor outlives its pool. A parent that died before the call is caught by the getppid check."""
+    if sys.platform.startswith("linux"):
+        try:
+            libc = ctypes.CDLL(None, use_errno=True)
+            libc.prctl(1, signal.SIGKILL, 0, 0, 0)  # PR_SET_PDEATHSIG
+        except (OSError, AttributeError):
+            pass
+    if os.getppid() != parent_pid:
+        os._exit(1)
+
+
+def _worker_init(repo_path: str, config_json: str, source: str, parent_pid: int) -> None:
     global _worker
+    _die_with_parent(parent_pid)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
     config = IngestConfig.model_validate_json(config_json)
     repo = GitRepo(repo_path, exclude=config.exclude, include_remotes=config.include_remotes)
@@ -208,7 +278,8 @@ class Ingestor:
 
     def __init__(self, repo: GitRepo, store: Store, config: IngestConfig | None = None, *,
                  workers: int | None = None, source: str = "backfill", cache_bytes: int = 192 << 20,
-                 max_trees: int = 512, isolate_files: int | None = None) -> None:
+                 tree_bytes: int = 256 << 20, isolate_files: int | None = None,
+                 isolate_bytes: int | None = None) -> None:
         self.repo = repo
         self.store = store
         self.config = config or IngestConfig()
@@ -217,10 +288,22 @@ class Ingestor:
         self.workers = max(1, workers)
         self.source = source
         self.processor = CommitProcessor(repo, self.config, source=source, cache_bytes=cache_bytes,
-                                         max_trees=max_trees)
-        # A long-lived process (the daemon) sends a batch touching more .rs files than this to a spawned
-        # process even when it is one commit: parsing a whole crate leaves a fragmented heap behind.
+                                         tree_bytes=tree_bytes)
+        # A long-lived process (the daemon) sends a run of commits touching more .rs files, or more .rs bytes
+        # (old and new blobs), than these to a spawned process: parsing holds the GIL (the control thread would
+        # stall), a syntax tree costs tens of times its source, and a whole crate's parse leaves a fragmented
+        # heap behind. None: parse in-process (a backfill, whose process ends anyway).
         self.isolate_files = isolate_files
+        self.isolate_bytes = isolate_bytes
+        self._crash_guard = _CrashGuard(store.path.parent)
+
+    @classmethod
+    def for_daemon(cls, repo: GitRepo, store: Store, config: IngestConfig) -> "Ingestor":
+        """The daemon's sizing: live commits touch a few small files, so small in-process caches keep the idle
+        daemon small and every parse short (the control thread waits on the GIL meanwhile); many or large files
+        (a new repository's history, a generated bindings file) go to spawned processes."""
+        return cls(repo, store, config, source="daemon", cache_bytes=2 << 20, tree_bytes=12 << 20,
+                   isolate_files=200, isolate_bytes=1 << 20)
 
     def pending(self, tips: Iterable[str] | None = None) -> list[str]:
         """Commits reachable from the tips that the store does not hold yet, parents first."""
@@ -232,13 +315,13 @@ class Ingestor:
         examples)` reports each committed transaction; `should_stop` is polled between them."""
         summary = IngestSummary()
         started = time.perf_counter()
-        for batch in self._batches(oids):
+        for batch in self._batches(oids, should_stop):
             if should_stop():
                 break
             if extra:
                 for item in batch:
                     item.record.update(extra)
-            result = self.store.write(batch)
+            result, batch = write_isolating(self.store, batch)
             summary.already_present += result.already_present
             summary.examples += result.examples
             for item in batch:
@@ -254,31 +337,183 @@ class Ingestor:
         summary.seconds = time.perf_counter() - started
         return summary
 
-    def _batches(self, oids: list[str]) -> Iterator[list[PendingCommit]]:
+    def _heavy(self, oids: list[str]) -> bool:
+        """Should a long-lived process parse these commits elsewhere?"""
+        if self.isolate_files is None and self.isolate_bytes is None:
+            return False
+        files = size = 0
+        for oid in oids:
+            more_files, more_bytes = self.repo.rust_change_size(oid)
+            files, size = files + more_files, size + more_bytes
+        return (self.isolate_files is not None and files > self.isolate_files) or \
+            (self.isolate_bytes is not None and size > self.isolate_bytes)
+
+    def _pool(self, workers: int) -> ProcessPoolExecutor:
+        # spawn, not fork: the daemon has threads, and a forked LMDB env or libgit2 handle is unsafe.
+        return ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"), initializer=_worker_init,
+                                   initargs=(str(self.repo.common_dir), self.config.model_dump_json(), self.source,
+                                             os.getpid()))
+
+    def _batches(self, oids: list[str], should_stop: Callable[[], bool]) -> Iterator[list[PendingCommit]]:
         chunk = max(1, min(self.config.batch_commits, _CHUNK_COMMITS))
         chunks = [oids[i:i + chunk] for i in range(0, len(oids), chunk)]
-        large = self.isolate_files is not None and len(chunks) == 1 and \
-            sum(self.repo.count_rust_changes(oid) for oid in chunks[0]) > self.isolate_files
-        if not large and (self.workers == 1 or len(chunks) < 2):
-            for part in chunks:
-                yield self.processor.process(part)
+        if self.workers > 1 and len(chunks) >= 2:
+            yield from self._pooled(chunks, should_stop)
             return
-        # spawn, not fork: the daemon has threads, and a forked LMDB env or libgit2 handle is unsafe.
-        context = multiprocessing.get_context("spawn")
-        pool = ProcessPoolExecutor(max(1, min(self.workers, len(chunks))), mp_context=context, initializer=_worker_init,
-                                   initargs=(str(self.repo.common_dir), self.config.model_dump_json(), self.source))
+        suspects = self._crash_guard.take_suspects()
+        spawned: ProcessPoolExecutor | None = None  # started at the first heavy chunk, kept for this run
         try:
-            # Not pool.map: it submits every chunk at once, and results pile up in the parent faster than it
-            # writes them (the-block's whole history, ~150 MB, at once). A few chunks ahead per worker keep
-            # the workers busy and the parent's peak, and the fragmented heap it leaves, small.
-            chunk_iter = iter(chunks)
-            in_flight: deque[Future[list[PendingCommit]]] = deque(
-                pool.submit(_worker_process, chunk) for chunk in islice(chunk_iter, 2 * self.workers))
-            while in_flight:
-                done = in_flight.popleft().result()
-                following = next(chunk_iter, None)
-                if following is not None:
-                    in_flight.append(pool.submit(_worker_process, following))
-                yield done
+            for part in chunks:
+                if not (self._heavy(part) or suspects.intersection(part)):
+                    with self._crash_guard.parsing(part):
+                        done = self.processor.process(part)
+                    yield done
+                    continue
+                spawned = spawned or self._pool(1)
+                try:
+                    yield spawned.submit(_worker_process, part).result()
+                except BrokenProcessPool:
+                    spawned.shutdown(wait=True)
+                    spawned = None
+                    yield self._one_by_one(part, should_stop)
         finally:
-            pool.shutdown(wait=True, cancel_futures=True)
+            if spawned is not None:
+                spawned.shutdown(wait=True, cancel_futures=True)
+
+    def _pooled(self, chunks: list[list[str]], should_stop: Callable[[], bool]) -> Iterator[list[PendingCommit]]:
+        while chunks:
+            pool = self._pool(min(self.workers, len(chunks)))
+            broken_at: int | None = None
+            try:
+                # Not pool.map: it submits every chunk at once, and results pile up in the parent faster than
+                # it writes them (the-block's whole history, ~150 MB, at once). A few chunks ahead per worker
+                # keep the workers busy and the parent's peak, and the fragmented heap it leaves, small.
+                chunk_iter = enumerate(chunks)
+                in_flight: deque[tuple[int, Future[list[PendingCommit]]]] = deque(
+                    (i, pool.submit(_worker_process, chunk)) for i, chunk in islice(chunk_iter, 2 * self.workers))
+                while in_flight:
+                    index, future = in_flight[0]
+                    try:
+                        done = future.result()
+                    except BrokenProcessPool:
+                        broken_at = index
+                        break
+                    in_flight.popleft()
+                    yield done
+                    following = next(chunk_iter, None)
+                    if following is not None:
+                        try:
+                            in_flight.append((following[0], pool.submit(_worker_process, following[1])))
+                        except BrokenProcessPool:
+                            broken_at = in_flight[0][0] if in_flight else following[0]
+                            break
+            finally:
+                pool.shutdown(wait=True, cancel_futures=True)
+            if broken_at is None:
+                return
+            # A worker died (a parser crash, the OOM killer): which chunk killed it is unknown, so the first
+            # unfinished one is retried commit by commit, and a fresh pool takes the rest.
+            yield self._one_by_one(chunks[broken_at], should_stop)
+            chunks = chunks[broken_at + 1:]
+
+    def _one_by_one(self, oids: list[str], should_stop: Callable[[], bool]) -> list[PendingCommit]:
+        """Each commit in a process of its own. One whose process dies again is recorded as skipped: a poison
+        commit must cost itself, never the commits after it, and never be retried forever."""
+        done: list[PendingCommit] = []
+        for oid in oids:
+            if should_stop():
+                break  # e.g. the service stopping, which may be what killed the worker: retried on next start
+            with self._pool(1) as alone:
+                try:
+                    done.extend(alone.submit(_worker_process, [oid]).result())
+                except BrokenProcessPool:
+                    base: dict[str, Any] = {"source": self.source}
+                    try:
+                        base["commit_time"] = self.repo.commit_info(oid).commit_time
+                    except Exception:
+                        pass  # the skip is recorded all the same
+                    done.append(CommitProcessor._skipped(oid, base, "parser-died: the process parsing this "
+                                                                    "commit died (a parser crash, or out of memory)"))
+        return done
+
+
+class _CrashGuard:
+    """Which commits this process is parsing in-process, in a file of its own beside the store, so that when a
+    parser bug kills the process (a segfault, the OOM killer) the next run parses those commits in a spawned
+    process instead: a second death there costs only the commit (parser-died), not the daemon again and again.
+    A plain write: it must survive the process, not the machine."""
+
+    _PREFIX = "parsing-in-process."
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+        self.own = directory / f"{self._PREFIX}{os.getpid()}"
+
+    def take_suspects(self) -> set[str]:
+        """Commits that processes now dead were parsing when they died (their files are removed)."""
+        suspects: set[str] = set()
+        try:
+            markers = [m for m in self.directory.iterdir() if m.name.startswith(self._PREFIX)]
+        except OSError:
+            return suspects
+        for marker in markers:
+            pid = marker.name[len(self._PREFIX):]
+            if pid.isdigit() and int(pid) != os.getpid() and _alive(int(pid)):
+                continue  # a backfill beside the daemon, working (our own pid: a dead predecessor's)
+            try:
+                suspects.update(line for line in marker.read_text().split() if len(line) == 40)
+                marker.unlink()
+            except OSError:
+                continue
+        if suspects:
+            _log.warning("crashed_while_parsing", commits=sorted(suspects),
+                         detail="a process died while parsing these: they are parsed in a spawned process now")
+        return suspects
+
+    @contextmanager
+    def parsing(self, oids: list[str]) -> Iterator[None]:
+        try:
+            self.own.write_text("\n".join(oids))
+        except OSError:
+            pass  # no marker: a crash would be retried in-process, as before
+        try:
+            yield
+        finally:
+            try:
+                self.own.unlink()
+            except OSError:
+                pass
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def write_isolating(store: Store, batch: list[PendingCommit]) -> tuple[WriteResult, list[PendingCommit]]:
+    """Write a batch in one transaction; if a record cannot be encoded, write the commits one by one and
+    store each that fails as skipped, with the reason: one commit never blocks the others, nor is it retried
+    forever. Only errors about a record's content are isolated (a full disk is the store's problem, and
+    must not turn commits into skips). Returns the result and the batch as written."""
+    try:
+        return store.write(batch), batch
+    except (ValueError, TypeError) as exc:  # json.dumps: UnicodeEncodeError, unserialisable values
+        _log.error("batch_unwritable", commits=len(batch), error=_clean(f"{type(exc).__name__}: {exc}"))
+    stored = already = examples = written = 0
+    outcome: list[PendingCommit] = []
+    for item in batch:
+        try:
+            result = store.write([item])
+        except (ValueError, TypeError) as exc:
+            keep = {k: item.record[k] for k in ("source", "commit_time", "noticed_at") if k in item.record}
+            item = CommitProcessor._skipped(item.oid.hex(), keep, f"unstorable record: {type(exc).__name__}: {exc}")
+            result = store.write([item])  # a plain record: if this fails, the store is what is broken
+        stored, already = stored + result.stored, already + result.already_present
+        examples, written = examples + result.examples, written + result.bytes_written
+        outcome.append(item)
+    return WriteResult(stored, already, examples, written), outcome

@@ -220,10 +220,7 @@ class RepoWorker:
 
     def _make_ingestor(self) -> Ingestor:
         assert self._store is not None
-        # Live commits touch a few files each: a small in-process cache keeps the idle daemon small; big
-        # backlogs (a new repo's history) go to the spawned pool, whose memory leaves with it.
-        return Ingestor(self.git, self._store, self.config.ingest, source="daemon", cache_bytes=2 << 20,
-                        max_trees=16, isolate_files=200)
+        return Ingestor.for_daemon(self.git, self._store, self.config.ingest)
 
     def _close_store(self) -> None:
         if self._store is not None:

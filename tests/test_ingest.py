@@ -269,17 +269,39 @@ def test_a_large_commit_is_parsed_in_a_spawned_process_with_the_same_result(tmp_
 
     repo = synthetic_history(tmp_path / "syn", commits=1, files=12)
     results = []
-    for name, isolate in (("inproc", None), ("spawned", 5)):
+    for name, files, size in (("inproc", None, None), ("by-files", 5, None), ("by-bytes", None, 4096)):
         monkeypatch.setenv("GITLORA_STATE_HOME", str(tmp_path / name))
         opened = open_repo(repo, Config())
         children: list[int] = []
         with Store(opened.paths.store) as store:
-            ingestor = Ingestor(opened.git, store, IngestConfig(), workers=1, isolate_files=isolate)
+            ingestor = Ingestor(opened.git, store, IngestConfig(), workers=1, isolate_files=files,
+                                isolate_bytes=size)
             # on_batch runs while the pool that parsed the batch is still up: its worker is our live child
             summary = ingestor.run(ingestor.pending(), on_batch=lambda *_: children.extend(
                 p.pid for p in multiprocessing.active_children()))
             assert summary.commits == 1 and summary.examples == 12 * 7
-            results.append([e for _, e in store.iter_examples()])
-        assert bool(children) == (isolate is not None), (name, children)
-        assert (ingestor.processor._cache.size > 0) == (isolate is None)  # and the parent parsed nothing itself
-    assert results[0] == results[1]
+            results.append([raw for _, raw in store.iter_raw_examples()])
+        isolated = files is not None or size is not None
+        assert bool(children) == isolated, (name, children)
+        assert (ingestor.processor._cache.size > 0) == (not isolated)  # and the parent parsed nothing itself
+    assert results[0] == results[1] == results[2]
+
+
+def test_parse_caches_are_bounded_by_estimated_bytes():
+    from gitlora.daemon.ingest import _ByteLRU, estimated_items_bytes
+    from gitlora.daemon.rust_items import extract_items
+
+    from gitutil import rust_module
+
+    small, large = (extract_items(rust_module(0, 0, n).encode()) for n in (4, 400))
+    assert estimated_items_bytes(large) > 50 * estimated_items_bytes(small) > 0
+    assert estimated_items_bytes(large) > len(rust_module(0, 0, 400))  # an item map costs more than its source
+    cache = _ByteLRU(3 * estimated_items_bytes(small))
+    cache.put("huge", large, estimated_items_bytes(large))
+    assert cache.get("huge") is None and cache.size == 0  # larger than the whole budget: never kept
+    for key in "abcd":
+        cache.put(key, small, estimated_items_bytes(small))
+    cache.get("b")  # recently used: outlives "c"
+    cache.put("e", small, estimated_items_bytes(small))
+    assert [k for k in "abcde" if cache.get(k) is not None] == ["b", "d", "e"]
+    assert cache.size <= cache.max_bytes

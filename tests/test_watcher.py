@@ -109,7 +109,7 @@ def test_a_real_observer_nudges_for_refs_and_spool_not_for_objects(tmp_path):
         assert watcher.state == "watching"
         # inotify delivers events in order, so a relevant change made after an irrelevant one is a barrier:
         # once its nudge arrived, a nudge for the irrelevant one would have arrived before it.
-        blob = git(repo, "hash-object", "-w", "--stdin", input="loose object\n")
+        git(repo, "hash-object", "-w", "--stdin", input="loose object\n")
         git(repo, "update-ref", "refs/heads/topic", "HEAD")
         assert nudges.wait_for("fs:topic") == ["fs:topic"]
         nudges.clear()
