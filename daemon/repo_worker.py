@@ -54,7 +54,7 @@ def lower_thread_priority(niceness: int = INGEST_NICENESS) -> None:
 class Message:
     """A request for the worker thread; `reply` is resolved with its answer (or its exception)."""
 
-    kind: str  # "flush" | "pause" | "resume" | "repair" | "reconfigure"
+    kind: str  # "flush" | "verify_shards" | "pause" | "resume" | "repair" | "reconfigure"
     args: dict[str, Any] = field(default_factory=dict)
     reply: Future = field(default_factory=Future)
 
@@ -262,6 +262,10 @@ class RepoWorker:
                 raise StoreError(self._damage or "store not open")
             entries = self._flush("request")
             return len(entries)
+        if message.kind == "verify_shards":
+            if self._shards is None:
+                raise StoreError(self._damage or "store not open")
+            return self._shards.verify(rebuild=True)
         if message.kind == "repair":
             return self._repair()
         if message.kind == "reconfigure":

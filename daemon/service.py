@@ -22,7 +22,7 @@ from watchdog.observers import Observer
 
 from . import config as config_mod
 from . import log, paths, repos, sdnotify
-from .control import ControlServer
+from .control import ControlServer, raise_open_file_limit
 from .gitrepo import GitRepo, GitRepoError, limit_object_cache
 from .memory import configure_malloc
 from .repo_worker import RepoWorker, WorkerBusy, missing_next_step
@@ -408,6 +408,7 @@ def main(config: config_mod.Config | None = None) -> int:
     # No libgit2 object cache: the daemon reads each new commit's trees once, and an 8 MB cap (its
     # accounting counts raw object bytes, not the parsed trees) still let RSS creep ~55 KB per live commit.
     limit_object_cache(0)
+    raise_open_file_limit()  # before the control server sizes its connection cap from it
     config = config or config_mod.load()
     log.configure(paths.state_home() / "daemon.log")
     try:

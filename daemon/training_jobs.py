@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 from . import log
 from .repos import atomic_write_text
-from .round_planning import RoundState, backoff_s, decide
+from .round_planning import RoundPlan, RoundState, backoff_s, decide
 
 if TYPE_CHECKING:
     from .repo_worker import RepoWorker
@@ -142,6 +142,9 @@ class TrainingCoordinator:
             self._why[worker.name] = why
             if plan is None:
                 continue
+            plan = self._verified(worker, plan)
+            if plan is None:
+                continue
             gpu_note = self._gpu_gate()
             if gpu_note:
                 self._why[worker.name] = gpu_note
@@ -152,6 +155,26 @@ class TrainingCoordinator:
                 self._start(worker, state, plan)
                 return f"started round {self.active.number} for {worker.name}"
         return "; ".join(f"{k}: {v}" for k, v in self._why.items()) or "no repositories"
+
+    def _verified(self, worker: RepoWorker, plan: RoundPlan) -> RoundPlan | None:
+        """The plan without shards whose files no longer match their sha256 and that the store cannot rebuild
+        (the worker, which owns the shards, checks them and rewrites bad ones from the store first): a
+        corrupt shard must cost its examples, not fail and retry every round forever."""
+        try:
+            verification = worker.call("verify_shards", timeout=self.flush_timeout_s)
+        except Exception as exc:  # noqa: BLE001 - WorkerBusy, a damaged store
+            self._why[worker.name] = f"could not verify shards: {exc}"
+            return None
+        if verification.rebuilt or verification.failed:
+            _log.warning("shards_verified", repo=worker.name, summary=verification.summary())
+        if not verification.failed:
+            return plan
+        keep = [[s for s in part if s["id"] not in verification.failed] for part in (plan.train, plan.replay,
+                                                                                     plan.eval)]
+        if not keep[0] or not keep[2]:
+            self._why[worker.name] = f"not started: {verification.summary()}"
+            return None
+        return RoundPlan(*keep)
 
     def _gpu_gate(self) -> str | None:
         if self.config.device == "cpu":

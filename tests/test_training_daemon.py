@@ -177,3 +177,22 @@ def test_a_round_orphaned_by_a_killed_daemon_is_stopped_and_recorded(tmp_path, i
         assert "started round 2" in gitlora("train", "--now", str(repo)).stdout  # the adapters lock was freed
     finally:
         daemon.stop()
+
+
+def test_a_corrupt_shard_is_rebuilt_from_the_store_before_a_round(tmp_path, isolated_home, tiny_model):
+    configure(isolated_home, tiny_model, min_new_shards=100, max_steps=400)
+    repo = init_repo(tmp_path / "epsilon")
+    daemon = DaemonProcess().start()
+    try:
+        gitlora("install", str(repo))
+        wait_stored(repo, make_commits(repo, 0, 8))
+        state_dir = paths.RepoPaths.for_git_dir(GitRepo(repo).common_dir)
+        wait_for(lambda: repo_status(daemon, "epsilon")["shards"] >= 2, STEP_S, "the quiet flush")
+        first = json.loads(state_dir.manifest.read_text())["shards"][0]
+        shard = state_dir.shards / first["file"]
+        good = shard.read_bytes()
+        shard.write_bytes(good[: len(good) // 2] + b"garbage\n")  # a disk error, or a hand edit
+        assert "started round 1" in gitlora("train", "--now", str(repo)).stdout
+        assert shard.read_bytes() == good  # rewritten from the store before the trainer read it
+    finally:
+        daemon.stop()
