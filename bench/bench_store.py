@@ -2,7 +2,7 @@
 
     python bench/bench_store.py [--examples 20000] [--reps 3] [--json] [--min-rate 20000]
 
-Synthetic example records shaped like the daemon's (DESIGN.md's example contract, ~2 KB of JSON each) are
+Synthetic example records shaped like the daemon's (DESIGN.md's *Example record*, ~2 KB of JSON each) are
 written to a fresh store per run, in these modes (interleaved per rep, so machine noise hits all alike):
 
 - `raw-lmdb` (the baseline): a plain `lmdb` env with the same flags as the store, the pre-encoded bytes put

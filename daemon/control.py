@@ -1,4 +1,4 @@
-"""The daemon's control socket: a JSON-lines server and the CLI's client (the contract in shared/DESIGN.md).
+"""The daemon's control socket: a JSON-lines server and the CLI's client (DESIGN.md, *Control socket*).
 
 One JSON object per line each way; a connection may carry several requests, answered in order. Every request
 gets a reply line, and so does a connection we hang up on while it waits for one (idle, incomplete, too

@@ -1,4 +1,4 @@
-"""A commit's changed items -> example records (pure: the DESIGN.md example contract, nothing else)."""
+"""A commit's changed items -> example records (pure: DESIGN.md's *Example record* contract, nothing else)."""
 from __future__ import annotations
 
 from typing import Any

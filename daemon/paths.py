@@ -1,4 +1,4 @@
-"""Where gitlora keeps things on disk (the state-dir contract in shared/DESIGN.md).
+"""Where gitlora keeps things on disk (the contract in DESIGN.md, *State on disk*).
 
 Per-repo state lives outside the work tree, keyed by the repository's absolute *common* git dir so that
 linked worktrees of one repository share one store.

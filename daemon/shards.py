@@ -1,4 +1,4 @@
-"""Stored examples -> JSONL shards + manifest (DESIGN.md contract), written atomically, never rewritten.
+"""Stored examples -> JSONL shards + manifest (DESIGN.md, *Shards and manifest*), written atomically, never rewritten.
 
 A flush takes every example stored since the last flush (whole commits only: a commit's examples land in
 one transaction) as one *group*. Inside a group the split is temporal: the newest `eval_fraction` of its

@@ -1,6 +1,6 @@
 """The append-only example store: the only module that imports lmdb.
 
-Named databases (DESIGN.md contract): `commits` (20-byte binary oid -> JSON record), `examples` (8-byte
+Named databases (DESIGN.md, *Store (LMDB) schema*): `commits` (20-byte binary oid -> JSON record), `examples` (8-byte
 big-endian sequence -> JSON example), `meta` (schema version, counters). A commit's record and all of its
 examples are written in one write transaction, and the transaction first checks that the commit is not
 already stored: LMDB's atomic commit makes that "exactly once" even if the process dies at any instant.
