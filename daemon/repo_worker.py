@@ -27,6 +27,7 @@ from .ingest import Ingestor
 from .repos import OpenedRepo, open_repo
 from .shards import ShardWriter
 from .spool_reader import SpoolReader
+from .status_view import damaged_next_step, error_entry, missing_next_step
 from .store import Store, StoreDamaged, StoreError
 
 _log = log.get("gitlora.worker")
@@ -34,10 +35,6 @@ _log = log.get("gitlora.worker")
 #: How much nicer than the daemon the ingest thread (and the parser processes it spawns) runs: a commit's
 #: own `git` and the user's editor come first.
 INGEST_NICENESS = 10
-
-
-def _now_iso(ts: float) -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(ts))
 
 
 def lower_thread_priority(niceness: int = INGEST_NICENESS) -> None:
@@ -61,15 +58,6 @@ class Message:
 
 class WorkerBusy(Exception):
     """The worker did not answer a message in time (it is inside a long ingest or repair)."""
-
-
-def missing_next_step(git_dir: str) -> str:
-    return (f"repository not found at {git_dir}: `gitlora install NEWPATH` if it moved, "
-            f"`gitlora uninstall --forget {git_dir}` if it was deleted")
-
-
-def damaged_next_step(reason: str, git_dir: str) -> str:
-    return f"store damaged: {reason}; run `gitlora repair {git_dir}`"
 
 
 class RepoWorker:
@@ -267,7 +255,7 @@ class RepoWorker:
                 raise StoreError(self._damage or "store not open")
             return self._shards.verify(rebuild=True)
         if message.kind == "repair":
-            return self._repair()
+            return self._repair(force=bool(message.args.get("force")))
         if message.kind == "reconfigure":
             self._reconfigure(message.args["config"])
             return True
@@ -283,14 +271,15 @@ class RepoWorker:
             self.git = self.opened.git
             self._ingestor = self._make_ingestor()
 
-    def _repair(self) -> Any:
+    def _repair(self, force: bool = False) -> Any:
         """Rebuild the store from git (`gitlora repair`); the store is closed meanwhile, then reopened."""
         from .repair import repair_store
 
         self._close_store()
         self._publish(state="repairing")
         try:
-            report = repair_store(self.opened, self.config, progress=None, should_stop=self._stop.is_set)
+            report = repair_store(self.opened, self.config, progress=None, should_stop=self._stop.is_set,
+                                  force=force)
         finally:
             self._open_store()
         if self._store is not None:
@@ -382,8 +371,7 @@ class RepoWorker:
 
     # -- errors and the published view -----------------------------------------------------------
     def _record_error(self, kind: str, message: str) -> None:
-        now = time.time()
-        self._errors = [*self._errors[-9:], {"kind": kind, "error": message, "at": _now_iso(now), "time": now}]
+        self._errors = [*self._errors[-9:], error_entry(kind, message)]
 
     def _clear_errors(self, kind: str) -> None:
         if any(e["kind"] == kind for e in self._errors):

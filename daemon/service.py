@@ -25,10 +25,15 @@ from . import log, paths, repos, sdnotify
 from .control import ControlServer, raise_open_file_limit
 from .gitrepo import GitRepo, GitRepoError, limit_object_cache
 from .memory import configure_malloc
-from .repo_worker import RepoWorker, WorkerBusy, missing_next_step
+from .repo_worker import RepoWorker, WorkerBusy
+from .status_view import error_entry, missing_next_step
 from .watcher import RepoWatcher
 
 _log = log.get("gitlora.daemon")
+
+
+# How long a `repair` request may wait for its rebuild (the CLI asks for its own, up to this).
+_MAX_REPAIR_S = 6 * 3600.0
 
 
 class AlreadyRunningError(Exception):
@@ -119,15 +124,13 @@ class Daemon:
         except Exception as exc:  # noqa: BLE001 - one broken repo must not keep the others from being served
             error = f"{type(exc).__name__}: {exc}"
         _log.error("repo_unavailable", git_dir=git_dir, error=error)
-        now = time.time()
         gone = not Path(git_dir).exists()
         view = {"name": repos.repo_name(git_dir), "git_dir": git_dir,
                 "state_dir": str(paths.RepoPaths.for_git_dir(git_dir).root),
                 "state": "missing" if gone else "unreadable", "reason": error,
                 "next_step": missing_next_step(git_dir) if gone else
                 f"fix the repository, or `gitlora uninstall --forget {git_dir}` to stop serving it",
-                "errors": [{"kind": "open", "error": error, "at": time.strftime("%Y-%m-%dT%H:%M:%S%z",
-                                                                                time.localtime(now)), "time": now}]}
+                "errors": [error_entry("open", error)]}
         with self._lock:
             self.unavailable[git_dir] = view
 
@@ -259,9 +262,11 @@ class Daemon:
         worker = targets[0]
         if self.trainer is not None and self.trainer.is_training(worker):
             return {"ok": False, "error": f"a training round is running for {worker.name}; repair after it"}
-        timeout = request.get("timeout_s", 3600)
+        timeout = request.get("timeout_s")
+        if not isinstance(timeout, (int, float)) or isinstance(timeout, bool) or not 0 < timeout <= _MAX_REPAIR_S:
+            timeout = 3600.0
         try:
-            report = worker.call("repair", timeout=float(timeout) if isinstance(timeout, (int, float)) else 3600)
+            report = worker.call("repair", timeout=float(timeout), force=request.get("force") is True)
         except WorkerBusy as exc:
             return {"ok": False, "error": str(exc)}
         except Exception as exc:  # noqa: BLE001 - the repair's own failure, said in one line

@@ -5,6 +5,23 @@ import time
 from typing import Any
 
 
+# -- the parts of a repository's status that the daemon and the offline view both build ---------------------
+def error_entry(kind: str, message: str, now: float | None = None) -> dict[str, Any]:
+    """An error as `status` shows it: what failed, the one-line message, and when."""
+    now = time.time() if now is None else now
+    return {"kind": kind, "error": message, "at": time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(now)),
+            "time": now}
+
+
+def missing_next_step(git_dir: str) -> str:
+    return (f"repository not found at {git_dir}: `gitlora install NEWPATH` if it moved, "
+            f"`gitlora uninstall --forget {git_dir}` if it was deleted")
+
+
+def damaged_next_step(reason: str, git_dir: str) -> str:
+    return f"store damaged: {reason}; run `gitlora repair {git_dir}`"
+
+
 def _ago(ts: float | None) -> str:
     if not ts:
         return "-"

@@ -189,29 +189,24 @@ class Store:
             raise _unreadable(self.path, exc) from None
 
     @contextmanager
-    def _txn(self, db: Literal["commits", "examples", "meta"] | None = None, **kwargs: Any) -> Iterator[lmdb.Transaction]:
-        """`_locked_txn`, with LMDB's reports of damaged pages (on any read) turned into StoreDamaged."""
-        try:
-            with self._locked_txn(db, **kwargs) as txn:
-                yield txn
-        except _DAMAGE_ERRORS as exc:
-            raise _unreadable(self.path, exc) from None
-
-    @contextmanager
-    def _locked_txn(self, db: Literal["commits", "examples", "meta"] | None = None,
-                    **kwargs: Any) -> Iterator[lmdb.Transaction]:
-        """A transaction that survives the map growing: another process (a backfill next to the daemon) may
-        have grown it, which LMDB reports as MapResizedError until this process adopts the new size.
-        `db` is a name, resolved now: `release_write_buffers` may have reopened the environment."""
+    def _txn(self, db: Literal["commits", "examples", "meta"] | None = None,
+             **kwargs: Any) -> Iterator[lmdb.Transaction]:
+        """A transaction that survives the map growing, with LMDB's reports of damaged pages (on any read)
+        turned into StoreDamaged. Another process (a backfill next to the daemon) may have grown the map,
+        which LMDB reports as MapResizedError until this process adopts the new size. `db` is a name,
+        resolved now: `release_write_buffers` may have reopened the environment."""
         if db is not None:
             kwargs["db"] = getattr(self, f"_{db}")
         try:
-            txn = self.env.begin(**kwargs)
-        except lmdb.MapResizedError:
-            self.env.set_mapsize(0)  # 0 = adopt the size the other process set
-            txn = self.env.begin(**kwargs)
-        with txn:
-            yield txn
+            try:
+                txn = self.env.begin(**kwargs)
+            except lmdb.MapResizedError:
+                self.env.set_mapsize(0)  # 0 = adopt the size the other process set
+                txn = self.env.begin(**kwargs)
+            with txn:
+                yield txn
+        except _DAMAGE_ERRORS as exc:
+            raise _unreadable(self.path, exc) from None
 
     # -- lifecycle -------------------------------------------------------------------------------
     def close(self) -> None:

@@ -279,6 +279,8 @@ class TrainingCoordinator:
         if isinstance(targets, str):
             return {"ok": False, "error": targets}
         if request.get("now"):
+            if len(targets) != 1:
+                return {"ok": False, "error": f"{request.get('repo')!r} names {len(targets)} repositories; name one"}
             return {"result": self.check(force_repo=targets[0])}
         return {"result": self.check()}
 

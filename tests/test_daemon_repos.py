@@ -125,6 +125,20 @@ def test_repair_through_the_daemon_restores_a_damaged_store_exactly_once(tmp_pat
     wait_stored(repo, [later])
     assert view_when(daemon, git_dir_of(repo), lambda v: v["commits_ingested"] == len(before) + 1,
                      "one more commit, stored once")
+    # the CLI through the daemon: a sound store is only checked, unless --force asks for a rebuild
+    assert "rebuilt" not in gitlora("repair", str(repo)).stdout
+    forced = gitlora("repair", "--force", str(repo)).stdout
+    assert "rebuilt" in forced, forced
+    assert set(store_commits(repo)) == set(before) | {later}
+
+
+def test_train_now_and_repair_refuse_a_name_that_matches_several_repositories(tmp_path, daemon):
+    first, second = make_repo(tmp_path / "a" / "twin", "one"), make_repo(tmp_path / "b" / "twin", "two")
+    for repo in (first, second):
+        gitlora("install", str(repo))
+    for payload in ({"cmd": "train", "repo": "twin", "now": True}, {"cmd": "repair", "repo": "twin"}):
+        reply = request(payload, timeout=30)
+        assert not reply["ok"] and "names 2 repositories" in reply["error"], (payload, reply)
 
 
 def test_repair_and_unregister_need_a_repository(tmp_path, daemon):
@@ -169,6 +183,21 @@ def test_a_deleted_repository_is_listed_after_a_restart_and_uninstall_forgets_it
         assert paths.RepoPaths.for_git_dir(doomed_git_dir).store.exists()  # state kept (adoptable, removable)
     finally:
         process.stop()
+
+
+def test_uninstall_forget_of_a_repository_that_exists_restores_its_hooks_too(tmp_path):
+    repo = make_repo(tmp_path / "here", "here")
+    gitlora("install", "--no-backfill", str(repo))
+    hook = Path(git(repo, "rev-parse", "--path-format=absolute", "--git-path", "hooks").strip()) / "post-commit"
+    assert hook.exists()
+    gitlora("uninstall", "--forget", str(repo))
+    assert not hook.exists() and repos.registered() == []  # no hook left writing spool lines for nobody
+
+
+def test_uninstall_of_a_repository_never_installed_creates_no_state(tmp_path):
+    stranger = make_repo(tmp_path / "stranger", "stranger")
+    out = gitlora("uninstall", str(stranger)).stdout
+    assert "was not registered" in out and state_dirs() == []
 
 
 def test_uninstall_forget_without_a_daemon(tmp_path):

@@ -27,7 +27,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    payload = {"cmd": "repair", "repo": repo_selector(args.repo), "force": args.force}
+    payload = {"cmd": "repair", "repo": repo_selector(args.repo), "force": args.force,
+               "timeout_s": _DAEMON_TIMEOUT_S - 60}  # the daemon answers before this client gives up
     try:
         reply = request(payload, timeout=_DAEMON_TIMEOUT_S)
     except DaemonNotRunning:

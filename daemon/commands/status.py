@@ -8,7 +8,7 @@ from pathlib import Path
 
 from .. import paths, repos
 from ..control import ControlError, DaemonNotRunning, request
-from ..status_view import render, render_repo
+from ..status_view import damaged_next_step, error_entry, missing_next_step, render, render_repo
 from ..store import Store, StoreDamaged, StoreError
 from .common import store_error_line
 
@@ -26,14 +26,17 @@ def offline_view() -> list[dict]:
         repo_paths = paths.RepoPaths.for_git_dir(git_dir)
         name = Path(git_dir).parent.name if Path(git_dir).name == ".git" else Path(git_dir).name
         view = {"name": name, "git_dir": git_dir, "commits_ingested": 0, "commits_skipped": 0, "examples": 0}
+        counters: dict = {}
+        if not Path(git_dir).exists():
+            view.update(state="missing", reason="repository not found", next_step=missing_next_step(git_dir))
         try:
             with Store(repo_paths.store, readonly=True) as store:
                 counters = store.counters()
-        except StoreDamaged as exc:
-            counters = {}
-            view.update(state="damaged", errors=[store_error_line(exc)])
+        except StoreDamaged as exc:  # the same state, reason, next step and error entry as the daemon shows
+            view.update(state="damaged", reason=exc.reason, next_step=damaged_next_step(exc.reason, git_dir),
+                        errors=[error_entry("store", store_error_line(exc))])
         except (StoreError, OSError):
-            counters = {}
+            pass
         view.update(commits_ingested=counters.get("commits_ingested", 0),
                     commits_skipped=counters.get("commits_skipped", 0), examples=counters.get("examples", 0))
         views.append(view)

@@ -7,7 +7,6 @@ from pathlib import Path
 
 from gitlora.hooks import install as hooks
 
-from .. import config as config_mod
 from .. import paths, repos
 from ..control import DaemonNotRunning, request
 from ..gitrepo import GitRepo, GitRepoError
@@ -23,14 +22,17 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    if args.forget or not _is_repository(args.repo):
+    # A repository that still exists is uninstalled properly (hooks restored) even with --forget: forgetting
+    # it alone would leave hooks that keep writing spool lines for nobody.
+    if not _is_repository(args.repo):
         gone = repos.registered_match(args.repo)
         if gone:
             return forget(gone)
-        if args.forget:
-            print(f"gitlora: no registered repository matches {args.repo!r}", file=sys.stderr)
-            return 2
-    opened = repos.open_repo(args.repo, config_mod.load())
+        print(f"gitlora: {args.repo!r} is not a git repository, and no registered repository matches it",
+              file=sys.stderr)
+        return 2
+    git = GitRepo(args.repo)  # not open_repo: uninstalling must not create a state dir for a stranger
+    state_root = paths.RepoPaths.for_git_dir(git.common_dir).root
     try:
         result = hooks.uninstall(Path(args.repo))
     except hooks.HookError as exc:
@@ -38,13 +40,13 @@ def run(args: argparse.Namespace) -> int:
         return 2
     print_hook_actions(result.actions)
     try:
-        request({"cmd": "unregister", "repo": str(opened.git.common_dir)})
+        request({"cmd": "unregister", "repo": str(git.common_dir)})
     except DaemonNotRunning:
         pass
-    if repos.unregister(opened.git.common_dir):
-        print(f"unregistered {opened.git.name}; its examples, shards and adapters stay in {opened.paths.root}")
+    if repos.unregister(git.common_dir):
+        print(f"unregistered {git.name}; its examples, shards and adapters stay in {state_root}")
     else:
-        print(f"{opened.git.name} was not registered with gitlora; nothing to unregister")
+        print(f"{git.name} was not registered with gitlora; nothing to unregister")
     return 0
 
 
