@@ -18,12 +18,13 @@ order, once per variant:
                 running any hook at all costs, shown for reference.
 Why one repository and random order: with three separate repositories and a fixed rotation, A/A tests
 with no hooks anywhere showed 10-25 % between repositories (which repo, which one committed before it),
-more than the whole 1.10x budget; toggling the hook file inside one repository measured ~1 % apart.
+more than the whole budget; toggling the hook file inside one repository measured ~1 % apart.
 
 (a) times each `git commit`. After every commit the daemon is resumed (SIGCONT), the bench waits until
     it has stored the commit and gone quiet (no CPU for 50 ms), so its ingest never overlaps a timed
     commit: the ratio is the hooks' and the daemon's cost, as a user committing normally sees it.
-    Target: median(hooked) / median(plain) <= 1.10.
+    Target: hooked / empty-hook <= 1.03 (median of the per-iteration ratios, with a bootstrap 95 % interval):
+    gitlora costs a commit no more than git running any hook at all; hooked / plain is shown for reference.
 (b) that wait is the latency: from `git commit` returning to the commit being in the store, polled every
     2 ms through `Store(readonly=True).has_commit`. Target: p50 <= 250 ms. (The daemon debounces nudges by
     daemon.debounce_ms = 75 ms by default, which is part of this.)
@@ -52,6 +53,14 @@ from bench_backfill import RustFile  # noqa: E402  (the synthetic Rust generator
 
 PY = sys.executable
 CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
+def paired_median_ci(a: list[float], b: list[float], rounds: int = 2000) -> tuple[float, float]:
+    """95 % bootstrap interval of the median per-iteration ratio a/b (iterations resampled whole)."""
+    ratios = [x / y for x, y in zip(a, b)]
+    rng = random.Random(0)
+    medians = sorted(statistics.median(rng.choices(ratios, k=len(ratios))) for _ in range(rounds))
+    return medians[int(0.025 * rounds)], medians[int(0.975 * rounds) - 1]
 
 
 def isolated_env(root: Path) -> dict[str, str]:
@@ -314,12 +323,18 @@ def main(argv: list[str] | None = None) -> int:
                         # each iteration's two commits ran moments apart: robust to the machine's load drifting
                         "ratio_paired_median": statistics.median(h / p for h, p in zip(commit_s["hooked"],
                                                                                        commit_s["plain"])),
-                        "target_ratio": 1.10}
+                        # the target (issue 10): gitlora's hooks with the daemon running cost no more than git
+                        # running any hook at all, i.e. an empty sh hook with the daemon stopped
+                        "vs_empty_hook_median": hooked / floor,
+                        "vs_empty_hook_paired_median": statistics.median(
+                            h / e for h, e in zip(commit_s["hooked"], commit_s["empty-hook"])),
+                        "vs_empty_hook_ci95": paired_median_ci(commit_s["hooked"], commit_s["empty-hook"]),
+                        "target_vs_empty_hook": 1.03}
     report["latency"] = {"n": len(latency), "timeouts": timeouts, "p50_ms": pct(latency, 0.5) * 1e3,
                          "p95_ms": pct(latency, 0.95) * 1e3, "max_ms": max(latency) * 1e3, "min_ms": min(latency) * 1e3,
                          "target_p50_ms": 250.0}
     idle = report["idle"]
-    ok = {"commit_ratio": report["commit"]["ratio_median"] <= 1.10, "latency_p50": report["latency"]["p50_ms"] <= 250,
+    ok = {"commit_vs_empty_hook": report["commit"]["vs_empty_hook_paired_median"] <= 1.03, "latency_p50": report["latency"]["p50_ms"] <= 250,
           "idle_rss": idle["rss_mb"] <= 80, "no_rss_creep": not report["rss_creep"]["judged"] or report["rss_creep"]["kb_per_commit"] <= 10, "idle_cpu": idle["cpu_share"] <= 0.005,
           "no_torch": not idle["heavy_mappings"], "sigterm_exit_0": report["sigterm"]["exit_status"] == 0}
     report["ok"] = ok
@@ -332,9 +347,12 @@ def main(argv: list[str] | None = None) -> int:
               f"plain {c['plain_median_ms']:.1f} ms (mean {c['plain_mean_ms']:.1f}), "
               f"hooks+daemon {c['hooked_median_ms']:.1f} ms (mean {c['hooked_mean_ms']:.1f}) -> "
               f"{c['ratio_median']:.3f}x median, {c['ratio_mean']:.3f}x mean, "
-              f"{c['ratio_paired_median']:.3f}x median of per-iteration ratios (target <= 1.10x)")
-        print(f"    floor: an empty sh post-commit hook, no daemon: {c['empty_hook_median_ms']:.1f} ms -> "
-              f"{c['empty_hook_ratio']:.3f}x; gitlora's hooks + daemon over it: {c['hooked_over_empty_hook_ms']:+.2f} ms")
+              f"{c['ratio_paired_median']:.3f}x median of per-iteration ratios")
+        low, high = c["vs_empty_hook_ci95"]
+        print(f"    an empty sh post-commit hook, no daemon: {c['empty_hook_median_ms']:.1f} ms "
+              f"({c['empty_hook_ratio']:.3f}x plain); gitlora's hooks + daemon over it: "
+              f"{c['hooked_over_empty_hook_ms']:+.2f} ms, {c['vs_empty_hook_paired_median']:.3f}x median of "
+              f"per-iteration ratios (95% CI {low:.3f}-{high:.3f}; target <= 1.03x)")
         print(f"(b) commit -> stored: p50 {lat['p50_ms']:.0f} ms, p95 {lat['p95_ms']:.0f} ms "
               f"(min {lat['min_ms']:.0f}, max {lat['max_ms']:.0f}, n={lat['n']}, timeouts {lat['timeouts']}; "
               f"target p50 <= 250 ms)")
