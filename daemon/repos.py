@@ -6,13 +6,13 @@ import json
 import os
 import shutil
 import subprocess
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from . import paths
 from .config import Config
+from .fsutil import atomic_write_text
 from .gitrepo import GitRepo, GitRepoError, clean_git_env
 
 
@@ -152,21 +152,6 @@ def registered_match(selector: str) -> list[str]:
 def repo_name(git_dir: str) -> str:
     path = Path(git_dir)
     return path.parent.name if path.name == ".git" else path.name.removesuffix(".git")
-
-
-def atomic_write_text(target: Path, text: str) -> None:
-    """temp file + fsync + rename: readers see the old or the new file, never half of one."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def registered() -> list[str]:

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from . import log
-from .repos import atomic_write_text
+from .fsutil import atomic_write_text
 from .round_planning import RoundPlan, RoundState, backoff_s, decide
 
 if TYPE_CHECKING:

@@ -44,6 +44,7 @@ from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 
+from gitlora.daemon.fsutil import atomic_write_bytes
 from gitlora.daemon.paths import RepoPaths
 
 HOOK_NAMES = ("post-commit", "post-merge", "post-rewrite", "post-applypatch")
@@ -210,14 +211,6 @@ def _is_pre_commit_hook(path: Path) -> bool:
         return False
 
 
-def _write_script(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.gitlora-tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-    os.chmod(tmp, 0o755)
-    os.replace(tmp, path)
-
-
 def _baked(script: Path, name: str) -> str | None:
     """The ``gitlora_<name>=`` value baked into one of our scripts (None when empty or unreadable)."""
     prefix = f"gitlora_{name}="
@@ -308,7 +301,7 @@ def install(repo: Path, *, allow_hooks_path: bool = False) -> InstallResult:
             actions.append(HookAction(hook, "unchanged", slot, chained))
             continue
         was_ours = existing is None and os.path.lexists(slot)
-        _write_script(slot, data)
+        atomic_write_bytes(slot, data, mode=0o755)
         if was_ours:
             action = "updated"
         elif slot.name != hook:
