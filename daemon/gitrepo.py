@@ -87,11 +87,6 @@ def limit_object_cache(max_bytes: int) -> None:
     pygit2.settings.cache_max_size(max_bytes)
 
 
-def clean_git_env() -> dict[str, str]:
-    """The environment minus GIT_*: hooks export GIT_DIR/GIT_INDEX_FILE, which would redirect any git we spawn."""
-    return {k: v for k, v in os.environ.items() if not k.startswith("GIT_")}
-
-
 class GitRepo:
     def __init__(self, path: str | os.PathLike[str], *, exclude: Iterable[str] = (), include_remotes: bool = False):
         found = pygit2.discover_repository(str(path))

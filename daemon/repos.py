@@ -13,7 +13,8 @@ from typing import Any
 from . import paths
 from .config import Config
 from .fsutil import atomic_write_text
-from .gitrepo import GitRepo, GitRepoError, clean_git_env
+from .gitenv import git_env
+from .gitrepo import GitRepo, GitRepoError
 
 
 @dataclass
@@ -51,7 +52,7 @@ def root_commits(git_dir: str | os.PathLike[str]) -> list[str]:
     """The parentless commits reachable from any ref, sorted (empty for a repository without commits)."""
     try:
         done = subprocess.run(["git", "--git-dir", str(git_dir), "rev-list", "--max-parents=0", "--all"],
-                              capture_output=True, text=True, env=clean_git_env(), timeout=300)
+                              capture_output=True, text=True, env=git_env(), timeout=300)
     except (OSError, subprocess.SubprocessError):
         return []
     return sorted(set(done.stdout.split())) if done.returncode == 0 else []
