@@ -15,6 +15,8 @@ from pathlib import Path
 
 import pygit2
 
+from .paths import repo_name
+
 _HEX40 = re.compile(r"^[0-9a-f]{40}$")
 _TRACKED_REF_PREFIXES = ("refs/heads/", "refs/tags/")
 
@@ -132,8 +134,7 @@ class GitRepo:
 
     @property
     def name(self) -> str:
-        common = self.common_dir
-        return common.parent.name if common.name == ".git" else common.name.removesuffix(".git")
+        return repo_name(self.common_dir)
 
     @property
     def is_shallow(self) -> bool:

@@ -145,14 +145,9 @@ def registered_match(selector: str) -> list[str]:
     for git_dir in registered():
         info = read_info(paths.RepoPaths.for_git_dir(git_dir))
         names = {git_dir, info.get("workdir"), str(Path(git_dir).parent) if Path(git_dir).name == ".git" else None}
-        if path in names or selector == git_dir or selector == repo_name(git_dir):
+        if path in names or selector == git_dir or selector == paths.repo_name(git_dir):
             found.append(git_dir)
     return found
-
-
-def repo_name(git_dir: str) -> str:
-    path = Path(git_dir)
-    return path.parent.name if path.name == ".git" else path.name.removesuffix(".git")
 
 
 def registered() -> list[str]:

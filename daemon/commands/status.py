@@ -4,7 +4,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from pathlib import Path
 
 from .. import paths, repos
 from ..control import ControlError, DaemonNotRunning, request
@@ -24,8 +23,8 @@ def offline_view() -> list[dict]:
     views = []
     for git_dir in repos.registered():
         repo_paths = paths.RepoPaths.for_git_dir(git_dir)
-        name = Path(git_dir).parent.name if Path(git_dir).name == ".git" else Path(git_dir).name
-        view = {"name": name, "git_dir": git_dir, "commits_ingested": 0, "commits_skipped": 0, "examples": 0}
+        view = {"name": paths.repo_name(git_dir), "git_dir": git_dir, "commits_ingested": 0, "commits_skipped": 0,
+                "examples": 0}
         try:
             with Store(repo_paths.store, readonly=True) as store:
                 counters = store.counters()
