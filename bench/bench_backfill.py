@@ -30,12 +30,15 @@ import tempfile
 import time
 from pathlib import Path
 
+from gitlora.daemon.gitenv import git_env
+
 REPO_ENV = "GITLORA_BENCH_REPO"
 PY = sys.executable
 
 
 def clean_env(**extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("GIT_", "GITLORA_"))}
+    """No GIT_* at all (a benchmark brings its own git setup) and no GITLORA_* of the caller's."""
+    env = {k: v for k, v in git_env(keep=()).items() if not k.startswith("GITLORA_")}
     env.update(extra)
     return env
 

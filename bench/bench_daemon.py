@@ -51,6 +51,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_backfill import RustFile  # noqa: E402  (the synthetic Rust generator)
 
+from gitlora.daemon.gitenv import git_env  # noqa: E402
+
 PY = sys.executable
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
@@ -64,7 +66,7 @@ def paired_median_ci(a: list[float], b: list[float], rounds: int = 2000) -> tupl
 
 
 def isolated_env(root: Path) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("GIT_", "GITLORA_", "XDG_", "NOTIFY_SOCKET"))}
+    env = {k: v for k, v in git_env(keep=()).items() if not k.startswith(("GITLORA_", "XDG_", "NOTIFY_SOCKET"))}
     home = root / "h"
     env.update({
         "HOME": str(home), "XDG_STATE_HOME": str(home / "state"), "XDG_CONFIG_HOME": str(home / "config"),

@@ -27,6 +27,8 @@ import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+from gitlora.daemon.gitenv import git_env
+
 Variant = Callable[[Path], contextlib.AbstractContextManager[None]]
 VARIANTS: dict[str, Variant] = {}
 
@@ -69,6 +71,8 @@ register_variant("gitlora-hooks", _gitlora_hooks)
 def _isolated_env(root: Path) -> None:
     home = root / "home"
     home.mkdir()
+    for var in {*os.environ} - {*git_env(keep=())} | {"GITLORA_STATE_HOME"}:  # every GIT_*: git set up below
+        os.environ.pop(var, None)
     os.environ.update({
         "HOME": str(home),
         "XDG_STATE_HOME": str(home / ".local/state"),
@@ -77,8 +81,6 @@ def _isolated_env(root: Path) -> None:
         "GIT_AUTHOR_NAME": "Bench", "GIT_AUTHOR_EMAIL": "bench@example.com",
         "GIT_COMMITTER_NAME": "Bench", "GIT_COMMITTER_EMAIL": "bench@example.com",
     })
-    for var in ("GIT_DIR", "GIT_WORK_TREE", "GIT_INDEX_FILE", "GITLORA_STATE_HOME"):
-        os.environ.pop(var, None)
     (home / ".gitconfig").write_text("[init]\n\tdefaultBranch = main\n[gc]\n\tauto = 0\n")
 
 

@@ -31,6 +31,7 @@ from pathlib import Path
 
 import lmdb
 
+from gitlora.daemon.compact_json import encode
 from gitlora.daemon.store import PendingCommit, Store
 
 TARGET = 20_000.0
@@ -54,10 +55,6 @@ def synthetic_examples(n: int, seed: int = 0) -> list[dict]:
             "imports": ["use std::collections::HashMap;", "use crate::error::Error;", "use crate::ledger::Account;"],
         })
     return out
-
-
-def encode(example: dict) -> bytes:
-    return json.dumps(example, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
 
 
 def run_raw(path: Path, raw: list[bytes], per_txn: int = 1000) -> float:

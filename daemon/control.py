@@ -35,7 +35,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-from gitlora.daemon import log
+from gitlora.daemon import compact_json, log
 from gitlora.daemon.paths import control_socket_path
 
 Handler = Callable[[dict], dict]
@@ -618,7 +618,7 @@ def _discard_pending(conn: socket.socket) -> None:
 
 def _encode(obj: Any) -> bytes:
     """One line of JSON; Paths and datetimes are common in replies, so fall back to str()."""
-    return json.dumps(obj, default=str, ensure_ascii=False, separators=(",", ":")).encode() + b"\n"
+    return compact_json.encode(obj, default=str) + b"\n"
 
 
 # --------------------------------------------------------------------------------------------- client

@@ -5,9 +5,10 @@ with fixed dates and identities, so commit ids are the same on every machine.
 """
 from __future__ import annotations
 
-import os
 import subprocess
 from pathlib import Path
+
+from .gitenv import git_env
 
 LIB_V1 = '''use std::collections::HashMap;
 use std::fmt;
@@ -167,12 +168,9 @@ class DemoRepoBuilder:
     def __init__(self, path: Path) -> None:
         self.path = Path(path)
         self._tick = 0
-        self.env = {k: v for k, v in os.environ.items() if not k.startswith("GIT_")}
-        self.env.update({
-            "GIT_AUTHOR_NAME": "Demo Dev", "GIT_AUTHOR_EMAIL": "dev@example.com",
-            "GIT_COMMITTER_NAME": "Demo Dev", "GIT_COMMITTER_EMAIL": "dev@example.com",
-            "GIT_CONFIG_NOSYSTEM": "1",
-        })
+        self.env = git_env(GIT_AUTHOR_NAME="Demo Dev", GIT_AUTHOR_EMAIL="dev@example.com",
+                           GIT_COMMITTER_NAME="Demo Dev", GIT_COMMITTER_EMAIL="dev@example.com",
+                           GIT_CONFIG_NOSYSTEM="1")
 
     def git(self, *args: str) -> str:
         self._tick += 1

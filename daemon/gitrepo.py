@@ -15,6 +15,8 @@ from pathlib import Path
 
 import pygit2
 
+from .paths import repo_name
+
 _HEX40 = re.compile(r"^[0-9a-f]{40}$")
 _TRACKED_REF_PREFIXES = ("refs/heads/", "refs/tags/")
 
@@ -87,11 +89,6 @@ def limit_object_cache(max_bytes: int) -> None:
     pygit2.settings.cache_max_size(max_bytes)
 
 
-def clean_git_env() -> dict[str, str]:
-    """The environment minus GIT_*: hooks export GIT_DIR/GIT_INDEX_FILE, which would redirect any git we spawn."""
-    return {k: v for k, v in os.environ.items() if not k.startswith("GIT_")}
-
-
 class GitRepo:
     def __init__(self, path: str | os.PathLike[str], *, exclude: Iterable[str] = (), include_remotes: bool = False):
         found = pygit2.discover_repository(str(path))
@@ -137,8 +134,7 @@ class GitRepo:
 
     @property
     def name(self) -> str:
-        common = self.common_dir
-        return common.parent.name if common.name == ".git" else common.name.removesuffix(".git")
+        return repo_name(self.common_dir)
 
     @property
     def is_shallow(self) -> bool:

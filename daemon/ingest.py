@@ -13,7 +13,6 @@ spawned process, whose memory leaves with it, and which does not hold the daemon
 from __future__ import annotations
 
 import ctypes
-import json
 import multiprocessing
 import os
 import signal
@@ -32,7 +31,7 @@ from typing import Any
 
 from tree_sitter import Tree
 
-from . import log
+from . import compact_json, log
 from .config import IngestConfig
 from .examples import file_examples, path_fields
 from .gitrepo import BlobUnreadable, CommitDiff, CommitInfo, FileChange, GitRepo, SkippedFile
@@ -108,10 +107,6 @@ def _clean(text: str) -> str:
     return text.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
-def _encode(example: dict[str, Any]) -> bytes:
-    return json.dumps(example, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
-
-
 class CommitProcessor:
     """Turns commits into PendingCommits (git read, cached parse, compose, JSON). One per process."""
 
@@ -145,7 +140,7 @@ class CommitProcessor:
         diff_done = time.perf_counter()
         try:
             pending = self._compose(oid, info, diff, base)
-            _encode(pending.record)  # what the store will do: a record it cannot write is this commit's skip
+            compact_json.encode(pending.record)  # what the store will do: a record it cannot write is this commit's skip
         except Exception as exc:  # a bug on one commit is recorded, and the run goes on
             reason = f"error: {type(exc).__name__}: {exc}"
             _log.error("commit_failed", commit=oid, reason=_clean(reason), traceback=_clean(traceback.format_exc()))
@@ -214,7 +209,7 @@ class CommitProcessor:
             skipped.append(_skipped_file(change, unreadable.reason))
             return []
         assert not isinstance(old, Unparsable) and not isinstance(new, Unparsable)
-        encoded = [_encode(e) for e in file_examples(self.repo_name, info, change, old, new)]
+        encoded = [compact_json.encode(e) for e in file_examples(self.repo_name, info, change, old, new)]
         if new is not None and new.syntax_error:
             syntax_errors.append({**path_fields("path", change.new_path, change.new_raw),
                                   "broken_items": new.broken_items})

@@ -19,6 +19,8 @@ from typing import Any
 
 import structlog
 
+from . import compact_json
+
 MAX_BYTES = 10 * 1024 * 1024  # one log file, before it is rotated to <name>.1
 BACKUPS = 3  # rotated files kept: <name>.1 … <name>.3
 
@@ -50,7 +52,7 @@ def _value(value: Any) -> str:
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, (dict, list, tuple)):
-        text = json.dumps(value, separators=(",", ":"), ensure_ascii=False, default=str)
+        text = compact_json.dumps(value, default=str)
     else:
         text = str(value)
     if text and not any(c.isspace() or c in '"=\\' or not c.isprintable() for c in text):

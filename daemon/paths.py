@@ -62,11 +62,17 @@ def registry_path() -> Path:
     return state_home() / "repos.json"
 
 
+def repo_name(common_git_dir: str | os.PathLike[str]) -> str:
+    """What a repository is called everywhere (status, examples, state dirs): the folder holding `.git`, or a
+    bare repository's folder without its `.git` suffix (`foo.git` is `foo`)."""
+    git_dir = Path(os.path.abspath(common_git_dir))
+    return git_dir.parent.name if git_dir.name == ".git" else git_dir.name.removesuffix(".git")
+
+
 def repo_key(common_git_dir: str | os.PathLike[str]) -> str:
     """`<repo-name>-<8 hex of the absolute git dir path>`: readable and unique per repository."""
     git_dir = Path(os.path.abspath(common_git_dir))
-    name = git_dir.parent.name if git_dir.name == ".git" else git_dir.name.removesuffix(".git")
-    safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in name) or "repo"
+    safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in repo_name(git_dir)) or "repo"
     digest = hashlib.sha256(str(git_dir).encode()).hexdigest()[:8]
     return f"{safe}-{digest}"
 

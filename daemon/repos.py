@@ -6,14 +6,15 @@ import json
 import os
 import shutil
 import subprocess
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from . import paths
 from .config import Config
-from .gitrepo import GitRepo, GitRepoError, clean_git_env
+from .fsutil import atomic_write_text
+from .gitenv import git_env
+from .gitrepo import GitRepo, GitRepoError
 
 
 @dataclass
@@ -51,7 +52,7 @@ def root_commits(git_dir: str | os.PathLike[str]) -> list[str]:
     """The parentless commits reachable from any ref, sorted (empty for a repository without commits)."""
     try:
         done = subprocess.run(["git", "--git-dir", str(git_dir), "rev-list", "--max-parents=0", "--all"],
-                              capture_output=True, text=True, env=clean_git_env(), timeout=300)
+                              capture_output=True, text=True, env=git_env(), timeout=300)
     except (OSError, subprocess.SubprocessError):
         return []
     return sorted(set(done.stdout.split())) if done.returncode == 0 else []
@@ -144,29 +145,9 @@ def registered_match(selector: str) -> list[str]:
     for git_dir in registered():
         info = read_info(paths.RepoPaths.for_git_dir(git_dir))
         names = {git_dir, info.get("workdir"), str(Path(git_dir).parent) if Path(git_dir).name == ".git" else None}
-        if path in names or selector == git_dir or selector == repo_name(git_dir):
+        if path in names or selector == git_dir or selector == paths.repo_name(git_dir):
             found.append(git_dir)
     return found
-
-
-def repo_name(git_dir: str) -> str:
-    path = Path(git_dir)
-    return path.parent.name if path.name == ".git" else path.name.removesuffix(".git")
-
-
-def atomic_write_text(target: Path, text: str) -> None:
-    """temp file + fsync + rename: readers see the old or the new file, never half of one."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def registered() -> list[str]:

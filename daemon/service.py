@@ -125,7 +125,7 @@ class Daemon:
             error = f"{type(exc).__name__}: {exc}"
         _log.error("repo_unavailable", git_dir=git_dir, error=error)
         gone = not Path(git_dir).exists()
-        view = {"name": repos.repo_name(git_dir), "git_dir": git_dir,
+        view = {"name": paths.repo_name(git_dir), "git_dir": git_dir,
                 "state_dir": str(paths.RepoPaths.for_git_dir(git_dir).root),
                 "state": "missing" if gone else "unreadable", "reason": error,
                 "next_step": missing_next_step(git_dir) if gone else

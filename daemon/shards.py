@@ -12,14 +12,13 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 import re
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .repos import atomic_write_text
+from .fsutil import atomic_write_bytes, atomic_write_text
 from .store import Store, StoreError
 
 
@@ -165,7 +164,7 @@ class ShardWriter:
                     result.failed[entry["id"]] = (f"{bad[entry['id']]}; cannot rebuild: the store's examples "
                                                   "differ from those the shard was made of")
                     continue
-                _atomic_write_bytes(self.dir / entry["file"], body)
+                atomic_write_bytes(self.dir / entry["file"], body)
                 result.rebuilt.append(entry["id"])
         return result
 
@@ -208,7 +207,7 @@ class ShardWriter:
                 "last_commit_time": max(metas[s][1] for s in plan.seqs),
                 "sha256": hashlib.sha256(body).hexdigest(), "split": plan.split, "group": group["id"],
             })
-            _atomic_write_bytes(path, body)
+            atomic_write_bytes(path, body)
         return entries
 
 
@@ -249,13 +248,4 @@ def _file_problem(path: Path, sha256: str) -> str | None:
     if digest.hexdigest() != sha256:
         return f"{path.name} does not match its sha256"
     return None
-
-
-def _atomic_write_bytes(target: Path, data: bytes) -> None:
-    tmp = target.with_name(f".{target.name}.{os.getpid()}.{threading.get_ident()}.tmp")
-    with open(tmp, "wb") as handle:
-        handle.write(data)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, target)
 

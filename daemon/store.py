@@ -19,6 +19,8 @@ from typing import Any, Literal
 
 import lmdb
 
+from . import compact_json
+
 SCHEMA_VERSION = 1
 _SEQ = struct.Struct(">Q")
 _INITIAL_MAP_SIZE = 64 << 20
@@ -121,10 +123,6 @@ def _loads(raw: bytes | memoryview, path: Path) -> Any:
 
 def seq_key(seq: int) -> bytes:
     return _SEQ.pack(seq)
-
-
-def _dumps(value: Any) -> bytes:
-    return json.dumps(value, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
 
 
 @dataclass
@@ -281,24 +279,24 @@ class Store:
             for example in pending.examples:
                 # append=True is LMDB's fast path for sorted keys; it returns False (not an exception)
                 # when the key is out of order, which would mean a corrupt counter: stop loudly.
-                value = example if isinstance(example, bytes) else _dumps(example)
+                value = example if isinstance(example, bytes) else compact_json.encode(example)
                 written += len(value)
                 if not txn.put(seq_key(next_seq), value, db=self._examples, append=True):
                     raise StoreError(f"append of example {next_seq} refused: sequence out of order")
                 next_seq += 1
                 appended += 1
-            if not txn.put(pending.oid, _dumps(record), db=self._commits, overwrite=False):
+            if not txn.put(pending.oid, compact_json.encode(record), db=self._commits, overwrite=False):
                 raise StoreError(f"commit {pending.oid.hex()} appeared during its own transaction")
             status = record.get("status", "ingested")
             counters[f"commits_{status}"] = counters.get(f"commits_{status}", 0) + 1
             if str(record.get("reason", "")).startswith("shallow-boundary"):
                 boundaries = json.loads(txn.get(b"shallow_boundaries", b"[]", db=self._meta))
                 boundaries.append(pending.oid.hex())
-                txn.put(b"shallow_boundaries", _dumps(boundaries), db=self._meta)
+                txn.put(b"shallow_boundaries", compact_json.encode(boundaries), db=self._meta)
             stored += 1
         counters["examples"] = counters.get("examples", 0) + appended
         txn.put(b"next_seq", str(next_seq).encode(), db=self._meta)
-        txn.put(b"counters", _dumps(counters), db=self._meta)
+        txn.put(b"counters", compact_json.encode(counters), db=self._meta)
         return WriteResult(stored, present, appended, written)
 
     def _next_seq(self, txn: lmdb.Transaction) -> int:
@@ -323,7 +321,7 @@ class Store:
 
     def set_meta(self, key: str, value: Any) -> None:
         with self._txn(db="meta", write=True) as txn:
-            txn.put(b"x:" + key.encode(), _dumps(value))
+            txn.put(b"x:" + key.encode(), compact_json.encode(value))
 
     # -- reading ---------------------------------------------------------------------------------
     def get_meta(self, key: str, default: Any = None) -> Any:

@@ -18,8 +18,8 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from . import log
-from .repos import atomic_write_text
+from . import gpu, log
+from .fsutil import atomic_write_text
 from .round_planning import RoundPlan, RoundState, backoff_s, decide
 
 if TYPE_CHECKING:
@@ -28,20 +28,6 @@ if TYPE_CHECKING:
 
 _log = log.get("gitlora.training")
 _EXIT_REASONS = {1: "exception", 2: "spec", 3: "oom", -9: "killed", -15: "terminated"}
-
-
-def gpu_free_mb() -> int | None:
-    """Free memory of the emptiest GPU per nvidia-smi; None where there is no NVIDIA GPU."""
-    exe = shutil.which("nvidia-smi")
-    if exe is None:
-        return None
-    try:
-        done = subprocess.run([exe, "--query-gpu=memory.free", "--format=csv,noheader,nounits"],
-                              capture_output=True, text=True, timeout=10)
-        values = [int(v) for v in done.stdout.split() if v.strip().isdigit()]
-    except (OSError, subprocess.SubprocessError, ValueError):
-        return None
-    return max(values) if values else None
 
 
 class ActiveRound:
@@ -179,7 +165,7 @@ class TrainingCoordinator:
     def _gpu_gate(self) -> str | None:
         if self.config.device == "cpu":
             return None
-        free = gpu_free_mb()
+        free = gpu.free_mb()
         if free is None:
             return "cuda requested but nvidia-smi finds no GPU" if self.config.device == "cuda" else None
         need = self.config.require_free_gpu_mb or 6000

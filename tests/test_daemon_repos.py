@@ -5,6 +5,7 @@ stores on disk); none sleeps a fixed time.
 """
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -364,3 +365,16 @@ def test_status_is_served_while_the_worker_ingests_and_ingest_runs_niced(tmp_pat
         raise AssertionError("the history was not ingested in time")
     assert saw_busy, "never saw the worker busy: status was not answered during the ingest"
     assert slowest < 1.0, f"a status took {slowest:.2f}s during the ingest"
+
+
+def test_a_bare_repository_has_one_name_online_and_offline(tmp_path, daemon):
+    source = make_repo(tmp_path / "source", "bare")
+    bare = tmp_path / "foo.git"
+    git(tmp_path, "clone", "-q", "--bare", str(source), str(bare))
+    gitlora("install", str(bare))
+    git_dir = str(bare.resolve())
+    online = view_when(daemon, git_dir, lambda v: v.get("commits_ingested") == 2, "the bare repository's history")
+    daemon.stop()
+    offline = repo_view(json.loads(gitlora("status", "--json", check=False).stdout), git_dir)
+    assert offline is not None and offline["commits_ingested"] == 2
+    assert online["name"] == offline["name"] == "foo"

@@ -14,7 +14,8 @@ import pytest
 from gitlora.daemon import paths
 from gitlora.daemon.config import Config
 from gitlora.daemon.gitrepo import GitRepo
-from gitlora.daemon.training_jobs import TrainingCoordinator, gpu_free_mb
+from gitlora.daemon.gpu import free_mb as gpu_free_mb
+from gitlora.daemon.training_jobs import TrainingCoordinator
 from gitlora.trainer import plan as P
 
 from daemonutil import DaemonProcess, gitlora, wait_stored
@@ -54,6 +55,7 @@ def gate(device: str, require: int = 0) -> str | None:
     ("512\n", 512),
     ("512\n7000\n", 7000),  # several GPUs: the emptiest one counts
     ("  8000 \n", 8000),
+    ("[N/A]\n4000\n", 4000),  # a GPU that cannot say is passed over, the others still count
 ])
 def test_free_memory_is_parsed(tmp_path, monkeypatch, output, free):
     fake_nvidia_smi(tmp_path, f"printf '{output}'\n")
@@ -76,6 +78,12 @@ def test_garbage_or_failing_nvidia_smi_means_no_gpu(tmp_path, monkeypatch, body)
     assert P.detect_gpu() is None  # the trainer's plan: falls back to a CPU plan
     assert gate("auto") is None  # no GPU: device auto trains on the CPU
     assert gate("cuda") == "cuda requested but nvidia-smi finds no GPU"
+
+
+def test_the_trainer_takes_the_first_gpu_reported_in_full(tmp_path, monkeypatch):
+    fake_nvidia_smi(tmp_path, "echo 'NVIDIA A, [N/A], [N/A], 8.0'; echo 'NVIDIA B, 8192, 512, 7.5'\n")
+    monkeypatch.setenv("PATH", f"{tmp_path}{os.pathsep}{path_without_nvidia_smi()}")
+    assert P.detect_gpu() == P.GpuInfo("NVIDIA B", 8.0, 0.5, 7.5)
 
 
 def test_missing_nvidia_smi(monkeypatch):

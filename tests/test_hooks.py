@@ -17,12 +17,12 @@ from gitlora.hooks.install import (
     HookConflictError,
     HooksPathSetError,
     NotAGitRepositoryError,
-    git_env,
     install,
     installed_hooks,
     spool_path,
     uninstall,
 )
+from gitlora.daemon.gitenv import git_env
 from gitlora.hooks.spool import SpoolEntry, parse_spool_chunk, parse_spool_line
 
 
@@ -111,8 +111,7 @@ def test_hook_falls_back_to_git_when_head_cannot_be_read_directly(tmp_path):
     install(repo)
     oid = commit(repo, "a.rs", "fn a() {}\n")
     (repo / "src").mkdir()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("GIT_")}
-    subprocess.run([str(hooks_dir(repo) / "post-commit")], cwd=repo / "src", env=env, check=True)
+    subprocess.run([str(hooks_dir(repo) / "post-commit")], cwd=repo / "src", env=git_env(), check=True)
     fast, slow = entries(repo)
     assert fast.new == slow.new == oid
     assert fast.time is None and slow.time is not None and abs(slow.time - __import__("time").time()) < 120
@@ -256,6 +255,18 @@ def test_install_ignores_git_env_of_the_calling_process(tmp_path, monkeypatch):
     assert result.hooks_dir == repo / ".git" / "hooks"
     assert not (other / ".git" / "hooks" / "post-commit").exists()
 
+
+
+def test_git_env_drops_where_git_points_and_keeps_how_git_is_set_up(monkeypatch):
+    monkeypatch.setenv("GIT_DIR", "/elsewhere/.git")
+    monkeypatch.setenv("GIT_PREFIX", "src/")
+    monkeypatch.setenv("GIT_CEILING_DIRECTORIES", "/mnt")
+    monkeypatch.setenv("GIT_CONFIG_GLOBAL", "/etc/isolated.gitconfig")
+    env = git_env(GIT_AUTHOR_NAME="Demo")
+    assert "GIT_DIR" not in env and "GIT_PREFIX" not in env
+    assert env["GIT_CEILING_DIRECTORIES"] == "/mnt" and env["GIT_CONFIG_GLOBAL"] == "/etc/isolated.gitconfig"
+    assert env["GIT_AUTHOR_NAME"] == "Demo" and env["HOME"] == os.environ["HOME"]
+    assert not [k for k in git_env(keep=()) if k.startswith("GIT_")]
 
 def test_not_a_repository(tmp_path):
     with pytest.raises(NotAGitRepositoryError):

@@ -18,10 +18,10 @@ from __future__ import annotations
 
 import json
 import math
-import shutil
-import subprocess
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+
+from gitlora.daemon.gpu import GpuInfo, detect_gpu  # torch-free; the plan's names for them
 
 GIB = 1024 ** 3
 STARCODER2_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "c_fc", "c_proj")
@@ -111,35 +111,6 @@ def model_shape(model) -> ModelShape:
     if key in KNOWN_MODELS:
         return KNOWN_MODELS[key]
     raise ValueError(f"unknown model {model!r}: give a local dir with config.json or one of {sorted(KNOWN_MODELS)}")
-
-
-@dataclass(frozen=True)
-class GpuInfo:
-    name: str
-    total_gb: float  # GiB, as nvidia-smi reports MiB / 1024
-    used_gb: float
-    compute_capability: float
-
-
-def detect_gpu() -> GpuInfo | None:
-    """The first GPU nvidia-smi reports, or None when there is no nvidia-smi / no GPU / it fails."""
-    exe = shutil.which("nvidia-smi")
-    if not exe:
-        return None
-    try:
-        out = subprocess.run(
-            [exe, "--query-gpu=name,memory.total,memory.used,compute_cap", "--format=csv,noheader,nounits"],
-            capture_output=True, text=True, timeout=15, check=True).stdout
-    except (OSError, subprocess.SubprocessError):
-        return None
-    for line in out.splitlines():
-        parts = [p.strip() for p in line.split(",")]
-        if len(parts) >= 4:
-            try:
-                return GpuInfo(parts[0], float(parts[1]) / 1024, float(parts[2]) / 1024, float(parts[3]))
-            except ValueError:
-                continue
-    return None
 
 
 @dataclass(frozen=True)

@@ -20,6 +20,8 @@ import shutil
 import time
 from pathlib import Path
 
+from gitlora.daemon.fsutil import publish_dir, replace_symlink
+
 VERSION_RE = re.compile(r"^v(\d{4,})$")
 CURRENT = "current"
 HISTORY = "history.jsonl"
@@ -82,13 +84,7 @@ def temp_dir_for(version_dir: Path) -> Path:
 
 def commit_version(tmp: Path, version_dir: Path) -> Path:
     """Make a fully written temp dir visible as `version_dir` (fsync'd files, then one rename)."""
-    for f in tmp.iterdir():
-        if f.is_file():
-            with open(f, "rb") as fh:
-                os.fsync(fh.fileno())
-    os.rename(tmp, version_dir)
-    _fsync_dir(version_dir.parent)
-    return version_dir
+    return publish_dir(tmp, version_dir)
 
 
 def clean_partial(adapters_dir) -> list[str]:
@@ -106,14 +102,6 @@ def clean_partial(adapters_dir) -> list[str]:
     return removed
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _log(root: Path, **event) -> None:
     with open(root / HISTORY, "a", encoding="utf-8") as f:
         f.write(json.dumps({"time": time.time(), **event}) + "\n")
@@ -125,11 +113,7 @@ def promote(adapters_dir, version: str, *, event: str = "promote") -> None:
     if not (root / version).is_dir() or not _version_num(version):
         raise ValueError(f"no adapter version {version!r} in {root}")
     previous = current_version(root)
-    tmp = root / f".{CURRENT}.tmp-{os.getpid()}"
-    tmp.unlink(missing_ok=True)
-    os.symlink(version, tmp)
-    os.replace(tmp, root / CURRENT)
-    _fsync_dir(root)
+    replace_symlink(root / CURRENT, version)  # its temp name starts with `.current.tmp-`, as clean_partial knows
     _log(root, event=event, version=version, previous=previous)
 
 
@@ -184,7 +168,4 @@ def export_merged(adapters_dir, version: str | None, base_model, out_dir) -> Pat
     AutoTokenizer.from_pretrained(str(base_model)).save_pretrained(tmp)
     (tmp / "gitlora-export.json").write_text(json.dumps(
         {"adapter_version": version, "adapter_path": str(vdir), "base_model": str(base_model)}, indent=2))
-    if out.exists():
-        shutil.rmtree(out)
-    os.rename(tmp, out)
-    return out
+    return publish_dir(tmp, out, replace=True)

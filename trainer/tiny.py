@@ -11,11 +11,12 @@ Everything is seeded: two builds give byte-identical weights and tokenizer.
 from __future__ import annotations
 
 import json
-import os
 import random
 import shutil
 import tempfile
 from pathlib import Path
+
+from gitlora.daemon.fsutil import publish_dir
 
 # StarCoder2's special tokens in StarCoder2's order (ids 0..37 in bigcode/starcoder2-3b's tokenizer.json).
 SPECIAL_TOKENS = [
@@ -313,9 +314,7 @@ def build_tiny_model(dest: Path | None = None, force: bool = False, **config_ove
         tokenizer.save_pretrained(tmp)
         (tmp / "gitlora-tiny.json").write_text(json.dumps(
             {"seed": SEED, "params": sum(p.numel() for p in model.parameters()), "note": "built by gitlora"}))
-        if dest.exists():
-            shutil.rmtree(dest)
-        os.replace(tmp, dest)
+        publish_dir(tmp, dest, replace=True)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)

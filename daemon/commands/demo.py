@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 
 from ..demo_repo import build_demo_repo
+from ..gitenv import git_env
 
 DEMO_CONFIG = """# written by `gitlora demo`: small numbers so that everything happens within a few minutes
 [train]
@@ -103,9 +104,8 @@ def _gitlora(*args: str, check: bool = True) -> subprocess.CompletedProcess:
 
 
 def _git(repo: Path, *args: str) -> str:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("GIT_")}
-    env.update(GIT_AUTHOR_NAME="Demo Dev", GIT_AUTHOR_EMAIL="dev@example.com", GIT_COMMITTER_NAME="Demo Dev",
-               GIT_COMMITTER_EMAIL="dev@example.com")
+    env = git_env(GIT_AUTHOR_NAME="Demo Dev", GIT_AUTHOR_EMAIL="dev@example.com", GIT_COMMITTER_NAME="Demo Dev",
+                  GIT_COMMITTER_EMAIL="dev@example.com")
     return subprocess.run(["git", *args], cwd=repo, env=env, check=True, capture_output=True, text=True).stdout.strip()
 
 

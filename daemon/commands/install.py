@@ -12,7 +12,8 @@ from gitlora.hooks import install as hooks
 from .. import config as config_mod
 from .. import paths, repos
 from ..control import DaemonNotRunning, request
-from ..gitrepo import GitRepo, clean_git_env
+from ..gitenv import git_env
+from ..gitrepo import GitRepo
 from .common import print_hook_actions
 
 
@@ -53,7 +54,7 @@ def run(args: argparse.Namespace) -> int:
             with open(log_path, "ab") as out:
                 subprocess.Popen([sys.executable, "-m", "gitlora.daemon", "backfill", "--no-progress",
                                   str(opened.git.common_dir)], stdout=out, stderr=out, stdin=subprocess.DEVNULL,
-                                 start_new_session=True, env=clean_git_env(), cwd=os.path.expanduser("~"))
+                                 start_new_session=True, env=git_env(), cwd=os.path.expanduser("~"))
             print(f"backfilling history in the background (output: {log_path})")
     return 0
 

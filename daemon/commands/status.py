@@ -24,8 +24,8 @@ def offline_view() -> list[dict]:
     views = []
     for git_dir in repos.registered():
         repo_paths = paths.RepoPaths.for_git_dir(git_dir)
-        name = Path(git_dir).parent.name if Path(git_dir).name == ".git" else Path(git_dir).name
-        view = {"name": name, "git_dir": git_dir, "commits_ingested": 0, "commits_skipped": 0, "examples": 0}
+        view = {"name": paths.repo_name(git_dir), "git_dir": git_dir, "commits_ingested": 0, "commits_skipped": 0,
+                "examples": 0}
         counters: dict = {}
         if not Path(git_dir).exists():
             view.update(state="missing", reason="repository not found", next_step=missing_next_step(git_dir))

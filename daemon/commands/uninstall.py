@@ -68,6 +68,6 @@ def forget(git_dirs: list[str]) -> int:
             pass
         repos.unregister(Path(git_dir))
         state = paths.RepoPaths.for_git_dir(git_dir).root
-        print(f"forgot {repos.repo_name(git_dir)} ({git_dir}): no longer served; its state stays in {state} "
+        print(f"forgot {paths.repo_name(git_dir)} ({git_dir}): no longer served; its state stays in {state} "
               "(`gitlora install NEWPATH` adopts it if the repository moved; delete it to free the space)")
     return 0
