@@ -1,0 +1,219 @@
+"""`gitlora eval`'s model side: evaluate the base model and chosen adapter versions on example sets.
+
+    python -m gitlora.trainer.eval_run --spec EVAL_SPEC.json
+
+EVAL_SPEC.json = {"base_model", "adapters_dir", "versions": ["v0003", ...],
+                  "eval_shards": [paths],
+                  "sets": {"window": [commit hex, ...] | null, "older": [commit hex, ...]},
+                  "train": {round settings; missing keys = the trainer's defaults},
+                  "result_file": path}
+
+A set given as null holds every example of `eval_shards`. The base model is loaded once; every version is
+loaded onto it as a named peft adapter and switched in turn; the base's numbers come from the same weights with
+the adapters disabled, exactly as a round measures them. The examples, their tokenisation and the FIM sample are
+the same for every model, so every comparison is paired (trainer/evaluate.py, trainer/metrics.py).
+
+The result (written atomically to `result_file`; the CLI reads it):
+
+    {"base_model", "versions": ["v0003", ...],
+     "sets": {"window": {"examples", "commits"}, "older": {...}},
+     "models": {"base": {"window": SUMMARY, "older": SUMMARY},
+                "v0003": {"window": SUMMARY, "older": SUMMARY,
+                          "vs_base": {"window": {METRIC: {"kind": "rel"|"abs", "value", "ci95_low",
+                                                           "ci95_high"}}, "older": {...}},
+                          "created_at", "current", "parent", "promoted"}}}
+
+SUMMARY is the round's evaluation record (ISSUE11.md): {examples, commits, target_loss, changed_loss,
+fim_exact, fim_edit_sim, fim_n}. Differences are relative for losses (lower is better) and absolute for the
+completion scores (shares in [0, 1], where a base of 0 would make a relative number meaningless).
+
+Exit status as the trainer's: 0 done, 1 failure, 2 bad spec / nothing to evaluate, 3 out of memory. Errors are
+also written to `result_file` as {"error": reason, "message": one line}, so the CLI can say why.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import json
+import os
+import sys
+import time
+import traceback
+from pathlib import Path
+
+from gitlora.daemon.fsutil import atomic_write_text
+from gitlora.trainer import data, plan as planlib, registry
+
+# How each metric compares against the base: relative for losses, absolute (points of a share) for scores.
+METRIC_KINDS = {"changed_loss": "rel", "target_loss": "rel", "fim_exact": "abs", "fim_edit_sim": "abs"}
+EXIT_FAIL, EXIT_SPEC, EXIT_OOM = 1, 2, 3
+
+
+class SpecError(Exception):
+    """A bad spec or nothing to evaluate: exit 2 with this one-line reason."""
+
+
+def _settings(spec: dict) -> dict:
+    from gitlora.trainer import round as roundlib  # the trainer's defaults: one definition of a round setting
+
+    return {**roundlib.DEFAULTS, **(spec.get("train") or {})}
+
+
+def select_sets(records: list[dict], sets: dict[str, list[str] | None]) -> dict[str, list[dict]]:
+    """Each named set's examples: those whose commit is listed (None: all records). Pure."""
+    out = {}
+    for name, commits in sets.items():
+        if commits is None:
+            out[name] = list(records)
+        else:
+            wanted = set(commits)
+            out[name] = [r for r in records if r.get("commit") in wanted]
+    return out
+
+
+def version_info(adapters_dir: Path, version: str) -> dict:
+    """When a version was made, whether it is current, its parent and whether its round promoted it."""
+    vdir = adapters_dir / version
+    try:
+        metrics = json.loads((vdir / registry.METRICS).read_text())
+    except (OSError, ValueError):
+        metrics = {}
+    gate = metrics.get("gate")
+    promoted = gate.get("passed") if isinstance(gate, dict) else metrics.get("gate_passed")
+    return {"created_at": vdir.stat().st_mtime, "current": registry.current_version(adapters_dir) == version,
+            "parent": metrics.get("parent"), "promoted": promoted}
+
+
+def run_eval(spec: dict) -> dict:
+    for key in ("base_model", "adapters_dir", "sets"):
+        if not spec.get(key):
+            raise SpecError(f"spec lacks {key!r}")
+    cfg = _settings(spec)
+    base_model, adapters_dir = str(spec["base_model"]), Path(spec["adapters_dir"])
+    versions = list(spec.get("versions") or [])
+    for version in versions:
+        if not (adapters_dir / version).is_dir():
+            raise SpecError(f"no adapter version {version!r} in {adapters_dir}")
+    records = data.read_shards(spec.get("eval_shards") or [])
+    chosen = select_sets(records, spec["sets"])
+    if not any(chosen.values()):
+        raise SpecError("no held-out examples to evaluate on: the window is empty (commit more, or wait for "
+                        "the daemon to flush its shards)")
+
+    # ---- plan: the round's, so that numbers compare with the rounds' own
+    try:
+        shape = planlib.model_shape(base_model)
+    except ValueError:
+        from transformers import AutoConfig
+
+        shape = planlib.shape_from_config(AutoConfig.from_pretrained(base_model).to_dict(), name=base_model)
+    plan = planlib.auto_plan(shape, device=cfg["device"], context_length=int(cfg["context_length"]),
+                             lora_r=int(cfg["lora_r"]), lora_alpha=int(cfg["lora_alpha"]))
+    overrides = {}
+    if cfg["quantization"] != "auto":
+        overrides["quantization"] = None if cfg["quantization"] in ("none", None) else cfg["quantization"]
+    if cfg["compute_dtype"] != "auto":
+        overrides["compute_dtype"] = cfg["compute_dtype"]
+    plan = dataclasses.replace(plan, gradient_checkpointing=False, **overrides)
+    if plan.quantization and plan.device != "cuda":
+        raise SpecError("4-bit quantisation needs CUDA (bitsandbytes)")
+    micro_batch = int(cfg["micro_batch"]) or plan.micro_batch
+
+    import torch
+    from peft import PeftModel
+    from transformers import AutoTokenizer
+
+    from gitlora.trainer import evaluate
+    from gitlora.trainer.round import load_base
+
+    torch.manual_seed(int(cfg["seed"]))
+    device = torch.device(plan.device)
+    dtype = getattr(torch, plan.compute_dtype)
+    half = plan.compute_dtype in ("float16", "bfloat16")
+
+    def autocast():
+        return torch.autocast("cuda", dtype=dtype) if device.type == "cuda" and half else contextlib.nullcontext()
+
+    tokenizer = AutoTokenizer.from_pretrained(base_model)
+    prepared = evaluate.prepare(chosen, tokenizer, plan.context_length, cfg)
+    model = load_base(base_model, plan, torch)
+    model.eval()
+    measured: dict[str, dict] = {}
+    if versions:
+        model = PeftModel.from_pretrained(model, str(adapters_dir / versions[0]), adapter_name=versions[0])
+        for version in versions[1:]:
+            model.load_adapter(str(adapters_dir / version), adapter_name=version)
+        with model.disable_adapter():
+            measured["base"] = evaluate.measure(model, prepared, micro_batch, torch, device, autocast)
+        for version in versions:
+            model.set_adapter(version)
+            measured[version] = evaluate.measure(model, prepared, micro_batch, torch, device, autocast)
+    else:
+        measured["base"] = evaluate.measure(model, prepared, micro_batch, torch, device, autocast)
+
+    result = {"base_model": base_model, "versions": versions, "plan": plan.to_dict(),
+              "sets": {name: {"examples": len(recs), "commits": len({r.get("commit") for r in recs})}
+                       for name, recs in chosen.items()},
+              "models": {}}
+    for name, sets in measured.items():
+        entry: dict = {set_name: evaluate.summary(set_result) for set_name, set_result in sets.items()}
+        if name != "base":
+            entry["vs_base"] = {set_name: {metric: {"kind": kind, **evaluate.paired(
+                                    measured["base"][set_name], set_result, metric, relative=kind == "rel")}
+                                           for metric, kind in METRIC_KINDS.items()}
+                                for set_name, set_result in sets.items()}
+            entry.update(version_info(adapters_dir, name))
+        result["models"][name] = entry
+    return result
+
+
+def _is_oom(exc: BaseException) -> bool:
+    name = type(exc).__name__
+    return name == "OutOfMemoryError" or isinstance(exc, MemoryError) or (
+        isinstance(exc, RuntimeError) and ("out of memory" in str(exc) or "can't allocate memory" in str(exc)))
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m gitlora.trainer.eval_run",
+                                 description="Evaluate the base model and adapter versions on held-out examples.")
+    ap.add_argument("--spec", required=True, help="path of the eval run's spec (JSON)")
+    args = ap.parse_args(argv)
+    try:
+        spec = json.loads(Path(args.spec).read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        print(f"eval_run: unreadable spec: {exc}", file=sys.stderr)
+        return EXIT_SPEC
+    out = spec.get("result_file")
+
+    def report(result: dict) -> None:
+        text = json.dumps(result, indent=1, allow_nan=False)
+        if out:
+            atomic_write_text(Path(out), text + "\n")
+        else:
+            print(text)
+
+    started = time.time()
+    try:
+        result = run_eval(spec)
+        result["seconds"] = round(time.time() - started, 2)
+        report(result)
+        return 0
+    except SpecError as exc:
+        report({"error": "spec", "message": str(exc)})
+        return EXIT_SPEC
+    except BaseException as exc:  # noqa: BLE001 - the CLI must always learn why
+        if _is_oom(exc):
+            report({"error": "oom", "message": str(exc)[:500]})
+            return EXIT_OOM
+        if isinstance(exc, KeyboardInterrupt):
+            report({"error": "interrupted", "message": "interrupted"})
+            return 130
+        traceback.print_exc()
+        report({"error": "exception", "message": f"{type(exc).__name__}: {exc}"[:500]})
+        return EXIT_FAIL
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    sys.exit(main())
