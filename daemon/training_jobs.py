@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from . import gpu, log
+from . import gpu, log, status_view
 from .fsutil import atomic_write_text
 from .round_planning import RoundPlan, RoundState, backoff_s, decide
 
@@ -277,8 +277,11 @@ class TrainingCoordinator:
             self._reap()
             active = self.active if self.active and self.active.worker is worker else None
         state = self.load_state(worker)
+        current = registry.current_version(worker.paths.adapters)
         return {
-            "current_adapter": registry.current_version(worker.paths.adapters),
+            "current_adapter": current,
+            "vs_base": status_view.adapter_vs_base(_read_json(worker.paths.adapters / current / registry.METRICS))
+            if current else None,
             "round": active.view() if active else None,
             "last_round": state.last,
             "rounds": state.rounds,
@@ -305,6 +308,13 @@ class TrainingCoordinator:
                 active.proc.wait()
             with self._lock:
                 self._reap()
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
 
 
 def _is_trainer(pid: int) -> bool:

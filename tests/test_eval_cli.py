@@ -1,0 +1,144 @@
+"""`gitlora eval` and the status line: the views on hand-made results (milliseconds), then the real thing on the
+demo repository with the adapters its real rounds made (a subprocess evaluating the tiny model, no mocks)."""
+from __future__ import annotations
+
+import json
+import os
+import struct
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from gitlora.daemon import eval_view, status_view
+from gitlora.daemon.commands.eval import choose_versions
+
+METRIC_KEYS = {"examples", "commits", "target_loss", "changed_loss", "fim_exact", "fim_edit_sim", "fim_n"}
+
+
+def summary(changed: float, target: float, exact: float, sim: float, n: int = 8) -> dict:
+    return {"examples": 40, "commits": 12, "target_loss": target, "changed_loss": changed, "fim_exact": exact,
+            "fim_edit_sim": sim, "fim_n": n}
+
+
+def diff(kind: str, value: float, low: float, high: float) -> dict:
+    return {"kind": kind, "value": value, "ci95_low": low, "ci95_high": high}
+
+
+def hand_made_result() -> dict:
+    """What eval_run writes (see trainer/eval_run.py), for base and two versions on window and older slice."""
+    def version(created_at, current, rel, older_rel):
+        return {"window": summary(2.0 * (1 + rel), 1.5 * (1 + rel), 0.25, 0.7),
+                "older": summary(1.8 * (1 + older_rel), 1.4, 0.5, 0.8),
+                "vs_base": {"window": {"changed_loss": diff("rel", rel, rel - 0.04, rel + 0.04),
+                                       "target_loss": diff("rel", rel, rel - 0.03, rel + 0.03),
+                                       "fim_exact": diff("abs", 0.125, 0.0, 0.25),
+                                       "fim_edit_sim": diff("abs", 0.1, 0.05, 0.15)},
+                            "older": {"changed_loss": diff("rel", older_rel, older_rel - 0.01, older_rel + 0.01),
+                                      "target_loss": diff("rel", 0.0, -0.01, 0.01),
+                                      "fim_exact": diff("abs", 0.0, -0.1, 0.1),
+                                      "fim_edit_sim": diff("abs", 0.0, -0.05, 0.05)}},
+                "created_at": created_at, "current": current, "parent": None, "promoted": current}
+
+    return {"base_model": "/models/tiny", "versions": ["v0001", "v0002"], "repo": "demo",
+            "window_source": "the daemon's rolling window",
+            "sets": {"window": {"examples": 40, "commits": 12}, "older": {"examples": 40, "commits": 12}},
+            "models": {"base": {"window": summary(2.0, 1.5, 0.125, 0.6), "older": summary(1.8, 1.4, 0.5, 0.8)},
+                       "v0001": version(1_760_000_000, False, -0.10, 0.01),
+                       "v0002": version(1_760_003_600, True, -0.18, 0.015)}}
+
+
+# ------------------------------------------------------------------------------------------- pure views
+def test_versions_are_chosen_by_name_number_or_keyword():
+    available = ["v0001", "v0002", "v0003"]
+    assert choose_versions("current", available, "v0002") == ["v0002"]
+    assert choose_versions("current", [], None) == []
+    assert choose_versions("all", available, "v0002") == available
+    assert choose_versions("v0003,1,v0003", available, None) == ["v0001", "v0003"]  # oldest first, once each
+    with pytest.raises(ValueError, match="no adapter version 'v0009'"):
+        choose_versions("v0009", available, None)
+    with pytest.raises(ValueError, match="names no version"):
+        choose_versions(",", available, None)
+
+
+def test_table_shows_each_metric_for_base_and_versions_with_the_difference_and_its_interval():
+    table = eval_view.render_table(hand_made_result())
+    lines = table.splitlines()
+    header = next(line for line in lines if line.strip().startswith("metric"))
+    assert header.split()[1:] == ["base", "v0001", "v0002", "*"]  # the current adapter is starred
+    changed = next(line for line in lines if "changed-token loss" in line)  # the window block comes first
+    assert "2.0000" in changed and "1.6400 −18.0 % [−22.0, −14.0]" in changed and "−10.0 % [−14.0, −6.0]" in changed
+    sim = next(line for line in lines if "edit similarity" in line)
+    assert "+0.100 [+0.050, +0.150]" in sim
+    assert "older slice" in table and "window from the daemon's rolling window" in table
+    assert sum("changed-token loss" in line for line in lines) == 2  # once per set
+
+
+def test_an_empty_set_says_so_instead_of_a_row_of_dashes():
+    result = hand_made_result()
+    result["sets"]["older"] = {"examples": 0, "commits": 0}
+    table = eval_view.render_table(result)
+    assert "older slice (forgetting): 0 commits, 0 examples" in table and "empty: nothing to measure yet" in table
+
+
+def test_plot_series_maps_the_paired_interval_onto_the_value_axis():
+    series = eval_view.plot_series(hand_made_result(), "window", "changed_loss")
+    assert series["base"] == 2.0
+    last = series["points"][-1]
+    assert last["version"] == "v0002" and last["current"] is True
+    assert last["low"] == pytest.approx(2.0 * (1 - 0.22)) and last["high"] == pytest.approx(2.0 * (1 - 0.14))
+    sim = eval_view.plot_series(hand_made_result(), "window", "fim_edit_sim")["points"][0]
+    assert sim["low"] == pytest.approx(0.65) and sim["high"] == pytest.approx(0.75)
+
+
+def png_size(path: Path) -> tuple[int, int]:
+    raw = path.read_bytes()
+    assert raw[:8] == b"\x89PNG\r\n\x1a\n", "not a PNG"
+    assert raw[12:16] == b"IHDR"
+    return struct.unpack(">II", raw[16:24])
+
+
+def test_plot_is_a_png_drawn_headless(tmp_path):
+    out = tmp_path / "eval.png"
+    env = {k: v for k, v in os.environ.items() if k != "DISPLAY"}
+    # In a fresh interpreter, as the CLI runs it: no display, and matplotlib must not need one.
+    code = ("import json, sys; from gitlora.daemon import eval_view; "
+            "eval_view.write_plot(json.load(sys.stdin), sys.argv[1])")
+    done = subprocess.run([sys.executable, "-c", code, str(out)], input=json.dumps(hand_made_result()),
+                          text=True, capture_output=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr
+    width, height = png_size(out)
+    assert width > 500 and height > 400 and out.stat().st_size > 10_000
+
+
+# ------------------------------------------------------------------------------------------- status line
+def metrics_json(rel=-0.18, low=-0.22, high=-0.14) -> dict:
+    """A version's metrics.json as a round writes it (ISSUE11.md: `evaluation` and `gate`)."""
+    def sets(changed):
+        return {"window": summary(changed, 1.5, 0.25, 0.7) | {"commits": 31}, "older": summary(1.8, 1.4, 0.5, 0.8)}
+
+    return {"version": "v0003", "parent": "v0002", "gate_passed": True,
+            "evaluation": {"base": sets(2.0), "current": sets(1.8), "candidate": sets(2.0 * (1 + rel))},
+            "gate": {"passed": True, "reason": "better than current",
+                     "vs_current": {"changed_loss_rel": -0.09, "ci95_low": -0.12, "ci95_high": -0.05},
+                     "vs_base": {"changed_loss_rel": rel, "ci95_low": low, "ci95_high": high}, "older_rel": 0.004}}
+
+
+def test_status_line_reads_the_adapter_against_the_base_from_metrics_json():
+    vs_base = status_view.adapter_vs_base(metrics_json())
+    line = status_view.vs_base_line(vs_base)
+    assert line == "changed-token loss −18 % vs base (±4 %, 95 % interval −22 % to −14 %, window of 31 commits)"
+    lines = status_view.render_training({"current_adapter": "v0003", "vs_base": vs_base})
+    assert lines[0] == f"adapter   v0003   {line}"
+
+
+def test_status_line_without_an_interval_or_without_an_evaluation():
+    no_gate = metrics_json()
+    del no_gate["gate"]
+    vs_base = status_view.adapter_vs_base(no_gate)  # the point estimate from the two evaluations
+    assert vs_base["changed_loss_rel"] == pytest.approx(-0.18) and vs_base["ci95_low"] is None
+    assert status_view.vs_base_line(vs_base) == "changed-token loss −18 % vs base (window of 31 commits)"
+    old_round = {"version": "v0001", "eval_loss_before": 2.0, "eval_loss_after": 1.9, "gate_passed": True}
+    assert status_view.adapter_vs_base(old_round) is None and status_view.adapter_vs_base(None) is None
+    assert status_view.render_training({"current_adapter": "v0001", "vs_base": None})[0] == "adapter   v0001"
