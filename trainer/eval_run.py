@@ -36,6 +36,7 @@ import argparse
 import contextlib
 import dataclasses
 import json
+import math
 import os
 import sys
 import time
@@ -83,6 +84,24 @@ def version_info(adapters_dir: Path, version: str) -> dict:
     promoted = gate.get("passed") if isinstance(gate, dict) else metrics.get("gate_passed")
     return {"created_at": vdir.stat().st_mtime, "current": registry.current_version(adapters_dir) == version,
             "parent": metrics.get("parent"), "promoted": promoted}
+
+
+def finite(summary: dict) -> dict:
+    """JSON has no NaN: a number that is not finite is reported as unknown (None)."""
+    return {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in summary.items()}
+
+
+def versus(base, other) -> dict:
+    """Every metric of `other` against the base on the same examples (paired, bootstrap over commits)."""
+    from gitlora.trainer import metrics
+
+    estimates = {"changed_loss": metrics.paired_loss(base.losses, other.losses, changed=True),
+                 "target_loss": metrics.paired_loss(base.losses, other.losses, changed=False),
+                 "fim_exact": metrics.paired_fim(base.fim, other.fim, metric="exact"),
+                 "fim_edit_sim": metrics.paired_fim(base.fim, other.fim, metric="edit_sim")}
+    return {metric: finite({"kind": METRIC_KINDS[metric], "value": e.value, "ci95_low": e.low,
+                            "ci95_high": e.high, "commits": e.commits})
+            for metric, e in estimates.items()}
 
 
 def run_eval(spec: dict) -> dict:
@@ -136,33 +155,40 @@ def run_eval(spec: dict) -> dict:
         return torch.autocast("cuda", dtype=dtype) if device.type == "cuda" and half else contextlib.nullcontext()
 
     tokenizer = AutoTokenizer.from_pretrained(base_model)
-    prepared = evaluate.prepare(chosen, tokenizer, plan.context_length, cfg)
+    prepared = {name: evaluate.prepare(recs, tokenizer, plan.context_length,
+                                       max_examples=int(cfg.get("eval_max_examples", 200)),
+                                       fim_samples=int(cfg.get("fim_samples", 24)), seed=int(cfg["seed"]))
+                for name, recs in chosen.items()}
     model = load_base(base_model, plan, torch)
     model.eval()
-    measured: dict[str, dict] = {}
+
+    def measure() -> dict:
+        return {name: evaluate.evaluate(model, tokenizer, evalset, micro_batch, torch, device, autocast)
+                for name, evalset in prepared.items()}
+
+    scores: dict[str, dict] = {}
     if versions:
         model = PeftModel.from_pretrained(model, str(adapters_dir / versions[0]), adapter_name=versions[0])
         for version in versions[1:]:
             model.load_adapter(str(adapters_dir / version), adapter_name=version)
         with model.disable_adapter():
-            measured["base"] = evaluate.measure(model, prepared, micro_batch, torch, device, autocast)
+            scores["base"] = measure()
         for version in versions:
             model.set_adapter(version)
-            measured[version] = evaluate.measure(model, prepared, micro_batch, torch, device, autocast)
+            scores[version] = measure()
     else:
-        measured["base"] = evaluate.measure(model, prepared, micro_batch, torch, device, autocast)
+        scores["base"] = measure()
 
     result = {"base_model": base_model, "versions": versions, "plan": plan.to_dict(),
-              "sets": {name: {"examples": len(recs), "commits": len({r.get("commit") for r in recs})}
-                       for name, recs in chosen.items()},
+              "sets": {name: {"examples": len(evalset.records), "commits": len(set(evalset.commits)),
+                              "skipped": evalset.skipped, "truncated": evalset.truncated,
+                              "selected": len(chosen[name])}
+                       for name, evalset in prepared.items()},
               "models": {}}
-    for name, sets in measured.items():
-        entry: dict = {set_name: evaluate.summary(set_result) for set_name, set_result in sets.items()}
+    for name, sets in scores.items():
+        entry: dict = {set_name: finite(s.summary()) for set_name, s in sets.items()}
         if name != "base":
-            entry["vs_base"] = {set_name: {metric: {"kind": kind, **evaluate.paired(
-                                    measured["base"][set_name], set_result, metric, relative=kind == "rel")}
-                                           for metric, kind in METRIC_KINDS.items()}
-                                for set_name, set_result in sets.items()}
+            entry["vs_base"] = {set_name: versus(scores["base"][set_name], s) for set_name, s in sets.items()}
             entry.update(version_info(adapters_dir, name))
         result["models"][name] = entry
     return result
