@@ -142,3 +142,112 @@ def test_status_line_without_an_interval_or_without_an_evaluation():
     old_round = {"version": "v0001", "eval_loss_before": 2.0, "eval_loss_after": 1.9, "gate_passed": True}
     assert status_view.adapter_vs_base(old_round) is None and status_view.adapter_vs_base(None) is None
     assert status_view.render_training({"current_adapter": "v0001", "vs_base": None})[0] == "adapter   v0001"
+
+
+# ------------------------------------------------------------------------------- the real thing, on the demo
+# Bounds for a loaded 2-core machine: when to call it a hang, not how long things should take.
+DEMO_S = 1500
+EVAL_S = 900
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    """`gitlora demo`: the demo repository, its daemon-made shards and two real rounds' adapters on the tiny
+    model, all under one directory; `env` points every later command at it (and never at the real HOME)."""
+    base = tmp_path_factory.mktemp("eval-demo")
+    home = base / "home"
+    home.mkdir()
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("GIT_", "XDG_", "GITLORA_", "NOTIFY_"))}
+    env.update(HOME=str(home), XDG_CONFIG_HOME=str(home / ".config"), XDG_CACHE_HOME=str(home / ".cache"),
+               XDG_STATE_HOME=str(home / ".local/state"), GIT_CONFIG_NOSYSTEM="1",
+               # what `gitlora demo` itself points its own commands at:
+               GITLORA_STATE_HOME=str(base / "d" / "state"), GITLORA_CONFIG=str(base / "d" / "config.toml"),
+               XDG_RUNTIME_DIR=str(base / "d" / "run"), XDG_DATA_HOME=str(base / "d" / "data"))
+    done = subprocess.run([sys.executable, "-m", "gitlora.daemon", "demo", "--dir", str(base / "d"), "--steps", "3"],
+                          capture_output=True, text=True, timeout=DEMO_S, env=env)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return {"dir": base / "d", "repo": base / "d" / "demo-crate", "env": env, "out": base}
+
+
+def run_gitlora(demo, *args: str, timeout: float = EVAL_S) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "gitlora.daemon", *args], capture_output=True, text=True,
+                          timeout=timeout, env=demo["env"])
+
+
+def adapters_dir(demo) -> Path:
+    return next((demo["dir"] / "state" / "repos").glob("demo-crate-*")) / "adapters"
+
+
+def test_eval_json_measures_base_and_current_adapter_on_the_held_out_window(demo):
+    from gitlora.trainer import registry
+
+    current = registry.current_version(adapters_dir(demo))
+    assert current, "the demo's rounds promoted no adapter"
+    done = run_gitlora(demo, "eval", "--json", str(demo["repo"]))
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(done.stdout)
+    assert result["versions"] == [current] and list(result["models"]) == ["base", current]
+    assert result["repo"] == "demo-crate" and result["window_source"]
+    window = result["sets"]["window"]
+    assert window["examples"] > 0 and window["commits"] > 0
+    for name in ("base", current):
+        numbers = result["models"][name]["window"]
+        assert set(numbers) >= METRIC_KEYS and numbers["examples"] == window["examples"]
+        assert numbers["target_loss"] > 0 and numbers["changed_loss"] > 0  # losses of a real model
+        assert numbers["fim_n"] > 0 and 0 <= numbers["fim_exact"] <= 1 and 0 <= numbers["fim_edit_sim"] <= 1
+    model = result["models"][current]
+    assert model["current"] is True and model["created_at"] > 0
+    for metric in ("changed_loss", "target_loss", "fim_exact", "fim_edit_sim"):
+        d = model["vs_base"]["window"][metric]
+        assert d["kind"] == ("rel" if metric.endswith("loss") else "abs")
+        assert isinstance(d["value"], float)
+    ours, theirs = model["window"]["changed_loss"], result["models"]["base"]["window"]["changed_loss"]
+    assert model["vs_base"]["window"]["changed_loss"]["value"] == pytest.approx(ours / theirs - 1, rel=1e-6)
+    d = model["vs_base"]["window"]["changed_loss"]
+    if window["commits"] >= 2:  # an interval needs two commits to resample
+        assert d["ci95_low"] <= d["value"] <= d["ci95_high"]
+
+
+def test_eval_table_and_plot_over_every_version(demo):
+    from gitlora.trainer import registry
+
+    versions = [v["version"] for v in registry.list_versions(adapters_dir(demo))]
+    assert len(versions) == 2  # the demo runs two rounds; each leaves a version, promoted or not
+    plot = demo["out"] / "eval.png"
+    done = run_gitlora(demo, "eval", "--plot", str(plot), str(demo["repo"]))  # --plot defaults to all versions
+    assert done.returncode == 0, done.stderr[-3000:]
+    header = next(line for line in done.stdout.splitlines() if line.strip().startswith("metric"))
+    assert [c for c in header.split() if c.startswith("v")] == versions
+    changed = next(line for line in done.stdout.splitlines() if "changed-token loss" in line)
+    assert changed.count(" %") == 2  # a difference vs base for each version
+    assert f"plot written to {plot}" in done.stdout
+    width, height = png_size(plot)
+    assert width > 500 and height > 400
+
+
+def test_eval_names_the_versions_when_asked_for_one_that_does_not_exist(demo):
+    done = run_gitlora(demo, "eval", "--versions", "v0042", str(demo["repo"]), timeout=120)
+    assert done.returncode == 2 and done.stdout == ""
+    assert done.stderr.strip() == "gitlora: no adapter version 'v0042' (versions: v0001, v0002)"
+
+
+def test_status_shows_the_adapter_against_the_base_from_its_rounds_metrics(demo, monkeypatch):
+    from gitlora.trainer import registry
+
+    from daemonutil import DaemonProcess
+
+    adapters = adapters_dir(demo)
+    current = registry.current_version(adapters)
+    metrics = json.loads((adapters / current / registry.METRICS).read_text())
+    expected = status_view.vs_base_line(status_view.adapter_vs_base(metrics))
+    assert expected.startswith("changed-token loss ")
+    offline = run_gitlora(demo, "status", timeout=120)  # no daemon: what the state on disk says
+    assert offline.returncode == 1 and f"adapter   {current}   {expected}" in offline.stdout
+    monkeypatch.setenv("XDG_RUNTIME_DIR", demo["env"]["XDG_RUNTIME_DIR"])  # where this test finds its socket
+    daemon = DaemonProcess(env=demo["env"]).start()
+    try:
+        online = run_gitlora(demo, "status", timeout=120)
+        assert online.returncode == 0, online.stdout + online.stderr
+        assert f"adapter   {current}   {expected}" in online.stdout
+    finally:
+        assert daemon.stop() == 0
