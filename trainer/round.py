@@ -257,7 +257,7 @@ def _round(spec: dict, progress: Progress, cfg: dict, base_model: str, adapters_
              grad_accum=grad_accum, total=total, examples=train.examples, replayed=replayed,
              skipped=train.skipped, truncated=train.truncated, blocks=len(train.packed.input_ids),
              padding_waste=round(train.packed.waste, 4),
-             eval_examples={name: len(e.records) for name, e in evalsets.items()})
+             eval_examples=len(evalsets["window"].records), older_examples=len(evalsets["older"].records))
 
     # ---- eval before: the base model (adapter disabled) and the current adapter as resumed (none on round 1)
     with model.disable_adapter():
