@@ -144,12 +144,6 @@ def attach_adapter(model, adapters_dir: Path, cfg: dict):
     return get_peft_model(model, lora), None
 
 
-def batches(packed: data.Packed, micro_batch: int, torch, device):
-    for s in range(0, len(packed.input_ids), micro_batch):
-        yield tuple(torch.tensor(getattr(packed, k)[s:s + micro_batch], dtype=torch.long, device=device)
-                    for k in ("input_ids", "position_ids", "labels"))
-
-
 def eval_records(spec: dict) -> dict[str, list[dict]]:
     """The window and the older slice: eval_shards' examples filtered by the spec's commit lists."""
     records = data.read_shards(spec.get("eval_shards") or [])
