@@ -213,3 +213,17 @@ def test_gate_round_one_compares_with_base_and_needs_data():
     unchanged = gate.decide({"base": [ExampleLoss("a", 1, 1, 0, 0), ExampleLoss("b", 1, 1, 0, 0)], "current": None,
                              "candidate": [ExampleLoss("a", 1, 1, 0, 0), ExampleLoss("b", 1, 1, 0, 0)]}, {})
     assert not unchanged.passed and "no changed target tokens" in unchanged.reason
+
+
+def test_compare_pairs_every_metric():
+    ref = [ExampleLoss("a", 10.0, 10, 4.0, 2), ExampleLoss("b", 20.0, 10, 6.0, 3)]
+    new = [ExampleLoss("a", 9.0, 10, 2.0, 2), ExampleLoss("b", 18.0, 10, 3.0, 3)]
+    ref_fim = [metrics.FimScore("a", False, 0.5), metrics.FimScore("b", True, 1.0)]
+    new_fim = [metrics.FimScore("a", True, 1.0), metrics.FimScore("b", True, 1.0)]
+    out = metrics.compare(ref, ref_fim, new, new_fim)
+    assert out["changed_loss_rel"]["value"] == pytest.approx(-0.5)
+    assert out["target_loss_rel"]["value"] == pytest.approx(-0.1)
+    assert out["fim_exact_diff"]["value"] == pytest.approx(0.5)
+    assert out["fim_edit_sim_diff"]["value"] == pytest.approx(0.25)
+    assert set(out["changed_loss_rel"]) == {"value", "low", "high", "commits"}
+    assert metrics.compare(ref, [], new, [])["fim_exact_diff"] is None

@@ -173,3 +173,17 @@ def paired_fim(a: Sequence[FimScore], b: Sequence[FimScore], *, metric: str = "e
 def fim_estimate(scores: Sequence[FimScore], *, metric: str = "edit_sim", seed: int = 0) -> Estimate:
     return bootstrap_ratio([f.commit for f in scores], [float(getattr(f, metric)) for f in scores],
                            [1.0] * len(scores), seed=seed)
+
+
+def compare(ref_losses: Sequence[ExampleLoss], ref_fim: Sequence[FimScore], losses: Sequence[ExampleLoss],
+            fim: Sequence[FimScore], *, seed: int = 0) -> dict:
+    """A model against a reference on the same examples, every metric paired, with intervals over commits:
+    losses as relative changes (negative = better), FIM as absolute differences (positive = better).
+    Each entry: {value, low, high, commits}; None where a set has no such items."""
+    def est(fn, *args, **kw):
+        return fn(*args, seed=seed, **kw).to_dict() if args[0] else None
+
+    return dict(changed_loss_rel=est(paired_loss, ref_losses, losses),
+                target_loss_rel=est(paired_loss, ref_losses, losses, changed=False),
+                fim_exact_diff=est(paired_fim, ref_fim, fim, metric="exact"),
+                fim_edit_sim_diff=est(paired_fim, ref_fim, fim, metric="edit_sim"))
