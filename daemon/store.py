@@ -2,7 +2,7 @@
 
 Named databases (DESIGN.md, *Store (LMDB) schema*): `commits` (20-byte binary oid -> JSON record), `examples` (8-byte
 big-endian sequence -> JSON example), `meta` (schema version, counters), `example_keys` (16-byte digest of an
-example's (path, qualified_name, change_kind, after) -> the oid of the first commit that stored it: a commit
+example's (path, qualified_name, after) -> the oid of the first commit that stored it: a commit
 whose every example is already there replays earlier commits, e.g. a merge of its branch, and its record says
 so with `duplicates`). A commit's record and all of its
 examples are written in one write transaction, and the transaction first checks that the commit is not
@@ -133,11 +133,11 @@ _MAX_DUPLICATE_OF = 8  # a commit record names at most this many of the commits 
 
 
 def example_key(example: dict[str, Any] | bytes) -> bytes:
-    """What makes two examples the same change: the item (path, qualified name), how it changed, and its
-    text after. A merge that replays its branch produces exactly its branch commits' keys."""
+    """What makes two examples the same change: the item (path, qualified name) and its text after. Not its
+    change kind: a branch that adds a file and then edits it is, in its merge, that file added with its final
+    text (kind "added"), where the branch's last edit stored the same text as "modified"."""
     record = json.loads(example) if isinstance(example, (bytes, bytearray)) else example
-    fields = [record.get("path"), record.get("path_hex"), record.get("qualified_name"), record.get("change_kind"),
-              record.get("after")]
+    fields = [record.get("path"), record.get("path_hex"), record.get("qualified_name"), record.get("after")]
     return hashlib.blake2b(json.dumps(fields).encode(), digest_size=16).digest()
 
 
