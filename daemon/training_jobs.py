@@ -241,7 +241,7 @@ class TrainingCoordinator:
     def _record(self, worker: RepoWorker, state: RoundState, number: int, new_commits: list[str],
                 events: list[dict[str, Any]], code: int | None, started_at: float) -> RoundState:
         """A finished round in the state: promoted -> its new commits are trained (only those the trainer
-        reports in `trained_commits` when its budget stopped it early); rejected ("kept current", with the
+        reports in `budget.covered_commits` when its budget bounded it); rejected ("kept current", with the
         gate's one-line reason) -> they stay new, one try more; failed -> nothing changes but the backoff."""
         done = next((e for e in reversed(events) if e.get("event") == "done"), None)
         error = next((e for e in reversed(events) if e.get("event") == "error"), None)
@@ -251,7 +251,8 @@ class TrainingCoordinator:
         if done is not None and code in (round_spec.EXIT_OK, None):
             promoted = bool(done.get("promoted"))
             gate = done.get("gate")
-            covered = done.get("trained_commits")
+            budget = done.get("budget")
+            covered = budget.get("covered_commits") if isinstance(budget, dict) else None
             taken = [c for c in new_commits if c in set(covered)] if isinstance(covered, list) else new_commits
             outcome.update(outcome="promoted" if promoted else "kept current",
                            version=done.get("version"), eval_loss_before=done.get("eval_loss_before"),

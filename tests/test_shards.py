@@ -156,7 +156,8 @@ def test_manifest_entries_list_their_commits_and_an_old_manifest_gets_them_once(
                      # replays commit 1's changes (a merge of its branch): a duplicate
                      PendingCommit((3).to_bytes(20, "big"), {}, [item(3, "f", "fn f() {}"), item(3, "g", "fn g() {}")]),
                      # one of its two changes is new: not a duplicate
-                     PendingCommit((4).to_bytes(20, "big"), {}, [item(4, "f", "fn f() {}"), item(4, "k", "fn k() {}")])])
+                     PendingCommit((4).to_bytes(20, "big"), {},
+                                   [item(4, "f", "fn f() {}"), item(4, "k", "fn k() {}")])])
         writer = ShardWriter(tmp_path / "shards", tmp_path / "manifest.json", store)
         entries = writer.flush(shard_size=3)
         assert [e["split"] for e in entries] == ["train", "train"]  # no eval shard: the window is the planner's

@@ -36,7 +36,8 @@ class RoundSettings(_Strict):
     lora_alpha: int = Field(32, ge=1, le=65_536)
     lora_dropout: float = Field(0.05, ge=0, lt=1)
     # -- data
-    replay_share: float = Field(0.3, ge=0, lt=1, description="share of a round's examples replayed from trained commits")
+    replay_share: float = Field(0.3, ge=0, lt=1,
+                                description="share of a round's examples replayed from trained commits")
     fim_share: float = Field(0.2, ge=0, le=1, description="share of examples rendered as fill-in-the-middle")
     context_length: int = Field(0, ge=0, le=1_048_576, description="0 = from the hardware plan")
     # -- hardware plan overrides
@@ -49,16 +50,20 @@ class RoundSettings(_Strict):
     promote_margin: float = Field(0.0, ge=0, lt=1, description="relative changed-token-loss improvement over the "
                                   "current adapter a candidate must show, beyond its 95 % interval excluding zero")
     max_forgetting: float = Field(0.02, ge=0, lt=1, description="largest relative loss increase on the older slice")
-    eval_max_examples: int = Field(200, ge=1, le=1_000_000, description="window/older examples evaluated (a fixed sample)")
+    eval_max_examples: int = Field(200, ge=1, le=1_000_000,
+                                   description="window/older examples evaluated (a fixed sample)")
     fim_samples: int = Field(24, ge=0, le=100_000, description="held-out items scored by fill-in-the-middle completion")
     # -- the held-out window and the older slice (the daemon's planner)
-    window_commits: int = Field(30, ge=1, le=1_000_000, description="the window holds at least this many newest commits")
+    window_commits: int = Field(30, ge=1, le=1_000_000,
+                                description="the window holds at least this many newest commits")
     window_examples: int = Field(300, ge=1, le=10_000_000, description="... and at least this many examples")
     older_slice_commits: int = Field(20, ge=0, le=1_000_000,
                                      description="commits that left the window, held out to measure forgetting")
     # -- the budget of one round (0 = none)
-    max_round_s: float = Field(4.0 * HOUR, ge=0, le=7 * 24 * HOUR, description="stop training after this long")
-    max_round_tokens: int = Field(0, ge=0, le=10**13, description="stop training after this many target tokens")
+    max_round_s: float = Field(4.0 * HOUR, ge=0, le=7 * 24 * HOUR,
+                               description="training time one round may take (0 = none): a bigger backlog trains "
+                                           "newest first, the rest in later rounds")
+    max_round_tokens: int = Field(0, ge=0, le=10**12, description="tokens one round may read (0 = none)")
 
 
 DEFAULTS: dict[str, Any] = RoundSettings().model_dump()
