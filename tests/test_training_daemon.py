@@ -238,6 +238,7 @@ def test_a_rejected_round_keeps_its_data_for_the_next_and_status_says_why(tmp_pa
         assert state["tries"] == {} and set(state["trained"]) == set(spec["new_commits"])
         view = repo_status(daemon, "zeta")["training"]
         assert view["last_round"]["retired_commits"] == len(spec["new_commits"])
-        assert view["next_round"]["replay_commits"] == len(spec["new_commits"])
+        wait_for(lambda: (repo_status(daemon, "zeta")["training"]["next_round"] or {}).get("replay_commits")
+                 == len(spec["new_commits"]), STEP_S, "the next check to plan them as replay")
     finally:
         daemon.stop()
