@@ -5,7 +5,7 @@
 EVAL_SPEC.json = {"base_model", "adapters_dir", "versions": ["v0003", ...],
                   "eval_shards": [paths],
                   "sets": {"window": [commit hex, ...] | null, "older": [commit hex, ...]},
-                  "train": {round settings; missing keys = the trainer's defaults},
+                  "train": {round settings; missing keys = trainer/spec.py's defaults},
                   "result_file": path}
 
 A set given as null holds every example of `eval_shards`. The base model is loaded once; every version is
@@ -45,10 +45,10 @@ from pathlib import Path
 
 from gitlora.daemon.fsutil import atomic_write_text
 from gitlora.trainer import data, plan as planlib, registry
+from gitlora.trainer.spec import DEFAULTS, EXIT_FAIL, EXIT_INTERRUPTED, EXIT_OOM, EXIT_SPEC, keep_commits
 
 # How each metric compares against the base: relative for losses, absolute (points of a share) for scores.
 METRIC_KINDS = {"changed_loss": "rel", "target_loss": "rel", "fim_exact": "abs", "fim_edit_sim": "abs"}
-EXIT_FAIL, EXIT_SPEC, EXIT_OOM = 1, 2, 3
 
 
 class SpecError(Exception):
@@ -56,21 +56,12 @@ class SpecError(Exception):
 
 
 def _settings(spec: dict) -> dict:
-    from gitlora.trainer import round as roundlib  # the trainer's defaults: one definition of a round setting
-
-    return {**roundlib.DEFAULTS, **(spec.get("train") or {})}
+    return {**DEFAULTS, **(spec.get("train") or {})}
 
 
 def select_sets(records: list[dict], sets: dict[str, list[str] | None]) -> dict[str, list[dict]]:
-    """Each named set's examples: those whose commit is listed (None: all records). Pure."""
-    out = {}
-    for name, commits in sets.items():
-        if commits is None:
-            out[name] = list(records)
-        else:
-            wanted = set(commits)
-            out[name] = [r for r in records if r.get("commit") in wanted]
-    return out
+    """Each named set's examples: those whose commit is listed (None: all records)."""
+    return {name: keep_commits(records, commits) for name, commits in sets.items()}
 
 
 def version_info(adapters_dir: Path, version: str) -> dict:
@@ -92,16 +83,17 @@ def finite(summary: dict) -> dict:
 
 
 def versus(base, other) -> dict:
-    """Every metric of `other` against the base on the same examples (paired, bootstrap over commits)."""
+    """Every metric of `other` against the base on the same examples (metrics.compare: paired, bootstrap over
+    commits), keyed by metric with how it compares."""
     from gitlora.trainer import metrics
 
-    estimates = {"changed_loss": metrics.paired_loss(base.losses, other.losses, changed=True),
-                 "target_loss": metrics.paired_loss(base.losses, other.losses, changed=False),
-                 "fim_exact": metrics.paired_fim(base.fim, other.fim, metric="exact"),
-                 "fim_edit_sim": metrics.paired_fim(base.fim, other.fim, metric="edit_sim")}
-    return {metric: finite({"kind": METRIC_KINDS[metric], "value": e.value, "ci95_low": e.low,
-                            "ci95_high": e.high, "commits": e.commits})
-            for metric, e in estimates.items()}
+    compared = metrics.compare(base.losses, base.fim, other.losses, other.fim)
+    out = {}
+    for metric, kind in METRIC_KINDS.items():
+        estimate = compared.get(f"{metric}_{'rel' if kind == 'rel' else 'diff'}") or {}
+        out[metric] = finite({"kind": kind, "value": estimate.get("value"), "ci95_low": estimate.get("low"),
+                              "ci95_high": estimate.get("high"), "commits": estimate.get("commits", 0)})
+    return out
 
 
 def run_eval(spec: dict) -> dict:
@@ -234,7 +226,7 @@ def main(argv=None) -> int:
             return EXIT_OOM
         if isinstance(exc, KeyboardInterrupt):
             report({"error": "interrupted", "message": "interrupted"})
-            return 130
+            return EXIT_INTERRUPTED
         traceback.print_exc()
         report({"error": "exception", "message": f"{type(exc).__name__}: {exc}"[:500]})
         return EXIT_FAIL

@@ -60,13 +60,16 @@ def choose_versions(selector: str, available: list[str], current: str | None) ->
     return sorted(chosen, key=available.index)
 
 
-def held_out(manifest: dict[str, Any], state: RoundState, shards_dir: Path) -> dict[str, Any]:
-    """What the next round would be judged on: its eval shards, the commit lists of its sets, and where they
-    come from. The same planner call as the daemon's; the window is the newest eval shard, all of it."""
-    plan = select_data(manifest, state)
-    shards = [str(shards_dir / s["file"]) for s in plan.eval]
-    return {"eval_shards": shards, "sets": {"window": None},
-            "source": "the newest eval shard, as the daemon's planner holds it out for the next round"}
+def held_out(manifest: dict[str, Any], state: RoundState, settings, shards_dir: Path) -> dict[str, Any]:
+    """What the next round would be judged on: the rolling window and the older slice, with the shards holding
+    them. The daemon's own planner call on the same manifest and round state, so the sets are the daemon's."""
+    plan = select_data(manifest, state, settings)
+    window, older = plan.window_commits, plan.older_commits
+    return {"eval_shards": [str(shards_dir / s["file"]) for s in plan.eval_shards],
+            "sets": {"window": window, "older": older},
+            "source": f"the daemon's planner: the newest {len(window)} commits with Rust changes "
+                      f"({plan.window_examples} examples), never trained on; the older slice: {len(older)} commits "
+                      f"that left the window"}
 
 
 def _load_state(rounds_dir: Path) -> RoundState:
@@ -90,10 +93,12 @@ def run(args: argparse.Namespace) -> int:
     except ValueError as exc:
         print(f"gitlora: {exc}", file=sys.stderr)
         return 2
-    data = held_out(read_manifest(repo_paths.manifest), _load_state(repo_paths.rounds), repo_paths.shards)
-    if not data["eval_shards"]:
-        print("gitlora: nothing held out yet to evaluate on: the daemon has flushed no eval shard for "
-              f"{opened.git.name} (commit more, or wait for the daemon's quiet flush)", file=sys.stderr)
+    data = held_out(read_manifest(repo_paths.manifest), _load_state(repo_paths.rounds), config.train,
+                    repo_paths.shards)
+    if not data["sets"]["window"]:
+        print(f"gitlora: nothing held out yet to evaluate on in {opened.git.name}: the window is empty (it needs "
+              "two stored commits with Rust changes, flushed to shards: commit more, or wait for the daemon's "
+              "quiet flush)", file=sys.stderr)
         return 1
     if not versions:
         print("gitlora: no adapter yet: only the base model is measured (a round promotes the first one)",
@@ -119,9 +124,7 @@ def evaluate(config, adapters_dir: Path, versions: list[str], data: dict[str, An
         spec_file, result_file, log_file = Path(tmp) / "spec.json", Path(tmp) / "result.json", Path(tmp) / "log"
         spec = {"base_model": config.train.base_model, "adapters_dir": str(adapters_dir), "versions": versions,
                 "eval_shards": data["eval_shards"], "sets": data["sets"], "result_file": str(result_file),
-                "train": {k: v for k, v in config.train.model_dump().items()
-                          if k in ("context_length", "device", "lora_r", "lora_alpha", "seed", "micro_batch",
-                                   "quantization", "compute_dtype", "eval_max_examples", "fim_samples")}}
+                "train": config.train.round_settings().model_dump()}
         spec_file.write_text(json.dumps(spec, indent=1))
         print(f"evaluating the base model{' and ' + ', '.join(versions) if versions else ''} "
               f"({config.train.base_model}) ...", file=sys.stderr, flush=True)
