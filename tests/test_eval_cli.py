@@ -214,7 +214,7 @@ def demo(tmp_path_factory):
 
         def flushed() -> bool:
             view = daemon.status()["repos"][0]
-            return view.get("shards", 0) >= 1 and view.get("unflushed_examples", 1) == 0 and not view["ingesting"]
+            return view.get("shards", 0) >= 1 and view.get("unflushed_examples", 1) == 0 and not view.get("ingesting")
 
         def round_done(number: int):
             last = training().get("last_round") or {}
