@@ -21,6 +21,10 @@ def _number(value: Any, metric: str) -> str:
     return f"{value:.4f}" if metric.endswith("loss") else f"{value:.3f}"
 
 
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}{'' if n == 1 else 's'}"
+
+
 def format_diff(diff: dict[str, Any] | None) -> str:
     """'−17.9 % [−21.0, −14.6]' (relative) or '+0.042 [+0.010, +0.071]' (absolute); '' when unknown."""
     if not diff or not isinstance(diff.get("value"), (int, float)):
@@ -57,8 +61,9 @@ def render_table(result: dict[str, Any]) -> str:
     for set_name, counts in result.get("sets", {}).items():
         lines.append("")
         base_set = (models.get("base") or {}).get(set_name) or {}
-        lines.append(f"{SET_TITLES.get(set_name, set_name)}: {counts.get('commits', 0)} commits, "
-                     f"{counts.get('examples', 0)} examples, {base_set.get('fim_n', 0)} completions scored")
+        lines.append(f"{SET_TITLES.get(set_name, set_name)}: {_count(counts.get('commits', 0), 'commit')}, "
+                     f"{_count(counts.get('examples', 0), 'example')}, "
+                     f"{_count(base_set.get('fim_n', 0), 'completion')} scored")
         if not counts.get("examples"):
             lines.append("  (empty: nothing to measure yet)")
             continue
@@ -76,7 +81,8 @@ def render_table(result: dict[str, Any]) -> str:
         for r in rows:
             lines.append("  " + "  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())
     lines.append("")
-    lines.append("versions: difference vs base [95 % interval, bootstrap over commits]; * = current adapter")
+    lines.append("versions: difference vs base [95 % interval, bootstrap over commits; none with fewer than two "
+                 "commits]; * = current adapter")
     return "\n".join(lines)
 
 
@@ -130,18 +136,23 @@ def write_plot(result: dict[str, Any], path: str) -> None:
             err = [[y - p["low"] for y, p in zip(ys, pts)], [p["high"] - y for y, p in zip(ys, pts)]]
             ax.errorbar(xs, ys, yerr=err, color=color, marker=marker, capsize=3, linewidth=1.2,
                         label=f"adapters, {set_name}")
-            for x, p in zip(xs, pts):
-                ax.annotate(p["version"] + (" *" if p["current"] else ""), (x, p["value"]), fontsize=7,
-                            textcoords="offset points", xytext=(4, 4))
+            if set_name == sets[0]:  # name the versions once per panel: the sets share their x positions
+                for x, p in zip(xs, pts):
+                    ax.annotate(p["version"] + (" *" if p["current"] else ""), (x, p["value"]), fontsize=7,
+                                textcoords="offset points", xytext=(4, 4))
         ax.set_title(f"{label} ({'lower' if lower else 'higher'} is better)", fontsize=10)
-        ax.xaxis.set_major_formatter(mdates.DateFormatter("%m-%d %H:%M"))
-        ax.tick_params(axis="x", labelsize=7, rotation=20)
+        locator = mdates.AutoDateLocator(maxticks=6)
+        ax.xaxis.set_major_locator(locator)
+        ax.xaxis.set_major_formatter(mdates.ConciseDateFormatter(locator))
+        ax.tick_params(axis="x", labelsize=7)
         ax.grid(alpha=0.3)
     handles, labels = axes.flat[0].get_legend_handles_labels()
     if handles:
         fig.legend(handles, labels, loc="lower center", ncol=4, fontsize=8, frameon=False)
     when = time.strftime("%Y-%m-%d %H:%M", time.localtime(result.get("finished_at") or time.time()))
-    fig.suptitle(f"gitlora eval {result.get('repo', '')}: adapters vs {result.get('base_model', 'base')} "
+    base_model = str(result.get("base_model", "base"))
+    base_name = base_model.rstrip("/").rsplit("/", 1)[-1] if base_model.startswith("/") else base_model
+    fig.suptitle(f"gitlora eval {result.get('repo', '')}: adapters vs {base_name} "
                  f"({when}; bars: 95 % interval of the paired difference)", fontsize=10)
     fig.tight_layout(rect=(0, 0.05, 1, 0.95))
     fig.savefig(path, format="png", dpi=110)

@@ -68,8 +68,8 @@ def held_out(manifest: dict[str, Any], state: RoundState, settings, shards_dir: 
     return {"eval_shards": [str(shards_dir / s["file"]) for s in plan.eval_shards],
             "sets": {"window": window, "older": older},
             "source": f"the daemon's planner: the newest {len(window)} commits with Rust changes "
-                      f"({plan.window_examples} examples), never trained on; the older slice: {len(older)} commits "
-                      f"that left the window"}
+                      f"({plan.window_examples} examples), never trained on; the older slice: {len(older)} "
+                      f"commit{'' if len(older) == 1 else 's'} that left the window"}
 
 
 def _load_state(rounds_dir: Path) -> RoundState:
