@@ -144,6 +144,28 @@ def test_status_line_without_an_interval_or_without_an_evaluation():
     assert status_view.render_training({"current_adapter": "v0001", "vs_base": None})[0] == "adapter   v0001"
 
 
+def test_offline_status_shows_the_line_from_the_current_versions_metrics_json(tmp_path):
+    """No daemon: `gitlora status` reads the current version's metrics.json from the state dir."""
+    from gitlora.daemon import paths
+    from gitlora.daemon.gitrepo import GitRepo
+    from gitlora.trainer import registry
+
+    from daemonutil import gitlora
+    from gitutil import commit_files, init_repo
+
+    repo = init_repo(tmp_path / "crate")
+    commit_files(repo, {"src/lib.rs": "pub fn one() -> u32 { 1 }\n"}, "one")
+    gitlora("install", str(repo))
+    adapters = paths.RepoPaths.for_git_dir(GitRepo(repo).common_dir).adapters
+    (adapters / "v0003").mkdir(parents=True)
+    (adapters / "v0003" / registry.METRICS).write_text(json.dumps(metrics_json()))
+    registry.promote(adapters, "v0003")
+    done = gitlora("status", check=False)
+    assert done.returncode == 1  # no daemon
+    assert ("  adapter   v0003   changed-token loss −18 % vs base (±4 %, 95 % interval −22 % to −14 %, window of "
+            "31 commits)") in done.stdout.splitlines()
+
+
 # ------------------------------------------------------------------------------- the real thing, on the demo
 # Bounds for a loaded 2-core machine: when to call it a hang, not how long things should take.
 ROUND_S = 1200
