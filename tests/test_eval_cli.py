@@ -313,8 +313,14 @@ def test_eval_table_and_plot_over_every_version(demo):
     versions = [v["version"] for v in registry.list_versions(adapters_dir(demo))]
     assert versions == ["v0001", "v0002"]  # each round leaves a version, promoted or not
     plot = demo["out"] / "eval.png"
-    done = run_gitlora(demo, "eval", "--plot", str(plot), str(demo["repo"]))  # --plot defaults to all versions
+    # --plot defaults to all versions. Run as `gitlora` runs, then ask the CLI process whether it imported torch:
+    # the model belongs to the subprocess.
+    code = ("import sys; from gitlora.daemon.cli import main; code = main(sys.argv[1:]); "
+            "print('torch imported' if 'torch' in sys.modules else 'torch-free', file=sys.stderr); sys.exit(code)")
+    done = subprocess.run([sys.executable, "-c", code, "eval", "--plot", str(plot), str(demo["repo"])],
+                          capture_output=True, text=True, timeout=EVAL_S, env=demo["env"])
     assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stderr.strip().endswith("torch-free")
     header = next(line for line in done.stdout.splitlines() if line.strip().startswith("metric"))
     assert [c for c in header.split() if c.startswith("v")] == versions
     changed = next(line for line in done.stdout.splitlines() if "changed-token loss" in line)
