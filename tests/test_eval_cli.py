@@ -166,6 +166,18 @@ def test_offline_status_shows_the_line_from_the_current_versions_metrics_json(tm
             "31 commits)") in done.stdout.splitlines()
 
 
+def test_eval_of_a_repository_never_installed_says_so_and_writes_nothing(tmp_path, isolated_home):
+    from daemonutil import gitlora
+    from gitutil import commit_files, init_repo
+
+    repo = init_repo(tmp_path / "stranger")
+    commit_files(repo, {"src/lib.rs": "pub fn one() -> u32 { 1 }\n"}, "one")
+    done = gitlora("eval", str(repo), check=False)
+    assert done.returncode == 1 and done.stdout == ""
+    assert done.stderr.strip() == f"gitlora: stranger has no gitlora state: install it first (`gitlora install {repo}`)"
+    assert not (isolated_home / ".local/state/gitlora/repos").exists()
+
+
 # ------------------------------------------------------------------------------- the real thing, on the demo
 # Bounds for a loaded 2-core machine: when to call it a hang, not how long things should take.
 ROUND_S = 1200

@@ -16,14 +16,18 @@ import time
 from pathlib import Path
 from typing import Any
 
+from gitlora.trainer import spec as round_spec  # torch-free: the exit codes eval_run shares with the trainer
+
 from .. import config as config_mod
 from .. import eval_view
-from ..repos import open_repo
+from ..gitrepo import GitRepo
+from ..paths import RepoPaths
 from ..round_planning import RoundState, select_data
 from ..shards import read_manifest
 from . import CommandFailed
 
-EXIT_REASONS = {1: "the evaluation failed", 2: "nothing to evaluate", 3: "out of memory"}
+EXIT_REASONS = {round_spec.EXIT_FAIL: "the evaluation failed", round_spec.EXIT_SPEC: "nothing to evaluate",
+                round_spec.EXIT_OOM: "out of memory", round_spec.EXIT_INTERRUPTED: "interrupted"}
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -83,8 +87,12 @@ def run(args: argparse.Namespace) -> int:
     from gitlora.trainer import registry  # torch-free
 
     config = config_mod.load()
-    opened = open_repo(args.repo, config)
-    repo_paths = opened.paths
+    git = GitRepo(args.repo, exclude=config.ingest.exclude, include_remotes=config.ingest.include_remotes)
+    repo_paths = RepoPaths.for_git_dir(git.common_dir)
+    if not repo_paths.root.is_dir():  # read-only from here on: no state dir is created for a stranger
+        print(f"gitlora: {git.name} has no gitlora state: install it first (`gitlora install {args.repo}`)",
+              file=sys.stderr)
+        return 1
     available = [v["version"] for v in registry.list_versions(repo_paths.adapters)]
     current = registry.current_version(repo_paths.adapters)
     selector = args.versions or ("all" if args.plot else "current")
@@ -96,7 +104,7 @@ def run(args: argparse.Namespace) -> int:
     data = held_out(read_manifest(repo_paths.manifest), _load_state(repo_paths.rounds), config.train,
                     repo_paths.shards)
     if not data["sets"]["window"]:
-        print(f"gitlora: nothing held out yet to evaluate on in {opened.git.name}: the window is empty (it needs "
+        print(f"gitlora: nothing held out yet to evaluate on in {git.name}: the window is empty (it needs "
               "two stored commits with Rust changes, flushed to shards: commit more, or wait for the daemon's "
               "quiet flush)", file=sys.stderr)
         return 1
@@ -104,7 +112,7 @@ def run(args: argparse.Namespace) -> int:
         print("gitlora: no adapter yet: only the base model is measured (a round promotes the first one)",
               file=sys.stderr)
     result = evaluate(config, repo_paths.adapters, versions, data, timeout=args.timeout)
-    result.update(repo=opened.git.name, git_dir=str(opened.git.common_dir), window_source=data["source"],
+    result.update(repo=git.name, git_dir=str(git.common_dir), window_source=data["source"],
                   finished_at=time.time())
     if args.plot:
         eval_view.write_plot(result, str(args.plot))
@@ -133,9 +141,12 @@ def evaluate(config, adapters_dir: Path, versions: list[str], data: dict[str, An
                 done = subprocess.run([sys.executable, "-m", "gitlora.trainer.eval_run", "--spec", str(spec_file)],
                                       stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                       timeout=timeout)
-            except subprocess.TimeoutExpired:
+            except subprocess.TimeoutExpired:  # subprocess.run has killed it
                 print(f"gitlora: the evaluation did not finish within {timeout:.0f}s", file=sys.stderr)
                 raise CommandFailed(1) from None
+            except KeyboardInterrupt:  # Ctrl-C reached the subprocess too (same process group); run() reaped it
+                print("\ngitlora: evaluation interrupted", file=sys.stderr)
+                raise CommandFailed(130) from None
         try:
             result = json.loads(result_file.read_text())
         except (OSError, ValueError):
