@@ -80,6 +80,11 @@ def render_table(result: dict[str, Any]) -> str:
         widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
         for r in rows:
             lines.append("  " + "  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())
+        for name in names:
+            bad = ((models.get(name) or {}).get(set_name) or {}).get("nonfinite")
+            if bad:
+                lines.append(f"  {name}: {bad} examples have a non-finite loss (fp16 overflow or broken weights): "
+                             "its losses are unknown")
     lines.append("")
     lines.append("versions: difference vs base [95 % interval, bootstrap over commits; none with fewer than two "
                  "commits]; * = current adapter")

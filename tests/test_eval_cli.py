@@ -82,6 +82,16 @@ def test_an_empty_set_says_so_instead_of_a_row_of_dashes():
     assert "older slice (forgetting): 0 commits, 0 examples," in table and "empty: nothing to measure yet" in table
 
 
+def test_a_model_with_non_finite_losses_shows_unknown_and_says_why():
+    result = hand_made_result()
+    result["models"]["v0001"]["window"].update(changed_loss=None, target_loss=None, nonfinite=3)
+    result["models"]["v0001"]["vs_base"]["window"]["changed_loss"].update(value=None, ci95_low=None, ci95_high=None)
+    table = eval_view.render_table(result)
+    changed = next(line for line in table.splitlines() if "changed-token loss" in line)
+    assert changed.split()[5:7] == ["2.0000", "-"]  # base, then v0001 unknown
+    assert "v0001: 3 examples have a non-finite loss (fp16 overflow or broken weights)" in table
+
+
 def test_plot_series_maps_the_paired_interval_onto_the_value_axis():
     series = eval_view.plot_series(hand_made_result(), "window", "changed_loss")
     assert series["base"] == 2.0

@@ -135,7 +135,7 @@ def run_eval(spec: dict) -> dict:
     from peft import PeftModel
     from transformers import AutoTokenizer
 
-    from gitlora.trainer import evaluate
+    from gitlora.trainer import evaluate, metrics
     from gitlora.trainer.round import load_base
 
     torch.manual_seed(int(cfg["seed"]))
@@ -148,8 +148,8 @@ def run_eval(spec: dict) -> dict:
 
     tokenizer = AutoTokenizer.from_pretrained(base_model)
     prepared = {name: evaluate.prepare(recs, tokenizer, plan.context_length,
-                                       max_examples=int(cfg.get("eval_max_examples", 200)),
-                                       fim_samples=int(cfg.get("fim_samples", 24)), seed=int(cfg["seed"]))
+                                       max_examples=int(cfg["eval_max_examples"]),
+                                       fim_samples=int(cfg["fim_samples"]), seed=int(cfg["seed"]))
                 for name, recs in chosen.items()}
     model = load_base(base_model, plan, torch)
     model.eval()
@@ -179,17 +179,15 @@ def run_eval(spec: dict) -> dict:
               "models": {}}
     for name, sets in scores.items():
         entry: dict = {set_name: finite(s.summary()) for set_name, s in sets.items()}
+        for set_name, s in sets.items():
+            bad = metrics.nonfinite(s.losses)
+            if bad:  # fp16 overflow or broken weights: the mean is unknown, and the table says why
+                entry[set_name]["nonfinite"] = bad
         if name != "base":
             entry["vs_base"] = {set_name: versus(scores["base"][set_name], s) for set_name, s in sets.items()}
             entry.update(version_info(adapters_dir, name))
         result["models"][name] = entry
     return result
-
-
-def _is_oom(exc: BaseException) -> bool:
-    name = type(exc).__name__
-    return name == "OutOfMemoryError" or isinstance(exc, MemoryError) or (
-        isinstance(exc, RuntimeError) and ("out of memory" in str(exc) or "can't allocate memory" in str(exc)))
 
 
 def main(argv=None) -> int:
@@ -210,6 +208,8 @@ def main(argv=None) -> int:
             atomic_write_text(Path(out), text + "\n")
         else:
             print(text)
+
+    from gitlora.trainer.round import _is_oom  # the trainer's one test for out-of-memory errors
 
     started = time.time()
     try:
