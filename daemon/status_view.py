@@ -105,6 +105,15 @@ def vs_base_line(summary: dict[str, Any]) -> str:
     return text + (f" ({', '.join(notes)})" if notes else "")
 
 
+def next_round_line(plan: dict[str, Any]) -> str:
+    """What the next round will use (the planner's summary): new data, replay, and what is held out."""
+    retried = plan.get("retried_commits") or 0
+    return (f"next round {plan.get('new_commits', 0)} new commits ({plan.get('new_examples', 0)} examples"
+            + (f", {retried} commits retried" if retried else "") + f"), {plan.get('replay_commits', 0)} to replay; "
+            f"held out: window {plan.get('window_commits', 0)} commits ({plan.get('window_examples', 0)} examples), "
+            f"older slice {plan.get('older_commits', 0)} commits")
+
+
 def render_training(training: dict[str, Any]) -> list[str]:
     lines = []
     current = training.get("current_adapter")
@@ -126,6 +135,9 @@ def render_training(training: dict[str, Any]) -> list[str]:
     trigger = training.get("next_trigger")
     if trigger:
         lines.append(f"next      {trigger}")
+    upcoming = training.get("next_round")
+    if upcoming:
+        lines.append(f"data      {next_round_line(upcoming)}")
     return lines
 
 

@@ -370,3 +370,12 @@ def test_status_shows_the_adapter_against_the_base_from_its_rounds_metrics(demo)
     online = run_gitlora(demo, "status", timeout=120)
     assert online.returncode == 0, online.stdout + online.stderr
     assert f"adapter   {current}   {expected}" in online.stdout
+    assert "data      next round " in online.stdout  # the planner's window as the daemon holds it out
+
+
+def test_status_says_what_the_next_round_will_use():
+    plan = {"new_commits": 3, "new_examples": 12, "fresh_examples": 4, "retried_commits": 2, "replay_commits": 5,
+            "window_commits": 6, "window_examples": 30, "older_commits": 1}
+    lines = status_view.render_training({"current_adapter": None, "next_round": plan})
+    assert lines[-1] == ("data      next round 3 new commits (12 examples, 2 commits retried), 5 to replay; held out: "
+                         "window 6 commits (30 examples), older slice 1 commits")
