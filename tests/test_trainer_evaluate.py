@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from gitlora.trainer import data, evaluate, metrics, plan as planlib, tiny
+from gitlora.trainer import data, evaluate, plan as planlib, tiny
 from gitlora.trainer import round as R
 
 
@@ -146,4 +146,3 @@ def test_split_by_example_uses_position_boundaries():
     assert evaluate.split_by_example([0.1, 0.2, 0.3], pos, labels) == [[0.1, 0.2], [0.3], []]
     with pytest.raises(ValueError):
         evaluate.split_by_example([0.1, 0.2], pos, labels)
-    assert metrics.changed_mask([1], [1]) == [False]

@@ -14,14 +14,23 @@ from gitlora.trainer.metrics import ExampleLoss
 
 # ------------------------------------------------------------------------------------------ changed tokens
 def test_changed_mask_marks_only_tokens_not_copied_from_before():
-    before = [10, 11, 12, 13, 14, 0]
-    target = [10, 11, 99, 98, 13, 14, 0]  # 12 replaced by 99 98
-    assert metrics.changed_mask(target, before) == [False, False, True, True, False, False, False]
+    before = [10, 11, 12, 13, 14, 15, 0]
+    target = [10, 11, 12, 99, 98, 13, 14, 15, 0]  # 99 98 inserted
+    assert metrics.changed_mask(target, before) == [False] * 3 + [True] * 2 + [False] * 4
     assert metrics.changed_mask(before, before) == [False] * len(before)  # a pure copy changes nothing
     assert metrics.changed_mask([5, 6, 7], []) == [True, True, True]  # an added item: all of it is new
     assert metrics.changed_mask([], [1, 2]) == []
     # appended and prepended tokens are changed; the common run in the middle is copied
     assert metrics.changed_mask([7, 1, 2, 3, 8], [1, 2, 3]) == [True, False, False, False, True]
+
+
+def test_lone_common_tokens_in_rewritten_code_are_not_copies():
+    """Rewritten code shares scattered common tokens with the old version (say 40 = ' =', 41 = '.'); the
+    alignment pairs them up, but only runs of COPY_MIN_RUN tokens count as copied."""
+    before = [1, 2, 3, 4, 40, 50, 41, 51, 9]
+    target = [1, 2, 3, 4, 40, 60, 61, 41, 62, 9]
+    assert metrics.changed_mask(target, before) == [False] * 5 + [True] * 5
+    assert metrics.changed_mask(target, before, min_run=1) == [False] * 5 + [True, True, False, True, False]
 
 
 def test_changed_mask_copying_does_not_dominate():

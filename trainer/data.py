@@ -78,9 +78,14 @@ def context_lines(ex: dict) -> str:
     return out
 
 
-def _example_rng(ex: dict, seed: int) -> random.Random:
+def item_digest(ex: dict, seed: int) -> bytes:
+    """A seeded digest of an item's identity: what every per-item random choice derives from."""
     key = f"{seed}:{ex.get('commit')}:{ex.get('path')}:{ex.get('qualified_name')}:{ex.get('change_kind')}"
-    return random.Random(int.from_bytes(hashlib.sha256(key.encode()).digest()[:8], "big"))
+    return hashlib.sha256(key.encode()).digest()
+
+
+def _example_rng(ex: dict, seed: int) -> random.Random:
+    return random.Random(int.from_bytes(item_digest(ex, seed)[:8], "big"))
 
 
 def render(ex: dict, fim_share: float = 0.0, seed: int = 0) -> tuple[str, str] | None:

@@ -16,7 +16,6 @@ two adapter versions evaluated on different days) are compared on the same items
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import inspect
 from dataclasses import dataclass, field
 
@@ -87,16 +86,11 @@ class EvalSet:
         return [str(r.get("commit")) for r in self.records]
 
 
-def _stable_key(ex: dict, seed: int) -> bytes:
-    key = f"{seed}:{ex.get('commit')}:{ex.get('path')}:{ex.get('qualified_name')}:{ex.get('change_kind')}"
-    return hashlib.sha256(key.encode()).digest()
-
-
 def sample(records: list[dict], max_examples: int, seed: int) -> tuple[list[dict], int]:
     """The renderable records in a seeded order that depends only on each item's identity (so a record keeps
     its place when others join or leave), cut to `max_examples` (0 = all). Returns (sample, skipped)."""
     usable = [r for r in records if data.render(r) is not None]
-    usable.sort(key=lambda r: _stable_key(r, seed))
+    usable.sort(key=lambda r: data.item_digest(r, seed))
     return (usable[:max_examples] if max_examples > 0 else usable), len(records) - len(usable)
 
 

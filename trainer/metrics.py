@@ -27,13 +27,21 @@ LEVEL = 0.95
 
 
 # ---------------------------------------------------------------------------------------- changed-token mask
-def changed_mask(target_ids: Sequence[int], before_ids: Sequence[int]) -> list[bool]:
-    """True for each target token that is not copied from the before version (all True when there is none)."""
+COPY_MIN_RUN = 3
+
+
+def changed_mask(target_ids: Sequence[int], before_ids: Sequence[int], min_run: int = COPY_MIN_RUN) -> list[bool]:
+    """True for each target token that is not copied from the before version (all True when there is none).
+
+    A copy is a run of at least `min_run` target tokens aligned with the before version: inside rewritten code
+    the longest common subsequence also pairs up lone common tokens (` =`, `.`, `(`, a newline and indent),
+    which are coincidences, not copies.
+    """
     changed = [True] * len(target_ids)
     if not before_ids:
         return changed
     for op in Indel.opcodes(list(before_ids), list(target_ids)):
-        if op.tag == "equal":
+        if op.tag == "equal" and op.dest_end - op.dest_start >= min_run:
             changed[op.dest_start:op.dest_end] = [False] * (op.dest_end - op.dest_start)
     return changed
 
