@@ -11,11 +11,14 @@ import os
 import stat
 import tomllib
 from pathlib import Path
-from typing import Any, Literal
+import types
+from typing import Any, Union, get_args, get_origin
 
 import annotated_types
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 from pydantic.fields import FieldInfo
+
+from gitlora.trainer.spec import RoundSettings
 
 from . import paths
 
@@ -54,28 +57,37 @@ class DaemonConfig(_Section):
 class ShardConfig(_Section):
     shard_size: int = Field(256, ge=1, le=1_000_000, description="examples per shard")
     quiet_flush_s: int = Field(120, ge=0, le=DAY, description="flush a partial shard after this long without commits")
-    eval_fraction: float = Field(0.1, gt=0, lt=1, description="newest share of commits held out for evaluation")
 
 
-class TrainConfig(_Section):
+class TrainConfig(RoundSettings):
+    """The round settings (trainer/spec.py, their one definition) plus the daemon's own: which model, and when
+    a round is due."""
+
+    model_config = _Section.model_config
     base_model: str = Field("bigcode/starcoder2-3b", min_length=1)
-    min_new_shards: int = Field(4, ge=1, le=10_000_000)
+    min_new_examples: int = Field(1024, ge=1, le=1_000_000_000,
+                                  description="a round is due when this many new examples (outside the held-out "
+                                  "window, never tried) exist")
+    min_new_shards: int | None = Field(None, ge=1, le=10_000_000,
+                                       description="deprecated: min_new_examples = this x shards.shard_size")
     cooldown_s: int = Field(3600, ge=0, le=WEEK)
-    replay_share: float = Field(0.3, ge=0, lt=1)
-    promote_margin: float = Field(0.005, ge=0, lt=1, description="relative eval-loss improvement needed to promote")
-    learning_rate: float = Field(2e-4, gt=0, le=1)
-    warmup_steps: int = Field(10, ge=0, le=10_000_000)
-    epochs: float = Field(1.0, gt=0, le=1_000)
-    max_steps: int = Field(0, ge=0, le=10_000_000, description="0 = derived from epochs")
-    lora_r: int = Field(16, ge=1, le=4_096)
-    lora_alpha: int = Field(32, ge=1, le=65_536)
-    lora_dropout: float = Field(0.05, ge=0, lt=1)
-    fim_share: float = Field(0.2, ge=0, le=1)
-    context_length: int = Field(0, ge=0, le=1_048_576, description="0 = from the hardware plan")
-    device: Literal["auto", "cpu", "cuda"] = "auto"
+    max_tries: int = Field(3, ge=1, le=1_000, description="rejected rounds a commit is tried in before it joins "
+                           "the replay pool untried")
     check_interval_s: int = Field(60, ge=1, le=DAY, description="how often the scheduler looks for enough new data")
     max_retry_backoff_s: int = Field(3600, ge=1, le=WEEK)
     require_free_gpu_mb: int = Field(0, ge=0, le=100_000_000, description="0 = what the plan needs")
+
+    def round_settings(self) -> RoundSettings:
+        """The settings a round's spec carries (the daemon's scheduling keys left out)."""
+        return RoundSettings(**{k: getattr(self, k) for k in RoundSettings.model_fields})
+
+
+# Keys that no longer exist: loading a config that sets one says what replaced it (an unknown-key error alone
+# would leave the user guessing).
+_REMOVED = {
+    ("shards", "eval_fraction"): "no longer used: the rolling held-out window replaced it "
+                                 "(train.window_commits, train.window_examples); remove the key",
+}
 
 
 class Config(_Section):
@@ -84,18 +96,44 @@ class Config(_Section):
     shards: ShardConfig = ShardConfig()
     train: TrainConfig = TrainConfig()
 
+    @model_validator(mode="after")
+    def _one_threshold(self) -> "Config":
+        if self.train.min_new_shards is not None and "min_new_examples" in self.train.model_fields_set:
+            raise ValueError("train.min_new_shards and train.min_new_examples both set: keep min_new_examples "
+                             "(min_new_shards is deprecated)")
+        return self
 
-def _field(loc: tuple) -> FieldInfo | None:
-    """The schema field at an error's location (section, key), if there is one."""
+    def min_new_examples(self) -> int:
+        """The effective round threshold in examples (the deprecated min_new_shards counts shards of
+        shards.shard_size examples)."""
+        if self.train.min_new_shards is not None:
+            return self.train.min_new_shards * self.shards.shard_size
+        return self.train.min_new_examples
+
+
+def _field(loc: tuple) -> tuple[FieldInfo | None, int]:
+    """The schema field at an error's location (section, key), if there is one, and how many parts of the
+    location name it (a union's member adds a part: ("train", "min_new_shards", "int"))."""
     model: Any = Config
     info = None
-    for part in loc:
+    for depth, part in enumerate(loc):
         fields = getattr(model, "model_fields", None)
+        if fields is None and info is not None:
+            return info, depth
         if not isinstance(part, str) or fields is None or part not in fields:
-            return None
+            return None, 0
         info = fields[part]
         model = info.annotation
-    return info
+    return info, len(loc)
+
+
+def _plain(annotation: Any) -> Any:
+    """`int | None` -> int: what an optional setting holds when it is set."""
+    if get_origin(annotation) in (Union, types.UnionType):
+        members = [a for a in get_args(annotation) if a is not type(None)]
+        if len(members) == 1:
+            return members[0]
+    return annotation
 
 
 def _bound(value: float) -> str:
@@ -104,9 +142,10 @@ def _bound(value: float) -> str:
 
 def allowed(info: FieldInfo) -> str | None:
     """What a field accepts, in words: "an integer from 5 to 86,400", "true or false", …"""
-    if info.annotation is bool:
+    annotation = _plain(info.annotation)
+    if annotation is bool:
         return "true or false"
-    if info.annotation not in (int, float):
+    if annotation not in (int, float):
         return None
     ge = gt = le = lt = None
     for rule in info.metadata:
@@ -118,7 +157,7 @@ def allowed(info: FieldInfo) -> str | None:
             le = rule.le
         elif isinstance(rule, annotated_types.Lt):
             lt = rule.lt
-    kind = "an integer" if info.annotation is int else "a finite number"
+    kind = "an integer" if annotation is int else "a finite number"
     if ge is not None and le is not None:
         return f"{kind} from {_bound(ge)} to {_bound(le)}"
     low = f"at least {_bound(ge)}" if ge is not None else f"above {_bound(gt)}" if gt is not None else None
@@ -137,17 +176,29 @@ def _shown(value: Any) -> str:
 
 def _describe(error: ValidationError, source: str) -> str:
     first = error.errors()[0]
-    key = ".".join(str(p) for p in first["loc"]) or "(top level)"
+    loc = tuple(first["loc"])
+    info, depth = _field(loc)
+    if info is not None:
+        loc = loc[:depth]
+    key = ".".join(str(p) for p in loc) or "(top level)"
     msg = first["msg"]
     if first["type"] == "extra_forbidden":
         msg = "unknown key"
+    if not loc:  # a rule across keys: its message names them
+        return f"{source}: {msg.removeprefix('Value error, ')}"
     text = f"{source}: {key}: {msg} (got {_shown(first.get('input'))})"
-    info = _field(tuple(first["loc"]))
     rule = allowed(info) if info is not None and first["type"] != "extra_forbidden" else None
     return f"{text}; allowed: {rule}" if rule else text
 
 
+def _removed(data: dict[str, Any], source: str) -> None:
+    for (section, key), why in _REMOVED.items():
+        if isinstance(data.get(section), dict) and key in data[section]:
+            raise ConfigError(f"{source}: {section}.{key}: {why}")
+
+
 def from_dict(data: dict[str, Any], source: str = "config") -> Config:
+    _removed(data, source)
     try:
         return Config.model_validate(data)
     except ValidationError as exc:
@@ -211,6 +262,8 @@ def to_toml(config: Config) -> str:
     for section, values in config.model_dump().items():
         lines.append(f"[{section}]")
         for key, value in values.items():
+            if value is None:
+                continue  # an optional key that is not set (TOML has no null)
             if isinstance(value, bool):
                 rendered = "true" if value else "false"
             elif isinstance(value, list):

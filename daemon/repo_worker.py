@@ -362,7 +362,7 @@ class RepoWorker:
 
     def _flush(self, why: str) -> list[dict[str, Any]]:
         assert self._shards is not None and self._store is not None
-        entries = self._shards.flush(self.config.shards.shard_size, self.config.shards.eval_fraction)
+        entries = self._shards.flush(self.config.shards.shard_size)
         _log.info("shards_flushed", repo=self.name, why=why, shards=len(entries))
         self._clear_errors("flush")
         memory.after_burst(self._store)

@@ -21,7 +21,7 @@ from apscheduler.schedulers.background import BackgroundScheduler
 from watchdog.observers import Observer
 
 from . import config as config_mod
-from . import log, paths, repos, sdnotify
+from . import log, paths, repos, sdnotify, training_jobs
 from .control import ControlServer, raise_open_file_limit
 from .gitrepo import GitRepo, GitRepoError, limit_object_cache
 from .memory import configure_malloc
@@ -72,7 +72,8 @@ def _config_view(config: config_mod.Config) -> dict[str, Any]:
     return {"hash": hashlib.sha256(dumped.encode()).hexdigest()[:16],
             "rescan_interval_s": config.daemon.rescan_interval_s, "debounce_ms": config.daemon.debounce_ms,
             "socket_timeout_s": config.daemon.socket_timeout_s, "quiet_flush_s": config.shards.quiet_flush_s,
-            "min_new_shards": config.train.min_new_shards, "check_interval_s": config.train.check_interval_s,
+            "min_new_shards": config.train.min_new_shards, "min_new_examples": config.min_new_examples(),
+            "check_interval_s": config.train.check_interval_s,
             "base_model": config.train.base_model}
 
 
@@ -93,7 +94,7 @@ class Daemon:
         self._reload_requested = threading.Event()
         self._config_loaded_at = time.time()
         self._config_error: dict[str, Any] | None = None
-        self.trainer: Any = None  # the training coordinator, attached by training_jobs when available
+        self.trainer: training_jobs.TrainingCoordinator | None = None  # attached when the daemon runs
 
     # -- repositories ----------------------------------------------------------------------------
     def add_repo(self, path: str) -> RepoWorker:
@@ -356,9 +357,7 @@ class Daemon:
                 self._add_registered(git_dir)
             self.scheduler.add_job(self.rescan, "interval", id="rescan", seconds=self.config.daemon.rescan_interval_s,
                                    max_instances=1, coalesce=True)
-            from . import training_jobs  # torch-free: plans rounds, starts the trainer subprocess
-
-            self.trainer = training_jobs.attach(self)
+            self.trainer = training_jobs.attach(self)  # torch-free: plans rounds, starts the trainer subprocess
             self.scheduler.start()
             self.server.start()
             sdnotify.ready(f"serving {len(self.workers)} repositories")

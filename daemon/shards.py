@@ -1,11 +1,13 @@
 """Stored examples -> JSONL shards + manifest (DESIGN.md, *Shards and manifest*), written atomically, never rewritten.
 
 A flush takes every example stored since the last flush (whole commits only: a commit's examples land in
-one transaction) as one *group*. Inside a group the split is temporal: the newest `eval_fraction` of its
-commits (by commit time) become the group's eval shard, the rest its train shards. Rounds evaluate on the
-newest eval shards and train on older data, so no eval commit is older than a commit it is tested against.
-The plan of a group is a pure function of its examples, so deleting shards and re-flushing the recorded
-groups from the store reproduces them byte for byte.
+one transaction) as one *group* of shards of about `shard_size` examples, commits in time order, never split.
+Groups flushed before the rolling held-out window existed also hold an eval shard (their newest
+`eval_fraction` of commits); new groups record `eval_fraction` 0. Which commits a round trains, replays or
+holds out is not the shards' business: each manifest entry lists the commits it holds (`commits`: commit,
+examples, time, duplicate) and the round planner works on those facts. The plan of a group is a pure function
+of its examples, so deleting shards and re-flushing the recorded groups from the store reproduces them byte
+for byte.
 """
 from __future__ import annotations
 
@@ -87,11 +89,44 @@ class ShardWriter:
         self.manifest_path = manifest_path
         self.store = store
         # The ingest thread flushes, and so does `train --now` on a control thread: one flush at a time, or
-        # two could plan the same group and overwrite each other's files.
-        self._lock = threading.Lock()
+        # two could plan the same group and overwrite each other's files. Reentrant: a flush reads the
+        # manifest, which may add commit facts to an old one.
+        self._lock = threading.RLock()
 
     def manifest(self) -> dict[str, Any]:
-        return read_manifest(self.manifest_path)
+        """The manifest, every readable shard's entry with its commit facts (derived once, from the shard's
+        own file, for a manifest written before they existed)."""
+        manifest = read_manifest(self.manifest_path)
+        if all("commits" in entry for entry in manifest["shards"]):
+            return manifest
+        with self._lock:
+            manifest = read_manifest(self.manifest_path)
+            added = 0
+            for entry in manifest["shards"]:
+                if "commits" not in entry:
+                    body = self.verified_body(entry)
+                    if body is not None:  # else left for `verify` to rebuild, and derived on a later read
+                        entry["commits"] = self._commit_facts([example_meta(line) for line in body.splitlines()
+                                                               if line.strip()])
+                        added += 1
+            if added:
+                atomic_write_text(self.manifest_path, json.dumps(manifest, indent=1) + "\n")
+            return manifest
+
+    def _commit_facts(self, metas: list[tuple[str, int]]) -> list[dict[str, Any]]:
+        """[(commit, commit_time)] of a shard's examples, in order -> one fact per commit, in first-seen order:
+        its example count, commit time and whether the store marked it a duplicate of earlier commits."""
+        counts: dict[str, int] = {}
+        times: dict[str, int] = {}
+        for commit, commit_time in metas:
+            counts[commit] = counts.get(commit, 0) + 1
+            times[commit] = commit_time
+        facts = []
+        for commit, count in counts.items():
+            record = self.store.get_commit(bytes.fromhex(commit)) or {}
+            duplicate = bool(record.get("examples")) and record.get("duplicates", 0) >= record["examples"]
+            facts.append({"commit": commit, "examples": count, "time": times[commit], "duplicate": duplicate})
+        return facts
 
     def verified_body(self, entry: dict[str, Any]) -> bytes | None:
         """A shard file's bytes when they match the sha256 its manifest entry records, else None."""
@@ -109,8 +144,9 @@ class ShardWriter:
     def unflushed(self) -> int:
         return self.store.next_seq() - self.flushed_upto()
 
-    def flush(self, shard_size: int, eval_fraction: float) -> list[dict[str, Any]]:
-        """Write every unflushed example as one group; returns the new manifest entries."""
+    def flush(self, shard_size: int, eval_fraction: float = 0.0) -> list[dict[str, Any]]:
+        """Write every unflushed example as one group; returns the new manifest entries. (`eval_fraction` > 0
+        only to reproduce the layout of groups written before the held-out window.)"""
         with self._lock:
             return self._flush(shard_size, eval_fraction)
 
@@ -206,6 +242,7 @@ class ShardWriter:
                 "count": len(plan.seqs), "first_commit_time": min(metas[s][1] for s in plan.seqs),
                 "last_commit_time": max(metas[s][1] for s in plan.seqs),
                 "sha256": hashlib.sha256(body).hexdigest(), "split": plan.split, "group": group["id"],
+                "commits": self._commit_facts([metas[s] for s in plan.seqs]),
             })
             atomic_write_bytes(path, body)
         return entries

@@ -1,12 +1,16 @@
 """The append-only example store: the only module that imports lmdb.
 
 Named databases (DESIGN.md, *Store (LMDB) schema*): `commits` (20-byte binary oid -> JSON record), `examples` (8-byte
-big-endian sequence -> JSON example), `meta` (schema version, counters). A commit's record and all of its
+big-endian sequence -> JSON example), `meta` (schema version, counters), `example_keys` (16-byte digest of an
+example's (path, qualified_name, after) -> the oid of the first commit that stored it: a commit
+whose every example is already there replays earlier commits, e.g. a merge of its branch, and its record says
+so with `duplicates`). A commit's record and all of its
 examples are written in one write transaction, and the transaction first checks that the commit is not
 already stored: LMDB's atomic commit makes that "exactly once" even if the process dies at any instant.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import struct
@@ -125,6 +129,18 @@ def seq_key(seq: int) -> bytes:
     return _SEQ.pack(seq)
 
 
+_MAX_DUPLICATE_OF = 8  # a commit record names at most this many of the commits it duplicates
+
+
+def example_key(example: dict[str, Any] | bytes) -> bytes:
+    """What makes two examples the same change: the item (path, qualified name) and its text after. Not its
+    change kind: a branch that adds a file and then edits it is, in its merge, that file added with its final
+    text (kind "added"), where the branch's last edit stored the same text as "modified"."""
+    record = json.loads(example) if isinstance(example, (bytes, bytearray)) else example
+    fields = [record.get("path"), record.get("path_hex"), record.get("qualified_name"), record.get("after")]
+    return hashlib.blake2b(json.dumps(fields).encode(), digest_size=16).digest()
+
+
 @dataclass
 class PendingCommit:
     """One commit's outcome, ready to be stored: its record and the examples it produced."""
@@ -162,6 +178,8 @@ class Store:
         self._open(max(map_size, existing * 2, _INITIAL_MAP_SIZE))
         try:
             self._check_schema()
+            if not self.readonly:
+                self._index_example_keys()
         except StoreError:
             self.env.close()
             raise
@@ -169,7 +187,7 @@ class Store:
     def _open(self, map_size: int) -> None:
         try:
             self.env = lmdb.open(
-                str(self.path), max_dbs=4, map_size=map_size,
+                str(self.path), max_dbs=6, map_size=map_size,
                 readonly=self.readonly, subdir=True, lock=True, readahead=False, meminit=False,
             )
         except _DAMAGE_ERRORS as exc:
@@ -182,6 +200,13 @@ class Store:
         except lmdb.NotFoundError:  # read-only, and the writer has not created its databases yet
             self.env.close()
             raise StoreError(f"store at {self.path} is not initialised yet") from None
+        except _DAMAGE_ERRORS as exc:
+            self.env.close()
+            raise _unreadable(self.path, exc) from None
+        try:  # added after schema 1's first stores: a reader of a store no writer has opened since has none
+            self._keys = self.env.open_db(b"example_keys", create=not self.readonly)
+        except lmdb.NotFoundError:
+            self._keys = None
         except _DAMAGE_ERRORS as exc:
             self.env.close()
             raise _unreadable(self.path, exc) from None
@@ -261,6 +286,8 @@ class Store:
 
     def _write_txn(self, txn: lmdb.Transaction, batch: list[PendingCommit]) -> WriteResult:
         next_seq = self._next_seq(txn)
+        indexed = txn.get(b"keys_indexed_upto", db=self._meta)
+        index_complete = indexed is not None and int(indexed) >= next_seq
         counters = self._counters(txn)
         stored = present = appended = written = 0
         seen_in_batch: set[bytes] = set()
@@ -276,6 +303,8 @@ class Store:
                 record["first_seq"] = next_seq
                 record["last_seq"] = next_seq + len(pending.examples) - 1
             record["examples"] = len(pending.examples)
+            if pending.examples:
+                record.update(self._mark_duplicates(txn, pending.oid, [example_key(e) for e in pending.examples]))
             for example in pending.examples:
                 # append=True is LMDB's fast path for sorted keys; it returns False (not an exception)
                 # when the key is out of order, which would mean a corrupt counter: stop loudly.
@@ -296,8 +325,61 @@ class Store:
             stored += 1
         counters["examples"] = counters.get("examples", 0) + appended
         txn.put(b"next_seq", str(next_seq).encode(), db=self._meta)
+        if index_complete:  # else the next open catches up (a writer of an older gitlora wrote in between)
+            txn.put(b"keys_indexed_upto", str(next_seq).encode(), db=self._meta)
         txn.put(b"counters", compact_json.encode(counters), db=self._meta)
         return WriteResult(stored, present, appended, written)
+
+    def _mark_duplicates(self, txn: lmdb.Transaction, oid: bytes, keys: list[bytes]) -> dict[str, Any]:
+        """Index one commit's example keys; the fields its record gets when some were stored before it."""
+        earlier = [bytes(found) for found in (txn.get(key, db=self._keys) for key in keys) if found is not None]
+        for key in keys:
+            txn.put(key, oid, db=self._keys, overwrite=False)
+        if not earlier:
+            return {}
+        return {"duplicates": len(earlier),
+                "duplicate_of": sorted({o.hex() for o in earlier})[:_MAX_DUPLICATE_OF]}
+
+    def _index_example_keys(self, chunk: int = 4096) -> None:
+        """Bring the key index up to the examples stored (once, for a store written before it existed),
+        marking the duplicate commits found on the way; a chunk of whole commits per transaction."""
+        while True:
+            try:
+                if self._index_chunk(chunk):
+                    return
+            except lmdb.MapFullError:
+                self._grow()
+
+    def _index_chunk(self, chunk: int) -> bool:
+        """One transaction of `_index_example_keys`; True when the index is complete."""
+        with self._txn(write=True) as txn:
+            raw = txn.get(b"keys_indexed_upto", db=self._meta)
+            upto, stop = (int(raw) if raw else 0), self._next_seq(txn)
+            if upto >= stop:
+                if raw is None:
+                    txn.put(b"keys_indexed_upto", str(stop).encode(), db=self._meta)
+                return True
+            by_commit: dict[str, list[bytes]] = {}
+            cursor = txn.cursor(db=self._examples)
+            last, taken = upto, 0
+            if cursor.set_range(seq_key(upto)):
+                for key, value in cursor:
+                    seq = _SEQ.unpack(key)[0]
+                    example = _loads(value, self.path)
+                    if taken >= chunk and example["commit"] not in by_commit:
+                        break  # whole commits only: a commit's examples are contiguous
+                    by_commit.setdefault(example["commit"], []).append(example_key(example))
+                    last, taken = seq + 1, taken + 1
+            if not by_commit:
+                last = stop
+            for commit, keys in by_commit.items():
+                oid = bytes.fromhex(commit)
+                fields = self._mark_duplicates(txn, oid, keys)
+                found = txn.get(oid, db=self._commits)
+                if fields and found is not None:
+                    txn.put(oid, compact_json.encode({**_loads(found, self.path), **fields}), db=self._commits)
+            txn.put(b"keys_indexed_upto", str(last).encode(), db=self._meta)
+        return False
 
     def _next_seq(self, txn: lmdb.Transaction) -> int:
         raw = txn.get(b"next_seq", db=self._meta)

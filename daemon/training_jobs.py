@@ -3,7 +3,10 @@ as a low-priority subprocess (`python -m gitlora.trainer --spec ...`), and follo
 file and exit status. Torch-free: GPU presence and memory come from `nvidia-smi`, never from torch.
 
 A round that crashes, is killed or runs out of memory is recorded as failed with its reason and retried with
-exponential backoff; `adapters/current` only ever moves inside the trainer, atomically, after the gate.
+exponential backoff; `adapters/current` only ever moves inside the trainer, atomically, after the gate. What a
+round trains on is round_planning's business (commits, not shards); the spec and the exit codes are
+gitlora.trainer.spec's. The coordinator knows the daemon only through `TrainingHost`, so neither module imports
+the other's at import time.
 """
 from __future__ import annotations
 
@@ -16,23 +19,38 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
+
+from gitlora.trainer import spec as round_spec
 
 from . import gpu, log
 from .fsutil import atomic_write_text
-from .round_planning import RoundPlan, RoundState, backoff_s, decide
+from .round_planning import RoundPlan, RoundState, backoff_s, decide, record_outcome, without_shards
 
 if TYPE_CHECKING:
+    from apscheduler.schedulers.base import BaseScheduler
+
+    from .config import Config
     from .repo_worker import RepoWorker
-    from .service import Daemon
 
 _log = log.get("gitlora.training")
-_EXIT_REASONS = {1: "exception", 2: "spec", 3: "oom", -9: "killed", -15: "terminated"}
+
+
+class TrainingHost(Protocol):
+    """What the coordinator needs of the daemon (service.Daemon is one)."""
+
+    config: Config
+    scheduler: BaseScheduler
+
+    def all_workers(self) -> list[RepoWorker]: ...
+
+    def select(self, request: dict[str, Any], allow_all: bool = ...) -> list[RepoWorker] | str: ...
 
 
 class ActiveRound:
-    def __init__(self, worker: RepoWorker, number: int, directory: Path, proc: subprocess.Popen, shards: list[int]):
-        self.worker, self.number, self.dir, self.proc, self.shards = worker, number, directory, proc, shards
+    def __init__(self, worker: RepoWorker, number: int, directory: Path, proc: subprocess.Popen,
+                 new_commits: list[str]):
+        self.worker, self.number, self.dir, self.proc, self.new_commits = worker, number, directory, proc, new_commits
         self.started_at = time.time()
         self.progress_file = directory / "progress.jsonl"
 
@@ -66,17 +84,20 @@ class ActiveRound:
 
 
 class TrainingCoordinator:
-    def __init__(self, daemon: Daemon) -> None:
+    def __init__(self, daemon: TrainingHost) -> None:
         self.daemon = daemon
         self.config = daemon.config.train
+        self.min_new_examples = daemon.config.min_new_examples()
         self.active: ActiveRound | None = None
         self._lock = threading.Lock()
         self._why: dict[str, str] = {}
+        self._next: dict[str, dict[str, int]] = {}  # repo -> what its next round would use
         self.flush_timeout_s = 120.0  # a forced round waits this long for the worker to finish what it is doing
 
     def reconfigure(self, config) -> None:
         """A reloaded config: train settings apply to the next round, the check interval at once."""
         old, self.config = self.config, config.train
+        self.min_new_examples = config.min_new_examples()
         if old.check_interval_s != self.config.check_interval_s and self.daemon.scheduler.running:
             self.daemon.scheduler.reschedule_job("train-check", trigger="interval",
                                                  seconds=self.config.check_interval_s)
@@ -98,7 +119,7 @@ class TrainingCoordinator:
             return RoundState()
 
     def save_state(self, worker: RepoWorker, state: RoundState) -> None:
-        atomic_write_text(self._state_path(worker), json.dumps(state.__dict__, indent=1) + "\n")
+        atomic_write_text(self._state_path(worker), json.dumps(state.to_dict(), indent=1) + "\n")
 
     # -- the scheduled check -------------------------------------------------------------------------
     def check(self, force_repo: RepoWorker | None = None) -> str:
@@ -122,13 +143,14 @@ class TrainingCoordinator:
                 except Exception as exc:  # noqa: BLE001 - WorkerBusy, or the flush's own error
                     self._why[worker.name] = f"could not flush shards: {exc}"
                     return self._why[worker.name]
-            plan, why = decide(dict(worker.manifest()), state, now=time.time(),
-                               min_new_shards=self.config.min_new_shards, cooldown_s=self.config.cooldown_s,
-                               force=force_repo is not None)
-            self._why[worker.name] = why
-            if plan is None:
+            manifest = dict(worker.manifest())
+            plan, why = decide(manifest, state, self.config, now=time.time(), min_new_examples=self.min_new_examples,
+                               cooldown_s=self.config.cooldown_s, force=force_repo is not None)
+            self._why[worker.name] = why or f"starting: {len(plan.new_commits)} new commits"
+            self._next[worker.name] = plan.summary()
+            if why is not None:
                 continue
-            plan = self._verified(worker, plan)
+            plan = self._verified(worker, plan, manifest)
             if plan is None:
                 continue
             gpu_note = self._gpu_gate()
@@ -142,7 +164,7 @@ class TrainingCoordinator:
                 return f"started round {self.active.number} for {worker.name}"
         return "; ".join(f"{k}: {v}" for k, v in self._why.items()) or "no repositories"
 
-    def _verified(self, worker: RepoWorker, plan: RoundPlan) -> RoundPlan | None:
+    def _verified(self, worker: RepoWorker, plan: RoundPlan, manifest: dict[str, Any]) -> RoundPlan | None:
         """The plan without shards whose files no longer match their sha256 and that the store cannot rebuild
         (the worker, which owns the shards, checks them and rewrites bad ones from the store first): a
         corrupt shard must cost its examples, not fail and retry every round forever."""
@@ -155,12 +177,11 @@ class TrainingCoordinator:
             _log.warning("shards_verified", repo=worker.name, summary=verification.summary())
         if not verification.failed:
             return plan
-        keep = [[s for s in part if s["id"] not in verification.failed] for part in (plan.train, plan.replay,
-                                                                                     plan.eval)]
-        if not keep[0] or not keep[2]:
+        kept = without_shards(plan, manifest, set(verification.failed))
+        if not kept.new_commits:
             self._why[worker.name] = f"not started: {verification.summary()}"
             return None
-        return RoundPlan(*keep)
+        return kept
 
     def _gpu_gate(self) -> str | None:
         if self.config.device == "cpu":
@@ -171,40 +192,42 @@ class TrainingCoordinator:
         need = self.config.require_free_gpu_mb or 6000
         return None if free >= need else f"GPU busy: {free} MiB free, {need} MiB needed"
 
-    def _start(self, worker: RepoWorker, state: RoundState, plan) -> None:
+    def _start(self, worker: RepoWorker, state: RoundState, plan: RoundPlan) -> None:
         number = state.rounds + 1
         directory = worker.paths.rounds / f"{number:04d}"
         directory.mkdir(parents=True, exist_ok=True)
-        shards_dir = worker.paths.shards
-        spec = {
-            "base_model": self.config.base_model,
-            "adapters_dir": str(worker.paths.adapters),
-            "train_shards": [str(shards_dir / s["file"]) for s in plan.train],
-            "replay_shards": [str(shards_dir / s["file"]) for s in plan.replay],
-            "eval_shards": [str(shards_dir / s["file"]) for s in plan.eval],
-            "progress_file": str(directory / "progress.jsonl"),
-            "train": {k: getattr(self.config, k) for k in (
-                "learning_rate", "warmup_steps", "epochs", "max_steps", "lora_r", "lora_alpha", "lora_dropout",
-                "replay_share", "fim_share", "context_length", "promote_margin", "device")} | {"seed": number},
-        }
+        settings = self.config.round_settings()
+        spec = round_spec.RoundSpec(
+            base_model=self.config.base_model, adapters_dir=str(worker.paths.adapters),
+            progress_file=str(directory / "progress.jsonl"),
+            train_shards=self._paths(worker, plan.train_shards), replay_shards=self._paths(worker, plan.replay_shards),
+            eval_shards=self._paths(worker, plan.eval_shards), new_commits=plan.new_commits,
+            replay_commits=plan.replay_commits, window_commits=plan.window_commits, older_commits=plan.older_commits,
+            budget=round_spec.Budget(max_tokens=settings.max_round_tokens, max_seconds=settings.max_round_s),
+            train=settings.model_copy(update={"seed": settings.seed + number}),
+        ).model_dump()
         atomic_write_text(directory / "spec.json", json.dumps(spec, indent=1) + "\n")
         command = [sys.executable, "-m", "gitlora.trainer", "--spec", str(directory / "spec.json")]
         if shutil.which("ionice"):
             command = ["ionice", "-c", "3", *command]  # idle IO class; the trainer lowers its CPU nice itself
         env = {k: v for k, v in os.environ.items() if not k.startswith(("NOTIFY_SOCKET", "WATCHDOG_"))}
-        shards = [s["id"] for s in plan.train]
-        # Persist the round before it exists, so a daemon killed at any instant finds it on restart.
+        # Persist the round before it exists, so a daemon killed at any instant finds it on restart; the older
+        # slice is fixed from the first round that uses it.
         state.rounds = number
-        state.active = {"round": number, "pid": None, "shards": shards, "started_at": time.time()}
+        state.older_slice = list(plan.older_commits)
+        state.active = {"round": number, "pid": None, "new_commits": plan.new_commits, "started_at": time.time()}
         self.save_state(worker, state)
         with open(directory / "trainer.log", "ab") as out:
             proc = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                     start_new_session=True, env=env, cwd=str(directory))
         state.active["pid"] = proc.pid
         self.save_state(worker, state)
-        self.active = ActiveRound(worker, number, directory, proc, shards)
-        _log.info("round_started", repo=worker.name, round=number, pid=proc.pid, train=len(plan.train),
-                  replay=len(plan.replay), eval=len(plan.eval))
+        self.active = ActiveRound(worker, number, directory, proc, plan.new_commits)
+        _log.info("round_started", repo=worker.name, round=number, pid=proc.pid, **plan.summary())
+
+    @staticmethod
+    def _paths(worker: RepoWorker, entries: list[dict[str, Any]]) -> list[str]:
+        return [str(worker.paths.shards / e["file"]) for e in entries]
 
     def _reap(self) -> None:
         """Record the outcome of a finished round (called with the lock held)."""
@@ -212,23 +235,38 @@ class TrainingCoordinator:
         if active is None or active.proc.poll() is None:
             return
         self.active = None
-        self._record(active.worker, self.load_state(active.worker), active.number, active.shards,
+        self._record(active.worker, self.load_state(active.worker), active.number, active.new_commits,
                      active.events(), active.proc.returncode, active.started_at)
 
-    def _record(self, worker: RepoWorker, state: RoundState, number: int, shards: list[int],
+    def _record(self, worker: RepoWorker, state: RoundState, number: int, new_commits: list[str],
                 events: list[dict[str, Any]], code: int | None, started_at: float) -> RoundState:
+        """A finished round in the state: promoted -> its new commits are trained (only those the trainer
+        reports in `budget.covered_commits` when its budget bounded it); rejected ("kept current", with the
+        gate's one-line reason) -> they stay new, one try more; failed -> nothing changes but the backoff."""
         done = next((e for e in reversed(events) if e.get("event") == "done"), None)
         error = next((e for e in reversed(events) if e.get("event") == "error"), None)
         outcome: dict[str, Any] = {"round": number, "exit_code": code, "finished_at": time.time(),
                                    "seconds": round(time.time() - started_at, 1)}
-        if done is not None and code in (0, None):
-            outcome.update(outcome="promoted" if done.get("promoted") else "kept current",
+        state.adopt_legacy(dict(worker.manifest()))
+        if done is not None and code in (round_spec.EXIT_OK, None):
+            promoted = bool(done.get("promoted"))
+            gate = done.get("gate")
+            budget = done.get("budget")
+            covered = budget.get("covered_commits") if isinstance(budget, dict) else None
+            taken = [c for c in new_commits if c in set(covered)] if isinstance(covered, list) else new_commits
+            outcome.update(outcome="promoted" if promoted else "kept current",
                            version=done.get("version"), eval_loss_before=done.get("eval_loss_before"),
-                           eval_loss_after=done.get("eval_loss_after"), tokens_per_s=done.get("tokens_per_s"))
-            state.trained_shards = sorted(set(state.trained_shards) | set(shards))
+                           eval_loss_after=done.get("eval_loss_after"), tokens_per_s=done.get("tokens_per_s"),
+                           new_commits=len(taken))
+            if not promoted:
+                outcome["reason"] = (gate.get("reason") if isinstance(gate, dict) else gate) or "gate not passed"
+            retired = record_outcome(state, taken, number=number, promoted=promoted,
+                                     max_tries=self.config.max_tries)
+            if retired:
+                outcome["retired_commits"] = len(retired)  # rejected max_tries times: replay pool, untried
             state.failures, state.next_retry_at = 0, 0.0
         else:
-            reason = (error or {}).get("reason") or _EXIT_REASONS.get(code, f"exit {code}")
+            reason = (error or {}).get("reason") or round_spec.exit_reason(code)
             outcome.update(outcome="failed", reason=reason, message=((error or {}).get("message") or "")[:500])
             state.failures += 1
             state.next_retry_at = time.time() + backoff_s(state.failures, self.config.max_retry_backoff_s)
@@ -254,10 +292,19 @@ class TrainingCoordinator:
             events = ActiveRound.read_events(directory / "progress.jsonl")
             finished = any(e.get("event") == "done" for e in events)
             if (stopped and not finished) or not any(e.get("event") in ("done", "error") for e in events):
-                events.append({"event": "error", "reason": "daemon restarted",
+                events.append({"event": "error", "reason": round_spec.REASON_DAEMON_RESTARTED,
                                "message": "the daemon stopped while this round ran"})
-            return self._record(worker, state, info["round"], info.get("shards", []), events, None,
+            return self._record(worker, state, info["round"], self._active_commits(worker, info), events, None,
                                 info.get("started_at", time.time()))
+
+    @staticmethod
+    def _active_commits(worker: RepoWorker, info: dict[str, Any]) -> list[str]:
+        """The new commits of a round persisted as active (by an older daemon: its shards' commits)."""
+        if "new_commits" in info:
+            return list(info["new_commits"])
+        shards = set(info.get("shards", []))
+        return [f["commit"] for e in worker.manifest().get("shards", []) if e["id"] in shards
+                for f in e.get("commits", [])]
 
     # -- socket commands and status --------------------------------------------------------------------
     def handle(self, request: dict[str, Any]) -> dict[str, Any]:
@@ -283,6 +330,7 @@ class TrainingCoordinator:
             "last_round": state.last,
             "rounds": state.rounds,
             "next_trigger": self._why.get(worker.name),
+            "next_round": self._next.get(worker.name),
         }
 
     def status(self) -> dict[str, Any]:
@@ -330,7 +378,7 @@ def _stop_process_group(pid: int, grace_s: float = 20.0) -> None:
             pass
 
 
-def attach(daemon: Daemon) -> TrainingCoordinator:
+def attach(daemon: TrainingHost) -> TrainingCoordinator:
     coordinator = TrainingCoordinator(daemon)
     daemon.scheduler.add_job(coordinator.check, "interval", id="train-check",
                              seconds=daemon.config.train.check_interval_s, max_instances=1, coalesce=True)

@@ -142,3 +142,32 @@ def test_concurrent_flushes_write_each_group_once(tmp_path):
         for entry in manifest["shards"]:
             body = (tmp_path / "shards" / entry["file"]).read_bytes()
             assert hashlib.sha256(body).hexdigest() == entry["sha256"]
+
+
+def item(n: int, name: str, after: str) -> dict:
+    return {"commit": f"{n:040x}", "commit_time": 1000 + n, "path": "src/lib.rs", "qualified_name": name,
+            "change_kind": "modified", "after": after}
+
+
+def test_manifest_entries_list_their_commits_and_an_old_manifest_gets_them_once(tmp_path):
+    with Store(tmp_path / "store") as store:
+        store.write([PendingCommit((1).to_bytes(20, "big"), {}, [item(1, "f", "fn f() {}"), item(1, "g", "fn g() {}")]),
+                     PendingCommit((2).to_bytes(20, "big"), {}, [item(2, "h", "fn h() {}")]),
+                     # replays commit 1's changes (a merge of its branch): a duplicate
+                     PendingCommit((3).to_bytes(20, "big"), {}, [item(3, "f", "fn f() {}"), item(3, "g", "fn g() {}")]),
+                     # one of its two changes is new: not a duplicate
+                     PendingCommit((4).to_bytes(20, "big"), {},
+                                   [item(4, "f", "fn f() {}"), item(4, "k", "fn k() {}")])])
+        writer = ShardWriter(tmp_path / "shards", tmp_path / "manifest.json", store)
+        entries = writer.flush(shard_size=3)
+        assert [e["split"] for e in entries] == ["train", "train"]  # no eval shard: the window is the planner's
+        facts = [f for e in entries for f in e["commits"]]
+        assert [(int(f["commit"], 16), f["examples"], f["time"], f["duplicate"]) for f in facts] == [
+            (1, 2, 1001, False), (2, 1, 1002, False), (3, 2, 1003, True), (4, 2, 1004, False)]
+        # a manifest written before commit facts existed: derived from the shard files on the first read
+        manifest = json.loads((tmp_path / "manifest.json").read_text())
+        for entry in manifest["shards"]:
+            del entry["commits"]
+        (tmp_path / "manifest.json").write_text(json.dumps(manifest))
+        assert writer.manifest()["shards"] == entries
+        assert json.loads((tmp_path / "manifest.json").read_text())["shards"] == entries  # persisted

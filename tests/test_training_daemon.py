@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from gitlora.daemon import paths
+from gitlora.daemon.config import Config
 from gitlora.daemon.gitrepo import GitRepo
 from gitlora.trainer import registry, tiny
 
@@ -25,8 +26,9 @@ def tiny_model(tmp_path_factory) -> Path:
 
 
 def configure(home: Path, model: Path, **train) -> None:
-    settings = {"base_model": f'"{model}"', "min_new_shards": 3, "cooldown_s": 0, "check_interval_s": 1,
-                "max_steps": 4, "warmup_steps": 1, "device": '"cpu"', **{k: str(v) for k, v in train.items()}}
+    settings = {"base_model": f'"{model}"', "min_new_examples": 10, "cooldown_s": 0, "check_interval_s": 1,
+                "max_steps": 4, "warmup_steps": 1, "device": '"cpu"', "window_commits": 2, "window_examples": 2,
+                "older_slice_commits": 0, **{k: str(v) for k, v in train.items()}}
     config = home / ".config/gitlora/config.toml"
     config.parent.mkdir(parents=True, exist_ok=True)
     config.write_text("[train]\n" + "".join(f"{k} = {v}\n" for k, v in settings.items())
@@ -77,17 +79,20 @@ def test_rounds_start_only_at_threshold_and_never_two_at_once(tmp_path, isolated
             wait_stored(repo, make_commits(repo, 0, 1))
 
         def below_threshold(name: str) -> dict | None:
-            """The quiet flush wrote a shard, and a scheduled check has counted it since."""
+            """The quiet flush wrote a shard, and a scheduled check has counted it since: one commit (two
+            examples), too young to hold out anything, all of it new data."""
             view = repo_status(daemon, name)
-            return view if view["shards"] >= 1 and "/3 new shards" in (view["training"]["next_trigger"] or "") \
+            return view if view["shards"] >= 1 and "2/10 new examples" in (view["training"]["next_trigger"] or "") \
                 else None
 
         for repo in repos:
             view = wait_for(lambda: below_threshold(repo.name), STEP_S, f"{repo.name}'s check below the threshold")
             assert view["training"]["rounds"] == 0
         assert trainer_pids() == []
+        firsts = {}
         for repo in repos:  # enough data for both repos at once
-            wait_stored(repo, make_commits(repo, 1, 12))
+            firsts[repo.name] = make_commits(repo, 1, 12)
+            wait_stored(repo, firsts[repo.name])
         most_at_once = 0
 
         def watch():
@@ -105,6 +110,15 @@ def test_rounds_start_only_at_threshold_and_never_two_at_once(tmp_path, isolated
             versions = registry.list_versions(state_dir.adapters)
             # later flush groups may have earned a second round meanwhile; each is a complete 4-step round
             assert versions and all(v["metrics"]["steps"] == 4 for v in versions)
+            # round 1: the commit flushed alone trains like the others; the two newest are held out
+            spec = json.loads((state_dir.rounds / "0001" / "spec.json").read_text())
+            assert spec["window_commits"] == firsts[repo.name][:-3:-1]
+            assert firsts[repo.name][-3] in spec["new_commits"] and len(spec["new_commits"]) == 11
+            assert not set(spec["new_commits"]) & set(spec["window_commits"])
+            # the round's settings are the config's, all of them, from their one definition
+            assert spec["train"] == {**Config.model_validate({"train": {
+                "max_steps": 4, "warmup_steps": 1, "device": "cpu", "window_commits": 2, "window_examples": 2,
+                "older_slice_commits": 0}}).train.round_settings().model_dump(), "seed": 1}
         assert daemon.status()["ok"]
         # the registry from the command line
         listed = gitlora("adapters", "list", "--repo", str(repos[0])).stdout
@@ -137,7 +151,7 @@ def start_long_round(daemon: DaemonProcess, repo: Path) -> None:
 
 
 def test_a_killed_round_is_recorded_and_retried_while_current_stays(tmp_path, isolated_home, tiny_model):
-    configure(isolated_home, tiny_model, min_new_shards=100, max_steps=400)
+    configure(isolated_home, tiny_model, min_new_examples=10_000, max_steps=400)
     repo = init_repo(tmp_path / "gamma")
     daemon = DaemonProcess().start()
     try:
@@ -159,7 +173,7 @@ def test_a_killed_round_is_recorded_and_retried_while_current_stays(tmp_path, is
 
 
 def test_a_round_orphaned_by_a_killed_daemon_is_stopped_and_recorded(tmp_path, isolated_home, tiny_model):
-    configure(isolated_home, tiny_model, min_new_shards=100, max_steps=400)
+    configure(isolated_home, tiny_model, min_new_examples=10_000, max_steps=400)
     repo = init_repo(tmp_path / "delta")
     daemon = DaemonProcess().start()
     try:
@@ -180,7 +194,7 @@ def test_a_round_orphaned_by_a_killed_daemon_is_stopped_and_recorded(tmp_path, i
 
 
 def test_a_corrupt_shard_is_rebuilt_from_the_store_before_a_round(tmp_path, isolated_home, tiny_model):
-    configure(isolated_home, tiny_model, min_new_shards=100, max_steps=400)
+    configure(isolated_home, tiny_model, min_new_examples=10_000, max_steps=400)
     repo = init_repo(tmp_path / "epsilon")
     daemon = DaemonProcess().start()
     try:
@@ -194,5 +208,37 @@ def test_a_corrupt_shard_is_rebuilt_from_the_store_before_a_round(tmp_path, isol
         shard.write_bytes(good[: len(good) // 2] + b"garbage\n")  # a disk error, or a hand edit
         assert "started round 1" in gitlora("train", "--now", str(repo)).stdout
         assert shard.read_bytes() == good  # rewritten from the store before the trainer read it
+    finally:
+        daemon.stop()
+
+
+def test_a_rejected_round_keeps_its_data_for_the_next_and_status_says_why(tmp_path, isolated_home, tiny_model):
+    # a margin no 4-step round reaches: the gate keeps current
+    configure(isolated_home, tiny_model, min_new_examples=10_000, promote_margin=0.9, max_tries=2)
+    repo = init_repo(tmp_path / "zeta")
+    daemon = DaemonProcess().start()
+    try:
+        gitlora("install", str(repo))
+        wait_stored(repo, make_commits(repo, 0, 8))
+        assert "started round 1" in gitlora("train", "--now", str(repo)).stdout
+        last = wait_for(lambda: repo_status(daemon, "zeta")["training"]["last_round"], ROUNDS_S, "round 1")
+        assert last["outcome"] == "kept current" and last["reason"]  # the gate's one-line reason
+        state_dir = paths.RepoPaths.for_git_dir(GitRepo(repo).common_dir)
+        state = json.loads((state_dir.rounds / "state.json").read_text())
+        spec = json.loads((state_dir.rounds / "0001" / "spec.json").read_text())
+        assert state["trained"] == {} and state["tries"] == {c: 1 for c in spec["new_commits"]}
+        wait_for(lambda: (repo_status(daemon, "zeta")["training"]["next_round"] or {}).get("retried_commits")
+                 == len(spec["new_commits"]), STEP_S, "status to show the next round retries them")
+        assert "started round 2" in gitlora("train", "--now", str(repo)).stdout
+        wait_for(lambda: repo_status(daemon, "zeta")["training"]["last_round"]["round"] == 2, ROUNDS_S, "round 2")
+        again = json.loads((state_dir.rounds / "0002" / "spec.json").read_text())
+        assert again["new_commits"] == spec["new_commits"]  # the same data, tried again
+        state = json.loads((state_dir.rounds / "state.json").read_text())
+        # tried max_tries times: in the replay pool now, untried
+        assert state["tries"] == {} and set(state["trained"]) == set(spec["new_commits"])
+        view = repo_status(daemon, "zeta")["training"]
+        assert view["last_round"]["retired_commits"] == len(spec["new_commits"])
+        wait_for(lambda: (repo_status(daemon, "zeta")["training"]["next_round"] or {}).get("replay_commits")
+                 == len(spec["new_commits"]), STEP_S, "the next check to plan them as replay")
     finally:
         daemon.stop()

@@ -3,17 +3,12 @@
 
     python -m gitlora.trainer --spec SPEC.json
 
-SPEC.json = {"base_model", "adapters_dir", "train_shards", "replay_shards", "eval_shards", "progress_file",
-             "train": {learning_rate, warmup_steps, epochs, max_steps, lora_r, lora_alpha, lora_dropout,
-                       replay_share, fim_share, context_length, promote_margin, device, seed,
-                       micro_batch, grad_accum, quantization ('auto'|'nf4'|'none'),
-                       compute_dtype ('auto'|'float16'|'bfloat16'|'float32')}}
-           (0 / 'auto' / missing = from the plan or the defaults below; the overrides exist to test the Turing
-            path, fp16 + nf4, on other GPUs)
+SPEC.json is trainer/spec.py's RoundSpec (shard lists, the commit lists that pick examples out of them, and
+`train`: the round's settings, any missing one from spec.DEFAULTS; 0 / 'auto' = from the plan).
 
-It talks back through `progress_file` (JSON lines: start, progress, eval, done | error) and its exit status:
-0 = round finished (promoted or not), 1 = failure, 2 = bad spec / no data / another round holds the adapters
-lock, 3 = out of memory, 143 = SIGTERM (an "error" event with reason "terminated" is written first).
+It talks back through `progress_file` (JSON lines: start, progress, eval, done | error) and its exit status
+(spec.EXIT_*: 0 = round finished, promoted or not; 1 = failure; 2 = bad spec / no data / another round holds the
+adapters lock; 3 = out of memory; 143 = SIGTERM, after an "error" event with reason "terminated").
 
 Choices worth knowing: the loss is computed on target tokens only (lm_head applied to those positions alone);
 packed blocks attend only within each example (packed_attention.py); `train_loss_last` is the mean of the last
@@ -36,12 +31,7 @@ import warnings
 from pathlib import Path
 
 from gitlora.trainer import data, plan as planlib, registry
-
-DEFAULTS = dict(learning_rate=2e-4, warmup_steps=10, epochs=1, max_steps=0, lora_r=16, lora_alpha=32,
-                lora_dropout=0.05, replay_share=0.3, fim_share=0.2, context_length=0, promote_margin=0.0,
-                device="auto", seed=0, micro_batch=0, grad_accum=0, min_lr_ratio=0.1, quantization="auto",
-                compute_dtype="auto")
-EXIT_FAIL, EXIT_SPEC, EXIT_OOM = 1, 2, 3
+from gitlora.trainer.spec import DEFAULTS, EXIT_FAIL, EXIT_INTERRUPTED, EXIT_OOM, EXIT_SPEC, EXIT_TERMINATED, keep_commits
 # peft 0.21 still asks transformers 5 for the deprecated attribute on every get_peft_model: noise, not news.
 warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
 
@@ -244,11 +234,12 @@ def _round(spec: dict, progress: Progress, cfg: dict, base_model: str, adapters_
     # ---- data: render, mask, pack; replay older shards; eval on held-out newest commits
     tokenizer = AutoTokenizer.from_pretrained(base_model)
     ctx = plan.context_length
-    new = data.read_shards(spec.get("train_shards") or [])
-    old = data.read_shards(spec.get("replay_shards") or [])
+    new = keep_commits(data.read_shards(spec.get("train_shards") or []), spec.get("new_commits"))
+    old = keep_commits(data.read_shards(spec.get("replay_shards") or []), spec.get("replay_commits"))
     mixed, replayed = data.mix_replay(new, old, float(cfg["replay_share"]), int(cfg["seed"]))
     train = data.build(mixed, tokenizer, ctx, fim_share=float(cfg["fim_share"]), seed=int(cfg["seed"]))
-    evalset = data.build(data.read_shards(spec.get("eval_shards") or []), tokenizer, ctx, seed=int(cfg["seed"]))
+    window = keep_commits(data.read_shards(spec.get("eval_shards") or []), spec.get("window_commits"))
+    evalset = data.build(window, tokenizer, ctx, seed=int(cfg["seed"]))
     if not train.packed.input_ids:
         raise SpecError("no trainable examples in train_shards")
     micro_steps = math.ceil(len(train.packed.input_ids) / micro_batch)
@@ -374,14 +365,14 @@ def main(argv=None) -> int:
         return EXIT_SPEC
     except Terminated as e:
         progress("error", reason="terminated", message=str(e))
-        return 143
+        return EXIT_TERMINATED
     except BaseException as e:  # noqa: BLE001 - the daemon must always get an error event
         if _is_oom(e):
             progress("error", reason="oom", message=str(e)[:2000])
             return EXIT_OOM
         if isinstance(e, KeyboardInterrupt):
             progress("error", reason="interrupted", message="interrupted")
-            return 130
+            return EXIT_INTERRUPTED
         progress("error", reason="exception", message=f"{type(e).__name__}: {e}",
                  traceback=traceback.format_exc()[-4000:])
         return EXIT_FAIL

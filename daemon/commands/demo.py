@@ -45,7 +45,8 @@ NEW_COMMITS = [
 ]
 
 
-# Two more commits before the second round: each flush holds out its newest commit for evaluation.
+# Two more commits before the second round: the newest commits move the held-out window on, so the oldest of
+# its commits become new training data.
 FOLLOW_UPS = [
     ("src/lib.rs", "\npub fn farewell(config: &Config) -> String {\n    format!(\"bye, {}\", config.name)\n}\n",
      "Add a farewell next to the greeting"),
