@@ -76,6 +76,10 @@ class TrainConfig(_Section):
     check_interval_s: int = Field(60, ge=1, le=DAY, description="how often the scheduler looks for enough new data")
     max_retry_backoff_s: int = Field(3600, ge=1, le=WEEK)
     require_free_gpu_mb: int = Field(0, ge=0, le=100_000_000, description="0 = what the plan needs")
+    max_round_s: float = Field(4.0 * HOUR, ge=0, le=WEEK,
+                               description="training time one round may take (0 = none): a bigger backlog trains "
+                                           "newest first, the rest in later rounds")
+    max_round_tokens: int = Field(0, ge=0, le=10**12, description="tokens one round may read (0 = none)")
 
 
 class Config(_Section):

@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from . import gpu, log
+from . import gpu, log, round_checks
 from .fsutil import atomic_write_text
 from .round_planning import RoundPlan, RoundState, backoff_s, decide
 
@@ -135,11 +135,16 @@ class TrainingCoordinator:
             if gpu_note:
                 self._why[worker.name] = gpu_note
                 return gpu_note
+            ready = round_checks.before_round(self.config, [worker.paths.shards / s["file"] for s in plan.train],
+                                              worker.paths.adapters)
+            self._why[worker.name] = ready.line  # why it cannot start, or its estimated duration
+            if not ready.ok:
+                return ready.line
             with self._lock:
                 if self.active is not None:
                     return f"a round is already running for {self.active.worker.name}"
-                self._start(worker, state, plan)
-                return f"started round {self.active.number} for {worker.name}"
+                self._start(worker, state, plan, ready.budget)
+                return f"started round {self.active.number} for {worker.name}: {ready.line}"
         return "; ".join(f"{k}: {v}" for k, v in self._why.items()) or "no repositories"
 
     def _verified(self, worker: RepoWorker, plan: RoundPlan) -> RoundPlan | None:
@@ -171,7 +176,7 @@ class TrainingCoordinator:
         need = self.config.require_free_gpu_mb or 6000
         return None if free >= need else f"GPU busy: {free} MiB free, {need} MiB needed"
 
-    def _start(self, worker: RepoWorker, state: RoundState, plan) -> None:
+    def _start(self, worker: RepoWorker, state: RoundState, plan, budget: dict[str, Any]) -> None:
         number = state.rounds + 1
         directory = worker.paths.rounds / f"{number:04d}"
         directory.mkdir(parents=True, exist_ok=True)
@@ -183,6 +188,7 @@ class TrainingCoordinator:
             "replay_shards": [str(shards_dir / s["file"]) for s in plan.replay],
             "eval_shards": [str(shards_dir / s["file"]) for s in plan.eval],
             "progress_file": str(directory / "progress.jsonl"),
+            "budget": budget,
             "train": {k: getattr(self.config, k) for k in (
                 "learning_rate", "warmup_steps", "epochs", "max_steps", "lora_r", "lora_alpha", "lora_dropout",
                 "replay_share", "fim_share", "context_length", "promote_margin", "device")} | {"seed": number},
@@ -192,6 +198,7 @@ class TrainingCoordinator:
         if shutil.which("ionice"):
             command = ["ionice", "-c", "3", *command]  # idle IO class; the trainer lowers its CPU nice itself
         env = {k: v for k, v in os.environ.items() if not k.startswith(("NOTIFY_SOCKET", "WATCHDOG_"))}
+        env["HF_HUB_OFFLINE"] = "1"  # round_checks found the model locally; never retry downloads for minutes
         shards = [s["id"] for s in plan.train]
         # Persist the round before it exists, so a daemon killed at any instant finds it on restart.
         state.rounds = number
