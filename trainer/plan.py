@@ -359,7 +359,7 @@ def measured_rate(adapters_dir, plan: Plan) -> float | None:
 def round_tokens(new_tokens: int, replay_share: float, epochs: float) -> int:
     """Tokens a round reads: its new examples' tokens, plus replay (a `replay_share` of the mix, assumed the same
     size on average), every epoch."""
-    return math.ceil(new_tokens / max(1e-9, 1.0 - replay_share) * epochs)
+    return round(new_tokens / max(1e-9, 1.0 - replay_share) * epochs)
 
 
 def new_tokens_within(cap_tokens: int, replay_share: float, epochs: float) -> int:
