@@ -151,6 +151,8 @@ def test_select_by_budget_keeps_records_of_the_newest_commits_and_reports_the_re
     assert report["covered_commits"] == ["c9", "c8"]  # 120 tokens = 30 new (c9: 20, c8: 10) x 2 replay x 2 epochs
     _, report = P.select_by_budget(records, count, {"max_tokens": 116, "max_seconds": 0}, 5.0, 0.5, 2.0)
     assert report["covered_commits"] == ["c9"]
+    _, report = P.select_by_budget(records, count, {"max_tokens": 1, "max_seconds": 0}, 5.0, 0.5, 2.0)
+    assert report["covered_commits"] == ["c9"]  # a budget below one commit still trains the newest, never all
 
 
 def test_budget_reached_and_durations_for_people():
@@ -160,3 +162,51 @@ def test_budget_reached_and_durations_for_people():
     assert P.budget_reached(9, 0.9, {"max_tokens": 10, "max_seconds": 1.0}) is None
     assert [P.format_duration(s) for s in (45, 720, 3.5 * 3600, 6.2 * 86400)] == ["45 s", "12 min", "3.5 h",
                                                                                   "6.2 days"]
+
+
+# ----------------------------------------------------------------------- the trainer keeps to its budget
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory):
+    from gitlora.trainer import tiny
+
+    return tiny.build_tiny_model(tmp_path_factory.mktemp("model") / "tiny")
+
+
+def budget_round(tmp_path, model, budget: dict, commits: int = 20, epochs: int = 1):
+    from test_trainer_round import events, make_records, make_spec, run_cli, write_shard
+
+    records = make_records(commits, 0)  # one example per commit, commit_time rising with the index
+    spec = make_spec(tmp_path, model, tmp_path / "adapters", [write_shard(tmp_path / "train.jsonl", records)],
+                     epochs=epochs, fim_share=0.0, grad_accum=1)
+    body = json.loads(spec.read_text())
+    spec.write_text(json.dumps({**body, "budget": budget}))
+    proc = run_cli(spec)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ev = events(tmp_path / "progress.jsonl")
+    newest_first = [r["commit"] for r in sorted(records, key=lambda r: -r["commit_time"])]
+    return ev, newest_first
+
+
+def test_a_round_trains_the_newest_commits_that_fit_its_token_budget(tmp_path, tiny_model):
+    ev, newest_first = budget_round(tmp_path, tiny_model, {"max_tokens": 1500, "max_seconds": 0})
+    start, done = ev[0], ev[-1]
+    budget = done["budget"]
+    covered, deferred = budget["covered_commits"], budget["deferred_commits"]
+    assert 0 < len(covered) < len(newest_first)
+    assert covered + deferred == newest_first  # the newest whole commits, the rest left for later rounds
+    assert start["examples"] == len(covered) and budget["cap_tokens"] == 1500
+    assert budget["planned_tokens"] <= 1500 and budget["stopped_by"] is None
+    assert budget["read_tokens"] <= 1500 * 1.1 and budget["read_tokens_per_s"] > 0
+    metrics = json.loads((tmp_path / "adapters" / done["version"] / "metrics.json").read_text())
+    assert metrics["budget"] == budget and metrics["steps"] == start["total"]
+
+
+def test_a_round_stops_its_loop_at_the_time_budget_and_records_it(tmp_path, tiny_model):
+    ev, newest_first = budget_round(tmp_path, tiny_model, {"max_tokens": 0, "max_seconds": 1e-6}, commits=4,
+                                      epochs=3)
+    start, done = ev[0], ev[-1]
+    stop = [e for e in ev if e["event"] == "budget"]
+    assert stop and stop[0]["reached"] == "max_seconds" and stop[0]["step"] == 1
+    assert done["budget"]["stopped_by"] == "max_seconds"
+    assert done["budget"]["covered_commits"] == newest_first[:1]  # the newest commit, read once before the stop
+    assert [e["step"] for e in ev if e["event"] == "progress"] == [1] and start["total"] > 1

@@ -432,7 +432,7 @@ def select_by_budget(records: list[dict], count_tokens, budget: dict | None, tok
     for r in records:
         entry = per_commit.setdefault(r.get("commit"), [r.get("commit_time") or 0, 0])
         entry[1] += count_tokens(r) if cap else 0
-    new_cap = new_tokens_within(cap, replay_share, epochs) if cap else 0
+    new_cap = max(1, new_tokens_within(cap, replay_share, epochs)) if cap else 0  # 0 would mean "no limit"
     taken, deferred = newest_within([(c, t, n) for c, (t, n) in per_commit.items()], new_cap)
     keep = set(taken)
     report = {"max_tokens": int((budget or {}).get("max_tokens") or 0),
