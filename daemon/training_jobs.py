@@ -128,18 +128,19 @@ class TrainingCoordinator:
             self._why[worker.name] = why
             if plan is None:
                 continue
-            plan = self._verified(worker, plan)
-            if plan is None:
-                continue
             gpu_note = self._gpu_gate()
             if gpu_note:
                 self._why[worker.name] = gpu_note
                 return gpu_note
+            # Before verifying (hashing) every shard: a missing base model must not cost that every minute.
             ready = round_checks.before_round(self.config, [worker.paths.shards / s["file"] for s in plan.train],
                                               worker.paths.adapters)
             self._why[worker.name] = ready.line  # why it cannot start, or its estimated duration
             if not ready.ok:
                 return ready.line
+            plan = self._verified(worker, plan)
+            if plan is None:
+                continue
             with self._lock:
                 if self.active is not None:
                     return f"a round is already running for {self.active.worker.name}"
