@@ -235,6 +235,13 @@ def _round(spec: dict, progress: Progress, cfg: dict, base_model: str, adapters_
     tokenizer = AutoTokenizer.from_pretrained(base_model)
     ctx = plan.context_length
     new = keep_commits(data.read_shards(spec.get("train_shards") or []), spec.get("new_commits"))
+    # ---- budget: a backlog bigger than the round's time/token budget trains its newest commits first
+    gpu = planlib.detect_gpu() if plan.device == "cuda" else None
+    rate = planlib.measured_rate(adapters_dir, plan) or planlib.prior_tokens_per_s(
+        plan, cores=os.cpu_count(), compute_capability=gpu.compute_capability if gpu else None)
+    new, budget_report = planlib.select_by_budget(
+        new, lambda r: read_tokens_of(r, tokenizer, ctx, cfg), spec.get("budget"), rate,
+        float(cfg["replay_share"]), float(cfg["epochs"]))
     old = keep_commits(data.read_shards(spec.get("replay_shards") or []), spec.get("replay_commits"))
     mixed, replayed = data.mix_replay(new, old, float(cfg["replay_share"]), int(cfg["seed"]))
     train = data.build(mixed, tokenizer, ctx, fim_share=float(cfg["fim_share"]), seed=int(cfg["seed"]))
@@ -268,6 +275,7 @@ def _round(spec: dict, progress: Progress, cfg: dict, base_model: str, adapters_
     order = list(range(micro_steps))
     rng = random.Random(cfg["seed"])
     stream, losses, target_tokens = [], [], 0
+    read_tokens, tokens_per_micro_batch, budget_stop, steps_done = 0, train.packed.real_tokens / micro_steps, None, 0
     t_loop = time.time()
     for step in range(total):
         while len(stream) < grad_accum:  # next micro-batches, a fresh shuffle per epoch
@@ -296,7 +304,21 @@ def _round(spec: dict, progress: Progress, cfg: dict, base_model: str, adapters_
         elapsed = time.time() - t_loop
         progress("progress", step=step + 1, total=total, loss=round(losses[-1], 5), tokens=target_tokens,
                  lr=g["lr"], eta_s=round(elapsed / (step + 1) * (total - step - 1), 1))
+        steps_done = step + 1
+        read_tokens += round(len(group) * tokens_per_micro_batch)  # real (non-padding) tokens, on average
+        budget_stop = planlib.budget_reached(read_tokens, elapsed, spec.get("budget"))
+        if budget_stop and steps_done < total:
+            progress("budget", reached=budget_stop, step=steps_done, total=total, tokens=read_tokens)
+            break
+        budget_stop = None
     train_time = time.time() - t_loop
+    # Stopped by the budget before the selection was read once: no commit is known to be trained (the next
+    # round retries them all, with this round's measured rate); otherwise the selection is covered.
+    if budget_stop and steps_done * grad_accum < micro_steps:
+        budget_report["deferred_commits"] = budget_report["covered_commits"] + budget_report["deferred_commits"]
+        budget_report["covered_commits"] = []
+    budget_report.update(stopped_by=budget_stop, read_tokens=read_tokens,
+                         read_tokens_per_s=round(read_tokens / max(train_time, 1e-9), 3))
 
     # ---- eval after, save the candidate (temp dir + rename), gate, promote
     eval_after = evaluate(model, evalset.packed, micro_batch, torch, device, autocast)
@@ -312,7 +334,8 @@ def _round(spec: dict, progress: Progress, cfg: dict, base_model: str, adapters_
     result = dict(
         version=version_dir.name, parent=parent, base_model=base_model, gate_passed=passed, gate=gate,
         eval_loss_before=eval_before, eval_loss_after=eval_after, train_loss_first=losses[0],
-        train_loss_last=sum(tail) / len(tail), losses=[round(x, 5) for x in losses], steps=total,
+        train_loss_last=sum(tail) / len(tail), losses=[round(x, 5) for x in losses], steps=steps_done,
+        budget=budget_report,
         target_tokens=target_tokens, tokens_per_s=round(target_tokens / max(train_time, 1e-9), 1),
         padding_waste=round(train.packed.waste, 4), train_time_s=round(train_time, 2),
         time_s=round(time.time() - t_start, 2), examples=train.examples, replayed=replayed,
@@ -331,9 +354,16 @@ def _round(spec: dict, progress: Progress, cfg: dict, base_model: str, adapters_
     if passed:
         registry.promote(adapters_dir, version_dir.name)
     done = {k: result[k] for k in ("version", "parent", "eval_loss_before", "eval_loss_after", "train_loss_first",
-                                   "train_loss_last", "target_tokens", "tokens_per_s", "padding_waste", "gate")}
+                                   "train_loss_last", "target_tokens", "tokens_per_s", "padding_waste", "gate",
+                                   "budget")}
     progress("done", promoted=passed, current=registry.current_version(adapters_dir), **done)
     return {"promoted": passed, **result}
+
+
+def read_tokens_of(record: dict, tokenizer, context_length: int, cfg: dict) -> int:
+    """Tokens the loop reads for one record, rendered and cut exactly as data.build does (0 if skipped)."""
+    rendered = data.render(record, fim_share=float(cfg["fim_share"]), seed=int(cfg["seed"]))
+    return 0 if rendered is None else len(data.tokenize(tokenizer, *rendered, context_length)[0].input_ids)
 
 
 def _is_oom(exc: BaseException) -> bool:
