@@ -92,22 +92,24 @@ def test_target_loss_equals_hf_loss_with_the_same_labels(model_and_tokenizer, mo
     model.zero_grad(set_to_none=True)
 
 
-def test_evaluate_is_the_token_weighted_mean_over_blocks(model_and_tokenizer):
-    """evaluate() pools blocks by target tokens (not a mean of block means): it equals HF's loss summed over
-    blocks weighted by each block's target count."""
-    import contextlib
-
+def test_evaluation_is_the_token_weighted_mean_over_blocks(model_and_tokenizer):
+    """Evaluation pools examples by target tokens (not a mean of block or example means): its target loss equals
+    HF's loss summed over the packed blocks, weighted by each block's target count."""
     import torch
+
+    from gitlora.trainer import evaluate, metrics
 
     model, tokenizer = model_and_tokenizer
     records = [record(n, 2 + 5 * n) for n in range(6)]
-    packed = data.build(records, tokenizer, 128, seed=0).packed
+    es = evaluate.prepare(records, tokenizer, 128, fim_samples=0)
+    packed = es.packed
     assert len(packed.input_ids) >= 2
-    got = R.evaluate(model, packed, 1, torch, torch.device("cpu"), contextlib.nullcontext)
+    got = metrics.summarize(evaluate.score_losses(model, es, 1, torch, torch.device("cpu")), [])["target_loss"]
     model.eval()
     total = count = 0
     with torch.no_grad():
-        for ids, pos, labels in R.batches(packed, 1, torch, "cpu"):
+        for b in range(len(packed.input_ids)):
+            ids, pos, labels = (torch.tensor([getattr(packed, k)[b]]) for k in ("input_ids", "position_ids", "labels"))
             n = int((labels[:, 1:] != data.IGNORE).sum())
             total += float(hf_loss(model, ids, pos, labels)) * n
             count += n

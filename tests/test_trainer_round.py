@@ -1,5 +1,7 @@
-"""Real training rounds on the tiny StarCoder2 (no mocks): learning, resuming, replay, the promotion gate,
-rollback, merged export, and a SIGKILL in the middle of a round."""
+"""Real training rounds on the tiny StarCoder2 (no mocks): learning, resuming, replay, evaluation of base /
+current / candidate on the window and the older slice, the promotion gate (a clearly better candidate promoted;
+corrupted targets, an A/A pair and a margin not reached rejected), a non-finite loss failing the round, rollback,
+merged export, and a SIGKILL in the middle of a round."""
 from __future__ import annotations
 
 import json
@@ -19,7 +21,8 @@ from gitlora.trainer import registry, tiny
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 FAST = dict(learning_rate=3e-3, warmup_steps=2, epochs=3, context_length=1024, micro_batch=1, grad_accum=2,
-            lora_r=8, lora_alpha=16, lora_dropout=0.0, fim_share=0.2, device="cpu", seed=0, promote_margin=0.0)
+            lora_r=8, lora_alpha=16, lora_dropout=0.0, fim_share=0.2, device="cpu", seed=0, promote_margin=0.0,
+            fim_samples=6)
 
 
 # ------------------------------------------------------------------------------------------- shard helpers
@@ -50,10 +53,14 @@ def write_shard(path: Path, records: list[dict]) -> Path:
     return path
 
 
-def make_spec(tmp: Path, model: Path, adapters: Path, train, replay=(), eval_=(), **train_cfg) -> Path:
+def make_spec(tmp: Path, model: Path, adapters: Path, train, replay=(), eval_=(), *, window=None, older=None,
+              **train_cfg) -> Path:
+    """A round spec; `window` / `older` (commit lists) select the window and the older slice from eval_."""
     spec = dict(base_model=str(model), adapters_dir=str(adapters), train_shards=[str(p) for p in train],
                 replay_shards=[str(p) for p in replay], eval_shards=[str(p) for p in eval_],
                 progress_file=str(tmp / "progress.jsonl"), train={**FAST, **train_cfg})
+    if window is not None:
+        spec.update(window_commits=list(window), older_commits=list(older or []))
     path = tmp / "spec.json"
     path.write_text(json.dumps(spec))
     return path
@@ -102,8 +109,11 @@ def world(tmp_path_factory):
     round1 = events(r1 / "progress.jsonl")
 
     r2 = root / "round2"
-    r2.mkdir()
-    round2 = run_inprocess(make_spec(r2, model, adapters, [new], [old], [ev], replay_share=0.3))
+    r2.mkdir()  # the window spec: eval_shards filtered to the window's and the older slice's commits
+    window = [r["commit"] for r in make_records(12, 200)]
+    older = [r["commit"] for r in make_records(40, 0)][::4]
+    round2 = run_inprocess(make_spec(r2, model, adapters, [new], [old], [ev, old], window=window, older=older,
+                                     replay_share=0.3))
     return dict(root=root, model=model, adapters=adapters, old=old, new=new, eval=ev, round1=round1,
                 round2=round2, round2_events=events(r2 / "progress.jsonl"))
 
@@ -139,6 +149,25 @@ def test_first_round_lowers_loss_and_saves_a_plain_peft_adapter(world):
     assert metrics["parent"] is None and metrics["eval_loss_after"] == done["eval_loss_after"]
     assert metrics["data"]["commits"] == 40 and metrics["data"]["first_commit_time"] == 1_700_000_000
 
+    # A clearly better candidate (trained on the refactor the window repeats) passes the gate against the base
+    # (round 1: current = base), with the interval over the window's 12 commits below zero.
+    gate, evaluation = metrics["gate"], metrics["evaluation"]
+    assert done["gate"] == gate and done["evaluation"] == evaluation
+    assert gate["passed"] is True and "vs base (round 1)" in gate["reason"]
+    assert gate["vs_current"]["ci95_high"] < 0 and gate["vs_current"] == gate["vs_base"]
+    assert gate["older_rel"] is None  # a spec without window_commits: all eval shards are the window
+    assert evaluation["current"] is None and set(evaluation) == {"base", "current", "candidate"}
+    keys = {"examples", "commits", "target_loss", "changed_loss", "fim_exact", "fim_edit_sim", "fim_n"}
+    for who in ("base", "candidate"):
+        window = evaluation[who]["window"]
+        assert set(window) == keys and set(evaluation[who]) == {"window", "older"}
+        assert window["examples"] == 12 and window["commits"] == 12 and window["fim_n"] == FAST["fim_samples"]
+        assert evaluation[who]["older"]["examples"] == 0
+    base, cand = evaluation["base"]["window"], evaluation["candidate"]["window"]
+    assert cand["changed_loss"] < base["changed_loss"] and cand["target_loss"] < base["target_loss"]
+    assert gate["vs_base"]["changed_loss_rel"] == pytest.approx(cand["changed_loss"] / base["changed_loss"] - 1)
+    assert done["eval_loss_before"] == base["target_loss"] and done["eval_loss_after"] == cand["target_loss"]
+
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
@@ -164,6 +193,17 @@ def test_second_round_resumes_the_first_adapter_and_replays(world):
     assert r2["replayed"] == start["replayed"]
     # Same eval shard, same data: round 2's "before" is exactly round 1's "after" -> it started from v0001.
     assert r2["eval_loss_before"] == pytest.approx(world["round1"][-1]["eval_loss_after"], rel=1e-5)
+    # Every model on every set: the base (adapter disabled) scores what it scored in round 1, the current
+    # adapter what round 1's candidate scored; the older slice is the spec's older commits.
+    r1 = world["round1"][-1]["evaluation"]
+    ev = r2["evaluation"]
+    assert ev["base"]["window"] == pytest.approx(r1["base"]["window"], rel=1e-5)
+    assert ev["current"]["window"] == pytest.approx(r1["candidate"]["window"], rel=1e-5)
+    assert all(ev[who]["older"]["examples"] == ev[who]["older"]["commits"] == 10 for who in ev)
+    assert ev["base"]["older"]["changed_loss"] > ev["current"]["older"]["changed_loss"]  # trained on in round 1
+    assert r2["gate"]["older_rel"] == pytest.approx(
+        ev["candidate"]["older"]["changed_loss"] / ev["current"]["older"]["changed_loss"] - 1)
+    assert r2["data"]["window_commits"] == 12 and r2["data"]["older_commits"] == 10
 
     # And directly: attaching in a fresh model loads v0001's saved tensors (not a fresh init), trainable.
     adapters = snapshot(world, "resume-check")
@@ -190,6 +230,8 @@ def test_gate_keeps_current_when_candidate_is_worse(world):
     result = run_inprocess(make_spec(tmp, world["model"], adapters, [bad], [], [world["eval"]],
                                      learning_rate=1e-2, epochs=2, replay_share=0.0))
     assert result["promoted"] is False and result["eval_loss_after"] > result["eval_loss_before"]
+    assert result["gate"]["passed"] is False and result["gate"]["vs_current"]["changed_loss_rel"] > 0
+    assert "not better" in result["gate"]["reason"]
     assert registry.current_version(adapters) == before
     versions = [v["version"] for v in registry.list_versions(adapters)]
     assert result["version"] in versions  # kept for inspection, just not promoted
@@ -201,6 +243,72 @@ def test_gate_keeps_current_when_candidate_is_worse(world):
     result = run_inprocess(make_spec(tmp2, world["model"], adapters, [world["new"]], [], [world["eval"]],
                                      promote_margin=0.9, epochs=1))
     assert result["promoted"] is False and registry.current_version(adapters) == before
+    assert "margin 90.0 %" in result["gate"]["reason"]
+
+
+def test_gate_rejects_a_candidate_that_equals_current(world):
+    """A/A: a round that changes nothing (learning rate 0) yields a candidate identical to current; the paired
+    difference is exactly zero and its interval cannot exclude zero."""
+    adapters = snapshot(world, "a-a")
+    before = registry.current_version(adapters)
+    tmp = world["root"] / "a-a-round"
+    tmp.mkdir()
+    result = run_inprocess(make_spec(tmp, world["model"], adapters, [world["new"]], [], [world["eval"]],
+                                     learning_rate=0.0, max_steps=2))
+    ev = result["evaluation"]
+    assert ev["candidate"]["window"] == ev["current"]["window"]
+    assert result["gate"]["vs_current"]["changed_loss_rel"] == 0.0
+    assert result["promoted"] is False and registry.current_version(adapters) == before
+
+
+def fp16_overflowing_model(src: Path, dst: Path) -> Path:
+    """The tiny model with its last MLP scaled up: every weight still fits in float16 and float32 losses are
+    ordinary, but the MLP's output exceeds float16's range (65504), as a model on an fp16 GPU can overflow."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    shutil.copytree(src, dst)
+    model = AutoModelForCausalLM.from_pretrained(dst)
+    with torch.no_grad():
+        mlp = model.model.layers[-1].mlp
+        mlp.c_fc.weight.mul_(100)
+        mlp.c_proj.weight.mul_(1e4)
+        assert max(float(p.abs().max()) for p in model.parameters()) < 65504
+    model.save_pretrained(dst)
+    return dst
+
+
+def test_nonfinite_loss_fails_the_round(world):
+    """A float16 overflow is a failed round (exit 1, error event "nonfinite"), never a silent "kept current":
+    caught by the base model's evaluation when there is a window, by the training loop when there is none."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from gitlora.trainer import evaluate, metrics, packed_attention
+    from gitlora.trainer import round as R
+
+    hot = fp16_overflowing_model(world["model"], world["root"] / "hot-model")
+    tokenizer = AutoTokenizer.from_pretrained(hot)
+    es = evaluate.prepare(make_records(4, 200), tokenizer, 1024, fim_samples=0)
+    for dtype, finite in ((torch.float32, True), (torch.float16, False)):  # the overflow is float16's alone
+        model = AutoModelForCausalLM.from_pretrained(hot, dtype=dtype).eval()
+        packed_attention.enable(model)
+        losses = evaluate.score_losses(model, es, 1, torch, torch.device("cpu"))
+        assert (metrics.nonfinite(losses) == 0) is finite
+
+    adapters = snapshot(world, "nonfinite")
+    before = registry.current_version(adapters)
+    versions = [v["version"] for v in registry.list_versions(adapters)]
+    for name, eval_, where in (("with-window", [world["eval"]], "base model"), ("no-window", [], "training loss")):
+        tmp = world["root"] / f"nonfinite-{name}"
+        tmp.mkdir()
+        proc = run_cli(make_spec(tmp, hot, adapters, [world["new"]], [], eval_, compute_dtype="float16"))
+        assert proc.returncode == R.EXIT_FAIL, proc.stderr[-3000:]
+        last = events(tmp / "progress.jsonl")[-1]
+        assert last["event"] == "error" and last["reason"] == "nonfinite" and where in last["message"], last
+        assert not any(e["event"] == "done" for e in events(tmp / "progress.jsonl"))
+        assert registry.current_version(adapters) == before
+        assert [v["version"] for v in registry.list_versions(adapters)] == versions  # nothing saved
 
 
 def test_rollback_and_export_merged(world, tmp_path):

@@ -78,9 +78,14 @@ def context_lines(ex: dict) -> str:
     return out
 
 
-def _example_rng(ex: dict, seed: int) -> random.Random:
+def item_digest(ex: dict, seed: int) -> bytes:
+    """A seeded digest of an item's identity: what every per-item random choice derives from."""
     key = f"{seed}:{ex.get('commit')}:{ex.get('path')}:{ex.get('qualified_name')}:{ex.get('change_kind')}"
-    return random.Random(int.from_bytes(hashlib.sha256(key.encode()).digest()[:8], "big"))
+    return hashlib.sha256(key.encode()).digest()
+
+
+def _example_rng(ex: dict, seed: int) -> random.Random:
+    return random.Random(int.from_bytes(item_digest(ex, seed)[:8], "big"))
 
 
 def render(ex: dict, fim_share: float = 0.0, seed: int = 0) -> tuple[str, str] | None:
@@ -93,18 +98,41 @@ def render(ex: dict, fim_share: float = 0.0, seed: int = 0) -> tuple[str, str] |
         return None
     rng = _example_rng(ex, seed)
     if fim_share > 0 and rng.random() < fim_share:
-        lines = after.splitlines(keepends=True)
-        if len(lines) >= 3:
-            i = rng.randrange(1, len(lines) - 1)
-            j = rng.randrange(i + 1, min(len(lines), i + 1 + max(1, len(lines) // 3)) + 1)
-            prefix, middle, suffix = "".join(lines[:i]), "".join(lines[i:j]), "".join(lines[j:])
-            prompt = f"{header(ex)}<fim_prefix>{context_lines(ex)}{prefix}<fim_suffix>{suffix}<fim_middle>"
-            return prompt, middle + EOS
+        fim = _fim_split(ex, after, rng)
+        if fim is not None:
+            return fim[0], fim[1] + EOS
     before = ex.get("before") or ""
     prompt = header(ex) + context_lines(ex)
     if before.strip():
         prompt += "// before:\n" + before.rstrip("\n") + "\n// after:\n"
     return prompt, after.rstrip("\n") + "\n" + EOS
+
+
+def _fim_split(ex: dict, after: str, rng: random.Random) -> tuple[str, str] | None:
+    """(PSM prompt, middle) with a line-aligned middle span drawn from `rng`; None below three lines."""
+    lines = after.splitlines(keepends=True)
+    if len(lines) < 3:
+        return None
+    i = rng.randrange(1, len(lines) - 1)
+    j = rng.randrange(i + 1, min(len(lines), i + 1 + max(1, len(lines) // 3)) + 1)
+    prefix, middle, suffix = "".join(lines[:i]), "".join(lines[i:j]), "".join(lines[j:])
+    return f"{header(ex)}<fim_prefix>{context_lines(ex)}{prefix}<fim_suffix>{suffix}<fim_middle>", middle
+
+
+def render_fim(ex: dict, seed: int = 0) -> tuple[str, str] | None:
+    """(prompt, middle) of the completion task for one example: the FIM rendering training uses, without EOS,
+    its span chosen by (seed, item identity) alone; None when the item is deleted, empty or under three lines."""
+    after = ex.get("after") or ""
+    if ex.get("change_kind") == "deleted" or not after.strip():
+        return None
+    return _fim_split(ex, after, _example_rng(ex, seed))
+
+
+def before_text(ex: dict) -> str:
+    """The before version in the target's own shape (what a copy of it would look like as a target); empty for
+    added items. Tokenised and aligned with the target to find the copied tokens (metrics.changed_mask)."""
+    before = ex.get("before") or ""
+    return before.rstrip("\n") + "\n" + EOS if before.strip() else ""
 
 
 # -------------------------------------------------------------------------------------------- tokenise + mask
@@ -142,6 +170,7 @@ class Packed:
     context_length: int = 0
     real_tokens: int = 0
     target_tokens: int = 0
+    members: list[list[int]] = field(default_factory=list)  # per block: indices of the examples it holds, in order
 
     @property
     def waste(self) -> float:
@@ -197,6 +226,7 @@ def pack(examples: list[Tokenized], context_length: int, pad_id: int, seed: int 
             pos_ids += range(len(ex.input_ids))
             out.target_tokens += sum(1 for x in ex.labels if x != IGNORE)
         out.real_tokens += len(ids)
+        out.members.append(list(members))
         pad = block - len(ids)
         out.input_ids.append(ids + [pad_id] * pad)
         out.labels.append(labels + [IGNORE] * pad)

@@ -7,12 +7,20 @@ SPEC.json is trainer/spec.py's RoundSpec (shard lists, the commit lists that pic
 `train`: the round's settings, any missing one from spec.DEFAULTS; 0 / 'auto' = from the plan).
 
 It talks back through `progress_file` (JSON lines: start, progress, eval, done | error) and its exit status
-(spec.EXIT_*: 0 = round finished, promoted or not; 1 = failure; 2 = bad spec / no data / another round holds the
+(spec.EXIT_*: 0 = round finished, promoted or not; 1 = failure (a non-finite loss: reason "nonfinite"); 2 = bad spec / no data / another round holds the
 adapters lock; 3 = out of memory; 143 = SIGTERM, after an "error" event with reason "terminated").
+
+Evaluation and the gate: the examples of `eval_shards` whose commit is in `window_commits` are the held-out
+window, those in `older_commits` the older slice (without `window_commits`, all of eval_shards is the window and
+there is no older slice). Each is sampled (`eval_max_examples`, `fim_samples`, seeded) and scored for the base
+model (the same weights with the adapter disabled), the current adapter as resumed (none on round 1) and the
+candidate; trainer/gate.py decides promotion from the paired per-example changed-token losses. All numbers go
+to metrics.json under `evaluation` and `gate`.
 
 Choices worth knowing: the loss is computed on target tokens only (lm_head applied to those positions alone);
 packed blocks attend only within each example (packed_attention.py); `train_loss_last` is the mean of the last
-three optimizer steps; without eval shards the candidate is promoted on training alone (the gate needs data).
+three optimizer steps; without window examples the candidate is promoted on training alone (the gate needs
+data); a loss that is not a finite number (fp16 overflow, NaN) fails the round, it never just keeps current.
 """
 from __future__ import annotations
 
@@ -30,14 +38,20 @@ import traceback
 import warnings
 from pathlib import Path
 
-from gitlora.trainer import data, plan as planlib, registry
-from gitlora.trainer.spec import DEFAULTS, EXIT_FAIL, EXIT_INTERRUPTED, EXIT_OOM, EXIT_SPEC, EXIT_TERMINATED, keep_commits
+from gitlora.trainer import data, evaluate, gate, metrics, plan as planlib, registry
+from gitlora.trainer.evaluate import target_loss_sum  # noqa: F401 - the loss path, shared with training
+from gitlora.trainer.spec import (DEFAULTS, EXIT_FAIL, EXIT_INTERRUPTED, EXIT_OOM, EXIT_SPEC, EXIT_TERMINATED,
+                                  REASON_NONFINITE, keep_commits)
 # peft 0.21 still asks transformers 5 for the deprecated attribute on every get_peft_model: noise, not news.
 warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
 
 
 class SpecError(Exception):
     """Bad spec or nothing to train on: exit 2."""
+
+
+class NonFiniteLoss(Exception):
+    """A loss that is not a finite number (fp16 overflow, NaN weights): a failed round, exit 1."""
 
 
 class Terminated(Exception):
@@ -118,55 +132,25 @@ def attach_adapter(model, adapters_dir: Path, cfg: dict):
     return get_peft_model(model, lora), None
 
 
-def target_loss_sum(model, input_ids, position_ids, labels, torch, chunked_ckpt: bool = False):
-    """Sum of cross-entropy over target positions only, and their count.
-
-    Runs the transformer body, keeps the hidden states of positions whose *next* token is a target, and applies
-    lm_head + CE to those alone in chunks (optionally checkpointed): the full (tokens x vocab) logits tensor,
-    the largest activation of a code model, is never built.
-    """
-    from gitlora.trainer import packed_attention
-
-    causal_lm = model.get_base_model()
-    hidden = causal_lm.model(input_ids=input_ids, position_ids=position_ids, use_cache=False,
-                             **packed_attention.attention_kwargs(position_ids)).last_hidden_state
-    targets = labels[:, 1:]
-    keep = targets != data.IGNORE
-    h = hidden[:, :-1][keep]
-    y = targets[keep]
-    total = h.new_zeros((), dtype=torch.float32)
-
-    def chunk_loss(hc, yc):
-        logits = causal_lm.lm_head(hc).float()
-        return torch.nn.functional.cross_entropy(logits, yc, reduction="sum")
-
-    for s in range(0, y.numel(), planlib.LOSS_CHUNK):
-        hc, yc = h[s:s + planlib.LOSS_CHUNK], y[s:s + planlib.LOSS_CHUNK]
-        if chunked_ckpt and torch.is_grad_enabled():
-            total = total + torch.utils.checkpoint.checkpoint(chunk_loss, hc, yc, use_reentrant=False)
-        else:
-            total = total + chunk_loss(hc, yc)
-    return total, int(y.numel())
+def eval_records(spec: dict) -> dict[str, list[dict]]:
+    """The window and the older slice: eval_shards' examples filtered by the spec's commit lists."""
+    records = data.read_shards(spec.get("eval_shards") or [])
+    if spec.get("window_commits") is None:  # a spec from before the rolling window: all of it is the window
+        return {"window": records, "older": []}
+    window, older = set(spec.get("window_commits") or []), set(spec.get("older_commits") or [])
+    return {"window": [r for r in records if r.get("commit") in window],
+            "older": [r for r in records if r.get("commit") in older]}
 
 
-def batches(packed: data.Packed, micro_batch: int, torch, device):
-    for s in range(0, len(packed.input_ids), micro_batch):
-        yield tuple(torch.tensor(getattr(packed, k)[s:s + micro_batch], dtype=torch.long, device=device)
-                    for k in ("input_ids", "position_ids", "labels"))
-
-
-def evaluate(model, packed: data.Packed, micro_batch: int, torch, device, autocast) -> float | None:
-    """Mean loss per target token over a packed set (None when it has no targets)."""
-    if not packed.input_ids:
-        return None
-    model.eval()
-    total, count = 0.0, 0
-    with torch.no_grad(), autocast():
-        for ids, pos, labels in batches(packed, micro_batch, torch, device):
-            s, n = target_loss_sum(model, ids, pos, labels, torch)
-            total, count = total + float(s), count + n
-    model.train()
-    return total / count if count else None
+def score_all(model, tokenizer, evalsets: dict, micro_batch: int, torch, device, autocast, label: str) -> dict:
+    """`model` on every eval set; a non-finite loss on any example fails the round."""
+    scores = {}
+    for name, evalset in evalsets.items():
+        scores[name] = evaluate.evaluate(model, tokenizer, evalset, micro_batch, torch, device, autocast)
+        bad = metrics.nonfinite(scores[name].losses)
+        if bad:
+            raise NonFiniteLoss(f"{label}: {bad} of {len(evalset.records)} {name} examples have a non-finite loss")
+    return scores
 
 
 def lr_at(step: int, total: int, cfg: dict) -> float:
@@ -231,7 +215,7 @@ def _round(spec: dict, progress: Progress, cfg: dict, base_model: str, adapters_
     def autocast():
         return torch.autocast("cuda", dtype=dtype) if device.type == "cuda" and half else contextlib.nullcontext()
 
-    # ---- data: render, mask, pack; replay older shards; eval on held-out newest commits
+    # ---- data: render, mask, pack; replay older shards; eval on the held-out window and the older slice
     tokenizer = AutoTokenizer.from_pretrained(base_model)
     ctx = plan.context_length
     new = keep_commits(data.read_shards(spec.get("train_shards") or []), spec.get("new_commits"))
@@ -245,8 +229,9 @@ def _round(spec: dict, progress: Progress, cfg: dict, base_model: str, adapters_
     old = keep_commits(data.read_shards(spec.get("replay_shards") or []), spec.get("replay_commits"))
     mixed, replayed = data.mix_replay(new, old, float(cfg["replay_share"]), int(cfg["seed"]))
     train = data.build(mixed, tokenizer, ctx, fim_share=float(cfg["fim_share"]), seed=int(cfg["seed"]))
-    window = keep_commits(data.read_shards(spec.get("eval_shards") or []), spec.get("window_commits"))
-    evalset = data.build(window, tokenizer, ctx, seed=int(cfg["seed"]))
+    evalsets = {name: evaluate.prepare(records, tokenizer, ctx, max_examples=int(cfg["eval_max_examples"]),
+                                       fim_samples=int(cfg["fim_samples"]), seed=int(cfg["seed"]))
+                for name, records in eval_records(spec).items()}
     if not train.packed.input_ids:
         raise SpecError("no trainable examples in train_shards")
     micro_steps = math.ceil(len(train.packed.input_ids) / micro_batch)
@@ -260,11 +245,18 @@ def _round(spec: dict, progress: Progress, cfg: dict, base_model: str, adapters_
              quantization=plan.quantization, dtype=plan.compute_dtype, context_length=ctx, micro_batch=micro_batch,
              grad_accum=grad_accum, total=total, examples=train.examples, replayed=replayed,
              skipped=train.skipped, truncated=train.truncated, blocks=len(train.packed.input_ids),
-             padding_waste=round(train.packed.waste, 4), eval_examples=evalset.examples)
+             padding_waste=round(train.packed.waste, 4),
+             eval_examples=len(evalsets["window"].records), older_examples=len(evalsets["older"].records))
 
-    # ---- eval before: the current adapter (or the base model, which a fresh LoRA with B=0 equals)
-    eval_before = evaluate(model, evalset.packed, micro_batch, torch, device, autocast)
-    progress("eval", which="before", loss=eval_before)
+    # ---- eval before: the base model (adapter disabled) and the current adapter as resumed (none on round 1)
+    with model.disable_adapter():
+        base_scores = score_all(model, tokenizer, evalsets, micro_batch, torch, device, autocast, "base model")
+    current_scores = (score_all(model, tokenizer, evalsets, micro_batch, torch, device, autocast, f"current {parent}")
+                      if parent else None)
+    eval_before = (current_scores or base_scores)["window"].summary()["target_loss"]
+    progress("eval", which="before", loss=eval_before,
+             base={k: v.summary() for k, v in base_scores.items()},
+             current={k: v.summary() for k, v in current_scores.items()} if current_scores else None)
 
     # ---- the loop: AdamW over LoRA params, grad accumulation weighted by target tokens, GradScaler for fp16
     params = [p for p in model.parameters() if p.requires_grad]
@@ -294,6 +286,8 @@ def _round(spec: dict, progress: Progress, cfg: dict, base_model: str, adapters_
                 s, _ = target_loss_sum(model, ids, pos, labels, torch, chunked_ckpt=plan.gradient_checkpointing)
             scaler.scale(s / max(1, group_tokens)).backward()
             loss_sum += float(s.detach())
+        if not math.isfinite(loss_sum):  # fp16 overflow or NaN weights: a failure, not a step the scaler skips
+            raise NonFiniteLoss(f"training loss is {loss_sum} at step {step + 1} of {total}")
         scaler.unscale_(optimizer)
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         scaler.step(optimizer)
@@ -320,29 +314,35 @@ def _round(spec: dict, progress: Progress, cfg: dict, base_model: str, adapters_
     budget_report.update(stopped_by=budget_stop, read_tokens=read_tokens,
                          read_tokens_per_s=round(read_tokens / max(train_time, 1e-9), 3))
 
-    # ---- eval after, save the candidate (temp dir + rename), gate, promote
-    eval_after = evaluate(model, evalset.packed, micro_batch, torch, device, autocast)
-    progress("eval", which="after", loss=eval_after)
-    margin = float(cfg["promote_margin"])
-    if eval_after is None:
-        passed, gate = True, "no eval data: promoted on training alone"
-    else:
-        passed = eval_after < eval_before * (1 - margin)
-        gate = f"eval {eval_after:.4f} {'<' if passed else '>='} {eval_before:.4f} x (1 - {margin})"
+    # ---- eval after, gate, save the candidate (temp dir + rename), promote
+    candidate_scores = score_all(model, tokenizer, evalsets, micro_batch, torch, device, autocast, "candidate")
+    eval_after = candidate_scores["window"].summary()["target_loss"]
+    progress("eval", which="after", loss=eval_after,
+             candidate={k: v.summary() for k, v in candidate_scores.items()})
+    scores = {"base": base_scores, "current": current_scores, "candidate": candidate_scores}
+    window_losses = {who: s["window"].losses if s else None for who, s in scores.items()}
+    older_losses = {who: s["older"].losses if s else None for who, s in scores.items()}
+    decision = gate.decide(window_losses, older_losses, promote_margin=float(cfg["promote_margin"]),
+                           max_forgetting=float(cfg["max_forgetting"]), seed=int(cfg["seed"]))
+    passed = decision.passed
+    evaluation = {who: {name: sc.summary() for name, sc in s.items()} if s else None for who, s in scores.items()}
     commit_times = [r.get("commit_time") for r in new if r.get("commit_time") is not None]
     tail = losses[-min(3, len(losses)):]
     result = dict(
-        version=version_dir.name, parent=parent, base_model=base_model, gate_passed=passed, gate=gate,
+        version=version_dir.name, parent=parent, base_model=base_model, gate_passed=passed,
+        gate=decision.to_dict(), evaluation=evaluation,
         eval_loss_before=eval_before, eval_loss_after=eval_after, train_loss_first=losses[0],
         train_loss_last=sum(tail) / len(tail), losses=[round(x, 5) for x in losses], steps=steps_done,
         budget=budget_report,
         target_tokens=target_tokens, tokens_per_s=round(target_tokens / max(train_time, 1e-9), 1),
         padding_waste=round(train.packed.waste, 4), train_time_s=round(train_time, 2),
         time_s=round(time.time() - t_start, 2), examples=train.examples, replayed=replayed,
-        skipped=train.skipped, truncated=train.truncated, eval_examples=evalset.examples,
+        skipped=train.skipped, truncated=train.truncated, eval_examples=len(evalsets["window"].records),
         data={"train_shards": [str(p) for p in spec.get("train_shards") or []],
               "replay_shards": [str(p) for p in spec.get("replay_shards") or []],
               "eval_shards": [str(p) for p in spec.get("eval_shards") or []],
+              "window_commits": len(spec.get("window_commits") or []),
+              "older_commits": len(spec.get("older_commits") or []),
               "commits": len({r.get("commit") for r in new}),
               "first_commit_time": min(commit_times, default=None),
               "last_commit_time": max(commit_times, default=None)},
@@ -355,7 +355,7 @@ def _round(spec: dict, progress: Progress, cfg: dict, base_model: str, adapters_
         registry.promote(adapters_dir, version_dir.name)
     done = {k: result[k] for k in ("version", "parent", "eval_loss_before", "eval_loss_after", "train_loss_first",
                                    "train_loss_last", "target_tokens", "tokens_per_s", "padding_waste", "gate",
-                                   "budget")}
+                                   "budget", "evaluation")}
     progress("done", promoted=passed, current=registry.current_version(adapters_dir), **done)
     return {"promoted": passed, **result}
 
@@ -396,6 +396,9 @@ def main(argv=None) -> int:
     except Terminated as e:
         progress("error", reason="terminated", message=str(e))
         return EXIT_TERMINATED
+    except NonFiniteLoss as e:
+        progress("error", reason=REASON_NONFINITE, message=str(e))
+        return EXIT_FAIL
     except BaseException as e:  # noqa: BLE001 - the daemon must always get an error event
         if _is_oom(e):
             progress("error", reason="oom", message=str(e)[:2000])

@@ -1,0 +1,247 @@
+"""A model on example sets: per-example target and changed-token losses, and greedy fill-in-the-middle completions.
+
+Used by the round (base, current and candidate on the window and the older slice) and by `gitlora eval`.
+torch is passed in, as in round.py, so importing this module costs nothing.
+
+    sets = {name: prepare(records, tokenizer, context_length, max_examples=200, fim_samples=24, seed=0)}
+    scores = evaluate(model, tokenizer, sets["window"], micro_batch, torch, device, autocast)
+    metrics.summarize(scores.losses, scores.fim)          # the numbers metrics.json records
+    metrics.paired_loss(current.losses, candidate.losses)  # relative change with its interval over commits
+
+Losses reuse the training path (target_loss_sum: the transformer body once, lm_head on target positions only,
+packed blocks with per-example attention), with per-token losses split back into examples at the position
+boundaries. The same records, settings and seed always give the same examples and FIM spans, so two models (or
+two adapter versions evaluated on different days) are compared on the same items.
+"""
+from __future__ import annotations
+
+import contextlib
+import inspect
+from dataclasses import dataclass, field
+
+from gitlora.trainer import data, metrics, plan as planlib
+
+FIM_MAX_NEW_TOKENS = 64
+
+
+# ------------------------------------------------------------------------------------------- the loss path
+def target_loss_sum(model, input_ids, position_ids, labels, torch, chunked_ckpt: bool = False,
+                    per_token: bool = False):
+    """Sum of cross-entropy over target positions only, and their count (per_token: the losses themselves, in
+    row-major position order, instead of their sum).
+
+    Runs the transformer body, keeps the hidden states of positions whose *next* token is a target, and applies
+    lm_head + CE to those alone in chunks (optionally checkpointed): the full (tokens x vocab) logits tensor,
+    the largest activation of a code model, is never built.
+    """
+    from gitlora.trainer import packed_attention
+
+    causal_lm = model.get_base_model() if hasattr(model, "get_base_model") else model  # peft or plain
+    hidden = causal_lm.model(input_ids=input_ids, position_ids=position_ids, use_cache=False,
+                             **packed_attention.attention_kwargs(position_ids)).last_hidden_state
+    targets = labels[:, 1:]
+    keep = targets != data.IGNORE
+    h = hidden[:, :-1][keep]
+    y = targets[keep]
+    reduction = "none" if per_token else "sum"
+
+    def chunk_loss(hc, yc):
+        logits = causal_lm.lm_head(hc).float()
+        return torch.nn.functional.cross_entropy(logits, yc, reduction=reduction)
+
+    parts = []
+    for s in range(0, y.numel(), planlib.LOSS_CHUNK):
+        hc, yc = h[s:s + planlib.LOSS_CHUNK], y[s:s + planlib.LOSS_CHUNK]
+        if chunked_ckpt and torch.is_grad_enabled():
+            parts.append(torch.utils.checkpoint.checkpoint(chunk_loss, hc, yc, use_reentrant=False))
+        else:
+            parts.append(chunk_loss(hc, yc))
+    if per_token:
+        return (torch.cat(parts) if parts else h.new_zeros((0,), dtype=torch.float32)), int(y.numel())
+    total = h.new_zeros((), dtype=torch.float32)
+    for part in parts:
+        total = total + part
+    return total, int(y.numel())
+
+
+# ---------------------------------------------------------------------------------------------- example sets
+@dataclass
+class FimItem:
+    commit: str
+    prompt_ids: list[int]
+    reference: str  # the middle span, cut to FIM_MAX_NEW_TOKENS tokens
+
+
+@dataclass
+class EvalSet:
+    records: list[dict]  # the sampled, renderable records, in evaluation order
+    packed: data.Packed  # their change renderings, packed; packed.members maps blocks back to records
+    changed: list[list[bool]]  # per record, per target token: not copied from the before version
+    fim: list[FimItem] = field(default_factory=list)
+    skipped: int = 0  # records with nothing to learn (deleted, empty after)
+    truncated: int = 0
+
+    @property
+    def commits(self) -> list[str]:
+        return [str(r.get("commit")) for r in self.records]
+
+
+def sample(records: list[dict], max_examples: int, seed: int) -> tuple[list[dict], int]:
+    """The renderable records in a seeded order that depends only on each item's identity (so a record keeps
+    its place when others join or leave), cut to `max_examples` (0 = all). Returns (sample, skipped)."""
+    usable = [r for r in records if data.render(r) is not None]
+    usable.sort(key=lambda r: data.item_digest(r, seed))
+    return (usable[:max_examples] if max_examples > 0 else usable), len(records) - len(usable)
+
+
+def prepare(records: list[dict], tokenizer, context_length: int, *, max_examples: int = 200,
+            fim_samples: int = 24, seed: int = 0) -> EvalSet:
+    """Sample, render (change format), tokenise, build each target's changed-token mask, pack; and cut the FIM
+    completion tasks from the first `fim_samples` sampled items long enough to have a middle."""
+    chosen, skipped = sample(records, max_examples, seed)
+    toks, changed, truncated = [], [], 0
+    for ex in chosen:
+        tok, cut = data.tokenize(tokenizer, *data.render(ex), context_length)
+        truncated += cut
+        target = [t for t in tok.labels if t != data.IGNORE]
+        before = data.before_text(ex)
+        before_ids = tokenizer(before, add_special_tokens=False)["input_ids"] if before else []
+        toks.append(tok)
+        changed.append(metrics.changed_mask(target, before_ids))
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    packed = data.pack(toks, context_length, pad_id, seed=seed)
+    fim = []
+    for ex in chosen:
+        if len(fim) >= fim_samples:
+            break
+        task = data.render_fim(ex, seed)
+        if task is None:
+            continue
+        prompt, middle = task
+        ref_ids = tokenizer(middle, add_special_tokens=False)["input_ids"][:FIM_MAX_NEW_TOKENS]
+        prompt_ids = data.tokenize(tokenizer, prompt, "", max(1, context_length - FIM_MAX_NEW_TOKENS))[0].input_ids
+        fim.append(FimItem(str(ex.get("commit")), prompt_ids, tokenizer.decode(ref_ids)))
+    return EvalSet(chosen, packed, changed, fim, skipped, truncated)
+
+
+# ------------------------------------------------------------------------------------------------- scoring
+@dataclass
+class Scores:
+    losses: list[metrics.ExampleLoss]  # one per EvalSet record, same order
+    fim: list[metrics.FimScore]  # one per EvalSet FIM item, same order
+
+    def summary(self) -> dict:
+        return metrics.summarize(self.losses, self.fim)
+
+
+def split_by_example(losses: list[float], position_ids: list[int], labels: list[int]) -> list[list[float]]:
+    """A block's per-target-token losses (position order) -> one list per packed example: examples start where
+    the position id restarts at 0, and each owns the targets inside its span. Trailing padding is a segment
+    with no targets."""
+    starts = [i for i, p in enumerate(position_ids) if p == 0] or [0]
+    out, k = [], 0
+    for s, e in zip(starts, starts[1:] + [len(position_ids)]):
+        n = sum(1 for t in range(max(s, 1), e) if labels[t] != data.IGNORE)
+        out.append(losses[k:k + n])
+        k += n
+    if k != len(losses):
+        raise ValueError(f"block has {len(losses)} target losses but its segments hold {k}")
+    return out
+
+
+def score_losses(model, evalset: EvalSet, micro_batch: int, torch, device, autocast=contextlib.nullcontext
+                 ) -> list[metrics.ExampleLoss]:
+    """Per-example target and changed-token loss sums for every record of the set."""
+    packed = evalset.packed
+    per_example: list[list[float] | None] = [None] * len(evalset.records)
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            for s in range(0, len(packed.input_ids), micro_batch):
+                rows = range(s, min(s + micro_batch, len(packed.input_ids)))
+                ids, pos, labels = (torch.tensor([getattr(packed, k)[r] for r in rows], dtype=torch.long,
+                                                 device=device) for k in ("input_ids", "position_ids", "labels"))
+                with autocast():
+                    token_losses, _ = target_loss_sum(model, ids, pos, labels, torch, per_token=True)
+                flat = token_losses.float().cpu().tolist()
+                k = 0
+                for r in rows:
+                    n = sum(1 for t in packed.labels[r][1:] if t != data.IGNORE)
+                    segments = split_by_example(flat[k:k + n], packed.position_ids[r], packed.labels[r])
+                    k += n
+                    for member, seg in zip(packed.members[r], segments):
+                        per_example[member] = seg
+    finally:
+        model.train(was_training)
+    out = []
+    for rec, mask, losses in zip(evalset.records, evalset.changed, per_example):
+        if losses is None or len(losses) != len(mask):
+            raise ValueError("packed evaluation lost track of an example")
+        changed = [x for x, c in zip(losses, mask) if c]
+        out.append(metrics.ExampleLoss(str(rec.get("commit")), sum(losses), len(losses), sum(changed),
+                                       len(changed)))
+    return out
+
+
+@contextlib.contextmanager
+def _cached_attention(model):
+    """Greedy decoding runs one new token against a KV cache: plain SDPA handles that; the packed-block
+    attention (which slices keys by the query's span) does not. Switch for the duration. Yields the name of
+    the forward's cache argument (transformers 5 renamed `past_key_values` to `cache`)."""
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    previous = inner.config._attn_implementation
+    inner.set_attn_implementation("sdpa")
+    try:
+        yield "cache" if "cache" in inspect.signature(inner.forward).parameters else "past_key_values"
+    finally:
+        inner.set_attn_implementation(previous)
+
+
+def greedy(model, prompt_ids: list[int], stop: set[int], max_new_tokens: int, torch, device,
+           cache_arg: str | None) -> list[int]:
+    """Greedy continuation of `prompt_ids` (without the stop token). cache_arg None: no KV cache, the whole
+    sequence is run again for every token (the slow reference the cached path is tested against)."""
+    generated: list[int] = []
+    seq = list(prompt_ids)
+    step = model(input_ids=torch.tensor([seq], dtype=torch.long, device=device), use_cache=cache_arg is not None,
+                 logits_to_keep=1)
+    while True:
+        token = int(step.logits[0, -1].argmax())
+        if token in stop or len(generated) >= max_new_tokens:
+            return generated
+        generated.append(token)
+        if cache_arg is None:
+            seq.append(token)
+            step = model(input_ids=torch.tensor([seq], dtype=torch.long, device=device), use_cache=False,
+                         logits_to_keep=1)
+        else:
+            cache = step["cache"] if "cache" in step else step["past_key_values"]
+            step = model(input_ids=torch.tensor([[token]], dtype=torch.long, device=device), use_cache=True,
+                         logits_to_keep=1, **{cache_arg: cache})
+
+
+def score_fim(model, tokenizer, evalset: EvalSet, torch, device, autocast=contextlib.nullcontext,
+              max_new_tokens: int = FIM_MAX_NEW_TOKENS) -> list[metrics.FimScore]:
+    """Greedy completion of each FIM item's middle (stops at EOS or `max_new_tokens`), scored against it."""
+    if not evalset.fim:
+        return []
+    stop = {tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids("<file_sep>")}
+    out = []
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad(), _cached_attention(model) as cache_arg, autocast():
+            for item in evalset.fim:
+                generated = greedy(model, item.prompt_ids, stop, max_new_tokens, torch, device, cache_arg)
+                out.append(metrics.fim_score(item.commit, tokenizer.decode(generated), item.reference))
+    finally:
+        model.train(was_training)
+    return out
+
+
+def evaluate(model, tokenizer, evalset: EvalSet, micro_batch: int, torch, device,
+             autocast=contextlib.nullcontext) -> Scores:
+    """Losses and FIM completions of `model` (as it is: wrap the call in peft's disable_adapter() for the base)."""
+    return Scores(score_losses(model, evalset, micro_batch, torch, device, autocast),
+                  score_fim(model, tokenizer, evalset, torch, device, autocast))
