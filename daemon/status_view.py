@@ -129,9 +129,11 @@ def render_training(training: dict[str, Any]) -> list[str]:
                      + (f", ETA {eta:.0f}s" if isinstance(eta, (int, float)) else ""))
     last = training.get("last_round")
     if last:
+        message = (last.get("message") or "").strip().splitlines()  # the trainer's error, not a bare reason code
         lines.append(f"prev      round {last.get('round', '?')} {last.get('outcome', '?')}"
                      + (f" ({last['reason']})" if last.get("reason") else "")
-                     + f" {_ago(last.get('finished_at'))}")
+                     + f" {_ago(last.get('finished_at'))}"
+                     + (f": {message[0][:300]}" if message else ""))
     trigger = training.get("next_trigger")
     if trigger:
         lines.append(f"next      {trigger}")

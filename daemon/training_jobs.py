@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from gitlora.trainer import spec as round_spec
 
-from . import gpu, log, status_view
+from . import gpu, log, round_checks, status_view
 from .fsutil import atomic_write_text
 from .round_planning import RoundPlan, RoundState, backoff_s, decide, record_outcome, without_shards
 
@@ -150,18 +150,24 @@ class TrainingCoordinator:
             self._next[worker.name] = plan.summary()
             if why is not None:
                 continue
-            plan = self._verified(worker, plan, manifest)
-            if plan is None:
-                continue
             gpu_note = self._gpu_gate()
             if gpu_note:
                 self._why[worker.name] = gpu_note
                 return gpu_note
+            # Before verifying (hashing) every shard: a missing base model must not cost that every minute.
+            ready = round_checks.before_round(self.config, [Path(p) for p in self._paths(worker, plan.train_shards)],
+                                              worker.paths.adapters, commits=set(plan.new_commits))
+            self._why[worker.name] = ready.line  # why it cannot start, or its estimated duration
+            if not ready.ok:
+                return ready.line
+            plan = self._verified(worker, plan, manifest)
+            if plan is None:
+                continue
             with self._lock:
                 if self.active is not None:
                     return f"a round is already running for {self.active.worker.name}"
-                self._start(worker, state, plan)
-                return f"started round {self.active.number} for {worker.name}"
+                self._start(worker, state, plan, ready.budget)
+                return f"started round {self.active.number} for {worker.name}: {ready.line}"
         return "; ".join(f"{k}: {v}" for k, v in self._why.items()) or "no repositories"
 
     def _verified(self, worker: RepoWorker, plan: RoundPlan, manifest: dict[str, Any]) -> RoundPlan | None:
@@ -192,7 +198,8 @@ class TrainingCoordinator:
         need = self.config.require_free_gpu_mb or 6000
         return None if free >= need else f"GPU busy: {free} MiB free, {need} MiB needed"
 
-    def _start(self, worker: RepoWorker, state: RoundState, plan: RoundPlan) -> None:
+    def _start(self, worker: RepoWorker, state: RoundState, plan: RoundPlan,
+               budget: dict[str, Any]) -> None:
         number = state.rounds + 1
         directory = worker.paths.rounds / f"{number:04d}"
         directory.mkdir(parents=True, exist_ok=True)
@@ -203,7 +210,7 @@ class TrainingCoordinator:
             train_shards=self._paths(worker, plan.train_shards), replay_shards=self._paths(worker, plan.replay_shards),
             eval_shards=self._paths(worker, plan.eval_shards), new_commits=plan.new_commits,
             replay_commits=plan.replay_commits, window_commits=plan.window_commits, older_commits=plan.older_commits,
-            budget=round_spec.Budget(max_tokens=settings.max_round_tokens, max_seconds=settings.max_round_s),
+            budget=round_spec.Budget(**budget),
             train=settings.model_copy(update={"seed": settings.seed + number}),
         ).model_dump()
         atomic_write_text(directory / "spec.json", json.dumps(spec, indent=1) + "\n")
@@ -211,6 +218,7 @@ class TrainingCoordinator:
         if shutil.which("ionice"):
             command = ["ionice", "-c", "3", *command]  # idle IO class; the trainer lowers its CPU nice itself
         env = {k: v for k, v in os.environ.items() if not k.startswith(("NOTIFY_SOCKET", "WATCHDOG_"))}
+        env["HF_HUB_OFFLINE"] = "1"  # round_checks found the model locally; never retry downloads for minutes
         # Persist the round before it exists, so a daemon killed at any instant finds it on restart; the older
         # slice is fixed from the first round that uses it.
         state.rounds = number

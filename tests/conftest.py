@@ -67,3 +67,14 @@ def isolated_home(tmp_path_factory, monkeypatch):
     shutil.rmtree(runtime, ignore_errors=True)
     if changed:
         pytest.fail(f"test wrote under the real HOME ({REAL_HOME}): {changed[:5]}")
+
+
+@pytest.fixture
+def daemon(isolated_home):
+    """A real daemon in the test's isolated home, stopped (or killed) afterwards."""
+    from daemonutil import DaemonProcess
+
+    process = DaemonProcess().start()
+    yield process
+    process.stop()
+    process.kill()

@@ -31,14 +31,6 @@ def repo(tmp_path) -> Path:
     return repo
 
 
-@pytest.fixture
-def daemon():
-    process = DaemonProcess().start()
-    yield process
-    process.stop()
-    process.kill()
-
-
 def all_commits(repo: Path) -> set[str]:
     return set(git(repo, "rev-list", "--all").split())
 

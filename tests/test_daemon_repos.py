@@ -65,14 +65,6 @@ def view_when(daemon: DaemonProcess, git_dir: str, condition, what: str, timeout
     return wait_for(check, what, timeout)
 
 
-@pytest.fixture
-def daemon():
-    process = DaemonProcess().start()
-    yield process
-    process.stop()
-    process.kill()
-
-
 def test_a_damaged_store_is_listed_with_its_next_step_and_the_others_are_served(tmp_path):
     good = make_repo(tmp_path / "good", "good")
     bad = make_repo(tmp_path / "bad", "bad")

@@ -123,7 +123,12 @@ def test_a_due_round_waits_for_a_busy_gpu_then_starts_when_it_frees(tmp_path, is
     (fake_dir / "free_mb").write_text("512\n")
     config = isolated_home / ".config/gitlora/config.toml"
     config.parent.mkdir(parents=True, exist_ok=True)
-    config.write_text('[train]\nbase_model = "no-such-model"\nmin_new_shards = 1\ncooldown_s = 0\n'
+    model = tmp_path / "model"  # enough for the daemon's pre-start check; the trainer itself is not the point here
+    model.mkdir()
+    (model / "config.json").write_text('{"hidden_size": 64, "num_hidden_layers": 1, "num_attention_heads": 2, '
+                                       '"intermediate_size": 128, "vocab_size": 256}')
+    (model / "model.safetensors").write_bytes(b"")
+    config.write_text(f'[train]\nbase_model = "{model}"\nmin_new_shards = 1\ncooldown_s = 0\n'
                       'check_interval_s = 1\ndevice = "auto"\n[shards]\nshard_size = 1\nquiet_flush_s = 1\n')
     repo = init_repo(tmp_path / "repo")
     daemon = DaemonProcess(env={"PATH": f"{fake_dir}{os.pathsep}{path_without_nvidia_smi()}"}).start()

@@ -84,3 +84,129 @@ def test_detect_gpu_absent_and_parsed(tmp_path, monkeypatch):
     assert plan.quantization == "nf4" and plan.estimated_peak_gb <= 7.5 and plan.budget_gb < 7.5
     assert P.auto_plan("starcoder2-3b", device="cpu").device == "cpu"
     assert os.environ["PATH"] == str(tmp_path)
+
+
+# --------------------------------------------------------------------------------- duration and budget
+def test_prior_rate_follows_compute_per_token_and_device():
+    cpu3b = P.make_plan("starcoder2-3b")
+    assert P.flops_per_token(cpu3b) == 4 * cpu3b.params  # no checkpointing on CPU: forward + backward
+    two, eight = P.prior_tokens_per_s(cpu3b, cores=2), P.prior_tokens_per_s(cpu3b, cores=8)
+    assert eight == pytest.approx(4 * two)
+    assert P.prior_tokens_per_s(cpu3b, cores=10_000) == P.prior_tokens_per_s(cpu3b, cores=P.CPU_MAX_CORES)
+    assert 0.5 < two < 5  # a 3B model in fp32 on two cores: a few tokens per second
+    turing = P.make_plan("starcoder2-3b", vram_gb=8, compute_capability=7.5)  # nf4 + checkpointing
+    assert P.flops_per_token(turing) == 6 * turing.params
+    rate = P.prior_tokens_per_s(turing, compute_capability=7.5)
+    assert rate == pytest.approx(12e12 * P.NF4_SLOWDOWN / (6 * turing.params))
+    assert 100 * two < rate
+    hopper = P.make_plan("starcoder2-3b", vram_gb=141, compute_capability=9.0)
+    assert P.prior_tokens_per_s(hopper, compute_capability=9.0) > 10 * rate
+
+
+def test_a_measured_rate_counts_only_for_the_same_model_device_and_precision():
+    plan = P.make_plan("starcoder2-3b")
+    metrics = {"plan": plan.to_dict(), "budget": {"read_tokens_per_s": 3.5}}
+    assert P.measured_tokens_per_s(metrics, plan) == 3.5
+    assert P.measured_tokens_per_s(metrics, P.make_plan("starcoder2-7b")) is None
+    assert P.measured_tokens_per_s(metrics, P.make_plan("starcoder2-3b", 8, 7.5)) is None
+    assert P.measured_tokens_per_s({"plan": plan.to_dict()}, plan) is None  # a round from before budgets
+    assert P.measured_tokens_per_s(None, plan) is None
+
+
+def test_budget_cap_is_the_smaller_of_tokens_and_seconds_at_the_rate():
+    assert P.budget_cap(None, 10.0) == 0 and P.budget_cap({"max_tokens": 0, "max_seconds": 0}, 10.0) == 0
+    assert P.budget_cap({"max_seconds": 3600}, 2.5) == 9000
+    assert P.budget_cap({"max_tokens": 5000, "max_seconds": 3600}, 2.5) == 5000
+    assert P.budget_cap({"max_tokens": 50_000, "max_seconds": 3600}, 2.5) == 9000
+    # the round's total includes replay and epochs; the inverse gives the new tokens that fit
+    assert P.round_tokens(700, replay_share=0.3, epochs=2) == 2000
+    assert P.new_tokens_within(2000, replay_share=0.3, epochs=2) == 700
+
+
+def test_newest_commits_within_the_budget_whole_commits_newest_first():
+    commits = [("a", 100.0, 40), ("c", 300.0, 30), ("b", 200.0, 50), ("d", 400.0, 20)]
+    assert P.newest_within(commits, 0) == (["d", "c", "b", "a"], [])
+    assert P.newest_within(commits, 50) == (["d", "c"], ["b", "a"])
+    assert P.newest_within(commits, 99) == (["d", "c"], ["b", "a"])  # b (50) does not fit in the 49 left
+    assert P.newest_within(commits, 100) == (["d", "c", "b"], ["a"])
+    assert P.newest_within([("big", 1.0, 10_000), ("old", 0.0, 1)], 5) == (["big"], ["old"])  # always progress
+
+
+def test_select_by_budget_keeps_records_of_the_newest_commits_and_reports_the_rest():
+    records = [{"commit": f"c{i}", "commit_time": 1000 + i, "n": 10} for i in range(10)]
+    records += [{"commit": "c9", "commit_time": 1009, "n": 10}]  # a commit with two examples
+    counted = []
+
+    def count(r):
+        counted.append(r["commit"])
+        return r["n"]
+
+    kept, report = P.select_by_budget(records, count, {"max_tokens": 0, "max_seconds": 0}, 5.0, 0.0, 1.0)
+    assert kept == records and report["deferred_commits"] == [] and counted == []  # no budget: no tokenising
+    kept, report = P.select_by_budget(records, count, {"max_tokens": 0, "max_seconds": 10}, 5.0, 0.0, 1.0)
+    assert report["cap_tokens"] == 50 and report["covered_commits"] == ["c9", "c8", "c7", "c6"]
+    assert [r["commit"] for r in kept] == ["c6", "c7", "c8", "c9", "c9"]  # their order kept
+    assert report["deferred_commits"] == ["c5", "c4", "c3", "c2", "c1", "c0"] and report["planned_tokens"] == 50
+    _, report = P.select_by_budget(records, count, {"max_tokens": 120, "max_seconds": 0}, 5.0, 0.5, 2.0)
+    assert report["covered_commits"] == ["c9", "c8"]  # 120 tokens = 30 new (c9: 20, c8: 10) x 2 replay x 2 epochs
+    _, report = P.select_by_budget(records, count, {"max_tokens": 116, "max_seconds": 0}, 5.0, 0.5, 2.0)
+    assert report["covered_commits"] == ["c9"]
+    _, report = P.select_by_budget(records, count, {"max_tokens": 1, "max_seconds": 0}, 5.0, 0.5, 2.0)
+    assert report["covered_commits"] == ["c9"]  # a budget below one commit still trains the newest, never all
+
+
+def test_budget_reached_and_durations_for_people():
+    assert P.budget_reached(10, 1.0, None) is None
+    assert P.budget_reached(10, 1.0, {"max_tokens": 10, "max_seconds": 0}) == "max_tokens"
+    assert P.budget_reached(9, 1.0, {"max_tokens": 10, "max_seconds": 1.0}) == "max_seconds"
+    assert P.budget_reached(9, 0.9, {"max_tokens": 10, "max_seconds": 1.0}) is None
+    assert [P.format_duration(s) for s in (45, 720, 3.5 * 3600, 6.2 * 86400)] == ["45 s", "12 min", "3.5 h",
+                                                                                  "6.2 days"]
+
+
+# ----------------------------------------------------------------------- the trainer keeps to its budget
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory):
+    from gitlora.trainer import tiny
+
+    return tiny.build_tiny_model(tmp_path_factory.mktemp("model") / "tiny")
+
+
+def budget_round(tmp_path, model, budget: dict, commits: int = 20, epochs: int = 1):
+    from test_trainer_round import events, make_records, make_spec, run_cli, write_shard
+
+    records = make_records(commits, 0)  # one example per commit, commit_time rising with the index
+    spec = make_spec(tmp_path, model, tmp_path / "adapters", [write_shard(tmp_path / "train.jsonl", records)],
+                     epochs=epochs, fim_share=0.0, grad_accum=1)
+    body = json.loads(spec.read_text())
+    spec.write_text(json.dumps({**body, "budget": budget}))
+    proc = run_cli(spec)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ev = events(tmp_path / "progress.jsonl")
+    newest_first = [r["commit"] for r in sorted(records, key=lambda r: -r["commit_time"])]
+    return ev, newest_first
+
+
+def test_a_round_trains_the_newest_commits_that_fit_its_token_budget(tmp_path, tiny_model):
+    ev, newest_first = budget_round(tmp_path, tiny_model, {"max_tokens": 1500, "max_seconds": 0})
+    start, done = ev[0], ev[-1]
+    budget = done["budget"]
+    covered, deferred = budget["covered_commits"], budget["deferred_commits"]
+    assert 0 < len(covered) < len(newest_first)
+    assert covered + deferred == newest_first  # the newest whole commits, the rest left for later rounds
+    assert start["examples"] == len(covered) and budget["cap_tokens"] == 1500
+    assert budget["planned_tokens"] <= 1500 and budget["stopped_by"] is None
+    assert budget["read_tokens"] <= 1500 * 1.1 and budget["read_tokens_per_s"] > 0
+    metrics = json.loads((tmp_path / "adapters" / done["version"] / "metrics.json").read_text())
+    assert metrics["budget"] == budget and metrics["steps"] == start["total"]
+
+
+def test_a_round_stops_its_loop_at_the_time_budget_and_records_it(tmp_path, tiny_model):
+    ev, newest_first = budget_round(tmp_path, tiny_model, {"max_tokens": 0, "max_seconds": 1e-6}, commits=4,
+                                      epochs=3)
+    start, done = ev[0], ev[-1]
+    stop = [e for e in ev if e["event"] == "budget"]
+    assert stop and stop[0]["reached"] == "max_seconds" and stop[0]["step"] == 1
+    assert done["budget"]["stopped_by"] == "max_seconds"
+    assert done["budget"]["covered_commits"] == newest_first[:1]  # the newest commit, read once before the stop
+    assert [e["step"] for e in ev if e["event"] == "progress"] == [1] and start["total"] > 1

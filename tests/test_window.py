@@ -2,7 +2,6 @@
 never enters the window (its examples are its branch commits', which would then be both trained and held out)."""
 from __future__ import annotations
 
-from pathlib import Path
 
 from gitlora.daemon.commands.backfill import backfill
 from gitlora.daemon.config import Config

@@ -280,3 +280,164 @@ def format_plan(plan: Plan, gpu: GpuInfo | None = None) -> str:
     lines.append(f"  {'total':<12}{plan.estimated_peak_gb:6.2f}{budget}  {'fits' if plan.fits else 'DOES NOT FIT'}")
     lines += [f"note       {n}" for n in plan.notes]
     return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------------ duration and budget
+# How long a round takes: tokens to read / tokens per second. "Tokens" here are the tokens the training loop
+# reads (prompt + target of every packed example, replay included, once per epoch; padding excluded).
+#
+# Compute per token of LoRA training ~ (4 + 2 x checkpointing) x params FLOPs: forward 2N, backward through
+# the frozen weights 2N (activation gradients only: frozen weights get no weight gradients, LoRA's own are
+# negligible), and with gradient checkpointing the forward again, 2N. Attention scores add ~4 x layers x
+# hidden x example length per token, a few percent for item-level examples: left out.
+#
+# Effective FLOP/s of a whole training step (kernels + framework overhead), per device:
+#   CPU   per core, fp32. Measured on a 2-core x86-64 development VM with LoRA steps (context 1024, sdpa,
+#         the trainer's own loss): a 13.7M-parameter random StarCoder2 read ~255 tokens/s = ~14 GFLOP/s on two
+#         cores; the tiny model (0.96M params, framework overhead dominates) ~2400 tokens/s, which this prior
+#         puts at ~3600. Bigger models use the cores better, so for a 3B model this is on the slow side:
+#         a conservative prior, replaced by the first round's measurement.
+#   CUDA  ESTIMATES, not measured here (no GPU on the development machine): ~35-40 % of the tensor-core peak of
+#         a typical card of each compute capability in half precision, x NF4_SLOWDOWN when 4-bit quantised
+#         (bitsandbytes dequantises every weight on every forward and backward).
+# After a round has run, its measured tokens/s replaces these priors (`measured_tokens_per_s`).
+CPU_FLOPS_PER_CORE = 7e9
+CPU_MAX_CORES = 32  # beyond this, memory bandwidth rather than cores bounds an fp32 training step
+GPU_FLOPS_BY_CAPABILITY = (  # (minimum compute capability, effective FLOP/s), highest first
+    (9.0, 300e12),  # H100 / H200
+    (8.9, 60e12),   # RTX 40xx, L4, L40
+    (8.6, 30e12),   # RTX 30xx, A10
+    (8.0, 110e12),  # A100
+    (7.5, 12e12),   # Turing: RTX 20xx, T4 (fp16)
+    (7.0, 30e12),   # V100
+    (0.0, 4e12),    # older cards: no tensor cores worth counting
+)
+NF4_SLOWDOWN = 0.6
+
+
+def flops_per_token(plan: Plan) -> float:
+    """Training FLOPs per token read (see the block comment above)."""
+    return (6 if plan.gradient_checkpointing else 4) * plan.params
+
+
+def prior_tokens_per_s(plan: Plan, cores: int | None = None, compute_capability: float | None = None) -> float:
+    """Tokens read per second of training, from the plan alone (before any round has been measured)."""
+    if plan.device == "cpu":
+        n = max(1, min(cores or 1, CPU_MAX_CORES))
+        flops = n * CPU_FLOPS_PER_CORE
+    else:
+        cc = compute_capability if compute_capability is not None else 7.5
+        flops = next(f for low, f in GPU_FLOPS_BY_CAPABILITY if cc >= low)
+        if plan.quantization == "nf4":
+            flops *= NF4_SLOWDOWN
+    return flops / flops_per_token(plan)
+
+
+def measured_tokens_per_s(metrics: dict | None, plan: Plan) -> float | None:
+    """The tokens/s a finished round measured (its metrics.json), when it ran the same model on the same kind
+    of device with the same precision: the best estimate for the next round on this machine."""
+    if not metrics:
+        return None
+    ran = metrics.get("plan") or {}
+    rate = (metrics.get("budget") or {}).get("read_tokens_per_s")
+    same = (ran.get("params"), ran.get("device"), ran.get("quantization"), ran.get("compute_dtype")) == (
+        plan.params, plan.device, plan.quantization, plan.compute_dtype)
+    return float(rate) if same and isinstance(rate, (int, float)) and rate > 0 else None
+
+
+def measured_rate(adapters_dir, plan: Plan) -> float | None:
+    """Tokens/s the newest round in `adapters_dir` measured with this plan's model, device and precision."""
+    from gitlora.trainer import registry  # torch-free
+
+    for version in reversed(registry.list_versions(adapters_dir)):
+        rate = measured_tokens_per_s(version["metrics"], plan)
+        if rate:
+            return rate
+    return None
+
+
+def round_tokens(new_tokens: int, replay_share: float, epochs: float) -> int:
+    """Tokens a round reads: its new examples' tokens, plus replay (a `replay_share` of the mix, assumed the same
+    size on average), every epoch."""
+    return round(new_tokens / max(1e-9, 1.0 - replay_share) * epochs)
+
+
+def new_tokens_within(cap_tokens: int, replay_share: float, epochs: float) -> int:
+    """The inverse of `round_tokens`: how many new-example tokens fit in a round of `cap_tokens`."""
+    return int(cap_tokens * (1.0 - replay_share) / max(1e-9, epochs))
+
+
+def budget_cap(budget: dict | None, tokens_per_s: float) -> int:
+    """The round's budget as tokens to read (0 = unbounded): the smaller of max_tokens and max_seconds x rate."""
+    budget = budget or {}
+    caps = []
+    if budget.get("max_tokens"):
+        caps.append(int(budget["max_tokens"]))
+    if budget.get("max_seconds"):
+        caps.append(max(1, int(float(budget["max_seconds"]) * tokens_per_s)))
+    return min(caps, default=0)
+
+
+def newest_within(commits: list[tuple[str, float, int]], max_tokens: int) -> tuple[list[str], list[str]]:
+    """Split (commit, commit_time, tokens) into the newest commits whose tokens fit in `max_tokens` and the rest.
+
+    Newest first, whole commits only; the newest commit is always taken (a round must make progress even when
+    one commit exceeds the budget: the trainer's stop at the budget bounds that round). `max_tokens` 0 = all.
+    Returns (taken, deferred), each newest first.
+    """
+    ordered = [c for c, _, _ in sorted(commits, key=lambda c: -c[1])]
+    if not max_tokens:
+        return ordered, []
+    tokens = {c: n for c, _, n in commits}
+    taken, used = [], 0
+    for i, commit in enumerate(ordered):
+        if taken and used + tokens[commit] > max_tokens:
+            return taken, ordered[i:]
+        taken.append(commit)
+        used += tokens[commit]
+    return taken, []
+
+
+def budget_reached(read_tokens: int, elapsed_s: float, budget: dict | None) -> str | None:
+    """Which budget a running loop has reached ("max_tokens" | "max_seconds"), or None."""
+    budget = budget or {}
+    if budget.get("max_tokens") and read_tokens >= int(budget["max_tokens"]):
+        return "max_tokens"
+    if budget.get("max_seconds") and elapsed_s >= float(budget["max_seconds"]):
+        return "max_seconds"
+    return None
+
+
+def format_duration(seconds: float) -> str:
+    """A duration for people: 45 s, 12 min, 3.5 h, 6.2 days."""
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    if seconds < 90 * 60:
+        return f"{seconds / 60:.0f} min"
+    if seconds < 48 * 3600:
+        return f"{seconds / 3600:.1f} h"
+    return f"{seconds / 86400:.1f} days"
+
+
+def select_by_budget(records: list[dict], count_tokens, budget: dict | None, tokens_per_s: float,
+                     replay_share: float, epochs: float) -> tuple[list[dict], dict]:
+    """The new example records a round can train within its budget: whole commits, newest first.
+
+    `count_tokens(record)` is the tokens the loop will read for one record. Returns (kept records in their
+    order, report) where the report says what the budget allowed and which commits were kept and deferred
+    (newest first); a round without a budget keeps everything.
+    """
+    cap = budget_cap(budget, tokens_per_s)
+    per_commit: dict[str, list] = {}
+    for r in records:
+        entry = per_commit.setdefault(r.get("commit"), [r.get("commit_time") or 0, 0])
+        entry[1] += count_tokens(r) if cap else 0
+    new_cap = max(1, new_tokens_within(cap, replay_share, epochs)) if cap else 0  # 0 would mean "no limit"
+    taken, deferred = newest_within([(c, t, n) for c, (t, n) in per_commit.items()], new_cap)
+    keep = set(taken)
+    report = {"max_tokens": int((budget or {}).get("max_tokens") or 0),
+              "max_seconds": float((budget or {}).get("max_seconds") or 0), "tokens_per_s": round(tokens_per_s, 3),
+              "cap_tokens": cap, "planned_tokens": round_tokens(sum(per_commit[c][1] for c in taken), replay_share,
+                                                                epochs) if cap else None,
+              "covered_commits": taken, "deferred_commits": deferred}
+    return [r for r in records if r.get("commit") in keep], report

@@ -7,9 +7,8 @@ SPEC.json is trainer/spec.py's RoundSpec (shard lists, the commit lists that pic
 `train`: the round's settings, any missing one from spec.DEFAULTS; 0 / 'auto' = from the plan).
 
 It talks back through `progress_file` (JSON lines: start, progress, eval, done | error) and its exit status
-(spec.EXIT_*: 0 = round finished, promoted or not; 1 = failure, a non-finite loss included (reason "nonfinite");
-2 = bad spec / no data / another round holds the adapters lock; 3 = out of memory; 143 = SIGTERM, after an
-"error" event with reason "terminated").
+(spec.EXIT_*: 0 = round finished, promoted or not; 1 = failure (a non-finite loss: reason "nonfinite"); 2 = bad spec / no data / another round holds the
+adapters lock; 3 = out of memory; 143 = SIGTERM, after an "error" event with reason "terminated").
 
 Evaluation and the gate: the examples of `eval_shards` whose commit is in `window_commits` are the held-out
 window, those in `older_commits` the older slice (without `window_commits`, all of eval_shards is the window and
@@ -41,7 +40,8 @@ from pathlib import Path
 
 from gitlora.trainer import data, evaluate, gate, metrics, plan as planlib, registry
 from gitlora.trainer.evaluate import target_loss_sum  # noqa: F401 - the loss path, shared with training
-from gitlora.trainer.spec import DEFAULTS, EXIT_FAIL, EXIT_INTERRUPTED, EXIT_OOM, EXIT_SPEC, EXIT_TERMINATED, keep_commits
+from gitlora.trainer.spec import (DEFAULTS, EXIT_FAIL, EXIT_INTERRUPTED, EXIT_OOM, EXIT_SPEC, EXIT_TERMINATED,
+                                  REASON_NONFINITE, keep_commits)
 # peft 0.21 still asks transformers 5 for the deprecated attribute on every get_peft_model: noise, not news.
 warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
 
@@ -219,6 +219,13 @@ def _round(spec: dict, progress: Progress, cfg: dict, base_model: str, adapters_
     tokenizer = AutoTokenizer.from_pretrained(base_model)
     ctx = plan.context_length
     new = keep_commits(data.read_shards(spec.get("train_shards") or []), spec.get("new_commits"))
+    # ---- budget: a backlog bigger than the round's time/token budget trains its newest commits first
+    gpu = planlib.detect_gpu() if plan.device == "cuda" else None
+    rate = planlib.measured_rate(adapters_dir, plan) or planlib.prior_tokens_per_s(
+        plan, cores=os.cpu_count(), compute_capability=gpu.compute_capability if gpu else None)
+    new, budget_report = planlib.select_by_budget(
+        new, lambda r: read_tokens_of(r, tokenizer, ctx, cfg), spec.get("budget"), rate,
+        float(cfg["replay_share"]), float(cfg["epochs"]))
     old = keep_commits(data.read_shards(spec.get("replay_shards") or []), spec.get("replay_commits"))
     mixed, replayed = data.mix_replay(new, old, float(cfg["replay_share"]), int(cfg["seed"]))
     train = data.build(mixed, tokenizer, ctx, fim_share=float(cfg["fim_share"]), seed=int(cfg["seed"]))
@@ -260,6 +267,7 @@ def _round(spec: dict, progress: Progress, cfg: dict, base_model: str, adapters_
     order = list(range(micro_steps))
     rng = random.Random(cfg["seed"])
     stream, losses, target_tokens = [], [], 0
+    read_tokens, tokens_per_micro_batch, budget_stop, steps_done = 0, train.packed.real_tokens / micro_steps, None, 0
     t_loop = time.time()
     for step in range(total):
         while len(stream) < grad_accum:  # next micro-batches, a fresh shuffle per epoch
@@ -290,7 +298,21 @@ def _round(spec: dict, progress: Progress, cfg: dict, base_model: str, adapters_
         elapsed = time.time() - t_loop
         progress("progress", step=step + 1, total=total, loss=round(losses[-1], 5), tokens=target_tokens,
                  lr=g["lr"], eta_s=round(elapsed / (step + 1) * (total - step - 1), 1))
+        steps_done = step + 1
+        read_tokens += round(len(group) * tokens_per_micro_batch)  # real (non-padding) tokens, on average
+        budget_stop = planlib.budget_reached(read_tokens, elapsed, spec.get("budget"))
+        if budget_stop and steps_done < total:
+            progress("budget", reached=budget_stop, step=steps_done, total=total, tokens=read_tokens)
+            break
+        budget_stop = None
     train_time = time.time() - t_loop
+    # Stopped by the budget before the selection was read once: no commit is known to be trained (the next
+    # round retries them all, with this round's measured rate); otherwise the selection is covered.
+    if budget_stop and steps_done * grad_accum < micro_steps:
+        budget_report["deferred_commits"] = budget_report["covered_commits"] + budget_report["deferred_commits"]
+        budget_report["covered_commits"] = []
+    budget_report.update(stopped_by=budget_stop, read_tokens=read_tokens,
+                         read_tokens_per_s=round(read_tokens / max(train_time, 1e-9), 3))
 
     # ---- eval after, gate, save the candidate (temp dir + rename), promote
     candidate_scores = score_all(model, tokenizer, evalsets, micro_batch, torch, device, autocast, "candidate")
@@ -310,7 +332,8 @@ def _round(spec: dict, progress: Progress, cfg: dict, base_model: str, adapters_
         version=version_dir.name, parent=parent, base_model=base_model, gate_passed=passed,
         gate=decision.to_dict(), evaluation=evaluation,
         eval_loss_before=eval_before, eval_loss_after=eval_after, train_loss_first=losses[0],
-        train_loss_last=sum(tail) / len(tail), losses=[round(x, 5) for x in losses], steps=total,
+        train_loss_last=sum(tail) / len(tail), losses=[round(x, 5) for x in losses], steps=steps_done,
+        budget=budget_report,
         target_tokens=target_tokens, tokens_per_s=round(target_tokens / max(train_time, 1e-9), 1),
         padding_waste=round(train.packed.waste, 4), train_time_s=round(train_time, 2),
         time_s=round(time.time() - t_start, 2), examples=train.examples, replayed=replayed,
@@ -332,9 +355,15 @@ def _round(spec: dict, progress: Progress, cfg: dict, base_model: str, adapters_
         registry.promote(adapters_dir, version_dir.name)
     done = {k: result[k] for k in ("version", "parent", "eval_loss_before", "eval_loss_after", "train_loss_first",
                                    "train_loss_last", "target_tokens", "tokens_per_s", "padding_waste", "gate",
-                                   "evaluation")}
+                                   "budget", "evaluation")}
     progress("done", promoted=passed, current=registry.current_version(adapters_dir), **done)
     return {"promoted": passed, **result}
+
+
+def read_tokens_of(record: dict, tokenizer, context_length: int, cfg: dict) -> int:
+    """Tokens the loop reads for one record, rendered and cut exactly as data.build does (0 if skipped)."""
+    rendered = data.render(record, fim_share=float(cfg["fim_share"]), seed=int(cfg["seed"]))
+    return 0 if rendered is None else len(data.tokenize(tokenizer, *rendered, context_length)[0].input_ids)
 
 
 def _is_oom(exc: BaseException) -> bool:
@@ -368,7 +397,7 @@ def main(argv=None) -> int:
         progress("error", reason="terminated", message=str(e))
         return EXIT_TERMINATED
     except NonFiniteLoss as e:
-        progress("error", reason="nonfinite", message=str(e))
+        progress("error", reason=REASON_NONFINITE, message=str(e))
         return EXIT_FAIL
     except BaseException as e:  # noqa: BLE001 - the daemon must always get an error event
         if _is_oom(e):
