@@ -379,3 +379,16 @@ def test_status_says_what_the_next_round_will_use():
     lines = status_view.render_training({"current_adapter": None, "next_round": plan})
     assert lines[-1] == ("data      next round 3 new commits (12 examples, 2 commits retried), 5 to replay; held out: "
                          "window 6 commits (30 examples), older slice 1 commits")
+
+
+def test_eval_without_the_base_model_locally_says_why_at_once(demo, tmp_path):
+    config = Path(demo["env"]["XDG_CONFIG_HOME"]) / "gitlora" / "config.toml"
+    elsewhere = tmp_path / "config.toml"
+    elsewhere.write_text(config.read_text().replace(
+        next(line for line in config.read_text().splitlines() if line.startswith("base_model")),
+        f'base_model = "{tmp_path / "gone"}"'))
+    done = subprocess.run([sys.executable, "-m", "gitlora.daemon", "eval", str(demo["repo"])], capture_output=True,
+                          text=True, timeout=120, env={**demo["env"], "GITLORA_CONFIG": str(elsewhere)})
+    assert done.returncode == 1 and done.stdout == ""
+    assert done.stderr.strip() == (f"gitlora: base model {tmp_path / 'gone'} does not exist: set train.base_model "
+                                   "to a model directory (`gitlora model tiny` builds a small one)")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -19,7 +20,7 @@ from typing import Any
 from gitlora.trainer import spec as round_spec  # torch-free: the exit codes eval_run shares with the trainer
 
 from .. import config as config_mod
-from .. import eval_view
+from .. import eval_view, round_checks
 from ..gitrepo import GitRepo
 from ..paths import RepoPaths
 from ..round_planning import RoundState, select_data
@@ -108,6 +109,10 @@ def run(args: argparse.Namespace) -> int:
               "two stored commits with Rust changes, flushed to shards: commit more, or wait for the daemon's "
               "quiet flush)", file=sys.stderr)
         return 1
+    _, missing = round_checks.locate_base_model(config.train.base_model)
+    if missing:  # the same check and next step as a round's: no download retries for minutes
+        print(f"gitlora: {missing}", file=sys.stderr)
+        return 1
     if not versions:
         print("gitlora: no adapter yet: only the base model is measured (a round promotes the first one)",
               file=sys.stderr)
@@ -137,9 +142,10 @@ def evaluate(config, adapters_dir: Path, versions: list[str], data: dict[str, An
         print(f"evaluating the base model{' and ' + ', '.join(versions) if versions else ''} "
               f"({config.train.base_model}) ...", file=sys.stderr, flush=True)
         with open(log_file, "wb") as log:
+            env = {**os.environ, "HF_HUB_OFFLINE": "1"}  # found locally above, as a round's model is
             try:
                 done = subprocess.run([sys.executable, "-m", "gitlora.trainer.eval_run", "--spec", str(spec_file)],
-                                      stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                      stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
                                       timeout=timeout)
             except subprocess.TimeoutExpired:  # subprocess.run has killed it
                 print(f"gitlora: the evaluation did not finish within {timeout:.0f}s", file=sys.stderr)
