@@ -67,10 +67,58 @@ def render_repo(repo: dict[str, Any]) -> list[str]:
     return lines
 
 
+def adapter_vs_base(metrics: dict[str, Any] | None) -> dict[str, Any] | None:
+    """The current adapter against the base model on its round's window, from that version's metrics.json
+    (`evaluation` and `gate`, written by the round that made it): no model runs at status time. None when the
+    version predates these records or its round had no window."""
+    if not isinstance(metrics, dict):
+        return None
+    evaluation = metrics.get("evaluation") or {}
+    window = ((evaluation.get("candidate") or {}).get("window")) or {}
+    base = ((evaluation.get("base") or {}).get("window")) or {}
+    vs_base = (metrics.get("gate") or {}).get("vs_base") or {}
+    rel = vs_base.get("changed_loss_rel")
+    if not isinstance(rel, (int, float)):
+        ours, theirs = window.get("changed_loss"), base.get("changed_loss")
+        if not (isinstance(ours, (int, float)) and isinstance(theirs, (int, float)) and theirs > 0):
+            return None
+        rel = ours / theirs - 1.0
+    low, high = vs_base.get("ci95_low"), vs_base.get("ci95_high")
+    return {"version": metrics.get("version"), "changed_loss_rel": rel,
+            "ci95_low": low if isinstance(low, (int, float)) else None,
+            "ci95_high": high if isinstance(high, (int, float)) else None,
+            "commits": window.get("commits"), "examples": window.get("examples")}
+
+
+def vs_base_line(summary: dict[str, Any]) -> str:
+    """'changed-token loss −18 % vs base (±4 %, 95 % interval −22 % to −14 %, window of 31 commits)'."""
+    def pct(x: float) -> str:
+        return f"{x * 100:+.0f} %".replace("-", "−")
+
+    text = f"changed-token loss {pct(summary['changed_loss_rel'])} vs base"
+    notes = []
+    low, high = summary.get("ci95_low"), summary.get("ci95_high")
+    if low is not None and high is not None:
+        notes.append(f"±{abs(high - low) * 50:.0f} %, 95 % interval {pct(low)} to {pct(high)}")
+    if summary.get("commits"):
+        notes.append(f"window of {summary['commits']} commits")
+    return text + (f" ({', '.join(notes)})" if notes else "")
+
+
+def next_round_line(plan: dict[str, Any]) -> str:
+    """What the next round will use (the planner's summary): new data, replay, and what is held out."""
+    retried = plan.get("retried_commits") or 0
+    return (f"next round {plan.get('new_commits', 0)} new commits ({plan.get('new_examples', 0)} examples"
+            + (f", {retried} commits retried" if retried else "") + f"), {plan.get('replay_commits', 0)} to replay; "
+            f"held out: window {plan.get('window_commits', 0)} commits ({plan.get('window_examples', 0)} examples), "
+            f"older slice {plan.get('older_commits', 0)} commits")
+
+
 def render_training(training: dict[str, Any]) -> list[str]:
     lines = []
     current = training.get("current_adapter")
-    lines.append(f"adapter   {current or 'none yet'}")
+    vs_base = training.get("vs_base")
+    lines.append(f"adapter   {current or 'none yet'}" + (f"   {vs_base_line(vs_base)}" if vs_base else ""))
     active = training.get("round")
     if active:
         step, total = active.get("step", 0), active.get("total", 0)
@@ -89,6 +137,9 @@ def render_training(training: dict[str, Any]) -> list[str]:
     trigger = training.get("next_trigger")
     if trigger:
         lines.append(f"next      {trigger}")
+    upcoming = training.get("next_round")
+    if upcoming:
+        lines.append(f"data      {next_round_line(upcoming)}")
     return lines
 
 

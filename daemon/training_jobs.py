@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from gitlora.trainer import spec as round_spec
 
-from . import gpu, log, round_checks
+from . import gpu, log, round_checks, status_view
 from .fsutil import atomic_write_text
 from .round_planning import RoundPlan, RoundState, backoff_s, decide, record_outcome, without_shards
 
@@ -332,8 +332,11 @@ class TrainingCoordinator:
             self._reap()
             active = self.active if self.active and self.active.worker is worker else None
         state = self.load_state(worker)
+        current = registry.current_version(worker.paths.adapters)
         return {
-            "current_adapter": registry.current_version(worker.paths.adapters),
+            "current_adapter": current,
+            "vs_base": status_view.adapter_vs_base(_read_json(worker.paths.adapters / current / registry.METRICS))
+            if current else None,
             "round": active.view() if active else None,
             "last_round": state.last,
             "rounds": state.rounds,
@@ -361,6 +364,13 @@ class TrainingCoordinator:
                 active.proc.wait()
             with self._lock:
                 self._reap()
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
 
 
 def _is_trainer(pid: int) -> bool:

@@ -6,9 +6,11 @@ import json
 import sys
 from pathlib import Path
 
+from gitlora.trainer import registry  # torch-free: adapter versions on disk
+
 from .. import paths, repos
 from ..control import ControlError, DaemonNotRunning, request
-from ..status_view import damaged_next_step, error_entry, missing_next_step, render, render_repo
+from ..status_view import adapter_vs_base, damaged_next_step, error_entry, missing_next_step, render, render_repo
 from ..store import Store, StoreDamaged, StoreError
 from .common import store_error_line
 
@@ -39,6 +41,13 @@ def offline_view() -> list[dict]:
             pass
         view.update(commits_ingested=counters.get("commits_ingested", 0),
                     commits_skipped=counters.get("commits_skipped", 0), examples=counters.get("examples", 0))
+        current = registry.current_version(repo_paths.adapters)
+        if current:  # what the adapter does against the base, from its round's metrics.json
+            try:
+                metrics = json.loads((repo_paths.adapters / current / registry.METRICS).read_text())
+            except (OSError, ValueError):
+                metrics = None
+            view["training"] = {"current_adapter": current, "vs_base": adapter_vs_base(metrics)}
         views.append(view)
     return views
 
