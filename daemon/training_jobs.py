@@ -293,10 +293,10 @@ class TrainingCoordinator:
                 return state
             info = state.active
             pid = info.get("pid")
-            stopped = bool(pid) and _is_trainer(pid)
-            if stopped:
-                _stop_process_group(pid)
             directory = worker.paths.rounds / f"{info['round']:04d}"
+            stopped = bool(pid) and _is_trainer(pid, directory / "spec.json")
+            if stopped:
+                _stop_process_group(pid, directory / "spec.json")
             events = ActiveRound.read_events(directory / "progress.jsonl")
             finished = any(e.get("event") == "done" for e in events)
             if (stopped and not finished) or not any(e.get("event") in ("done", "error") for e in events):
@@ -373,23 +373,25 @@ def _read_json(path: Path) -> Any:
         return None
 
 
-def _is_trainer(pid: int) -> bool:
+def _is_trainer(pid: int, spec: Path) -> bool:
+    """Is `pid` still the trainer of the round whose spec is `spec` (not a reused pid, not `gitlora eval`)?"""
     try:
-        return b"gitlora.trainer" in Path(f"/proc/{pid}/cmdline").read_bytes()
+        args = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
     except OSError:
         return False
+    return b"gitlora.trainer" in args and str(spec).encode() in args
 
 
-def _stop_process_group(pid: int, grace_s: float = 20.0) -> None:
+def _stop_process_group(pid: int, spec: Path, grace_s: float = 20.0) -> None:
     """SIGTERM a trainer we are not the parent of, then SIGKILL if it lingers (we cannot wait() on it)."""
     try:
         os.killpg(pid, signal.SIGTERM)
     except OSError:
         return
     deadline = time.monotonic() + grace_s
-    while time.monotonic() < deadline and _is_trainer(pid):
+    while time.monotonic() < deadline and _is_trainer(pid, spec):
         time.sleep(0.1)
-    if _is_trainer(pid):
+    if _is_trainer(pid, spec):
         try:
             os.killpg(pid, signal.SIGKILL)
         except OSError:

@@ -44,15 +44,12 @@ import traceback
 from pathlib import Path
 
 from gitlora.daemon.fsutil import atomic_write_text
-from gitlora.trainer import data, plan as planlib, registry
+from gitlora.trainer import data, registry
+from gitlora.trainer.round import SpecError, load_base, round_plan  # SpecError: exit 2 with its one line
 from gitlora.trainer.spec import DEFAULTS, EXIT_FAIL, EXIT_INTERRUPTED, EXIT_OOM, EXIT_SPEC, keep_commits
 
 # How each metric compares against the base: relative for losses, absolute (points of a share) for scores.
 METRIC_KINDS = {"changed_loss": "rel", "target_loss": "rel", "fim_exact": "abs", "fim_edit_sim": "abs"}
-
-
-class SpecError(Exception):
-    """A bad spec or nothing to evaluate: exit 2 with this one-line reason."""
 
 
 def _settings(spec: dict) -> dict:
@@ -113,22 +110,7 @@ def run_eval(spec: dict) -> dict:
                         "the daemon to flush its shards)")
 
     # ---- plan: the round's, so that numbers compare with the rounds' own
-    try:
-        shape = planlib.model_shape(base_model)
-    except ValueError:
-        from transformers import AutoConfig
-
-        shape = planlib.shape_from_config(AutoConfig.from_pretrained(base_model).to_dict(), name=base_model)
-    plan = planlib.auto_plan(shape, device=cfg["device"], context_length=int(cfg["context_length"]),
-                             lora_r=int(cfg["lora_r"]), lora_alpha=int(cfg["lora_alpha"]))
-    overrides = {}
-    if cfg["quantization"] != "auto":
-        overrides["quantization"] = None if cfg["quantization"] in ("none", None) else cfg["quantization"]
-    if cfg["compute_dtype"] != "auto":
-        overrides["compute_dtype"] = cfg["compute_dtype"]
-    plan = dataclasses.replace(plan, gradient_checkpointing=False, **overrides)
-    if plan.quantization and plan.device != "cuda":
-        raise SpecError("4-bit quantisation needs CUDA (bitsandbytes)")
+    plan = dataclasses.replace(round_plan(base_model, cfg), gradient_checkpointing=False)
     micro_batch = int(cfg["micro_batch"]) or plan.micro_batch
 
     import torch
@@ -136,7 +118,6 @@ def run_eval(spec: dict) -> dict:
     from transformers import AutoTokenizer
 
     from gitlora.trainer import evaluate, metrics
-    from gitlora.trainer.round import load_base
 
     torch.manual_seed(int(cfg["seed"]))
     device = torch.device(plan.device)

@@ -180,9 +180,9 @@ def run_round(spec: dict, progress: Progress) -> dict:
         os.close(lock)
 
 
-def _round(spec: dict, progress: Progress, cfg: dict, base_model: str, adapters_dir: Path, t_start: float) -> dict:
-    """The round proper, with the adapters lock held."""
-    # ---- plan
+def round_plan(base_model: str, cfg: dict):
+    """The hardware plan for this model and these settings (the spec's 'auto' left to the plan, overrides
+    applied); `gitlora eval` uses it too, so its numbers compare with the rounds' own."""
     try:
         shape = planlib.model_shape(base_model)
     except ValueError:
@@ -200,6 +200,13 @@ def _round(spec: dict, progress: Progress, cfg: dict, base_model: str, adapters_
         plan = dataclasses.replace(plan, **overrides)
     if plan.quantization and plan.device != "cuda":
         raise SpecError("4-bit quantisation needs CUDA (bitsandbytes)")
+    return plan
+
+
+def _round(spec: dict, progress: Progress, cfg: dict, base_model: str, adapters_dir: Path, t_start: float) -> dict:
+    """The round proper, with the adapters lock held."""
+    # ---- plan
+    plan = round_plan(base_model, cfg)
     micro_batch = int(cfg["micro_batch"]) or plan.micro_batch
     grad_accum = int(cfg["grad_accum"]) or plan.grad_accum
 
