@@ -61,14 +61,17 @@ class RepoWatcher:
         self._observer = observer
         self._watches: list[ObservedWatch] = []
         handler = _Handler(git_dir, spool, nudge)
-        # Git and libgit2 update refs, packed-refs and HEAD by renaming a lock file into place, so in the git
-        # dir only renames (and creations) matter; asking the kernel for nothing else keeps the daemon from
-        # waking on every write of the index while `git commit` runs. A hook appends its spool line with one
-        # write and closes the file: the close (IN_CLOSE_WRITE) is the one event that means "a line is there".
+        # Git and libgit2 update refs, packed-refs and HEAD by renaming a lock file into place, so only renames
+        # (and, under refs/, creations: a new ref directory, a ref written in place by a tool without lock
+        # files) matter; asking the kernel for nothing else keeps the daemon from waking on every write of the
+        # index, or on the index.lock and COMMIT_EDITMSG that `git commit` creates in the git dir, while the
+        # commit runs. A hook appends its spool line with one write and closes the file: the close
+        # (IN_CLOSE_WRITE) is the one event that means "a line is there".
+        root_events = [FileMovedEvent, DirMovedEvent]
         ref_events = [FileMovedEvent, DirMovedEvent, FileCreatedEvent]
         spool_events = [FileCreatedEvent, FileClosedEvent, FileMovedEvent]
         try:
-            self._watches.append(observer.schedule(handler, str(git_dir), recursive=False, event_filter=ref_events))
+            self._watches.append(observer.schedule(handler, str(git_dir), recursive=False, event_filter=root_events))
             self._watches.append(observer.schedule(handler, str(git_dir / "refs"), recursive=True,
                                                    event_filter=ref_events))
             if (git_dir / "worktrees").is_dir():
