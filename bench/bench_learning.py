@@ -371,18 +371,28 @@ def load_model(base_dir: str, adapter: str | None, device: str):
     return model.to(device).eval()
 
 
-def score_losses(model, items: list[dict], device: str) -> list[dict]:
+def score_losses(model, items: list[dict], device: str, batch: int = 8) -> list[dict]:
+    """Per-item loss sums (target and changed tokens). Items of similar length are batched, right-padded:
+    with causal attention, padding after an item's last token changes nothing before it."""
     import torch
 
-    out = []
+    out: list[dict | None] = [None] * len(items)
+    order = sorted(range(len(items)), key=lambda k: len(items[k]["ids"]))
+    pad = model.config.pad_token_id or 0
     with torch.no_grad():
-        for it in items:
-            ids = torch.tensor([it["ids"]], device=device)
-            logits = model(input_ids=ids).logits[0].float()
-            s = it["start"]
-            lp = torch.nn.functional.cross_entropy(logits[s - 1:-1], ids[0, s:], reduction="none").tolist()
-            ch = [x for x, m in zip(lp, it["changed"]) if m]
-            out.append({"commit": it["commit"], "t_sum": sum(lp), "t_n": len(lp), "c_sum": sum(ch), "c_n": len(ch)})
+        for b in range(0, len(order), batch):
+            group = order[b:b + batch]
+            width = max(len(items[k]["ids"]) for k in group)
+            ids = torch.tensor([items[k]["ids"] + [pad] * (width - len(items[k]["ids"])) for k in group],
+                               device=device)
+            logits = model(input_ids=ids).logits.float()
+            for row, k in enumerate(group):
+                it, s, n = items[k], items[k]["start"], len(items[k]["ids"])
+                lp = torch.nn.functional.cross_entropy(logits[row, s - 1:n - 1], ids[row, s:n],
+                                                       reduction="none").tolist()
+                ch = [x for x, m in zip(lp, it["changed"]) if m]
+                out[k] = {"commit": it["commit"], "t_sum": sum(lp), "t_n": len(lp), "c_sum": sum(ch),
+                          "c_n": len(ch)}
     return out
 
 
@@ -396,20 +406,26 @@ def first_lines(text: str, n: int) -> str:
     return "".join(text.splitlines(keepends=True)[:n])
 
 
-def score_fim(model, tokenizer, items: list[dict], device: str) -> list[dict]:
+def score_fim(model, tokenizer, items: list[dict], device: str, batch: int = 16) -> list[dict]:
     """Greedy, up to 64 new tokens, stopped at <|endoftext|>; the completion is cut to the reference's line
-    count (what an editor inserts for a line-level completion); exact match ignores trailing whitespace."""
+    count (what an editor inserts for a line-level completion); exact match ignores trailing whitespace.
+    Prompts are batched, left-padded (generate derives positions from the attention mask)."""
     import torch
 
     out = []
     eos = tokenizer.eos_token_id
     with torch.no_grad():
-        for it in items:
-            ids = torch.tensor([it["ids"]], device=device)
-            gen = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=FIM_MAX_NEW,
-                                 do_sample=False, eos_token_id=eos, pad_token_id=eos)
-            text = tokenizer.decode(gen[0, ids.shape[1]:], skip_special_tokens=False).split(tokenizer.eos_token)[0]
-            out.append(fim_score(it, first_lines(text, it["lines"])))
+        for b in range(0, len(items), batch):
+            group = items[b:b + batch]
+            width = max(len(it["ids"]) for it in group)
+            ids = torch.tensor([[eos] * (width - len(it["ids"])) + it["ids"] for it in group], device=device)
+            mask = torch.tensor([[0] * (width - len(it["ids"])) + [1] * len(it["ids"]) for it in group],
+                                device=device)
+            gen = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=FIM_MAX_NEW, do_sample=False,
+                                 eos_token_id=eos, pad_token_id=eos)
+            for row, it in enumerate(group):
+                text = tokenizer.decode(gen[row, width:], skip_special_tokens=False).split(tokenizer.eos_token)[0]
+                out.append(fim_score(it, first_lines(text, it["lines"])))
     return out
 
 
@@ -531,17 +547,19 @@ def main(argv=None) -> int:
     ap.add_argument("--middle-share", type=float, default=0.10, help="share committed one by one, live")
     ap.add_argument("--middle-commits", type=int, default=0, help="cap on live first-parent steps (0: none)")
     ap.add_argument("--pace-s", type=float, default=8.0, help="seconds between live commits (> quiet flush)")
+    ap.add_argument("--burst", type=int, default=1, help="live commits per burst (0.5 s apart, so they flush "
+                    "together); bursts are --pace-s apart")
     ap.add_argument("--quiet-flush-s", type=int, default=3)
     ap.add_argument("--eval-fraction", type=float, default=0.02, help="[shards] eval_fraction, where it exists")
-    ap.add_argument("--round-steps", type=int, default=40, help="[train] max_steps per round")
+    ap.add_argument("--round-steps", type=int, default=60, help="[train] max_steps per round")
     ap.add_argument("--context", type=int, default=512)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--train-set", action="append", metavar="KEY=JSON", help="extra [train] setting (repeatable)")
-    ap.add_argument("--drain-timeout-s", type=float, default=600.0, help="wait this long for rounds after the "
+    ap.add_argument("--drain-timeout-s", type=float, default=900.0, help="wait this long for rounds after the "
                     "last live commit")
-    ap.add_argument("--eval-per-commit", type=int, default=12)
-    ap.add_argument("--eval-max", type=int, default=480)
-    ap.add_argument("--fim-samples", type=int, default=48)
+    ap.add_argument("--eval-per-commit", type=int, default=8)
+    ap.add_argument("--eval-max", type=int, default=240)
+    ap.add_argument("--fim-samples", type=int, default=32)
     ap.add_argument("--keep", action="store_true", help="keep the work directory")
     args = ap.parse_args(argv)
     if not args.base_model and not args.corpus:
@@ -629,7 +647,7 @@ def main(argv=None) -> int:
             if k % 5 == 0 or k == len(middle) - 1:
                 log(f"live {k + 1}/{len(middle)}: {oid[:10]} stored; rounds so far {state.get('rounds', 0)}"
                     f"{' (one running)' if state.get('active') else ''}")
-            time.sleep(args.pace_s)
+            time.sleep(args.pace_s if (k + 1) % args.burst == 0 else 0.5)
         mark = phase("live", mark)
 
         # ---- drain: let the scheduler finish what the middle part made due (bounded)
@@ -649,6 +667,13 @@ def main(argv=None) -> int:
             time.sleep(1)
         drained = quiet()
         status = daemon.cli("status", "--json", check=False).stdout
+        manifest = read_json(rp.root / "manifest.json", {}) or {}
+        trained = set((read_json(rp.rounds / "state.json", {}) or {}).get("trained_shards") or [])
+        shard_facts = {"train": sum(s["split"] == "train" for s in manifest.get("shards", [])),
+                       "eval": sum(s["split"] == "eval" for s in manifest.get("shards", [])),
+                       "train_never_trained": sum(s["split"] == "train" and s["id"] not in trained
+                                                  for s in manifest.get("shards", [])),
+                       "groups": len({s["group"] for s in manifest.get("shards", [])})}
         daemon.stop()
         daemon = None
         rounds = rounds_report(rp, middle_started)
@@ -682,7 +707,7 @@ def main(argv=None) -> int:
         older_oids = git(clone, "rev-list", "--no-merges", backfill_end).split()
         random.Random(args.seed).shuffle(older_oids)
         older = commit_examples(clone, older_oids[:30])
-        older_items = loss_items(tokenizer, sample_examples(older, 8, 200, args.seed), args.context)
+        older_items = loss_items(tokenizer, sample_examples(older, 6, 120, args.seed), args.context)
         log(f"test set: {len(test)} commits with examples, {len(items)} loss items, {len(fims)} FIM items; "
             f"older slice {len(older_items)} items")
         dev = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
@@ -743,7 +768,7 @@ def main(argv=None) -> int:
             "rounds": len(rounds), "rounds_live": sum(r["phase"] == "middle" for r in rounds),
             "promoted": sum(r["outcome"] == "promoted" for r in rounds),
             "promoted_live": sum(r["phase"] == "middle" and r["outcome"] == "promoted" for r in rounds),
-            "round_details": rounds, "lineage": chain, "lineage_steps": lineage_steps, "drained": drained,
+            "round_details": rounds, "shards": shard_facts, "lineage": chain, "lineage_steps": lineage_steps, "drained": drained,
             "eval_sizes": {"test_commits": len(test), "loss_items": len(items),
                            "changed_tokens": sum(sum(i["changed"]) for i in items), "fim_items": len(fims),
                            "older_items": len(older_items)},
