@@ -550,7 +550,7 @@ def main(argv=None) -> int:
     ap.add_argument("--burst", type=int, default=1, help="live commits per burst (0.5 s apart, so they flush "
                     "together); bursts are --pace-s apart")
     ap.add_argument("--quiet-flush-s", type=int, default=3)
-    ap.add_argument("--eval-fraction", type=float, default=0.02, help="[shards] eval_fraction, where it exists")
+    ap.add_argument("--eval-fraction", type=float, default=0.002, help="[shards] eval_fraction, where it exists")
     ap.add_argument("--round-steps", type=int, default=60, help="[train] max_steps per round")
     ap.add_argument("--context", type=int, default=512)
     ap.add_argument("--device", default="cpu")
@@ -707,7 +707,7 @@ def main(argv=None) -> int:
         older_oids = git(clone, "rev-list", "--no-merges", backfill_end).split()
         random.Random(args.seed).shuffle(older_oids)
         older = commit_examples(clone, older_oids[:30])
-        older_items = loss_items(tokenizer, sample_examples(older, 6, 120, args.seed), args.context)
+        older_items = loss_items(tokenizer, sample_examples(older, 6, 90, args.seed), args.context)
         log(f"test set: {len(test)} commits with examples, {len(items)} loss items, {len(fims)} FIM items; "
             f"older slice {len(older_items)} items")
         dev = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
