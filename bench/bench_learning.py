@@ -177,8 +177,20 @@ def read_json(path: Path, default=None):
         return default
 
 
-def rounds_report(rp, middle_started: float) -> list[dict]:
-    """Every round the daemon ran: outcome, steps, data, when (from rounds/NNNN and adapters/vNNNN)."""
+def shard_commits(paths) -> set[str]:
+    out = set()
+    for p in paths:
+        try:
+            with open(p, encoding="utf-8") as f:
+                out.update(json.loads(line)["commit"] for line in f if line.strip())
+        except (OSError, ValueError, KeyError):
+            pass
+    return out
+
+
+def rounds_report(rp, live: set[str]) -> list[dict]:
+    """Every round the daemon ran: outcome, steps, data (how many of its new and held-out commits are live
+    ones, i.e. from the middle part), from rounds/NNNN and adapters/vNNNN."""
     out = []
     for d in sorted(p for p in rp.rounds.iterdir() if p.is_dir()) if rp.rounds.is_dir() else []:
         events = []
@@ -190,11 +202,14 @@ def rounds_report(rp, middle_started: float) -> list[dict]:
         start = next((e for e in events if e.get("event") == "start"), {})
         done = next((e for e in events if e.get("event") == "done"), None)
         error = next((e for e in events if e.get("event") == "error"), None)
-        spec_time = (d / "spec.json").stat().st_mtime if (d / "spec.json").exists() else 0.0
+        spec = read_json(d / "spec.json", {}) or {}
+        trained, held = shard_commits(spec.get("train_shards") or []), shard_commits(spec.get("eval_shards") or [])
         metrics = read_json(rp.adapters / done["version"] / "metrics.json", {}) if done else {}
         gate = metrics.get("gate")
         out.append({
-            "round": int(d.name), "phase": "middle" if spec_time >= middle_started else "backfill",
+            "round": int(d.name), "phase": "middle" if trained & live else "backfill",
+            "new_commits": len(trained), "new_live_commits": len(trained & live),
+            "eval_commits": len(held), "eval_live_commits": len(held & live),
             "outcome": ("promoted" if done.get("promoted") else "kept current") if done else
                        ("failed: " + (error or {}).get("reason", "unknown") if error else "running/unknown"),
             "version": (done or {}).get("version"), "parent": (done or {}).get("parent"),
@@ -639,7 +654,6 @@ def main(argv=None) -> int:
         mark = phase("clone+backfill", mark)
 
         # ---- the live middle part: one first-parent step at a time, through hooks and the daemon
-        middle_started = time.time()
         for k, oid in enumerate(middle):
             git(clone, "merge", "--ff-only", "-q", oid, env=env)
             wait_for(lambda: stored(rp.store, oid), 300, f"commit {oid[:10]} in the store")
@@ -667,16 +681,21 @@ def main(argv=None) -> int:
             time.sleep(1)
         drained = quiet()
         status = daemon.cli("status", "--json", check=False).stdout
+        live = set(git(clone, "rev-list", f"{backfill_end}..{middle_end}").split())  # commits of the middle part
         manifest = read_json(rp.root / "manifest.json", {}) or {}
         trained = set((read_json(rp.rounds / "state.json", {}) or {}).get("trained_shards") or [])
+        never = [s for s in manifest.get("shards", []) if s["split"] == "train" and s["id"] not in trained]
         shard_facts = {"train": sum(s["split"] == "train" for s in manifest.get("shards", [])),
+                       "live_commits": len(live),
+                       "live_commits_never_trained": len(shard_commits(rp.shards / s["file"] for s in never) & live),
+                       "examples_never_trained": sum(s.get("count") or 0 for s in never),
                        "eval": sum(s["split"] == "eval" for s in manifest.get("shards", [])),
                        "train_never_trained": sum(s["split"] == "train" and s["id"] not in trained
                                                   for s in manifest.get("shards", [])),
                        "groups": len({s["group"] for s in manifest.get("shards", [])})}
         daemon.stop()
         daemon = None
-        rounds = rounds_report(rp, middle_started)
+        rounds = rounds_report(rp, live)
         mark = phase("drain", mark)
         chain = lineage(rp.adapters)
         current = str(rp.adapters / chain[-1]) if chain else None
@@ -819,8 +838,12 @@ def print_table(r: dict) -> None:
           f"{_fmt(aa['split_half_unpaired_rel'], True)}")
     print(f"forgetting (final vs first adapter, older slice): {_fmt(r['forgetting_rel'], True)}"
           + ("" if r["forgetting"] else " (a single adapter version: nothing to compare)"))
-    print(f"rounds: {r['rounds']} ({r['rounds_live']} in the live part), promoted {r['promoted']} "
-          f"({r['promoted_live']} live); lineage {r['lineage']} = {r['lineage_steps']} steps")
+    print(f"rounds: {r['rounds']} ({r['rounds_live']} trained live commits), promoted {r['promoted']} "
+          f"({r['promoted_live']} of those); lineage {r['lineage']} = {r['lineage_steps']} steps")
+    sh = r["shards"]
+    print(f"live commits: {sh['live_commits']}, never trained: {sh['live_commits_never_trained']} "
+          f"({sh['train_never_trained']} train shards, {sh['examples_never_trained']} examples waiting; "
+          f"{sh['groups']} flush groups, {sh['eval']} with held-out commits)")
     print(f"wall {r['wall_s']:.0f} s, CPU {r['cpu_s']:.0f} s (this process and its children), load avg "
           f"{', '.join(f'{x:.1f}' for x in r['load_avg'])} on {r['cores']} cores")
 
