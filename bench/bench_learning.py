@@ -1,6 +1,7 @@
 """Learning benchmark: does the live loop make the model better at the user's *future* code?
 
-    python bench/bench_learning.py --repo PATH --corpus DIR... [--base-model DIR] [--json] [--seed N]
+    python bench/bench_learning.py --repo PATH --corpus DIR... [--json] [--seed N]
+    python bench/bench_learning.py --repo PATH --base-model DIR --device cuda [--json]   (a real model, a GPU)
 
 1. Base. Without `--base-model`, a tiny StarCoder2 is pretrained (all parameters, StarCoder2's repository-level
    format with FIM) on `--corpus` (public Rust repositories that are NOT the target) for a fixed CPU budget,
@@ -132,6 +133,7 @@ class Daemon:
             except subprocess.TimeoutExpired:
                 os.killpg(self.proc.pid, signal.SIGKILL)
                 self.proc.wait()
+        self.out.close()
 
 
 # ------------------------------------------------------------------------------------------------ the live path
