@@ -6,6 +6,10 @@
 as a subprocess with --json; every ratio is against a baseline measured in that same run. --quick shrinks
 them (synthetic repository for backfill, fewer commits/examples, 10 s idle) to a few minutes in all.
 --check exits 1 when a target is missed. Names: backfill, store, daemon, hooks, train.
+
+The learning benchmark (bench_learning.py: pretraining, a live daemon over a real history, evaluation; about
+half an hour on 2 cores) is not in the default set: `--learning --learning-repo PATH --learning-corpus DIR...`
+adds it (`--only learning` runs it alone).
 """
 from __future__ import annotations
 
@@ -25,6 +29,11 @@ BENCHES = {
     "daemon": ("bench_daemon.py", [], ["--commits", "40", "--idle-seconds", "10"]),
     "hooks": ("bench_hooks.py", [], ["--commits", "30", "--rounds", "1"]),
     "train": ("bench_train.py", [], ["--examples", "60"]),
+}
+# opt-in only (long): name -> (script, full args, quick args); --learning-repo / --learning-corpus are added
+OPT_IN = {
+    "learning": ("bench_learning.py", [], ["--pretrain-cpu-s", "120", "--middle-commits", "6", "--round-steps", "8",
+                                           "--eval-max", "120", "--fim-samples", "12", "--snapshot-seeds", "1"]),
 }
 
 
@@ -79,6 +88,24 @@ def rows_for(name: str, r: dict) -> list[tuple[str, str, str, bool]]:
         return rows
     if name == "train":
         return [("train loop / HF Trainer tok/s", f"{r['ratio']:.2f}x", ">= 1.0x", r["ratio"] >= 1.0)]
+    if name == "learning":
+        avb, rows = r.get("adapter_vs_base"), []
+        if avb:
+            rows.append(("adapter vs base, changed-token loss", f"{avb['changed_loss_rel']:+.1%} (95% CI "
+                         f"{avb['ci95_low']:+.1%} .. {avb['ci95_high']:+.1%})", "<= -10%, CI < 0",
+                         avb["changed_loss_rel"] <= -0.10 and avb["ci95_high"] < 0))
+            e = r["adapter_vs_base_edit_sim"]
+            rows.append(("adapter vs base, FIM edit similarity", f"{e['diff']:+.3f}", "> 0", e["diff"] > 0))
+            for k, v in (r.get("adapter_vs_snapshot") or {}).items():
+                rows.append((f"adapter vs {k}, changed-token loss", f"{v['changed_loss_rel']:+.1%}", "<= 0",
+                             v["changed_loss_rel"] <= 0))
+        else:
+            rows.append(("adapter vs base", "no adapter was promoted", "an adapter", False))
+        rows.append(("forgetting on the older slice", f"{r['forgetting_rel']:+.1%}", "<= 2%",
+                     r["forgetting_rel"] <= 0.02))
+        rows.append(("rounds in the live part", f"{r['rounds_live']} ({r['promoted_live']} promoted)", ">= 1",
+                     r["rounds_live"] >= 1))
+        return rows
     return []
 
 
@@ -97,17 +124,24 @@ def _last_json(stdout: str) -> dict | None:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--only", action="append", choices=sorted(BENCHES))
-    ap.add_argument("--skip", action="append", choices=sorted(BENCHES), default=[])
+    ap.add_argument("--only", action="append", choices=sorted({**BENCHES, **OPT_IN}))
+    ap.add_argument("--skip", action="append", choices=sorted({**BENCHES, **OPT_IN}), default=[])
     ap.add_argument("--check", action="store_true", help="exit 1 if any target is missed")
+    ap.add_argument("--learning", action="store_true", help="also run the (long) learning benchmark")
+    ap.add_argument("--learning-repo", default=None, help="target repository of the learning benchmark")
+    ap.add_argument("--learning-corpus", nargs="+", default=[], help="its pretraining corpus (other Rust repos)")
     args = ap.parse_args(argv)
-    names = [n for n in (args.only or BENCHES) if n not in args.skip]
+    names = [n for n in (args.only or [*BENCHES, *(["learning"] if args.learning else [])]) if n not in args.skip]
+    if "learning" in names and not (args.learning_repo and args.learning_corpus):
+        ap.error("the learning benchmark needs --learning-repo PATH and --learning-corpus DIR...")
 
     table: list[tuple[str, str, str, str, bool]] = []
     failed = []
     for name in names:
-        script, full, quick = BENCHES[name]
+        script, full, quick = {**BENCHES, **OPT_IN}[name]
         cmd = [sys.executable, str(HERE / script), *(quick if args.quick else full), "--json"]
+        if name == "learning":
+            cmd[-1:-1] = ["--repo", args.learning_repo, "--corpus", *args.learning_corpus]
         print(f"== {name}: {' '.join(cmd[1:])}", file=sys.stderr, flush=True)
         t0 = time.perf_counter()
         proc = subprocess.run(cmd, capture_output=True, text=True)

@@ -1,0 +1,854 @@
+"""Learning benchmark: does the live loop make the model better at the user's *future* code?
+
+    python bench/bench_learning.py --repo PATH --corpus DIR... [--json] [--seed N]
+    python bench/bench_learning.py --repo PATH --base-model DIR --device cuda [--json]   (a real model, a GPU)
+
+1. Base. Without `--base-model`, a tiny StarCoder2 is pretrained (all parameters, StarCoder2's repository-level
+   format with FIM) on `--corpus` (public Rust repositories that are NOT the target) for a fixed CPU budget,
+   cached by a hash of the corpus and the settings (bench/pretrain_tiny.py). A random base would make any
+   adapter look good.
+2. The live path. A fresh clone of `--repo`; its first-parent history is cut by time into an oldest part
+   (backfilled, as `gitlora install` does), a middle part and the newest part (`--test-share`, default 10 %). A
+   real daemon runs under a throw-away HOME with scaled-down thresholds (a round as soon as one new shard
+   exists, no cool-down, short flush and check intervals, a per-round step cap); gitlora's hooks are installed
+   and the branch is moved forward through the middle part one first-parent commit at a time
+   (`git merge --ff-only`, a pull as a developer makes it), `--pace-s` apart, each waited for in the store. The
+   daemon's scheduler runs real rounds through its real gate. The newest part is never ingested.
+3. The snapshot recipe (what repository fine-tuning recipes do): a LoRA with the same settings and the same
+   number of optimizer steps as the final adapter's lineage, trained by gitlora's trainer on fill-in-the-middle
+   examples cut from whole .rs files of the repository as of the end of the middle part.
+4. Evaluation on the test commits (non-merge commits of the newest part; examples extracted with the daemon's
+   own CommitProcessor), paired on the same examples: base, base again (A/A: the noise floor of evaluation),
+   the final `current` adapter, the snapshot recipe (per seed), and copying the old version. Metrics:
+   target-token loss, changed-token loss (target tokens not copied from the `before` version, found by aligning
+   token ids), and fill-in-the-middle completion (greedy, up to 64 tokens) scored by exact match and
+   normalised edit similarity; 95 % intervals by bootstrap over commits. Forgetting: the final adapter against
+   the first promoted one on an older slice (commits of the backfilled part).
+
+Everything runs under a temporary directory; the user's own gitlora state is never touched. Prints a table;
+with --json, one JSON object last on stdout. CPU time (this process and all its children, daemon and trainers
+included) is reported beside wall time, since a shared machine inflates the latter.
+"""
+from __future__ import annotations
+
+import argparse
+import difflib
+import fnmatch
+import json
+import math
+import os
+import random
+import resource
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import pretrain_tiny  # noqa: E402
+
+from gitlora.daemon.gitenv import git_env  # noqa: E402
+
+PY = sys.executable
+FIM_MAX_NEW = 64
+
+
+def log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+# ------------------------------------------------------------------------------------------------ environment
+def isolated_env(root: Path, threads: int) -> dict[str, str]:
+    """A throw-away HOME / XDG dirs (short runtime dir: AF_UNIX path limit); git as a plain user."""
+    env = {k: v for k, v in git_env(keep=()).items() if not k.startswith(("GITLORA_", "XDG_", "NOTIFY_SOCKET"))}
+    home = root / "h"
+    env.update({
+        "HOME": str(home), "XDG_STATE_HOME": str(home / "state"), "XDG_CONFIG_HOME": str(home / "config"),
+        "XDG_DATA_HOME": str(home / "data"), "XDG_RUNTIME_DIR": str(root / "r"), "GIT_CONFIG_NOSYSTEM": "1",
+        "GIT_AUTHOR_NAME": "Bench", "GIT_AUTHOR_EMAIL": "bench@example.com",
+        "GIT_COMMITTER_NAME": "Bench", "GIT_COMMITTER_EMAIL": "bench@example.com",
+        "OMP_NUM_THREADS": str(threads), "TOKENIZERS_PARALLELISM": "false",
+    })
+    (home / "config" / "gitlora").mkdir(parents=True)
+    (root / "r").mkdir(mode=0o700)
+    (home / ".gitconfig").write_text("[init]\n\tdefaultBranch = main\n[gc]\n\tauto = 0\n")
+    return env
+
+
+def git(repo: Path, *args: str, env=None, check: bool = True) -> str:
+    return subprocess.run(["git", *args], cwd=repo, check=check, capture_output=True, text=True,
+                          env=env).stdout.strip()
+
+
+def daemon_config(args, base_model: str) -> tuple[str, list[str]]:
+    """config.toml with the scaled-down thresholds; keys the installed schema lacks are left out (the schema
+    moves with issue 11: the window settings replace eval_fraction), and listed in the report."""
+    from gitlora.daemon import config as cfg
+
+    wanted = {
+        "shards": {"quiet_flush_s": args.quiet_flush_s, "eval_fraction": args.eval_fraction},
+        "train": {"base_model": base_model, "min_new_shards": 1, "cooldown_s": 0, "check_interval_s": 5,
+                  "max_steps": args.round_steps, "context_length": args.context, "device": args.device,
+                  "max_retry_backoff_s": 30},
+    }
+    for item in args.train_set or []:
+        key, _, value = item.partition("=")
+        wanted["train"][key] = json.loads(value)
+    lines, dropped = [], []
+    for section, values in wanted.items():
+        fields = getattr(cfg.Config.model_fields[section].annotation, "model_fields", {})
+        lines.append(f"[{section}]")
+        for key, value in values.items():
+            if key not in fields:
+                dropped.append(f"{section}.{key}")
+                continue
+            lines.append(f"{key} = {json.dumps(value)}")
+    return "\n".join(lines) + "\n", dropped
+
+
+class Daemon:
+    def __init__(self, root: Path, env: dict[str, str]):
+        self.root, self.env = root, env
+        self.out = open(root / "daemon.out", "wb")
+        self.proc = subprocess.Popen([PY, "-m", "gitlora.daemon", "daemon"], stdout=self.out, stderr=self.out,
+                                     stdin=subprocess.DEVNULL, cwd=env["HOME"], env=env, start_new_session=True)
+        t0 = time.monotonic()
+        while self.cli("status", "--json", check=False).returncode != 0:
+            if self.proc.poll() is not None or time.monotonic() - t0 > 120:
+                raise SystemExit(f"daemon did not come up:\n{(root / 'daemon.out').read_text()[-3000:]}")
+            time.sleep(0.2)
+
+    def cli(self, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+        return subprocess.run([PY, "-m", "gitlora.daemon", *args], capture_output=True, text=True, check=check,
+                              cwd=self.env["HOME"], env=self.env)
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(180)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait()
+        self.out.close()
+
+
+# ------------------------------------------------------------------------------------------------ the live path
+def repo_state(clone: Path, env: dict[str, str]):
+    """The daemon's per-repository paths for the clone (read under the isolated XDG_STATE_HOME)."""
+    old = dict(os.environ)
+    os.environ.update({k: env[k] for k in ("HOME", "XDG_STATE_HOME", "XDG_CONFIG_HOME", "XDG_DATA_HOME")})
+    try:
+        from gitlora.daemon import paths
+        from gitlora.daemon.gitrepo import GitRepo
+
+        return paths.RepoPaths.for_git_dir(GitRepo(clone).common_dir)
+    finally:
+        os.environ.clear()
+        os.environ.update(old)
+
+
+def stored(store_dir: Path, oid: str) -> bool:
+    from gitlora.daemon.store import Store, StoreError
+
+    if not (store_dir / "data.mdb").exists():
+        return False
+    try:
+        with Store(store_dir, readonly=True) as store:
+            return store.has_commit(bytes.fromhex(oid))
+    except StoreError:
+        return False
+
+
+def wait_for(pred, timeout: float, what: str, poll: float = 0.25) -> float:
+    t0 = time.monotonic()
+    while not pred():
+        if time.monotonic() - t0 > timeout:
+            raise SystemExit(f"timed out after {timeout:.0f} s waiting for {what}")
+        time.sleep(poll)
+    return time.monotonic() - t0
+
+
+def read_json(path: Path, default=None):
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return default
+
+
+def shard_commits(paths) -> set[str]:
+    out = set()
+    for p in paths:
+        try:
+            with open(p, encoding="utf-8") as f:
+                out.update(json.loads(line)["commit"] for line in f if line.strip())
+        except (OSError, ValueError, KeyError):
+            pass
+    return out
+
+
+def rounds_report(rp, live: set[str]) -> list[dict]:
+    """Every round the daemon ran: outcome, steps, data (how many of its new and held-out commits are live
+    ones, i.e. from the middle part), from rounds/NNNN and adapters/vNNNN."""
+    out = []
+    for d in sorted(p for p in rp.rounds.iterdir() if p.is_dir()) if rp.rounds.is_dir() else []:
+        events = []
+        for line in (d / "progress.jsonl").read_text().splitlines() if (d / "progress.jsonl").exists() else []:
+            try:
+                events.append(json.loads(line))
+            except ValueError:
+                pass
+        start = next((e for e in events if e.get("event") == "start"), {})
+        done = next((e for e in events if e.get("event") == "done"), None)
+        error = next((e for e in events if e.get("event") == "error"), None)
+        spec = read_json(d / "spec.json", {}) or {}
+        trained, held = shard_commits(spec.get("train_shards") or []), shard_commits(spec.get("eval_shards") or [])
+        metrics = read_json(rp.adapters / done["version"] / "metrics.json", {}) if done else {}
+        gate = metrics.get("gate")
+        out.append({
+            "round": int(d.name), "phase": "middle" if trained & live else "backfill",
+            "new_commits": len(trained), "new_live_commits": len(trained & live),
+            "eval_commits": len(held), "eval_live_commits": len(held & live),
+            "outcome": ("promoted" if done.get("promoted") else "kept current") if done else
+                       ("failed: " + (error or {}).get("reason", "unknown") if error else "running/unknown"),
+            "version": (done or {}).get("version"), "parent": (done or {}).get("parent"),
+            "steps": metrics.get("steps"), "examples": start.get("examples"), "replayed": start.get("replayed"),
+            "eval_examples": start.get("eval_examples"), "eval_before": (done or {}).get("eval_loss_before"),
+            "eval_after": (done or {}).get("eval_loss_after"),
+            "gate": gate if isinstance(gate, str) else (gate or {}).get("reason") if isinstance(gate, dict) else gate,
+            "time_s": metrics.get("time_s"), "commits": (metrics.get("data") or {}).get("commits"),
+        })
+    return out
+
+
+def lineage(adapters: Path) -> list[str]:
+    """Versions from the first ancestor to `current` (each one's parent recorded in its metrics.json)."""
+    cur = os.readlink(adapters / "current") if (adapters / "current").is_symlink() else None
+    chain = []
+    while cur:
+        chain.append(cur)
+        cur = (read_json(adapters / cur / "metrics.json", {}) or {}).get("parent")
+    return chain[::-1]
+
+
+# -------------------------------------------------------------------------------------------------- examples
+def commit_examples(clone: Path, oids: list[str]) -> dict[str, list[dict]]:
+    """The daemon's own extraction (CommitProcessor) for these commits, outside any store."""
+    from gitlora.daemon.config import IngestConfig
+    from gitlora.daemon.gitrepo import GitRepo
+    from gitlora.daemon.ingest import CommitProcessor
+
+    cfg = IngestConfig()
+    proc = CommitProcessor(GitRepo(clone, exclude=cfg.exclude), cfg, source="bench")
+    out = {}
+    for pending in proc.process(oids):
+        exs = [json.loads(e) if isinstance(e, (bytes, str)) else e for e in pending.examples]
+        exs = [e for e in exs if e.get("change_kind") != "deleted" and (e.get("after") or "").strip()]
+        if exs:
+            out[pending.oid.hex()] = exs
+    return out
+
+
+def sample_examples(by_commit: dict[str, list[dict]], per_commit: int, total: int, seed: int) -> list[dict]:
+    """At most `per_commit` examples of each commit (a huge refactor must not be the whole set), then at most
+    `total`, whole commits kept together; deterministic."""
+    rng = random.Random(seed)
+    commits = sorted(by_commit)
+    rng.shuffle(commits)
+    out = []
+    for c in commits:
+        exs = list(by_commit[c])
+        rng.shuffle(exs)
+        take = exs[:per_commit]
+        if out and len(out) + len(take) > total:
+            break
+        out += take
+    return out
+
+
+def snapshot_records(clone: Path, rev: str, repo_name: str, chunk_lines: int) -> list[dict]:
+    """Whole .rs files at `rev`, cut into chunks, as example records the trainer renders (with fim_share 1.0)."""
+    from gitlora.daemon.config import IngestConfig
+
+    exclude = IngestConfig().exclude
+    tree = git(clone, "ls-tree", "-r", "-z", "--name-only", rev).split("\0")
+    paths = [p for p in tree if p.endswith(".rs") and not any(fnmatch.fnmatch(p, g) for g in exclude)]
+    out = []
+    for path in paths:
+        r = subprocess.run(["git", "cat-file", "blob", f"{rev}:{path}"], cwd=clone, capture_output=True)
+        if r.returncode != 0 or len(r.stdout) > pretrain_tiny.MAX_FILE_BYTES:
+            continue
+        try:
+            lines = r.stdout.decode("utf-8").splitlines(keepends=True)
+        except UnicodeDecodeError:
+            continue
+        for k in range(0, len(lines), chunk_lines):
+            chunk = "".join(lines[k:k + chunk_lines])
+            if chunk.strip():
+                out.append({"repo": repo_name, "commit": rev, "commit_time": 0, "message": "", "path": path,
+                            "kind": "file", "qualified_name": f"{path}:{k + 1}", "change_kind": "added",
+                            "before": None, "after": chunk, "imports": []})
+    return out
+
+
+# ------------------------------------------------------------------------------------------------ evaluation
+# A minimal local evaluation (the issue's definitions), to be swapped for trainer/evaluate.py + metrics.py.
+def changed_mask(tokenizer, before: str | None, target_ids: list[int]) -> list[bool]:
+    """True for target tokens not copied from `before`: token ids aligned with difflib; added items: all."""
+    if not before or not before.strip():
+        return [True] * len(target_ids)
+    before_ids = tokenizer(before, add_special_tokens=False)["input_ids"]
+    copied = [False] * len(target_ids)
+    for block in difflib.SequenceMatcher(None, before_ids, target_ids, autojunk=False).get_matching_blocks():
+        for k in range(block.b, block.b + block.size):
+            copied[k] = True
+    return [not c for c in copied]
+
+
+def loss_items(tokenizer, examples: list[dict], context: int) -> list[dict]:
+    """Rendered as the trainer renders them for training (no FIM), masked, truncated like training data."""
+    from gitlora.trainer import data
+
+    items = []
+    for ex in examples:
+        rendered = data.render(ex, fim_share=0.0)
+        if rendered is None:
+            continue
+        tok, _ = data.tokenize(tokenizer, *rendered, context)
+        target_ids = tokenizer(rendered[1], add_special_tokens=False)["input_ids"]
+        mask = changed_mask(tokenizer, ex.get("before"), target_ids)
+        mask[-1] = False  # <|endoftext|>: trivially predicted, never "changed code"
+        n_target = sum(1 for x in tok.labels if x != data.IGNORE)
+        items.append({"commit": ex["commit"], "ids": tok.input_ids, "start": len(tok.input_ids) - n_target,
+                      "changed": mask[:n_target]})
+    return items
+
+
+def fim_items(tokenizer, examples: list[dict], n: int, seed: int, context: int) -> list[dict]:
+    """A fixed sample of FIM tasks: a line-aligned middle of 1-3 lines and <= 64 tokens inside an item's new
+    text, with the item's header/context as the trainer renders it; `copy` is what copying the old version
+    gives (the `before` lines between the same anchors)."""
+    from gitlora.trainer import data
+
+    rng = random.Random(seed)
+    pool = [ex for ex in examples if len((ex.get("after") or "").splitlines()) >= 3]
+    rng.shuffle(pool)
+    out = []
+    for ex in pool:
+        if len(out) >= n:
+            break
+        lines = ex["after"].splitlines(keepends=True)
+        i = rng.randrange(1, len(lines) - 1)
+        j = min(len(lines) - 1, i + rng.randint(1, 3))
+        while j > i + 1 and len(tokenizer("".join(lines[i:j]), add_special_tokens=False)["input_ids"]) > FIM_MAX_NEW:
+            j -= 1
+        middle = "".join(lines[i:j])
+        if not middle.strip() or len(tokenizer(middle, add_special_tokens=False)["input_ids"]) > FIM_MAX_NEW:
+            continue
+        prefix, suffix = "".join(lines[max(0, i - 40):i]), "".join(lines[j:j + 20])
+        prompt = (f"{data.header(ex)}<fim_prefix>{data.context_lines(ex)}{prefix}<fim_suffix>{suffix}"
+                  f"<fim_middle>")
+        ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        if len(ids) > context - FIM_MAX_NEW:
+            continue
+        out.append({"commit": ex["commit"], "ids": ids, "middle": middle, "lines": j - i,
+                    "copy": copy_prediction(ex.get("before") or "", lines, i, j)})
+    return out
+
+
+def copy_prediction(before: str, after_lines: list[str], i: int, j: int) -> str:
+    """The old version's lines between the old positions of the nearest unchanged lines around [i, j)."""
+    if not before:
+        return ""
+    old = before.splitlines(keepends=True)
+    to_old: dict[int, int] = {}
+    for block in difflib.SequenceMatcher(None, old, after_lines, autojunk=False).get_matching_blocks():
+        for k in range(block.size):
+            to_old[block.b + k] = block.a + k
+    left = max((k for k in to_old if k < i), default=None)
+    right = min((k for k in to_old if k >= j), default=None)
+    lo = to_old[left] + 1 if left is not None else 0
+    hi = to_old[right] if right is not None else len(old)
+    return "".join(old[lo:hi]) if hi >= lo else ""
+
+
+def load_model(base_dir: str, adapter: str | None, device: str):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    dtype = torch.bfloat16 if device == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
+    model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=dtype)
+    if adapter:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, adapter)
+    return model.to(device).eval()
+
+
+def score_losses(model, items: list[dict], device: str, batch: int = 8) -> list[dict]:
+    """Per-item loss sums (target and changed tokens). Items of similar length are batched, right-padded:
+    with causal attention, padding after an item's last token changes nothing before it."""
+    import torch
+
+    out: list[dict | None] = [None] * len(items)
+    order = sorted(range(len(items)), key=lambda k: len(items[k]["ids"]))
+    pad = model.config.pad_token_id or 0
+    with torch.no_grad():
+        for b in range(0, len(order), batch):
+            group = order[b:b + batch]
+            width = max(len(items[k]["ids"]) for k in group)
+            ids = torch.tensor([items[k]["ids"] + [pad] * (width - len(items[k]["ids"])) for k in group],
+                               device=device)
+            logits = model(input_ids=ids).logits.float()
+            for row, k in enumerate(group):
+                it, s, n = items[k], items[k]["start"], len(items[k]["ids"])
+                lp = torch.nn.functional.cross_entropy(logits[row, s - 1:n - 1], ids[row, s:n],
+                                                       reduction="none").tolist()
+                ch = [x for x, m in zip(lp, it["changed"]) if m]
+                out[k] = {"commit": it["commit"], "t_sum": sum(lp), "t_n": len(lp), "c_sum": sum(ch),
+                          "c_n": len(ch)}
+    return out
+
+
+def normalised_similarity(a: str, b: str) -> float:
+    from rapidfuzz.distance import Indel
+
+    return Indel.normalized_similarity(a, b)
+
+
+def first_lines(text: str, n: int) -> str:
+    return "".join(text.splitlines(keepends=True)[:n])
+
+
+def score_fim(model, tokenizer, items: list[dict], device: str, batch: int = 16) -> list[dict]:
+    """Greedy, up to 64 new tokens, stopped at <|endoftext|>; the completion is cut to the reference's line
+    count (what an editor inserts for a line-level completion); exact match ignores trailing whitespace.
+    Prompts are batched, left-padded (generate derives positions from the attention mask)."""
+    import torch
+
+    out = []
+    eos = tokenizer.eos_token_id
+    with torch.no_grad():
+        for b in range(0, len(items), batch):
+            group = items[b:b + batch]
+            width = max(len(it["ids"]) for it in group)
+            ids = torch.tensor([[eos] * (width - len(it["ids"])) + it["ids"] for it in group], device=device)
+            mask = torch.tensor([[0] * (width - len(it["ids"])) + [1] * len(it["ids"]) for it in group],
+                                device=device)
+            gen = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=FIM_MAX_NEW, do_sample=False,
+                                 eos_token_id=eos, pad_token_id=eos)
+            for row, it in enumerate(group):
+                text = tokenizer.decode(gen[row, width:], skip_special_tokens=False).split(tokenizer.eos_token)[0]
+                out.append(fim_score(it, first_lines(text, it["lines"])))
+    return out
+
+
+def fim_score(it: dict, prediction: str) -> dict:
+    ref = it["middle"]
+    return {"commit": it["commit"], "exact": float(prediction.rstrip() == ref.rstrip()),
+            "edit_sim": normalised_similarity(prediction.rstrip(), ref.rstrip())}
+
+
+def summary(losses: list[dict] | None, fims: list[dict] | None) -> dict:
+    s = {}
+    if losses:
+        s["changed_loss"] = sum(x["c_sum"] for x in losses) / max(1, sum(x["c_n"] for x in losses))
+        s["target_loss"] = sum(x["t_sum"] for x in losses) / max(1, sum(x["t_n"] for x in losses))
+    else:
+        s["changed_loss"] = s["target_loss"] = None
+    if fims:
+        s["fim_exact"] = sum(x["exact"] for x in fims) / len(fims)
+        s["fim_edit_sim"] = sum(x["edit_sim"] for x in fims) / len(fims)
+    else:
+        s["fim_exact"] = s["fim_edit_sim"] = None
+    return s
+
+
+def by_commit(rows: list[dict], keys: tuple[str, ...]) -> dict[str, list[float]]:
+    out: dict[str, list[float]] = {}
+    for r in rows:
+        acc = out.setdefault(r["commit"], [0.0] * (len(keys) + 1))
+        for k, key in enumerate(keys):
+            acc[k] += r[key]
+        acc[-1] += 1
+    return out
+
+
+def paired_rel(a: list[dict], b: list[dict], key: str = "c", rounds: int = 2000, seed: int = 0) -> dict:
+    """Relative difference of token-weighted mean loss, a vs b, on the same examples; 95 % interval by
+    bootstrap over commits (a commit's items are correlated: whole commits are resampled)."""
+    ca, cb = by_commit(a, (f"{key}_sum", f"{key}_n")), by_commit(b, (f"{key}_sum", f"{key}_n"))
+    commits = sorted(ca)
+
+    def rel(cs):
+        sa, sb = sum(ca[c][0] for c in cs), sum(cb[c][0] for c in cs)
+        return sa / sb - 1 if sb else 0.0
+
+    rng = random.Random(seed)
+    boots = sorted(rel(rng.choices(commits, k=len(commits))) for _ in range(rounds))
+    return {f"{'changed' if key == 'c' else 'target'}_loss_rel": rel(commits),
+            "ci95_low": boots[int(0.025 * rounds)], "ci95_high": boots[int(0.975 * rounds) - 1],
+            "commits": len(commits)}
+
+
+def paired_diff(a: list[dict], b: list[dict], key: str, rounds: int = 2000, seed: int = 0) -> dict:
+    """Mean per-item difference a - b of a FIM score, 95 % interval by bootstrap over commits."""
+    diffs: dict[str, list[float]] = {}
+    for x, y in zip(a, b):
+        diffs.setdefault(x["commit"], []).append(x[key] - y[key])
+    commits = sorted(diffs)
+
+    def mean(cs):
+        vals = [v for c in cs for v in diffs[c]]
+        return sum(vals) / len(vals) if vals else 0.0
+
+    rng = random.Random(seed)
+    boots = sorted(mean(rng.choices(commits, k=len(commits))) for _ in range(rounds))
+    return {"diff": mean(commits), "ci95_low": boots[int(0.025 * rounds)], "ci95_high": boots[int(0.975 * rounds) - 1]}
+
+
+def split_half(losses: list[dict], seed: int = 0) -> float:
+    """Unpaired: base changed-token loss on a random half of the test commits vs the other half, i.e. how
+    much *which* commits land in a test set moves an unpaired number."""
+    commits = sorted({x["commit"] for x in losses})
+    random.Random(seed).shuffle(commits)
+    half = set(commits[: len(commits) // 2])
+    a = [x for x in losses if x["commit"] in half]
+    b = [x for x in losses if x["commit"] not in half]
+    return summary(a, None)["changed_loss"] / summary(b, None)["changed_loss"] - 1
+
+
+# ------------------------------------------------------------------------------------------------------ main
+def cpu_seconds() -> float:
+    me, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return me.ru_utime + me.ru_stime + kids.ru_utime + kids.ru_stime
+
+
+def train_snapshot(root: Path, env, base_dir: str, records: list[dict], steps: int, seed: int, args) -> Path:
+    """The snapshot recipe through gitlora's own trainer: same LoRA settings, `steps` optimizer steps."""
+    work = root / f"snapshot-s{seed}"
+    work.mkdir()
+    shard = work / "000001.jsonl"
+    shard.write_text("".join(json.dumps(r) + "\n" for r in records))
+    train = {"max_steps": steps, "context_length": args.context, "device": args.device, "fim_share": 1.0,
+             "replay_share": 0.0, "seed": seed}
+    for item in args.train_set or []:
+        key, _, value = item.partition("=")
+        train[key] = json.loads(value)
+    spec = {"base_model": base_dir, "adapters_dir": str(work / "adapters"), "train_shards": [str(shard)],
+            "replay_shards": [], "eval_shards": [], "progress_file": str(work / "progress.jsonl"), "train": train}
+    (work / "spec.json").write_text(json.dumps(spec, indent=1))
+    with open(work / "trainer.log", "wb") as out:
+        code = subprocess.run([PY, "-m", "gitlora.trainer", "--spec", str(work / "spec.json")], stdout=out,
+                              stderr=subprocess.STDOUT, env=env, cwd=work).returncode
+    if code != 0:
+        raise SystemExit(f"snapshot training failed (exit {code}): {(work / 'trainer.log').read_text()[-2000:]}")
+    return work / "adapters" / "current"
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--repo", type=Path, required=True, help="the target repository (a git dir or checkout)")
+    ap.add_argument("--corpus", type=Path, nargs="+", default=[], help="Rust repositories to pretrain on")
+    ap.add_argument("--base-model", default=None, help="a real base model dir (skips pretraining)")
+    ap.add_argument("--json", action="store_true")
+    ap.add_argument("--seed", type=int, default=0, help="evaluation sampling and the first snapshot seed")
+    ap.add_argument("--snapshot-seeds", type=int, default=2, help="training seeds of the snapshot recipe")
+    ap.add_argument("--cache-dir", type=Path, default=None)
+    ap.add_argument("--pretrain-cpu-s", type=float, default=1200.0, help="pretraining budget in CPU seconds")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--test-share", type=float, default=0.10, help="newest share of first-parent commits: test")
+    ap.add_argument("--middle-share", type=float, default=0.10, help="share committed one by one, live")
+    ap.add_argument("--middle-commits", type=int, default=0, help="cap on live first-parent steps (0: none)")
+    ap.add_argument("--pace-s", type=float, default=8.0, help="seconds between live commits (> quiet flush)")
+    ap.add_argument("--burst", type=int, default=1, help="live commits per burst (0.5 s apart, so they flush "
+                    "together); bursts are --pace-s apart")
+    ap.add_argument("--quiet-flush-s", type=int, default=3)
+    ap.add_argument("--eval-fraction", type=float, default=0.002, help="[shards] eval_fraction, where it exists")
+    ap.add_argument("--round-steps", type=int, default=60, help="[train] max_steps per round")
+    ap.add_argument("--context", type=int, default=512)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--train-set", action="append", metavar="KEY=JSON", help="extra [train] setting (repeatable)")
+    ap.add_argument("--drain-timeout-s", type=float, default=900.0, help="wait this long for rounds after the "
+                    "last live commit")
+    ap.add_argument("--eval-per-commit", type=int, default=8)
+    ap.add_argument("--eval-max", type=int, default=240)
+    ap.add_argument("--fim-samples", type=int, default=32)
+    ap.add_argument("--keep", action="store_true", help="keep the work directory")
+    args = ap.parse_args(argv)
+    if not args.base_model and not args.corpus:
+        ap.error("give --corpus DIR... to pretrain a base, or --base-model DIR")
+
+    t_wall, t_cpu = time.time(), cpu_seconds()
+    phases: dict[str, dict] = {}
+
+    def phase(name: str, since: tuple[float, float]) -> tuple[float, float]:
+        now = (time.time(), cpu_seconds())
+        phases[name] = {"wall_s": round(now[0] - since[0], 1), "cpu_s": round(now[1] - since[1], 1)}
+        log(f"{name}: {phases[name]['wall_s']} s wall, {phases[name]['cpu_s']} CPU-s")
+        return now
+
+    import torch
+
+    torch.set_num_threads(args.threads)
+    mark = (t_wall, t_cpu)
+    base_meta = None
+    if args.base_model:
+        base_dir = args.base_model
+    else:
+        path, base_meta = pretrain_tiny.pretrain(args.corpus, cache_dir=args.cache_dir,
+                                                 cpu_budget_s=args.pretrain_cpu_s, threads=args.threads, log=log)
+        base_dir = str(path)
+    mark = phase("pretrain", mark)
+
+    root = Path(tempfile.mkdtemp(prefix="glL-", dir="/tmp"))  # short: the socket path must fit AF_UNIX
+    env = isolated_env(root, args.threads)
+    daemon = None
+    try:
+        # ---- the clone, its history cut by time (first-parent order)
+        name = pretrain_tiny.repo_label(args.repo).split("/")[-1]
+        clone = root / name
+        subprocess.run(["git", "clone", "-q", "--no-tags", "--single-branch", "--no-checkout", str(args.repo),
+                        str(clone)], check=True, env=env, capture_output=True)
+        head = git(clone, "rev-parse", "HEAD")
+        fp = git(clone, "rev-list", "--first-parent", "--reverse", head).split()
+        n = len(fp)
+        n_test = max(1, round(args.test_share * n))
+        n_mid = max(1, round(args.middle_share * n))
+        if args.middle_commits:
+            n_mid = min(n_mid, args.middle_commits)
+        start_mid = n - n_test - n_mid
+        backfill_end, middle, middle_end = fp[start_mid - 1], fp[start_mid:n - n_test], fp[n - n_test - 1]
+        # Only `main` may point into history: a stray ref (the clone's own branch, origin/*) would hand the
+        # daemon the future. A sparse checkout of nothing: merges update refs and index, no files (a partial
+        # clone lacks a few blobs, and the daemon reads objects, not the work tree).
+        git(clone, "config", "core.sparseCheckout", "true", env=env)
+        (clone / ".git" / "info").mkdir(exist_ok=True)
+        (clone / ".git" / "info" / "sparse-checkout").write_text("/.gitlora-bench-nothing\n")
+        git(clone, "checkout", "-q", "-B", "main", backfill_end, env=env)
+        for ref in git(clone, "for-each-ref", "--format=%(refname)").split():
+            if ref != "refs/heads/main":
+                git(clone, "update-ref", "-d", ref, env=env)
+        git(clone, "remote", "remove", "origin", env=env, check=False)
+        test_commits = git(clone, "rev-list", "--no-merges", f"{middle_end}..{head}").split()
+        cut = {"first_parent": n, "backfill": start_mid, "middle": len(middle), "test": n_test,
+               "test_commits_non_merge": len(test_commits),
+               "backfill_end": backfill_end, "middle_end": middle_end, "head": head,
+               "dates": {k: git(clone, "log", "-1", "--format=%cI", v) for k, v in
+                         (("backfill_end", backfill_end), ("middle_end", middle_end), ("head", head))}}
+        log(f"history: {n} first-parent commits -> backfill {start_mid}, live {len(middle)}, test {n_test} "
+            f"({len(test_commits)} non-merge commits)")
+
+        # ---- daemon, install, backfill
+        config_text, dropped = daemon_config(args, base_dir)
+        (root / "h" / "config" / "gitlora" / "config.toml").write_text(config_text)
+        if dropped:
+            log(f"settings this schema lacks (left out): {', '.join(dropped)}")
+        daemon = Daemon(root, env)
+        daemon.cli("install", "--no-backfill", str(clone))
+        rp = repo_state(clone, env)
+        bf = daemon.cli("backfill", "--no-progress", str(clone), check=False)
+        log(f"backfill: {(bf.stdout + bf.stderr).strip().splitlines()[-1] if (bf.stdout + bf.stderr).strip() else bf.returncode}")
+        wait_for(lambda: stored(rp.store, backfill_end), 300, "the backfill")
+        mark = phase("clone+backfill", mark)
+
+        # ---- the live middle part: one first-parent step at a time, through hooks and the daemon
+        for k, oid in enumerate(middle):
+            git(clone, "merge", "--ff-only", "-q", oid, env=env)
+            wait_for(lambda: stored(rp.store, oid), 300, f"commit {oid[:10]} in the store")
+            state = read_json(rp.rounds / "state.json", {}) or {}
+            if k % 5 == 0 or k == len(middle) - 1:
+                log(f"live {k + 1}/{len(middle)}: {oid[:10]} stored; rounds so far {state.get('rounds', 0)}"
+                    f"{' (one running)' if state.get('active') else ''}")
+            time.sleep(args.pace_s if (k + 1) % args.burst == 0 else 0.5)
+        mark = phase("live", mark)
+
+        # ---- drain: let the scheduler finish what the middle part made due (bounded)
+        def quiet() -> bool:
+            s = read_json(rp.rounds / "state.json", {}) or {}
+            return not s.get("active")
+
+        stable_since, last_rounds, t0 = None, None, time.monotonic()
+        while time.monotonic() - t0 < args.drain_timeout_s:
+            s = read_json(rp.rounds / "state.json", {}) or {}
+            if quiet() and s.get("rounds") == last_rounds:
+                stable_since = stable_since or time.monotonic()
+                if time.monotonic() - stable_since > 3 * 5 + args.quiet_flush_s:
+                    break
+            else:
+                stable_since, last_rounds = None, s.get("rounds")
+            time.sleep(1)
+        drained = quiet()
+        status = daemon.cli("status", "--json", check=False).stdout
+        live = set(git(clone, "rev-list", f"{backfill_end}..{middle_end}").split())  # commits of the middle part
+        manifest = read_json(rp.root / "manifest.json", {}) or {}
+        trained = set((read_json(rp.rounds / "state.json", {}) or {}).get("trained_shards") or [])
+        never = [s for s in manifest.get("shards", []) if s["split"] == "train" and s["id"] not in trained]
+        shard_facts = {"train": sum(s["split"] == "train" for s in manifest.get("shards", [])),
+                       "live_commits": len(live),
+                       "live_commits_never_trained": len(shard_commits(rp.shards / s["file"] for s in never) & live),
+                       "examples_never_trained": sum(s.get("count") or 0 for s in never),
+                       "eval": sum(s["split"] == "eval" for s in manifest.get("shards", [])),
+                       "train_never_trained": sum(s["split"] == "train" and s["id"] not in trained
+                                                  for s in manifest.get("shards", [])),
+                       "groups": len({s["group"] for s in manifest.get("shards", [])})}
+        daemon.stop()
+        daemon = None
+        rounds = rounds_report(rp, live)
+        mark = phase("drain", mark)
+        chain = lineage(rp.adapters)
+        current = str(rp.adapters / chain[-1]) if chain else None
+        first = next((str(rp.adapters / v) for v in chain), None)
+        lineage_steps = sum((read_json(rp.adapters / v / "metrics.json", {}) or {}).get("steps") or 0 for v in chain)
+        log(f"rounds: {len(rounds)} ({sum(r['phase'] == 'middle' for r in rounds)} in the live part), "
+            f"promoted {sum(r['outcome'] == 'promoted' for r in rounds)}; current {chain[-1] if chain else None}, "
+            f"lineage {chain} = {lineage_steps} steps")
+
+        # ---- the snapshot recipe at the same budget
+        snaps = []
+        if lineage_steps:
+            from gitlora.daemon.gitrepo import GitRepo
+
+            records = snapshot_records(clone, middle_end, GitRepo(clone).name, chunk_lines=40)
+            for s in range(args.snapshot_seeds):
+                snaps.append(str(train_snapshot(root, env, base_dir, records, lineage_steps, args.seed + s, args)))
+            mark = phase("snapshot", mark)
+
+        # ---- evaluation, paired on the same examples
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(base_dir)
+        test = commit_examples(clone, test_commits)
+        test_examples = sample_examples(test, args.eval_per_commit, args.eval_max, args.seed)
+        items = loss_items(tokenizer, test_examples, args.context)
+        fims = fim_items(tokenizer, test_examples, args.fim_samples, args.seed, args.context)
+        older_oids = git(clone, "rev-list", "--no-merges", backfill_end).split()
+        random.Random(args.seed).shuffle(older_oids)
+        older = commit_examples(clone, older_oids[:30])
+        older_items = loss_items(tokenizer, sample_examples(older, 6, 90, args.seed), args.context)
+        log(f"test set: {len(test)} commits with examples, {len(items)} loss items, {len(fims)} FIM items; "
+            f"older slice {len(older_items)} items")
+        dev = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+
+        def run(adapter, fim=True, on=None):
+            model = load_model(base_dir, adapter, dev)
+            res = (score_losses(model, on if on is not None else items, dev),
+                   score_fim(model, tokenizer, fims, dev) if fim else None)
+            del model
+            return res
+
+        ev = {"base": run(None), "base_again": run(None)}
+        if current:
+            ev["adapter"] = run(current)
+        for k, s in enumerate(snaps):
+            ev[f"snapshot_s{args.seed + k}"] = run(s)
+        copy = [fim_score(it, it["copy"]) for it in fims]
+        forgetting = None
+        if current and first and first != current:
+            old_first, _ = run(first, fim=False, on=older_items)
+            old_final, _ = run(current, fim=False, on=older_items)
+            forgetting = paired_rel(old_final, old_first)
+        old_base = None
+        if current:
+            old_base_l, _ = run(None, fim=False, on=older_items)
+            old_cur_l, _ = run(current, fim=False, on=older_items)
+            old_base = paired_rel(old_cur_l, old_base_l)
+        mark = phase("evaluate", mark)
+
+        # ---- report
+        summ = {k: summary(*v) for k, v in ev.items()}
+        snap_keys = [k for k in ev if k.startswith("snapshot_s")]
+
+        def mean_of(keys):
+            if not keys:
+                return None
+            return {m: (sum(summ[k][m] for k in keys) / len(keys)) for m in summ[keys[0]]}
+
+        base_l, base_f = ev["base"]
+        report = {
+            "date": time.strftime("%Y-%m-%d"), "repo": str(args.repo), "base_model": base_dir,
+            "base_meta": base_meta, "cut": cut, "config": config_text, "settings_left_out": dropped,
+            "base": summ["base"], "base_again": summ["base_again"],
+            "adapter": summ.get("adapter"), "snapshot": mean_of(snap_keys),
+            "snapshot_seeds": {k: summ[k] for k in snap_keys},
+            "copy_old": {"changed_loss": None, "target_loss": None, **{k: v for k, v in summary(None, copy).items()
+                                                                       if k.startswith("fim")}},
+            "aa": {**paired_rel(ev["base_again"][0], base_l),
+                   "fim_edit_sim_diff": paired_diff(ev["base_again"][1], base_f, "edit_sim")["diff"],
+                   "split_half_unpaired_rel": split_half(base_l, args.seed)},
+            "adapter_vs_base": paired_rel(ev["adapter"][0], base_l) if current else None,
+            "adapter_vs_base_target": paired_rel(ev["adapter"][0], base_l, key="t") if current else None,
+            "adapter_vs_base_edit_sim": paired_diff(ev["adapter"][1], base_f, "edit_sim") if current else None,
+            "snapshot_vs_base": {k: paired_rel(ev[k][0], base_l) for k in snap_keys},
+            "adapter_vs_snapshot": {k: paired_rel(ev["adapter"][0], ev[k][0]) for k in snap_keys} if current else {},
+            "forgetting_rel": forgetting["changed_loss_rel"] if forgetting else 0.0,
+            "forgetting": forgetting, "older_adapter_vs_base": old_base,
+            "rounds": len(rounds), "rounds_live": sum(r["phase"] == "middle" for r in rounds),
+            "promoted": sum(r["outcome"] == "promoted" for r in rounds),
+            "promoted_live": sum(r["phase"] == "middle" and r["outcome"] == "promoted" for r in rounds),
+            "round_details": rounds, "shards": shard_facts, "lineage": chain, "lineage_steps": lineage_steps, "drained": drained,
+            "eval_sizes": {"test_commits": len(test), "loss_items": len(items),
+                           "changed_tokens": sum(sum(i["changed"]) for i in items), "fim_items": len(fims),
+                           "older_items": len(older_items)},
+            "phases": phases, "wall_s": round(time.time() - t_wall, 1), "cpu_s": round(cpu_seconds() - t_cpu, 1),
+            "load_avg": os.getloadavg(), "cores": os.cpu_count(),
+            "daemon_status": (json.loads(status) if status.strip().startswith("{") else status[-2000:]),
+        }
+        print_table(report)
+        if args.json:
+            print(json.dumps(report, default=str))
+        return 0
+    finally:
+        if daemon is not None:
+            daemon.stop()
+        if args.keep:
+            log(f"work directory kept: {root}")
+        else:
+            shutil.rmtree(root, ignore_errors=True)
+
+
+def _fmt(x, pct=False):
+    if x is None:
+        return "-"
+    return f"{x:+.1%}" if pct else f"{x:.4f}"
+
+
+def print_table(r: dict) -> None:
+    cols = [("base", r["base"]), ("base (A/A)", r["base_again"]), ("adapter", r["adapter"]),
+            ("snapshot", r["snapshot"]), ("copy old", r["copy_old"])]
+    print(f"{'metric':<16}" + "".join(f"{c:>12}" for c, _ in cols))
+    for m in ("changed_loss", "target_loss", "fim_exact", "fim_edit_sim"):
+        print(f"{m:<16}" + "".join(f"{_fmt((v or {}).get(m)):>12}" for _, v in cols))
+    avb = r["adapter_vs_base"]
+    if avb:
+        print(f"adapter vs base, changed-token loss: {_fmt(avb['changed_loss_rel'], True)} "
+              f"(95% CI {_fmt(avb['ci95_low'], True)} .. {_fmt(avb['ci95_high'], True)}, {avb['commits']} commits)")
+        e = r["adapter_vs_base_edit_sim"]
+        print(f"adapter vs base, FIM edit similarity: {e['diff']:+.4f} (95% CI {e['ci95_low']:+.4f} .. "
+              f"{e['ci95_high']:+.4f})")
+    for k, v in r["snapshot_vs_base"].items():
+        print(f"{k} vs base, changed-token loss: {_fmt(v['changed_loss_rel'], True)} "
+              f"(95% CI {_fmt(v['ci95_low'], True)} .. {_fmt(v['ci95_high'], True)})")
+    for k, v in r["adapter_vs_snapshot"].items():
+        print(f"adapter vs {k}, changed-token loss: {_fmt(v['changed_loss_rel'], True)} "
+              f"(95% CI {_fmt(v['ci95_low'], True)} .. {_fmt(v['ci95_high'], True)})")
+    aa = r["aa"]
+    print(f"A/A (base twice): {_fmt(aa['changed_loss_rel'], True)}; unpaired split-half of the test commits: "
+          f"{_fmt(aa['split_half_unpaired_rel'], True)}")
+    print(f"forgetting (final vs first adapter, older slice): {_fmt(r['forgetting_rel'], True)}"
+          + ("" if r["forgetting"] else " (a single adapter version: nothing to compare)"))
+    print(f"rounds: {r['rounds']} ({r['rounds_live']} trained live commits), promoted {r['promoted']} "
+          f"({r['promoted_live']} of those); lineage {r['lineage']} = {r['lineage_steps']} steps")
+    sh = r["shards"]
+    print(f"live commits: {sh['live_commits']}, never trained: {sh['live_commits_never_trained']} "
+          f"({sh['train_never_trained']} train shards, {sh['examples_never_trained']} examples waiting; "
+          f"{sh['groups']} flush groups, {sh['eval']} with held-out commits)")
+    print(f"wall {r['wall_s']:.0f} s, CPU {r['cpu_s']:.0f} s (this process and its children), load avg "
+          f"{', '.join(f'{x:.1f}' for x in r['load_avg'])} on {r['cores']} cores")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
