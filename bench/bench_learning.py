@@ -35,7 +35,6 @@ import argparse
 import difflib
 import fnmatch
 import json
-import math
 import os
 import random
 import resource
@@ -90,9 +89,13 @@ def daemon_config(args, base_model: str) -> tuple[str, list[str]]:
 
     wanted = {
         "shards": {"quiet_flush_s": args.quiet_flush_s, "eval_fraction": args.eval_fraction},
-        "train": {"base_model": base_model, "min_new_shards": 1, "cooldown_s": 0, "check_interval_s": 5,
-                  "max_steps": args.round_steps, "context_length": args.context, "device": args.device,
-                  "max_retry_backoff_s": 30},
+        "train": {"base_model": base_model, "min_new_examples": args.min_new_examples, "cooldown_s": 0,
+                  "check_interval_s": 5, "max_steps": args.round_steps, "context_length": args.context,
+                  "device": args.device, "max_retry_backoff_s": 30,
+                  # the held-out window and older slice, scaled to a live part of tens of commits
+                  "window_commits": args.window_commits, "window_examples": args.window_examples,
+                  "older_slice_commits": args.older_slice_commits, "eval_max_examples": args.eval_max,
+                  "fim_samples": args.fim_samples},
     }
     for item in args.train_set or []:
         key, _, value = item.partition("=")
@@ -569,6 +572,10 @@ def main(argv=None) -> int:
     ap.add_argument("--quiet-flush-s", type=int, default=3)
     ap.add_argument("--eval-fraction", type=float, default=0.002, help="[shards] eval_fraction, where it exists")
     ap.add_argument("--round-steps", type=int, default=60, help="[train] max_steps per round")
+    ap.add_argument("--min-new-examples", type=int, default=100, help="[train] min_new_examples: a round is due")
+    ap.add_argument("--window-commits", type=int, default=6, help="[train] window_commits (held out)")
+    ap.add_argument("--window-examples", type=int, default=60, help="[train] window_examples (held out)")
+    ap.add_argument("--older-slice-commits", type=int, default=8, help="[train] older_slice_commits")
     ap.add_argument("--context", type=int, default=512)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--train-set", action="append", metavar="KEY=JSON", help="extra [train] setting (repeatable)")
