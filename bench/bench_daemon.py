@@ -66,6 +66,8 @@ def paired_median_ci(a: list[float], b: list[float], rounds: int = 2000) -> tupl
 
 
 def isolated_env(root: Path) -> dict[str, str]:
+    """A throw-away HOME / XDG dirs (short runtime dir: AF_UNIX path limit); git as a plain user. Shared by the
+    benchmarks that run a real daemon."""
     env = {k: v for k, v in git_env(keep=()).items() if not k.startswith(("GITLORA_", "XDG_", "NOTIFY_SOCKET"))}
     home = root / "h"
     env.update({
@@ -77,7 +79,6 @@ def isolated_env(root: Path) -> dict[str, str]:
     (home / "config" / "gitlora").mkdir(parents=True)
     (root / "r").mkdir(mode=0o700)
     (home / ".gitconfig").write_text("[init]\n\tdefaultBranch = main\n[gc]\n\tauto = 0\n")
-    (home / "config" / "gitlora" / "config.toml").write_text("[train]\nmin_new_shards = 1000000\n")
     return env
 
 
@@ -199,6 +200,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         os.environ.clear()
         os.environ.update(isolated_env(root))
+        # training off: no trainer subprocess competes with the commits being timed
+        (Path(os.environ["XDG_CONFIG_HOME"]) / "gitlora" / "config.toml").write_text(
+            "[train]\nmin_new_examples = 1000000000\n")
         from gitlora.daemon import paths
         from gitlora.daemon.gitrepo import GitRepo
 

@@ -47,9 +47,9 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import bench_daemon  # noqa: E402  (its isolated environment)
 import pretrain_tiny  # noqa: E402
 
-from gitlora.daemon.gitenv import git_env  # noqa: E402
 
 PY = sys.executable
 FIM_MAX_NEW = 64
@@ -61,19 +61,9 @@ def log(msg: str) -> None:
 
 # ------------------------------------------------------------------------------------------------ environment
 def isolated_env(root: Path, threads: int) -> dict[str, str]:
-    """A throw-away HOME / XDG dirs (short runtime dir: AF_UNIX path limit); git as a plain user."""
-    env = {k: v for k, v in git_env(keep=()).items() if not k.startswith(("GITLORA_", "XDG_", "NOTIFY_SOCKET"))}
-    home = root / "h"
-    env.update({
-        "HOME": str(home), "XDG_STATE_HOME": str(home / "state"), "XDG_CONFIG_HOME": str(home / "config"),
-        "XDG_DATA_HOME": str(home / "data"), "XDG_RUNTIME_DIR": str(root / "r"), "GIT_CONFIG_NOSYSTEM": "1",
-        "GIT_AUTHOR_NAME": "Bench", "GIT_AUTHOR_EMAIL": "bench@example.com",
-        "GIT_COMMITTER_NAME": "Bench", "GIT_COMMITTER_EMAIL": "bench@example.com",
-        "OMP_NUM_THREADS": str(threads), "TOKENIZERS_PARALLELISM": "false",
-    })
-    (home / "config" / "gitlora").mkdir(parents=True)
-    (root / "r").mkdir(mode=0o700)
-    (home / ".gitconfig").write_text("[init]\n\tdefaultBranch = main\n[gc]\n\tauto = 0\n")
+    """bench_daemon's throw-away HOME / XDG dirs, with the trainer's thread count pinned."""
+    env = bench_daemon.isolated_env(root)
+    env.update({"OMP_NUM_THREADS": str(threads), "TOKENIZERS_PARALLELISM": "false"})
     return env
 
 
