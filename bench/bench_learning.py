@@ -682,15 +682,20 @@ def main(argv=None) -> int:
         status = daemon.cli("status", "--json", check=False).stdout
         live = set(git(clone, "rev-list", f"{backfill_end}..{middle_end}").split())  # commits of the middle part
         manifest = read_json(rp.root / "manifest.json", {}) or {}
-        trained = set((read_json(rp.rounds / "state.json", {}) or {}).get("trained_shards") or [])
-        never = [s for s in manifest.get("shards", []) if s["split"] == "train" and s["id"] not in trained]
-        shard_facts = {"train": sum(s["split"] == "train" for s in manifest.get("shards", [])),
+        state = read_json(rp.rounds / "state.json", {}) or {}
+        trained = set(state.get("trained") or {})  # commit -> round (the commit-level round state)
+        facts = [c for s in manifest.get("shards", []) for c in s.get("commits") or []]
+        duplicates = {c["commit"] for c in facts if c.get("duplicate")}
+        repo_view = next(iter((json.loads(status or "{}").get("repos") or [{}])), {})
+        shard_facts = {"train": len(manifest.get("shards", [])),
                        "live_commits": len(live),
-                       "live_commits_never_trained": len(shard_commits(rp.shards / s["file"] for s in never) & live),
-                       "examples_never_trained": sum(s.get("count") or 0 for s in never),
-                       "eval": sum(s["split"] == "eval" for s in manifest.get("shards", [])),
-                       "train_never_trained": sum(s["split"] == "train" and s["id"] not in trained
-                                                  for s in manifest.get("shards", [])),
+                       "live_commits_trained": len(live & trained),
+                       "live_commits_never_trained": len(live - trained - duplicates),
+                       "live_duplicates": len(live & duplicates),
+                       "window_commits": ((repo_view.get("training") or {}).get("next_round") or {}).get(
+                           "window_commits"),
+                       "examples_never_trained": sum(c.get("examples", 0) for c in facts
+                                                     if c["commit"] not in trained and c["commit"] not in duplicates),
                        "groups": len({s["group"] for s in manifest.get("shards", [])})}
         daemon.stop()
         daemon = None
@@ -840,9 +845,10 @@ def print_table(r: dict) -> None:
     print(f"rounds: {r['rounds']} ({r['rounds_live']} trained live commits), promoted {r['promoted']} "
           f"({r['promoted_live']} of those); lineage {r['lineage']} = {r['lineage_steps']} steps")
     sh = r["shards"]
-    print(f"live commits: {sh['live_commits']}, never trained: {sh['live_commits_never_trained']} "
-          f"({sh['train_never_trained']} train shards, {sh['examples_never_trained']} examples waiting; "
-          f"{sh['groups']} flush groups, {sh['eval']} with held-out commits)")
+    print(f"live commits: {sh['live_commits']}, trained: {sh['live_commits_trained']}, not trained: "
+          f"{sh['live_commits_never_trained']} (the window holds out {sh['window_commits']} commits; "
+          f"{sh['live_duplicates']} duplicates are never trained; {sh['examples_never_trained']} examples "
+          f"not trained in all; {sh['groups']} flush groups)")
     print(f"wall {r['wall_s']:.0f} s, CPU {r['cpu_s']:.0f} s (this process and its children), load avg "
           f"{', '.join(f'{x:.1f}' for x in r['load_avg'])} on {r['cores']} cores")
 
