@@ -32,6 +32,20 @@ def all_commits(repo: Path) -> set[str]:
     return set(git(repo, "rev-list", "--all").split())
 
 
+def installed_and_stored(*repos: Path) -> dict[str, dict]:
+    """One life of a daemon: install each repository, wait until all its history is stored, stop."""
+    process = DaemonProcess().start()
+    try:
+        stored: dict[str, dict] = {}
+        for repo in repos:
+            gitlora("install", str(repo))
+        for repo in repos:
+            stored.update(wait_stored(repo, all_commits(repo)))
+        return stored
+    finally:
+        process.stop()
+
+
 def git_dir_of(repo: Path) -> str:
     return str((repo / ".git").resolve())
 
@@ -68,14 +82,7 @@ def view_when(daemon: DaemonProcess, git_dir: str, condition, what: str, timeout
 def test_a_damaged_store_is_listed_with_its_next_step_and_the_others_are_served(tmp_path):
     good = make_repo(tmp_path / "good", "good")
     bad = make_repo(tmp_path / "bad", "bad")
-    process = DaemonProcess().start()
-    try:
-        gitlora("install", str(good))
-        gitlora("install", str(bad))
-        wait_stored(good, all_commits(good))
-        wait_stored(bad, all_commits(bad))
-    finally:
-        process.stop()
+    installed_and_stored(good, bad)
     data = paths.RepoPaths.for_git_dir(git_dir_of(bad)).store / "data.mdb"
     with open(data, "r+b") as handle:  # both meta pages garbage: not an LMDB file any more
         handle.write(b"\xab" * 8192)
@@ -150,13 +157,7 @@ def test_repair_and_unregister_need_a_repository(tmp_path, daemon):
 def test_a_deleted_repository_is_listed_after_a_restart_and_uninstall_forgets_it(tmp_path):
     kept = make_repo(tmp_path / "kept", "kept")
     doomed = make_repo(tmp_path / "doomed", "doomed")
-    process = DaemonProcess().start()
-    try:
-        gitlora("install", str(kept))
-        gitlora("install", str(doomed))
-        wait_stored(doomed, all_commits(doomed))
-    finally:
-        process.stop()
+    installed_and_stored(kept, doomed)
     doomed_git_dir = git_dir_of(doomed)
     shutil.rmtree(doomed)
 
@@ -218,12 +219,7 @@ def test_a_repository_deleted_while_the_daemon_runs_turns_missing(tmp_path, daem
 
 def test_a_moved_repository_keeps_its_state_across_a_restart_and_install_adopts_it(tmp_path):
     old = make_repo(tmp_path / "old", "moved")
-    process = DaemonProcess().start()
-    try:
-        gitlora("install", str(old))
-        stored = wait_stored(old, all_commits(old))
-    finally:
-        process.stop()
+    stored = installed_and_stored(old)
     old_git_dir = git_dir_of(old)
     new = tmp_path / "new"
     os.rename(old, new)
@@ -249,12 +245,7 @@ def test_a_moved_repository_keeps_its_state_across_a_restart_and_install_adopts_
 
 def test_install_of_a_moved_repository_without_a_daemon_adopts_its_state(tmp_path):
     old = make_repo(tmp_path / "old", "offline")
-    process = DaemonProcess().start()
-    try:
-        gitlora("install", str(old))
-        stored = wait_stored(old, all_commits(old))
-    finally:
-        process.stop()
+    stored = installed_and_stored(old)
     new = tmp_path / "elsewhere"
     os.rename(old, new)
     other = make_repo(tmp_path / "unrelated", "unrelated")  # other roots: never adopts anything
