@@ -139,6 +139,27 @@ def test_replay_mix_share_and_determinism():
     assert n == 30 and len(few) == 100  # repeats a small history rather than under-replaying
 
 
+def test_recency_weighted_replay_favours_newer_commits_and_stays_deterministic():
+    new = [{"commit": "n", "i": i} for i in range(60)]
+    newest_first = [f"c{k:02d}" for k in range(40)]
+    old = [{"commit": c, "i": i} for c in newest_first for i in range(5)]  # 200 old examples, 5 per commit
+    mixed, replayed = data.mix_replay(new, old, 0.25, seed=4, newest_first=newest_first, halflife_commits=5)
+    assert replayed == 20 and len(mixed) == 80
+    assert data.mix_replay(new, old, 0.25, seed=4, newest_first=newest_first, halflife_commits=5) == (mixed, 20)
+    drawn = [newest_first.index(r["commit"]) for r in mixed if r["commit"] != "n"]
+    assert len(set(map(id, (r for r in mixed if r["commit"] != "n")))) == 20  # without replacement
+    # with a half-life of 5 commits, the newest 10 commits hold 3/4 of the weight: most draws come from there;
+    # uniform replay draws from each quarter alike
+    assert sum(k < 10 for k in drawn) >= 12
+    uniform, _ = data.mix_replay(new, old, 0.25, seed=4, newest_first=newest_first, halflife_commits=0)
+    assert uniform == data.mix_replay(new, old, 0.25, seed=4)[0]  # 0 = the uniform draw, unchanged
+    # a pool smaller than the draw is taken whole, the rest drawn with the weights
+    few, n = data.mix_replay(new, old[:10], 0.25, seed=4, newest_first=newest_first, halflife_commits=1)
+    assert n == 20 and all(o in few for o in old[:10])
+    assert data.replay_weights(old[:6], newest_first, 1.0)[:6] == [1.0] * 5 + [0.5]
+    assert data.replay_weights([{"commit": "gone"}], newest_first, 5.0) == [0.5 ** 8]  # unknown: the oldest
+
+
 def test_read_shards(tmp_path):
     p = tmp_path / "000001.jsonl"
     p.write_text("".join(json.dumps(record(i)) + "\n" for i in range(3)) + "\n")

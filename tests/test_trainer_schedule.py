@@ -47,3 +47,14 @@ def test_no_warm_up():
     cfg = {**CFG, "warmup_steps": 0}
     assert lr_at(0, 10, cfg) == cfg["learning_rate"]
     assert lr_at(5, 10, cfg) == pytest.approx(cfg["learning_rate"] * 0.55)
+
+
+def test_a_resumed_adapter_continues_at_its_own_rate_and_warm_up():
+    from gitlora.trainer.spec import schedule
+
+    cfg = {**CFG, "continuation_lr_ratio": 0.25, "continuation_warmup_steps": 0}
+    fresh, resumed = schedule(cfg, resumed=False), schedule(cfg, resumed=True)
+    assert fresh == {"learning_rate": 1e-3, "warmup_steps": 4, "min_lr_ratio": 0.1}
+    assert resumed == {"learning_rate": 2.5e-4, "warmup_steps": 0, "min_lr_ratio": 0.1}
+    assert lr_at(0, 10, resumed) == pytest.approx(2.5e-4)  # no warm-up: the first step is at the peak
+    assert lr_at(0, 10, fresh) == pytest.approx(1e-3 / 5)

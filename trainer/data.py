@@ -235,9 +235,12 @@ def pack(examples: list[Tokenized], context_length: int, pad_id: int, seed: int 
 
 
 # ------------------------------------------------------------------------------------------------- replay mix
-def mix_replay(new: list[dict], old: list[dict], replay_share: float, seed: int) -> tuple[list[dict], int]:
+def mix_replay(new: list[dict], old: list[dict], replay_share: float, seed: int,
+               newest_first: list[str] | None = None, halflife_commits: float = 0.0) -> tuple[list[dict], int]:
     """New examples plus a deterministic sample of older ones so that old ones make `replay_share` of the mix
-    (by example count). Returns (mixed list in a seeded shuffle, number of replayed examples)."""
+    (by example count). With `halflife_commits` > 0 and the replay pool's commits in `newest_first` order, an
+    example's chance of being drawn halves every `halflife_commits` commits back (recency weighting); else every
+    old example is equally likely. Returns (mixed list in a seeded shuffle, number of replayed examples)."""
     if not old or replay_share <= 0 or not new:
         mixed = list(new)
         random.Random(seed).shuffle(mixed)
@@ -246,13 +249,29 @@ def mix_replay(new: list[dict], old: list[dict], replay_share: float, seed: int)
     # and train on nothing but the newest change, the case replay exists for.
     want = max(1, round(len(new) * replay_share / max(1e-9, 1.0 - replay_share)))
     rng = random.Random(seed)
-    if want <= len(old):
-        replay = rng.sample(old, want)
-    else:  # fewer old examples than wanted: take all of them, then repeat a sample
-        replay = list(old) + [rng.choice(old) for _ in range(want - len(old))]
+    weights = replay_weights(old, newest_first, halflife_commits)
+    if weights is None:
+        replay = rng.sample(old, want) if want <= len(old) else (
+            list(old) + [rng.choice(old) for _ in range(want - len(old))])
+    elif want <= len(old):
+        # Weighted sampling without replacement (Efraimidis & Spirakis): the `want` largest u ** (1 / w).
+        keys = sorted(((rng.random() ** (1.0 / w), i) for i, w in enumerate(weights)), reverse=True)
+        replay = [old[i] for _, i in keys[:want]]
+    else:  # fewer old examples than wanted: take all of them, then repeat a weighted sample
+        replay = list(old) + rng.choices(old, weights=weights, k=want - len(old))
     mixed = list(new) + replay
     rng.shuffle(mixed)
     return mixed, len(replay)
+
+
+def replay_weights(old: list[dict], newest_first: list[str] | None, halflife_commits: float) -> list[float] | None:
+    """Each old example's draw weight, 0.5 ** (its commit's rank among the replay commits / half-life); None
+    for uniform. A commit missing from the list counts as the oldest."""
+    if halflife_commits <= 0 or not newest_first:
+        return None
+    rank = {c: i for i, c in enumerate(newest_first)}
+    oldest = len(newest_first)
+    return [0.5 ** (rank.get(r.get("commit"), oldest) / halflife_commits) for r in old]
 
 
 # ------------------------------------------------------------------------------------------------- all together

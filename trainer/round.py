@@ -41,7 +41,7 @@ from pathlib import Path
 from gitlora.trainer import data, evaluate, gate, metrics, plan as planlib, registry
 from gitlora.trainer.evaluate import target_loss_sum  # noqa: F401 - the loss path, shared with training
 from gitlora.trainer.spec import (DEFAULTS, EXIT_FAIL, EXIT_INTERRUPTED, EXIT_OOM, EXIT_SPEC, EXIT_TERMINATED,
-                                  REASON_NONFINITE, keep_commits)
+                                  REASON_NONFINITE, keep_commits, schedule)
 # peft 0.21 still asks transformers 5 for the deprecated attribute on every get_peft_model: noise, not news.
 warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
 
@@ -154,7 +154,8 @@ def score_all(model, tokenizer, evalsets: dict, micro_batch: int, torch, device,
 
 
 def lr_at(step: int, total: int, cfg: dict) -> float:
-    """Linear warm-up (re-warmed every round: the optimizer state is new), then cosine to min_lr_ratio x lr."""
+    """Linear warm-up (re-warmed every round: the optimizer state is new), then cosine to min_lr_ratio x lr.
+    `cfg` holds learning_rate, warmup_steps and min_lr_ratio: a round's `spec.schedule`."""
     lr, warm = cfg["learning_rate"], min(cfg["warmup_steps"], max(0, total - 1))
     if step < warm:
         return lr * (step + 1) / (warm + 1)
@@ -234,7 +235,9 @@ def _round(spec: dict, progress: Progress, cfg: dict, base_model: str, adapters_
         new, lambda r: read_tokens_of(r, tokenizer, ctx, cfg), spec.get("budget"), rate,
         float(cfg["replay_share"]), float(cfg["epochs"]))
     old = keep_commits(data.read_shards(spec.get("replay_shards") or []), spec.get("replay_commits"))
-    mixed, replayed = data.mix_replay(new, old, float(cfg["replay_share"]), int(cfg["seed"]))
+    mixed, replayed = data.mix_replay(new, old, float(cfg["replay_share"]), int(cfg["seed"]),
+                                      newest_first=spec.get("replay_commits"),
+                                      halflife_commits=float(cfg["replay_halflife_commits"]))
     train = data.build(mixed, tokenizer, ctx, fim_share=float(cfg["fim_share"]), seed=int(cfg["seed"]))
     evalsets = {name: evaluate.prepare(records, tokenizer, ctx, max_examples=int(cfg["eval_max_examples"]),
                                        fim_samples=int(cfg["fim_samples"]), seed=int(cfg["seed"]))
@@ -247,10 +250,12 @@ def _round(spec: dict, progress: Progress, cfg: dict, base_model: str, adapters_
     # ---- model + adapter
     model = load_base(base_model, plan, torch)
     model, parent = attach_adapter(model, adapters_dir, cfg)
+    sched = schedule(cfg, resumed=parent is not None)
     version_dir = registry.next_version_dir(adapters_dir)
     progress("start", pid=os.getpid(), version=version_dir.name, parent=parent, device=plan.device,
              quantization=plan.quantization, dtype=plan.compute_dtype, context_length=ctx, micro_batch=micro_batch,
-             grad_accum=grad_accum, total=total, examples=train.examples, replayed=replayed,
+             grad_accum=grad_accum, total=total, learning_rate=sched["learning_rate"],
+             warmup_steps=sched["warmup_steps"], examples=train.examples, replayed=replayed,
              skipped=train.skipped, truncated=train.truncated, blocks=len(train.packed.input_ids),
              padding_waste=round(train.packed.waste, 4),
              eval_examples=len(evalsets["window"].records), older_examples=len(evalsets["older"].records))
@@ -267,7 +272,7 @@ def _round(spec: dict, progress: Progress, cfg: dict, base_model: str, adapters_
 
     # ---- the loop: AdamW over LoRA params, grad accumulation weighted by target tokens, GradScaler for fp16
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=cfg["learning_rate"], weight_decay=0.0,
+    optimizer = torch.optim.AdamW(params, lr=sched["learning_rate"], weight_decay=0.0,
                                   fused=device.type == "cuda")
     scaler = torch.amp.GradScaler("cuda", enabled=device.type == "cuda" and plan.compute_dtype == "float16")
     model.train()
@@ -286,7 +291,7 @@ def _round(spec: dict, progress: Progress, cfg: dict, base_model: str, adapters_
                for i in group]
         group_tokens = sum(int((lab[:, 1:] != data.IGNORE).sum()) for _, _, lab in mbs)
         for g in optimizer.param_groups:
-            g["lr"] = lr_at(step, total, cfg)
+            g["lr"] = lr_at(step, total, sched)
         loss_sum = 0.0
         for ids, pos, labels in mbs:
             with autocast():

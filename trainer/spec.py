@@ -31,6 +31,13 @@ class RoundSettings(_Strict):
     max_steps: int = Field(0, ge=0, le=10_000_000, description="0 = derived from epochs")
     min_lr_ratio: float = Field(0.1, ge=0, le=1, description="the cosine schedule ends at this share of learning_rate")
     seed: int = Field(0, ge=0, le=2**31 - 1, description="a round's seed is this plus its round number")
+    # A round that resumes the current adapter continues training it rather than starting one: it gets its own
+    # learning rate (a share of learning_rate) and warm-up, chosen by the learning benchmark (bench/README.md).
+    continuation_lr_ratio: float = Field(1.0, gt=0, le=10,
+                                         description="learning rate of a round that resumes an adapter, as a "
+                                                     "share of learning_rate")
+    continuation_warmup_steps: int = Field(10, ge=0, le=10_000_000,
+                                           description="warm-up steps of a round that resumes an adapter")
     # -- the adapter
     lora_r: int = Field(16, ge=1, le=4_096)
     lora_alpha: int = Field(32, ge=1, le=65_536)
@@ -38,6 +45,10 @@ class RoundSettings(_Strict):
     # -- data
     replay_share: float = Field(0.3, ge=0, lt=1,
                                 description="share of a round's examples replayed from trained commits")
+    replay_halflife_commits: float = Field(0.0, ge=0, le=1e9,
+                                           description="replay favours recent commits: a commit this many commits "
+                                                       "older than the newest trained one is drawn half as often "
+                                                       "(0 = uniform)")
     fim_share: float = Field(0.2, ge=0, le=1, description="share of examples rendered as fill-in-the-middle")
     context_length: int = Field(0, ge=0, le=1_048_576, description="0 = from the hardware plan")
     # -- hardware plan overrides
@@ -67,6 +78,15 @@ class RoundSettings(_Strict):
 
 
 DEFAULTS: dict[str, Any] = RoundSettings().model_dump()
+
+
+def schedule(cfg: dict[str, Any], resumed: bool) -> dict[str, float]:
+    """The learning-rate schedule of one round: a fresh adapter's, or a resumed one's (continuation)."""
+    if resumed:
+        return {"learning_rate": cfg["learning_rate"] * cfg["continuation_lr_ratio"],
+                "warmup_steps": cfg["continuation_warmup_steps"], "min_lr_ratio": cfg["min_lr_ratio"]}
+    return {"learning_rate": cfg["learning_rate"], "warmup_steps": cfg["warmup_steps"],
+            "min_lr_ratio": cfg["min_lr_ratio"]}
 
 
 class Budget(_Strict):
