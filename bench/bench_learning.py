@@ -32,7 +32,6 @@ included) is reported beside wall time, since a shared machine inflates the latt
 from __future__ import annotations
 
 import argparse
-import difflib
 import fnmatch
 import json
 import os
@@ -52,7 +51,6 @@ import pretrain_tiny  # noqa: E402
 
 
 PY = sys.executable
-FIM_MAX_NEW = 64
 
 
 def log(msg: str) -> None:
@@ -288,230 +286,97 @@ def snapshot_records(clone: Path, rev: str, repo_name: str, chunk_lines: int) ->
 
 
 # ------------------------------------------------------------------------------------------------ evaluation
-# A minimal local evaluation (the issue's definitions), to be swapped for trainer/evaluate.py + metrics.py.
-def changed_mask(tokenizer, before: str | None, target_ids: list[int]) -> list[bool]:
-    """True for target tokens not copied from `before`: token ids aligned with difflib; added items: all."""
-    if not before or not before.strip():
-        return [True] * len(target_ids)
-    before_ids = tokenizer(before, add_special_tokens=False)["input_ids"]
-    copied = [False] * len(target_ids)
-    for block in difflib.SequenceMatcher(None, before_ids, target_ids, autojunk=False).get_matching_blocks():
-        for k in range(block.b, block.b + block.size):
-            copied[k] = True
-    return [not c for c in copied]
-
-
-def loss_items(tokenizer, examples: list[dict], context: int) -> list[dict]:
-    """Rendered as the trainer renders them for training (no FIM), masked, truncated like training data."""
-    from gitlora.trainer import data
-
-    items = []
-    for ex in examples:
-        rendered = data.render(ex, fim_share=0.0)
-        if rendered is None:
-            continue
-        tok, _ = data.tokenize(tokenizer, *rendered, context)
-        target_ids = tokenizer(rendered[1], add_special_tokens=False)["input_ids"]
-        mask = changed_mask(tokenizer, ex.get("before"), target_ids)
-        mask[-1] = False  # <|endoftext|>: trivially predicted, never "changed code"
-        n_target = sum(1 for x in tok.labels if x != data.IGNORE)
-        items.append({"commit": ex["commit"], "ids": tok.input_ids, "start": len(tok.input_ids) - n_target,
-                      "changed": mask[:n_target]})
-    return items
-
-
-def fim_items(tokenizer, examples: list[dict], n: int, seed: int, context: int) -> list[dict]:
-    """A fixed sample of FIM tasks: a line-aligned middle of 1-3 lines and <= 64 tokens inside an item's new
-    text, with the item's header/context as the trainer renders it; `copy` is what copying the old version
-    gives (the `before` lines between the same anchors)."""
-    from gitlora.trainer import data
-
-    rng = random.Random(seed)
-    pool = [ex for ex in examples if len((ex.get("after") or "").splitlines()) >= 3]
-    rng.shuffle(pool)
-    out = []
-    for ex in pool:
-        if len(out) >= n:
-            break
-        lines = ex["after"].splitlines(keepends=True)
-        i = rng.randrange(1, len(lines) - 1)
-        j = min(len(lines) - 1, i + rng.randint(1, 3))
-        while j > i + 1 and len(tokenizer("".join(lines[i:j]), add_special_tokens=False)["input_ids"]) > FIM_MAX_NEW:
-            j -= 1
-        middle = "".join(lines[i:j])
-        if not middle.strip() or len(tokenizer(middle, add_special_tokens=False)["input_ids"]) > FIM_MAX_NEW:
-            continue
-        prefix, suffix = "".join(lines[max(0, i - 40):i]), "".join(lines[j:j + 20])
-        prompt = (f"{data.header(ex)}<fim_prefix>{data.context_lines(ex)}{prefix}<fim_suffix>{suffix}"
-                  f"<fim_middle>")
-        ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
-        if len(ids) > context - FIM_MAX_NEW:
-            continue
-        out.append({"commit": ex["commit"], "ids": ids, "middle": middle, "lines": j - i,
-                    "copy": copy_prediction(ex.get("before") or "", lines, i, j)})
-    return out
-
-
-def copy_prediction(before: str, after_lines: list[str], i: int, j: int) -> str:
-    """The old version's lines between the old positions of the nearest unchanged lines around [i, j)."""
-    if not before:
-        return ""
-    old = before.splitlines(keepends=True)
-    to_old: dict[int, int] = {}
-    for block in difflib.SequenceMatcher(None, old, after_lines, autojunk=False).get_matching_blocks():
-        for k in range(block.size):
-            to_old[block.b + k] = block.a + k
-    left = max((k for k in to_old if k < i), default=None)
-    right = min((k for k in to_old if k >= j), default=None)
-    lo = to_old[left] + 1 if left is not None else 0
-    hi = to_old[right] if right is not None else len(old)
-    return "".join(old[lo:hi]) if hi >= lo else ""
-
-
-def load_model(base_dir: str, adapter: str | None, device: str):
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    dtype = torch.bfloat16 if device == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
-    model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=dtype)
-    if adapter:
-        from peft import PeftModel
-
-        model = PeftModel.from_pretrained(model, adapter)
-    return model.to(device).eval()
-
-
-def score_losses(model, items: list[dict], device: str, batch: int = 8) -> list[dict]:
-    """Per-item loss sums (target and changed tokens). Items of similar length are batched, right-padded:
-    with causal attention, padding after an item's last token changes nothing before it."""
-    import torch
-
-    out: list[dict | None] = [None] * len(items)
-    order = sorted(range(len(items)), key=lambda k: len(items[k]["ids"]))
-    pad = model.config.pad_token_id or 0
-    with torch.no_grad():
-        for b in range(0, len(order), batch):
-            group = order[b:b + batch]
-            width = max(len(items[k]["ids"]) for k in group)
-            ids = torch.tensor([items[k]["ids"] + [pad] * (width - len(items[k]["ids"])) for k in group],
-                               device=device)
-            logits = model(input_ids=ids).logits.float()
-            for row, k in enumerate(group):
-                it, s, n = items[k], items[k]["start"], len(items[k]["ids"])
-                lp = torch.nn.functional.cross_entropy(logits[row, s - 1:n - 1], ids[row, s:n],
-                                                       reduction="none").tolist()
-                ch = [x for x, m in zip(lp, it["changed"]) if m]
-                out[k] = {"commit": it["commit"], "t_sum": sum(lp), "t_n": len(lp), "c_sum": sum(ch),
-                          "c_n": len(ch)}
-    return out
-
-
-def normalised_similarity(a: str, b: str) -> float:
+def copy_prediction(before: str, after: str, middle: str) -> str:
+    """What copying the old version gives for a FIM middle: the `before` text between the nearest characters
+    around the middle that the old and new versions share (rapidfuzz's Indel alignment)."""
     from rapidfuzz.distance import Indel
 
-    return Indel.normalized_similarity(a, b)
+    start = after.find(middle)
+    if not before or start < 0:
+        return ""
+    end = start + len(middle)
+    left, right = -1, len(before)  # positions in `before` of the shared characters around [start, end)
+    for op in Indel.opcodes(before, after):
+        if op.tag != "equal":
+            continue
+        for k in range(op.dest_end - op.dest_start):
+            d, src = op.dest_start + k, op.src_start + k
+            if d < start:
+                left = src
+            elif d >= end:
+                right = min(right, src)
+                break
+    return before[left + 1:right] if right > left else ""
 
 
-def first_lines(text: str, n: int) -> str:
-    return "".join(text.splitlines(keepends=True)[:n])
+def copy_baseline(evalset, seed: int) -> list:
+    """FIM scores of copying the old version, item by item with the eval set's FIM items (the records that
+    render a FIM task, in evaluation order, as evaluate.prepare takes them)."""
+    from gitlora.trainer import data, metrics
+
+    tasks = [(ex, t) for ex in evalset.records if (t := data.render_fim(ex, seed)) is not None][:len(evalset.fim)]
+    return [metrics.fim_score(item.commit, copy_prediction(ex.get("before") or "", ex.get("after") or "",
+                                                           item.reference), item.reference)
+            for item, (ex, _) in zip(evalset.fim, tasks)]
 
 
-def score_fim(model, tokenizer, items: list[dict], device: str, batch: int = 16) -> list[dict]:
-    """Greedy, up to 64 new tokens, stopped at <|endoftext|>; the completion is cut to the reference's line
-    count (what an editor inserts for a line-level completion); exact match ignores trailing whitespace.
-    Prompts are batched, left-padded (generate derives positions from the attention mask)."""
-    import torch
+class Models:
+    """The base loaded once, as a round loads it (trainer.round.load_base with the round's plan), and each
+    adapter put on it in turn as a named peft adapter; the base's numbers come from the same weights with the
+    adapter disabled. Scored with the product's own evaluation (trainer/evaluate.py)."""
 
-    out = []
-    eos = tokenizer.eos_token_id
-    with torch.no_grad():
-        for b in range(0, len(items), batch):
-            group = items[b:b + batch]
-            width = max(len(it["ids"]) for it in group)
-            ids = torch.tensor([[eos] * (width - len(it["ids"])) + it["ids"] for it in group], device=device)
-            mask = torch.tensor([[0] * (width - len(it["ids"])) + [1] * len(it["ids"]) for it in group],
-                                device=device)
-            gen = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=FIM_MAX_NEW, do_sample=False,
-                                 eos_token_id=eos, pad_token_id=eos)
-            for row, it in enumerate(group):
-                text = tokenizer.decode(gen[row, width:], skip_special_tokens=False).split(tokenizer.eos_token)[0]
-                out.append(fim_score(it, first_lines(text, it["lines"])))
-    return out
+    def __init__(self, base_dir: str, device: str, context: int):
+        import torch
 
+        from gitlora.trainer import round as rnd
+        from gitlora.trainer.spec import DEFAULTS
 
-def fim_score(it: dict, prediction: str) -> dict:
-    ref = it["middle"]
-    return {"commit": it["commit"], "exact": float(prediction.rstrip() == ref.rstrip()),
-            "edit_sim": normalised_similarity(prediction.rstrip(), ref.rstrip())}
+        self.torch = torch
+        self.plan = rnd.round_plan(base_dir, {**DEFAULTS, "device": device, "context_length": context})
+        self.device = torch.device(self.plan.device)
+        self.model = rnd.load_base(base_dir, self.plan, torch)
+        self.model.eval()
+        self.names: dict[str, str] = {}
 
+    def scores(self, adapter: str | None, evalset, tokenizer):
+        from gitlora.trainer import evaluate
 
-def summary(losses: list[dict] | None, fims: list[dict] | None) -> dict:
-    s = {}
-    if losses:
-        s["changed_loss"] = sum(x["c_sum"] for x in losses) / max(1, sum(x["c_n"] for x in losses))
-        s["target_loss"] = sum(x["t_sum"] for x in losses) / max(1, sum(x["t_n"] for x in losses))
-    else:
-        s["changed_loss"] = s["target_loss"] = None
-    if fims:
-        s["fim_exact"] = sum(x["exact"] for x in fims) / len(fims)
-        s["fim_edit_sim"] = sum(x["edit_sim"] for x in fims) / len(fims)
-    else:
-        s["fim_exact"] = s["fim_edit_sim"] = None
-    return s
+        if adapter is None:
+            if not self.names:
+                return evaluate.evaluate(self.model, tokenizer, evalset, 8, self.torch, self.device)
+            with self.model.disable_adapter():
+                return evaluate.evaluate(self.model, tokenizer, evalset, 8, self.torch, self.device)
+        key = str(Path(adapter).resolve())
+        if key not in self.names:
+            name = f"a{len(self.names)}"
+            if not self.names:
+                from peft import PeftModel
+
+                self.model = PeftModel.from_pretrained(self.model, key, adapter_name=name)
+            else:
+                self.model.load_adapter(key, adapter_name=name)
+            self.names[key] = name
+            self.model.eval()
+        self.model.set_adapter(self.names[key])
+        return evaluate.evaluate(self.model, tokenizer, evalset, 8, self.torch, self.device)
 
 
-def by_commit(rows: list[dict], keys: tuple[str, ...]) -> dict[str, list[float]]:
-    out: dict[str, list[float]] = {}
-    for r in rows:
-        acc = out.setdefault(r["commit"], [0.0] * (len(keys) + 1))
-        for k, key in enumerate(keys):
-            acc[k] += r[key]
-        acc[-1] += 1
-    return out
+def rel(est) -> dict:
+    """A metrics.Estimate of a relative loss change as the report writes it."""
+    return {"changed_loss_rel": est.value, "ci95_low": est.low, "ci95_high": est.high, "commits": est.commits}
 
 
-def paired_rel(a: list[dict], b: list[dict], key: str = "c", rounds: int = 2000, seed: int = 0) -> dict:
-    """Relative difference of token-weighted mean loss, a vs b, on the same examples; 95 % interval by
-    bootstrap over commits (a commit's items are correlated: whole commits are resampled)."""
-    ca, cb = by_commit(a, (f"{key}_sum", f"{key}_n")), by_commit(b, (f"{key}_sum", f"{key}_n"))
-    commits = sorted(ca)
-
-    def rel(cs):
-        sa, sb = sum(ca[c][0] for c in cs), sum(cb[c][0] for c in cs)
-        return sa / sb - 1 if sb else 0.0
-
-    rng = random.Random(seed)
-    boots = sorted(rel(rng.choices(commits, k=len(commits))) for _ in range(rounds))
-    return {f"{'changed' if key == 'c' else 'target'}_loss_rel": rel(commits),
-            "ci95_low": boots[int(0.025 * rounds)], "ci95_high": boots[int(0.975 * rounds) - 1],
-            "commits": len(commits)}
-
-
-def paired_diff(a: list[dict], b: list[dict], key: str, rounds: int = 2000, seed: int = 0) -> dict:
-    """Mean per-item difference a - b of a FIM score, 95 % interval by bootstrap over commits."""
-    diffs: dict[str, list[float]] = {}
-    for x, y in zip(a, b):
-        diffs.setdefault(x["commit"], []).append(x[key] - y[key])
-    commits = sorted(diffs)
-
-    def mean(cs):
-        vals = [v for c in cs for v in diffs[c]]
-        return sum(vals) / len(vals) if vals else 0.0
-
-    rng = random.Random(seed)
-    boots = sorted(mean(rng.choices(commits, k=len(commits))) for _ in range(rounds))
-    return {"diff": mean(commits), "ci95_low": boots[int(0.025 * rounds)], "ci95_high": boots[int(0.975 * rounds) - 1]}
-
-
-def split_half(losses: list[dict], seed: int = 0) -> float:
+def split_half(losses: list, seed: int = 0) -> float:
     """Unpaired: base changed-token loss on a random half of the test commits vs the other half, i.e. how
     much *which* commits land in a test set moves an unpaired number."""
-    commits = sorted({x["commit"] for x in losses})
+    from gitlora.trainer import metrics
+
+    commits = sorted({x.commit for x in losses})
     random.Random(seed).shuffle(commits)
     half = set(commits[: len(commits) // 2])
-    a = [x for x in losses if x["commit"] in half]
-    b = [x for x in losses if x["commit"] not in half]
-    return summary(a, None)["changed_loss"] / summary(b, None)["changed_loss"] - 1
+    a = metrics.summarize([x for x in losses if x.commit in half], [])["changed_loss"]
+    b = metrics.summarize([x for x in losses if x.commit not in half], [])["changed_loss"]
+    return a / b - 1
 
 
 # ------------------------------------------------------------------------------------------------------ main
@@ -719,49 +584,43 @@ def main(argv=None) -> int:
                 snaps.append(str(train_snapshot(root, env, base_dir, records, lineage_steps, args.seed + s, args)))
             mark = phase("snapshot", mark)
 
-        # ---- evaluation, paired on the same examples
+        # ---- evaluation, paired on the same examples, with the product's own evaluation and metrics
         from transformers import AutoTokenizer
+
+        from gitlora.trainer import evaluate, metrics
 
         tokenizer = AutoTokenizer.from_pretrained(base_dir)
         test = commit_examples(clone, test_commits)
-        test_examples = sample_examples(test, args.eval_per_commit, args.eval_max, args.seed)
-        items = loss_items(tokenizer, test_examples, args.context)
-        fims = fim_items(tokenizer, test_examples, args.fim_samples, args.seed, args.context)
+        test_set = evaluate.prepare(sample_examples(test, args.eval_per_commit, args.eval_max, args.seed), tokenizer,
+                                    args.context, max_examples=0, fim_samples=args.fim_samples, seed=args.seed)
         older_oids = git(clone, "rev-list", "--no-merges", backfill_end).split()
         random.Random(args.seed).shuffle(older_oids)
         older = commit_examples(clone, older_oids[:30])
-        older_items = loss_items(tokenizer, sample_examples(older, 6, 90, args.seed), args.context)
-        log(f"test set: {len(test)} commits with examples, {len(items)} loss items, {len(fims)} FIM items; "
-            f"older slice {len(older_items)} items")
-        dev = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
-
-        def run(adapter, fim=True, on=None):
-            model = load_model(base_dir, adapter, dev)
-            res = (score_losses(model, on if on is not None else items, dev),
-                   score_fim(model, tokenizer, fims, dev) if fim else None)
-            del model
-            return res
-
-        ev = {"base": run(None), "base_again": run(None)}
+        older_set = evaluate.prepare(sample_examples(older, 6, 90, args.seed), tokenizer, args.context,
+                                     max_examples=0, fim_samples=0, seed=args.seed)
+        log(f"test set: {len(test)} commits with examples, {len(test_set.records)} loss items, "
+            f"{len(test_set.fim)} FIM items; older slice {len(older_set.records)} items")
+        models = Models(base_dir, args.device, args.context)
+        ev = {"base": models.scores(None, test_set, tokenizer), "base_again": models.scores(None, test_set, tokenizer)}
         if current:
-            ev["adapter"] = run(current)
+            ev["adapter"] = models.scores(current, test_set, tokenizer)
         for k, s in enumerate(snaps):
-            ev[f"snapshot_s{args.seed + k}"] = run(s)
-        copy = [fim_score(it, it["copy"]) for it in fims]
-        forgetting = None
-        if current and first and first != current:
-            old_first, _ = run(first, fim=False, on=older_items)
-            old_final, _ = run(current, fim=False, on=older_items)
-            forgetting = paired_rel(old_final, old_first)
-        old_base = None
+            ev[f"snapshot_s{args.seed + k}"] = models.scores(s, test_set, tokenizer)
+        copy = copy_baseline(test_set, args.seed)
+        forgetting = old_base = None
         if current:
-            old_base_l, _ = run(None, fim=False, on=older_items)
-            old_cur_l, _ = run(current, fim=False, on=older_items)
-            old_base = paired_rel(old_cur_l, old_base_l)
+            old_final = models.scores(current, older_set, tokenizer).losses
+            old_base = rel(metrics.paired_loss(models.scores(None, older_set, tokenizer).losses, old_final))
+            if first and first != current:
+                forgetting = rel(metrics.paired_loss(models.scores(first, older_set, tokenizer).losses, old_final))
         mark = phase("evaluate", mark)
 
         # ---- report
-        summ = {k: summary(*v) for k, v in ev.items()}
+        def summary(scores) -> dict:
+            return {k: v for k, v in scores.summary().items() if k in ("changed_loss", "target_loss", "fim_exact",
+                                                                       "fim_edit_sim")}
+
+        summ = {k: summary(v) for k, v in ev.items()}
         snap_keys = [k for k in ev if k.startswith("snapshot_s")]
 
         def mean_of(keys):
@@ -769,32 +628,40 @@ def main(argv=None) -> int:
                 return None
             return {m: (sum(summ[k][m] for k in keys) / len(keys)) for m in summ[keys[0]]}
 
-        base_l, base_f = ev["base"]
+        def edit_sim_diff(a, b) -> dict:
+            e = metrics.paired_fim(a.fim, b.fim)
+            return {"diff": e.value, "ci95_low": e.low, "ci95_high": e.high}
+
+        base = ev["base"]
+        copy_summary = metrics.summarize([], copy)
         report = {
             "date": time.strftime("%Y-%m-%d"), "repo": str(args.repo), "base_model": base_dir,
             "base_meta": base_meta, "cut": cut, "config": config_text, "settings_left_out": dropped,
             "base": summ["base"], "base_again": summ["base_again"],
             "adapter": summ.get("adapter"), "snapshot": mean_of(snap_keys),
             "snapshot_seeds": {k: summ[k] for k in snap_keys},
-            "copy_old": {"changed_loss": None, "target_loss": None, **{k: v for k, v in summary(None, copy).items()
-                                                                       if k.startswith("fim")}},
-            "aa": {**paired_rel(ev["base_again"][0], base_l),
-                   "fim_edit_sim_diff": paired_diff(ev["base_again"][1], base_f, "edit_sim")["diff"],
-                   "split_half_unpaired_rel": split_half(base_l, args.seed)},
-            "adapter_vs_base": paired_rel(ev["adapter"][0], base_l) if current else None,
-            "adapter_vs_base_target": paired_rel(ev["adapter"][0], base_l, key="t") if current else None,
-            "adapter_vs_base_edit_sim": paired_diff(ev["adapter"][1], base_f, "edit_sim") if current else None,
-            "snapshot_vs_base": {k: paired_rel(ev[k][0], base_l) for k in snap_keys},
-            "adapter_vs_snapshot": {k: paired_rel(ev["adapter"][0], ev[k][0]) for k in snap_keys} if current else {},
+            "copy_old": {"changed_loss": None, "target_loss": None, "fim_exact": copy_summary["fim_exact"],
+                         "fim_edit_sim": copy_summary["fim_edit_sim"]},
+            "aa": {**rel(metrics.paired_loss(base.losses, ev["base_again"].losses)),
+                   "fim_edit_sim_diff": edit_sim_diff(base, ev["base_again"])["diff"],
+                   "split_half_unpaired_rel": split_half(base.losses, args.seed)},
+            "adapter_vs_base": rel(metrics.paired_loss(base.losses, ev["adapter"].losses)) if current else None,
+            "adapter_vs_base_target": ({**rel(metrics.paired_loss(base.losses, ev["adapter"].losses, changed=False))}
+                                       if current else None),
+            "adapter_vs_base_edit_sim": edit_sim_diff(base, ev["adapter"]) if current else None,
+            "snapshot_vs_base": {k: rel(metrics.paired_loss(base.losses, ev[k].losses)) for k in snap_keys},
+            "adapter_vs_snapshot": ({k: rel(metrics.paired_loss(ev[k].losses, ev["adapter"].losses))
+                                     for k in snap_keys} if current else {}),
             "forgetting_rel": forgetting["changed_loss_rel"] if forgetting else 0.0,
             "forgetting": forgetting, "older_adapter_vs_base": old_base,
             "rounds": len(rounds), "rounds_live": sum(r["phase"] == "middle" for r in rounds),
             "promoted": sum(r["outcome"] == "promoted" for r in rounds),
             "promoted_live": sum(r["phase"] == "middle" and r["outcome"] == "promoted" for r in rounds),
-            "round_details": rounds, "shards": shard_facts, "lineage": chain, "lineage_steps": lineage_steps, "drained": drained,
-            "eval_sizes": {"test_commits": len(test), "loss_items": len(items),
-                           "changed_tokens": sum(sum(i["changed"]) for i in items), "fim_items": len(fims),
-                           "older_items": len(older_items)},
+            "round_details": rounds, "shards": shard_facts, "lineage": chain, "lineage_steps": lineage_steps,
+            "drained": drained,
+            "eval_sizes": {"test_commits": len(test), "loss_items": len(test_set.records),
+                           "changed_tokens": sum(x.changed_n for x in base.losses), "fim_items": len(test_set.fim),
+                           "older_items": len(older_set.records)},
             "phases": phases, "wall_s": round(time.time() - t_wall, 1), "cpu_s": round(cpu_seconds() - t_cpu, 1),
             "load_avg": os.getloadavg(), "cores": os.cpu_count(),
             "daemon_status": (json.loads(status) if status.strip().startswith("{") else status[-2000:]),
