@@ -9,7 +9,7 @@ benchmark's tiny base has one with StarCoder2's special tokens at StarCoder2's i
 example records (e.g. a shard of a real repository); they are split by commit into train / window / older.
 
 Runs, in one process so the CUDA peak is read from torch: round 1 (a fresh adapter), round 2 (a continuation:
-resumes it, its own learning rate), both with the gate's evaluation of base / current / candidate including
+resumes it, its own learning rate; `--rounds 1` skips it), both with the gate's evaluation of base / current / candidate including
 greedy FIM completion; then `gitlora eval`'s run over all versions. The plan is forced by reporting an 8 GiB
 compute-capability-7.5 GPU to the planner (the GPU underneath may be larger; the memory figures are what the
 round allocated). `--native` adds a round with the plan for the real GPU. Writes gpu_check.json to --out.
@@ -63,6 +63,10 @@ def main(argv=None) -> int:
     ap.add_argument("--steps", type=int, default=8)
     ap.add_argument("--native", action="store_true", help="also a round with the real GPU's own plan")
     ap.add_argument("--smoke", action="store_true", help="a 2-layer model on the CPU: try the script here")
+    ap.add_argument("--rounds", type=int, choices=(1, 2), default=2, help="1: the fresh round alone")
+    ap.add_argument("--no-eval-all", action="store_true", help="skip gitlora eval's run")
+    ap.add_argument("--eval-max", type=int, default=64)
+    ap.add_argument("--fim-samples", type=int, default=8)
     args = ap.parse_args(argv)
 
     import torch
@@ -96,7 +100,8 @@ def main(argv=None) -> int:
                 "eval_shards": [str(args.records)], "new_commits": train[len(train) // 2:][::-1] if replay else
                 train[::-1], "replay_commits": train[: len(train) // 2][::-1] if replay else [],
                 "window_commits": window, "older_commits": older,
-                "train": {"max_steps": args.steps, "device": device, "eval_max_examples": 64, "fim_samples": 8,
+                "train": {"max_steps": args.steps, "device": device, "eval_max_examples": args.eval_max,
+                          "fim_samples": args.fim_samples,
                           "seed": len(name)}}
         if cuda:
             cuda.empty_cache()
@@ -121,9 +126,19 @@ def main(argv=None) -> int:
                 "promoted": done.get("promoted"), "version": done.get("version"), "parent": done.get("parent"),
                 "gate": done.get("gate"), "eval": next((e for e in events if e["event"] == "eval"), None)}
 
+    def save() -> None:  # after every stage: a check cut short by its time limit still reports what it did
+        (args.out / "gpu_check.json").write_text(json.dumps(report, indent=1, default=str))
+
     report["estimate_turing"] = planlib.make_plan("starcoder2-3b", 8.0, 7.5).to_dict()
+    save()
     report["round1_turing"] = one_round("round1", forced=True, replay=False)
-    report["round2_turing_continuation"] = one_round("round2", forced=True, replay=True)
+    save()
+    if args.rounds > 1:
+        report["round2_turing_continuation"] = one_round("round2", forced=True, replay=True)
+        save()
+    if args.no_eval_all:
+        print(json.dumps(report, indent=1, default=str))
+        return 0
     planlib.detect_gpu = (lambda: turing) if cuda else gpulib.detect_gpu
     if cuda:
         cuda.reset_peak_memory_stats()
@@ -133,17 +148,17 @@ def main(argv=None) -> int:
         report["eval_all"] = eval_run.run_eval({"base_model": str(base), "adapters_dir": str(adapters),
                                                 "versions": versions, "eval_shards": [str(args.records)],
                                                 "sets": {"window": window, "older": older},
-                                                "train": {"device": device, "eval_max_examples": 64,
-                                                          "fim_samples": 8}})
+                                                "train": {"device": device, "eval_max_examples": args.eval_max,
+                                                          "fim_samples": args.fim_samples}})
     except Exception as e:
         report["eval_all"] = {"error": f"{type(e).__name__}: {e}"}
     report["eval_all_s"] = round(time.time() - t, 1)
     report["eval_peak_allocated_gib"] = round(cuda.max_memory_allocated() / 2**30, 2) if cuda else None
+    save()
     if args.native:
         report["round3_native"] = one_round("round3", forced=False, replay=True)
-    text = json.dumps(report, indent=1, default=str)
-    (args.out / "gpu_check.json").write_text(text)
-    print(text)
+        save()
+    print(json.dumps(report, indent=1, default=str))
     return 0
 
 
