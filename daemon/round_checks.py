@@ -141,6 +141,9 @@ def before_round(config: Any, train_files: list[Path], adapters_dir: Path, commi
     budget = {"max_tokens": int(config.max_round_tokens), "max_seconds": float(config.max_round_s)}
     new_tokens = new_example_bytes(train_files, commits) / SHARD_BYTES_PER_TOKEN
     tokens = planlib.round_tokens(int(new_tokens), config.replay_share, config.epochs)
+    if config.max_steps:  # a step-capped round reads max_steps steps' tokens, however much is new
+        tokens = min(tokens, config.max_steps * (config.micro_batch or plan.micro_batch)
+                     * (config.grad_accum or plan.grad_accum) * plan.context_length)
     eta = tokens / rate
     cap = planlib.budget_cap(budget, rate)
     how = (f"~{tokens:,} tokens at ~{rate:,.0f} tokens/s ({'measured' if measured else 'estimated'}) for "

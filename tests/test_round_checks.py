@@ -121,6 +121,18 @@ def test_a_round_bigger_than_its_budget_is_bounded_and_shows_its_eta(tmp_path, e
     assert unbounded.ok and "bounded" not in unbounded.line and unbounded.eta_s == pytest.approx(tokens / rate)
 
 
+def test_a_step_capped_round_is_estimated_at_the_tokens_its_steps_read(tmp_path, empty_hub):
+    model = model_dir(tmp_path / "tiny")
+    shard = tmp_path / "000001.jsonl"
+    shard.write_bytes(b"x" * 4_000_000)  # ~1M new tokens
+    plan = P.make_plan(TINY_CONFIG, ram_gb=round_checks.host_ram_gb())
+    rate = P.prior_tokens_per_s(plan, cores=os.cpu_count())
+    ready = round_checks.before_round(train_config(str(model), max_round_s=0, max_steps=3), [shard],
+                                      tmp_path / "adapters")
+    step_tokens = 3 * plan.micro_batch * plan.grad_accum * plan.context_length
+    assert ready.ok and ready.eta_s == pytest.approx(step_tokens / rate) and f"~{step_tokens:,} tokens" in ready.line
+
+
 def test_the_last_rounds_measured_rate_replaces_the_prior(tmp_path, empty_hub):
     model = model_dir(tmp_path / "tiny")
     shard = tmp_path / "000001.jsonl"

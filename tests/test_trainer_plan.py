@@ -210,3 +210,28 @@ def test_a_round_stops_its_loop_at_the_time_budget_and_records_it(tmp_path, tiny
     assert done["budget"]["stopped_by"] == "max_seconds"
     assert done["budget"]["covered_commits"] == newest_first[:1]  # the newest commit, read once before the stop
     assert [e["step"] for e in ev if e["event"] == "progress"] == [1] and start["total"] > 1
+
+
+def test_a_step_capped_round_keeps_only_the_commits_its_steps_reach_and_counts_no_further():
+    """max_steps bounds what a round reads: commits beyond it are deferred (trained later, newest first), not
+    marked trained; and only the commits the selection reaches are tokenised (a backfill's first round would
+    otherwise tokenise the whole history to train a few steps)."""
+    records = [{"commit": f"c{i}", "commit_time": 1000 + i} for i in range(100)]
+    counted = []
+
+    def count(r):
+        counted.append(r["commit"])
+        return 10
+
+    # 60 tokens a round, 1/3 of them replay: 40 new tokens = the 4 newest commits; epochs do not apply
+    kept, report = P.select_by_budget(records, count, None, 5.0, 1 / 3, 3.0, step_tokens=60)
+    assert report["covered_commits"] == ["c99", "c98", "c97", "c96"] and len(report["deferred_commits"]) == 96
+    assert [r["commit"] for r in kept] == ["c96", "c97", "c98", "c99"]
+    assert counted == ["c99", "c98", "c97", "c96", "c95"]  # the first commit that does not fit ends the count
+    assert report["planned_tokens"] == 60 and report["step_tokens"] == 60
+    # the smaller of the two bounds wins
+    _, report = P.select_by_budget(records, count, {"max_tokens": 30, "max_seconds": 0}, 5.0, 0.0, 1.0,
+                                   step_tokens=60)
+    assert report["covered_commits"] == ["c99", "c98", "c97"]
+    kept, report = P.select_by_budget(records, count, None, 5.0, 0.0, 1.0, step_tokens=0)
+    assert kept == records and report["deferred_commits"] == []  # no bound at all: everything

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import math
+from typing import Any
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -378,23 +379,24 @@ def budget_cap(budget: dict | None, tokens_per_s: float) -> int:
     return min(caps, default=0)
 
 
-def newest_within(commits: list[tuple[str, float, int]], max_tokens: int) -> tuple[list[str], list[str]]:
+def newest_within(commits: list[tuple[str, float, Any]], max_tokens: int) -> tuple[list[str], list[str]]:
     """Split (commit, commit_time, tokens) into the newest commits whose tokens fit in `max_tokens` and the rest.
 
     Newest first, whole commits only; the newest commit is always taken (a round must make progress even when
     one commit exceeds the budget: the trainer's stop at the budget bounds that round). `max_tokens` 0 = all.
+    `tokens` may be a callable, called only for the commits the split reaches (counting means tokenising).
     Returns (taken, deferred), each newest first.
     """
-    ordered = [c for c, _, _ in sorted(commits, key=lambda c: -c[1])]
+    ordered = sorted(commits, key=lambda c: -c[1])
     if not max_tokens:
-        return ordered, []
-    tokens = {c: n for c, _, n in commits}
+        return [c for c, _, _ in ordered], []
     taken, used = [], 0
-    for i, commit in enumerate(ordered):
-        if taken and used + tokens[commit] > max_tokens:
-            return taken, ordered[i:]
+    for i, (commit, _, tokens) in enumerate(ordered):
+        n = tokens() if callable(tokens) else tokens
+        if taken and used + n > max_tokens:
+            return taken, [c for c, _, _ in ordered[i:]]
         taken.append(commit)
-        used += tokens[commit]
+        used += n
     return taken, []
 
 
@@ -420,24 +422,38 @@ def format_duration(seconds: float) -> str:
 
 
 def select_by_budget(records: list[dict], count_tokens, budget: dict | None, tokens_per_s: float,
-                     replay_share: float, epochs: float) -> tuple[list[dict], dict]:
+                     replay_share: float, epochs: float, step_tokens: int = 0) -> tuple[list[dict], dict]:
     """The new example records a round can train within its budget: whole commits, newest first.
 
-    `count_tokens(record)` is the tokens the loop will read for one record. Returns (kept records in their
-    order, report) where the report says what the budget allowed and which commits were kept and deferred
-    (newest first); a round without a budget keeps everything.
+    Two bounds: the time/token budget (its tokens cover replay and every epoch), and `step_tokens`, what a
+    round capped at max_steps reads in all (replay included; with a step cap epochs do not apply). A commit the
+    loop would never reach is deferred to a later round, not counted as trained. `count_tokens(record)` is the
+    tokens the loop reads for one record; it is called only for the commits the selection reaches. Returns
+    (kept records in their order, report: what the bounds allowed, the commits kept and deferred, newest first);
+    a round without either bound keeps everything.
     """
     cap = budget_cap(budget, tokens_per_s)
+    new_caps = [max(1, new_tokens_within(cap, replay_share, epochs))] if cap else []  # 0 would mean "no limit"
+    if step_tokens:
+        new_caps.append(max(1, new_tokens_within(step_tokens, replay_share, 1.0)))
+    new_cap = min(new_caps, default=0)
     per_commit: dict[str, list] = {}
     for r in records:
-        entry = per_commit.setdefault(r.get("commit"), [r.get("commit_time") or 0, 0])
-        entry[1] += count_tokens(r) if cap else 0
-    new_cap = max(1, new_tokens_within(cap, replay_share, epochs)) if cap else 0  # 0 would mean "no limit"
-    taken, deferred = newest_within([(c, t, n) for c, (t, n) in per_commit.items()], new_cap)
+        per_commit.setdefault(r.get("commit"), [r.get("commit_time") or 0, []])[1].append(r)
+    counted: dict[str, int] = {}
+
+    def tokens_of(commit: str):
+        def count() -> int:
+            counted[commit] = sum(count_tokens(r) for r in per_commit[commit][1])
+            return counted[commit]
+        return count
+
+    taken, deferred = newest_within([(c, t, tokens_of(c)) for c, (t, _) in per_commit.items()], new_cap)
     keep = set(taken)
     report = {"max_tokens": int((budget or {}).get("max_tokens") or 0),
               "max_seconds": float((budget or {}).get("max_seconds") or 0), "tokens_per_s": round(tokens_per_s, 3),
-              "cap_tokens": cap, "planned_tokens": round_tokens(sum(per_commit[c][1] for c in taken), replay_share,
-                                                                epochs) if cap else None,
+              "cap_tokens": cap, "step_tokens": step_tokens,
+              "planned_tokens": ((step_tokens or round_tokens(sum(counted.get(c, 0) for c in taken), replay_share,
+                                                              epochs)) if new_cap else None),
               "covered_commits": taken, "deferred_commits": deferred}
     return [r for r in records if r.get("commit") in keep], report

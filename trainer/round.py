@@ -231,9 +231,10 @@ def _round(spec: dict, progress: Progress, cfg: dict, base_model: str, adapters_
     gpu = planlib.detect_gpu() if plan.device == "cuda" else None
     rate = planlib.measured_rate(adapters_dir, plan) or planlib.prior_tokens_per_s(
         plan, cores=os.cpu_count(), compute_capability=gpu.compute_capability if gpu else None)
+    step_tokens = int(cfg["max_steps"]) * micro_batch * grad_accum * ctx  # what a max_steps round reads (0: none)
     new, budget_report = planlib.select_by_budget(
         new, lambda r: read_tokens_of(r, tokenizer, ctx, cfg), spec.get("budget"), rate,
-        float(cfg["replay_share"]), float(cfg["epochs"]))
+        float(cfg["replay_share"]), float(cfg["epochs"]), step_tokens=step_tokens)
     old = keep_commits(data.read_shards(spec.get("replay_shards") or []), spec.get("replay_commits"))
     mixed, replayed = data.mix_replay(new, old, float(cfg["replay_share"]), int(cfg["seed"]),
                                       newest_first=spec.get("replay_commits"),
