@@ -76,8 +76,8 @@ def isolated_env(root: Path) -> dict[str, str]:
         "GIT_AUTHOR_NAME": "Bench", "GIT_AUTHOR_EMAIL": "bench@example.com",
         "GIT_COMMITTER_NAME": "Bench", "GIT_COMMITTER_EMAIL": "bench@example.com",
     })
-    (home / "config" / "gitlora").mkdir(parents=True)
-    (root / "r").mkdir(mode=0o700)
+    (home / "config" / "gitlora").mkdir(parents=True, exist_ok=True)  # exists when a kept run is reused
+    (root / "r").mkdir(mode=0o700, exist_ok=True)
     (home / ".gitconfig").write_text("[init]\n\tdefaultBranch = main\n[gc]\n\tauto = 0\n")
     return env
 
