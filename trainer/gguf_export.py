@@ -134,12 +134,16 @@ def lora_tensors(tensors: dict[str, np.ndarray], arch, blocks: int,
     import gguf
 
     name_map = gguf.get_tensor_name_map(arch, blocks)
+    embedding = sorted(k for k in tensors if ".lora_embedding_" in k)
+    if embedding:
+        raise ExportError(f"adapter tensor {embedding[0]}: embedding LoRA is not supported (gitlora adapts linear "
+                          "layers only)")
     pairs: dict[str, dict[str, np.ndarray]] = {}
     for key, value in tensors.items():
         m = _PEFT_KEY.match(key)
         if m is None:
-            what = "embedding LoRA" if ".lora_embedding_" in key else "not a LoRA A/B weight"
-            raise ExportError(f"adapter tensor {key}: {what}; llama.cpp adapters hold linear LoRA pairs only")
+            raise ExportError(f"adapter tensor {key}: not a LoRA A/B weight (a fully saved module?); llama.cpp "
+                              "adapters hold LoRA pairs only")
         mapped = name_map.get_type_and_name(m["module"] + ".weight", try_suffixes=(".weight",))
         if mapped is None or mapped[0] not in gguf.MODEL_TENSORS[arch]:
             raise ExportError(f"target module {m['module']} has no llama.cpp tensor in {gguf.MODEL_ARCH_NAMES[arch]}")
@@ -278,6 +282,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--ollama-from", default=None)
     p.add_argument("--ollama-model", default=None)
     args = p.parse_args(argv)
+    try:
+        os.nice(10)  # the daemon's export must not compete with the user's editor
+    except OSError:
+        pass
     try:
         result = publish(args.adapter_dir, args.base_model, args.out, version=args.version, modelfile=args.modelfile,
                          ollama_from=args.ollama_from, ollama_model=args.ollama_model)
