@@ -75,7 +75,7 @@ class ExportKeeper:
         self.daemon = daemon
         self._lock = threading.Lock()  # guards the three below (the job thread and status handlers)
         self._running: dict[str, dict[str, Any]] = {}  # state dir -> the export in flight
-        self._failed: dict[str, tuple] = {}  # state dir -> (version, settings) that failed in this process
+        self._failed: dict[str, tuple[str, dict]] = {}  # state dir -> (version, settings) that failed in this process
         self._proc: subprocess.Popen | None = None
         self._stopping = False
 
@@ -89,9 +89,12 @@ class ExportKeeper:
         for worker in workers:
             if self._stopping:
                 return
-            due = self._due(worker, cfg, workers)
-            if due is not None:
-                self._export(worker, *due)
+            try:
+                due = self._due(worker, cfg, workers)
+                if due is not None:
+                    self._export(worker, *due)
+            except Exception as exc:  # noqa: BLE001 - one repository's trouble must not stop the others' exports
+                _log.error("export_error", repo=worker.name, error=f"{type(exc).__name__}: {exc}")
 
     def _due(self, worker: RepoWorker, cfg: ExportConfig, workers: list[RepoWorker]):
         from gitlora.trainer import registry  # torch-free by design
@@ -106,15 +109,17 @@ class ExportKeeper:
             return None
         key = str(worker.paths.root)
         with self._lock:
-            if self._failed.get(key) == (version, json.dumps(settings, sort_keys=True)):
+            if self._failed.get(key) == (version, settings):
                 return None
         return version, settings
 
     def _export(self, worker: RepoWorker, version: str, settings: dict[str, Any]) -> dict[str, Any]:
         out = Path(settings["file"])
-        out.parent.mkdir(parents=True, exist_ok=True)
-        for stale in out.parent.glob(f".{out.name}.*.tmp"):  # a killed export's temp file (we own this name)
-            stale.unlink(missing_ok=True)
+        try:
+            for stale in out.parent.glob(f".{out.name}.*.tmp"):  # a killed export's temp file (we own this name)
+                stale.unlink(missing_ok=True)
+        except OSError:
+            pass  # the export itself reports an unusable directory
         command = [sys.executable, "-m", "gitlora.trainer.gguf_export", str(worker.paths.adapters / version),
                    "--base-model", settings["base_model"], "--out", settings["file"], "--version", version]
         if settings["modelfile"]:
@@ -128,21 +133,27 @@ class ExportKeeper:
         with self._lock:
             if self._stopping:
                 return {}
-            proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL,
-                                    start_new_session=True, env=env, text=True)
-            self._proc = proc
-            self._running[key] = {"version": version, "pid": proc.pid, "started_at": started}
-        _log.info("export_started", repo=worker.name, version=version, file=settings["file"], pid=proc.pid)
-        try:
-            stdout, stderr = proc.communicate(timeout=TIMEOUT_S)
-            result = _result(stdout, stderr, proc.returncode)
-        except subprocess.TimeoutExpired:
-            _kill(proc)
-            result = {"ok": False, "reason": f"the export ran past {TIMEOUT_S:.0f}s and was stopped"}
-        finally:
-            with self._lock:
-                self._running.pop(key, None)
-                self._proc = None
+            try:
+                proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                        stdin=subprocess.DEVNULL, start_new_session=True, env=env, text=True)
+            except OSError as exc:
+                proc = None
+                result = {"ok": False, "reason": f"could not start the export: {exc}"}
+            else:
+                self._proc = proc
+                self._running[key] = {"version": version, "pid": proc.pid, "started_at": started}
+        if proc is not None:
+            _log.info("export_started", repo=worker.name, version=version, file=settings["file"], pid=proc.pid)
+            try:
+                stdout, stderr = proc.communicate(timeout=TIMEOUT_S)
+                result = _result(stdout, stderr, proc.returncode)
+            except subprocess.TimeoutExpired:
+                _kill(proc)
+                result = {"ok": False, "reason": f"the export ran past {TIMEOUT_S:.0f}s and was stopped"}
+            finally:
+                with self._lock:
+                    self._running.pop(key, None)
+                    self._proc = None
         if self._stopping and not result.get("ok"):
             return result  # stopped with the daemon: not a failure of this version
         finished = time.time()
@@ -153,7 +164,7 @@ class ExportKeeper:
             if record["ok"]:
                 self._failed.pop(key, None)
             else:
-                self._failed[key] = (version, json.dumps(settings, sort_keys=True))
+                self._failed[key] = (version, settings)
         if record["ok"]:
             _log.info("export_done", repo=worker.name, version=version, file=settings["file"],
                       ollama=record.get("ollama"), seconds=record["seconds"])

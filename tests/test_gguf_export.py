@@ -172,6 +172,20 @@ def test_export_config_is_strict(export, message):
     assert "\n" not in str(caught.value)
 
 
+def test_export_files_are_named_after_the_repository_unless_two_share_a_name():
+    from types import SimpleNamespace
+
+    from gitlora.daemon.adapter_export import file_stem
+
+    def served(name: str, key: str):
+        return SimpleNamespace(name=name, paths=SimpleNamespace(root=Path("/state/repos") / key))
+
+    app, other_app, tool = served("app", "app-1a2b3c4d"), served("app", "app-5e6f7a8b"), served("my tool", "x")
+    assert file_stem(tool, [app, tool]) == "my_tool" and file_stem(app, [app, tool]) == "app"
+    assert {file_stem(app, [app, other_app]), file_stem(other_app, [app, other_app])} == {"app-1a2b3c4d",
+                                                                                           "app-5e6f7a8b"}
+
+
 # -- the daemon keeps the export in step -------------------------------------------------------------------
 WAIT_S = 180  # a hang on a loaded 2-core box, not how long an export takes (about a second)
 
