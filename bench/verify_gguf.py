@@ -72,7 +72,7 @@ def log(message: str) -> None:
 
 
 def run(command: list[str], **kwargs) -> None:
-    log("$ " + " ".join(str(c) for c in command))
+    log("$ " + " ".join("<CONVERT_DRIVER>" if c == CONVERT_DRIVER else str(c) for c in command))
     subprocess.run(command, check=True, **kwargs)
 
 
@@ -101,6 +101,8 @@ def ensure_llama_cpp(cache: Path) -> tuple[Path, Path]:
                "CMAKE_BUILD_PARALLEL_LEVEL": str(os.cpu_count() or 2)}
         run(["nice", "-n", "19", sys.executable, "-m", "pip", "install", "--no-deps", "--target", str(tmp),
              str(sdist)], env=env)
+        # its one runtime dependency gitlora's environment lacks (numpy, jinja2, typing-extensions are there)
+        run([sys.executable, "-m", "pip", "install", "--no-deps", "--target", str(tmp), "diskcache>=5.6.1"])
         shutil.rmtree(site, ignore_errors=True)
         tmp.rename(site)
     return site, src / "vendor" / "llama.cpp"
@@ -289,6 +291,8 @@ def main() -> int:
             "adapter": {k: exported[k] for k in ("architecture", "rank", "alpha", "lora_pairs")},
             "prompts": len(prompts), "llama_cpp_lora_vs_peft": with_adapter, "fim_prompt": fim,
             "llama_cpp_base_vs_transformers": base_only,
+            # what the check would see if llama.cpp ignored the adapter
+            "llama_cpp_without_adapter_vs_peft": compare(cpp_base, ref_lora),
             "adapter_effect_in_llama_cpp": {"top1_changed": 1 - effect["top1_agreement"],
                                             "max_abs_logprob_change": effect["max_abs_logprob_diff"]},
             "adapter_effect_in_peft": {"top1_changed": 1 - ref_effect["top1_agreement"],
