@@ -160,6 +160,34 @@ def test_unmapped_architecture_or_module_is_refused_in_one_line(tmp_path, isolat
     assert "embedding LoRA" in line and "Traceback" not in done.stderr
 
 
+def test_half_precision_adapters_are_read_exactly(tmp_path):
+    import torch
+    from safetensors.torch import save_file
+
+    torch.manual_seed(0)
+    saved = {"a": torch.randn(4, 8).to(torch.bfloat16), "b": torch.randn(8, 4).to(torch.float16),
+             "c": torch.randn(3, 5)}
+    save_file(saved, tmp_path / "x.safetensors")
+    read = gguf_export.read_safetensors(tmp_path / "x.safetensors")
+    for name, tensor in saved.items():
+        assert read[name].dtype == np.float32 and np.array_equal(read[name], tensor.float().numpy())
+
+
+def test_a_target_module_without_a_llama_cpp_tensor_is_refused(tiny):
+    arch, blocks = gguf_export.architecture(json.loads((tiny["base"] / "config.json").read_text()))
+    tensors = gguf_export.read_safetensors(tiny["v0001"] / "adapter_model.safetensors")
+    assert len(gguf_export.lora_tensors(tensors, arch, blocks, tied_embeddings=True)) == len(tensors)
+    renamed = {k.replace("self_attn.q_proj", "self_attn.rotary_proj"): v for k, v in tensors.items()}
+    with pytest.raises(gguf_export.ExportError, match=r"self_attn\.rotary_proj has no llama.cpp tensor in starcoder2"):
+        gguf_export.lora_tensors(renamed, arch, blocks, tied_embeddings=True)
+    a, b = np.ones((4, 128), np.float32), np.ones((256, 4), np.float32)
+    lm_head = {"base_model.model.lm_head.lora_A.weight": a, "base_model.model.lm_head.lora_B.weight": b}
+    with pytest.raises(gguf_export.ExportError, match="ties lm_head to the embeddings"):
+        gguf_export.lora_tensors(lm_head, arch, blocks, tied_embeddings=True)
+    assert [n for n, _ in gguf_export.lora_tensors(lm_head, arch, blocks, tied_embeddings=False)] == [
+        "output.weight.lora_a", "output.weight.lora_b"]
+
+
 @pytest.mark.parametrize("export, message", [
     ({"dir": "relative/dir"}, "export.dir: "),
     ({"ollama_model": "gitlora"}, "export.ollama_model needs export.ollama_from"),

@@ -148,10 +148,11 @@ def lora_tensors(tensors: dict[str, np.ndarray], arch, blocks: int,
         if mapped is None or mapped[0] not in gguf.MODEL_TENSORS[arch]:
             raise ExportError(f"target module {m['module']} has no llama.cpp tensor in {gguf.MODEL_ARCH_NAMES[arch]}")
         kind, gguf_name = mapped
-        if kind == gguf.MODEL_TENSOR.TOKEN_EMBD or (kind == gguf.MODEL_TENSOR.OUTPUT and tied_embeddings):
-            raise ExportError(f"target module {m['module']}: LoRA on "
-                              f"{'the embeddings' if kind == gguf.MODEL_TENSOR.TOKEN_EMBD else 'an lm_head tied to the embeddings'}"
-                              " is not supported")
+        if kind == gguf.MODEL_TENSOR.TOKEN_EMBD:
+            raise ExportError(f"target module {m['module']}: LoRA on the embeddings is not supported")
+        if kind == gguf.MODEL_TENSOR.OUTPUT and tied_embeddings:
+            raise ExportError(f"target module {m['module']}: the base ties lm_head to the embeddings, so llama.cpp "
+                              "has no output tensor to adapt")
         if value.ndim != 2:
             raise ExportError(f"adapter tensor {key} has shape {list(value.shape)}, not a matrix")
         pairs.setdefault(gguf_name, {})[m["part"]] = value
