@@ -7,7 +7,8 @@ compute? Not CI: it builds llama.cpp's Python binding from PyPI's source distrib
    vendored llama.cpp, with convert_hf_to_gguf.py, is kept in `<cache>/src`).
 2. The base model (default: the pretrained tiny StarCoder2 of bench_learning, copied, never modified) converted to
    GGUF (f32) with that convert_hf_to_gguf.py.
-3. A LoRA trained by gitlora's own trainer (one short round), exported with gitlora's GGUF export.
+3. A LoRA trained by gitlora's own trainer (one short round), exported with gitlora's GGUF export; the same
+   adapter also through llama.cpp's own convert_lora_to_gguf.py, whose tensors and adapter keys must be identical.
 4. The same token ids (plain code prompts and a fill-in-the-middle prompt) through transformers + peft and through
    llama.cpp with the adapter; and llama.cpp without it. Reported: top-1 agreement of the next-token
    distributions over all positions, the largest absolute log-probability difference, and how far the adapter
@@ -185,6 +186,24 @@ def train_adapter(base: Path, work: Path, max_steps: int) -> Path:
     return adapters / version
 
 
+def against_llama_cpp_converter(adapter: Path, base: Path, ours: Path, llama_dir: Path, work: Path) -> dict:
+    """The same adapter through llama.cpp's own convert_lora_to_gguf.py (f32): are the LoRA tensors and the
+    keys llama.cpp reads identical to gitlora's export?"""
+    import gguf
+    import numpy as np
+
+    theirs = work / "adapter-convert_lora_to_gguf.gguf"
+    run(["nice", "-n", "19", sys.executable, str(llama_dir / "convert_lora_to_gguf.py"), "--base", str(base),
+         "--outfile", str(theirs), "--outtype", "f32", str(adapter)])
+    a, b = gguf.GGUFReader(ours), gguf.GGUFReader(theirs)
+    keys = ("general.architecture", "general.type", "adapter.type", "adapter.lora.alpha")
+    ta, tb = {t.name: t for t in a.tensors}, {t.name: t for t in b.tensors}
+    same = [n for n in ta if n in tb and ta[n].tensor_type == tb[n].tensor_type
+            and list(ta[n].shape) == list(tb[n].shape) and np.array_equal(ta[n].data, tb[n].data)]
+    return {"keys_equal": all(a.fields[k].contents() == b.fields[k].contents() for k in keys),
+            "tensors_identical": len(same), "tensors_ours": len(ta), "tensors_theirs": len(tb)}
+
+
 # -- 4. the comparison -------------------------------------------------------------------------------------------
 PROMPTS = [
     "use std::collections::HashMap;\n\npub fn count_words(text: &str) -> HashMap<String, usize> {\n"
@@ -270,6 +289,7 @@ def main() -> int:
 
         exported = gguf_export.export_gguf(adapter, str(base), work / "adapter.gguf", version=adapter.name)
         log(f"exported {adapter.name}: {json.dumps(exported)}")
+        converter = against_llama_cpp_converter(adapter, base, work / "adapter.gguf", llama_dir, work)
 
         from transformers import AutoTokenizer
 
@@ -298,6 +318,7 @@ def main() -> int:
             "adapter_effect_in_peft": {"top1_changed": 1 - ref_effect["top1_agreement"],
                                        "max_abs_logprob_change": ref_effect["max_abs_logprob_diff"]},
             "tokenizer_agreement": f"{tokenizer_agrees}/{len(prompts)} prompts tokenized identically",
+            "vs_convert_lora_to_gguf": converter,
             "seconds": round(time.time() - started, 1),
         }
         print(json.dumps(report, indent=1))
@@ -308,6 +329,9 @@ def main() -> int:
             failures.append("the adapter does not visibly change llama.cpp's output: largest change "
                             f"{effect['max_abs_logprob_diff']:.4g} < {EFFECT_FACTOR:g} x the largest llama.cpp-vs-peft "
                             f"difference {with_adapter['max_abs_logprob_diff']:.4g}")
+        if not converter["keys_equal"] or not (converter["tensors_identical"] == converter["tensors_ours"]
+                                               == converter["tensors_theirs"]):
+            failures.append(f"the export differs from llama.cpp's convert_lora_to_gguf.py: {converter}")
         if tokenizer_agrees != len(prompts):
             failures.append(f"llama.cpp tokenizes {len(prompts) - tokenizer_agrees} prompts differently: the "
                             "registered pre-tokenizer is wrong")
