@@ -90,7 +90,7 @@ def _export_gguf(adapters: Path, version: str | None, base_model: str, out: Path
         return 1
     try:
         result = gguf_export.export_gguf(adapters / version, base_model, out, version=version)
-    except gguf_export.ExportError as exc:
+    except (gguf_export.ExportError, OSError) as exc:  # OSError: the target cannot be written
         print(f"gitlora: cannot export {version} as GGUF: {exc}")
         return 1
     print(f"{version} written to {result['file']} ({result['architecture']} LoRA, r={result['rank']}, "
