@@ -82,6 +82,25 @@ class TrainConfig(RoundSettings):
         return RoundSettings(**{k: getattr(self, k) for k in RoundSettings.model_fields})
 
 
+class ExportConfig(_Section):
+    """Where the daemon keeps the current adapter for llama.cpp and Ollama (daemon/adapter_export.py)."""
+
+    dir: str = Field("", max_length=4096, pattern=r"^$|^[~/]",
+                     json_schema_extra={"allowed": "an absolute path or one starting with ~; empty = off"},
+                     description="keep <repo>-current.gguf (+ <repo>.Modelfile) here after every promotion and "
+                     "rollback: an absolute or ~ path; empty = off")
+    ollama_from: str = Field("", max_length=4096, pattern=r"^[^\n]*$", json_schema_extra={"allowed": "one line"},
+                             description="the Modelfile's FROM: an Ollama model name or the base model's GGUF path; "
+                             "empty = no Modelfile")
+    ollama_model: str = Field("", max_length=200, pattern=r"^[A-Za-z0-9._:/{}-]*$",
+                              json_schema_extra={"allowed": "an Ollama model name (letters, digits, . _ : / -, "
+                                                 "{repo}); empty = none"},
+                              description="after each export run `ollama create NAME` (when ollama is on PATH); "
+                              "{repo} stands for the repository's name")
+    check_interval_s: int = Field(10, ge=1, le=HOUR, description="how often the daemon looks for a new current "
+                                  "adapter to export")
+
+
 # Keys that no longer exist: loading a config that sets one says what replaced it (an unknown-key error alone
 # would leave the user guessing).
 _REMOVED = {
@@ -95,12 +114,15 @@ class Config(_Section):
     daemon: DaemonConfig = DaemonConfig()
     shards: ShardConfig = ShardConfig()
     train: TrainConfig = TrainConfig()
+    export: ExportConfig = ExportConfig()
 
     @model_validator(mode="after")
-    def _one_threshold(self) -> "Config":
+    def _rules_across_keys(self) -> "Config":
         if self.train.min_new_shards is not None and "min_new_examples" in self.train.model_fields_set:
             raise ValueError("train.min_new_shards and train.min_new_examples both set: keep min_new_examples "
                              "(min_new_shards is deprecated)")
+        if self.export.ollama_model and not self.export.ollama_from:
+            raise ValueError("export.ollama_model needs export.ollama_from (the Modelfile's FROM line)")
         return self
 
     def min_new_examples(self) -> int:
@@ -143,6 +165,8 @@ def _bound(value: float) -> str:
 def allowed(info: FieldInfo) -> str | None:
     """What a field accepts, in words: "an integer from 5 to 86,400", "true or false", …"""
     annotation = _plain(info.annotation)
+    if annotation is str:  # a constrained string says what it takes in its schema extra
+        return info.json_schema_extra.get("allowed") if isinstance(info.json_schema_extra, dict) else None
     if annotation is bool:
         return "true or false"
     if annotation not in (int, float):

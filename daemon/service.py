@@ -21,7 +21,7 @@ from apscheduler.schedulers.background import BackgroundScheduler
 from watchdog.observers import Observer
 
 from . import config as config_mod
-from . import log, paths, repos, sdnotify, training_jobs
+from . import adapter_export, log, paths, repos, sdnotify, training_jobs
 from .control import ControlServer, raise_open_file_limit
 from .gitrepo import GitRepo, GitRepoError, limit_object_cache
 from .memory import configure_malloc
@@ -95,6 +95,7 @@ class Daemon:
         self._config_loaded_at = time.time()
         self._config_error: dict[str, Any] | None = None
         self.trainer: training_jobs.TrainingCoordinator | None = None  # attached when the daemon runs
+        self.exporter: adapter_export.ExportKeeper | None = None  # likewise
 
     # -- repositories ----------------------------------------------------------------------------
     def add_repo(self, path: str) -> RepoWorker:
@@ -291,6 +292,8 @@ class Daemon:
             view["errors"] = list(view.get("errors", ()))
             if self.trainer is not None:
                 view["training"] = self.trainer.status_for(worker)
+            if self.exporter is not None:
+                view["export"] = self.exporter.status_for(worker)
             repos_view.append(view)
         with self._lock:
             repos_view.extend(dict(view) for view in self.unavailable.values())
@@ -325,6 +328,8 @@ class Daemon:
             self.scheduler.reschedule_job("rescan", trigger="interval", seconds=new.daemon.rescan_interval_s)
         if self.trainer is not None:
             self.trainer.reconfigure(new)
+        if self.exporter is not None:
+            self.exporter.reconfigure(new)
         for worker in self.all_workers():
             worker.send("reconfigure", config=new)
         _log.info("config_reloaded", **_config_view(new))
@@ -358,6 +363,7 @@ class Daemon:
             self.scheduler.add_job(self.rescan, "interval", id="rescan", seconds=self.config.daemon.rescan_interval_s,
                                    max_instances=1, coalesce=True)
             self.trainer = training_jobs.attach(self)  # torch-free: plans rounds, starts the trainer subprocess
+            self.exporter = adapter_export.attach(self)  # follows adapters/current into [export] dir (subprocess)
             self.scheduler.start()
             self.server.start()
             sdnotify.ready(f"serving {len(self.workers)} repositories")
@@ -382,6 +388,8 @@ class Daemon:
                 self.scheduler.shutdown(wait=False)
             if self.trainer is not None:
                 self.trainer.shutdown()
+            if self.exporter is not None:
+                self.exporter.shutdown()
             self.observer.stop()
             for worker in self.all_workers():
                 if not worker.stop(timeout=60):  # finishes the transaction in flight

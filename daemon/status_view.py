@@ -62,9 +62,29 @@ def render_repo(repo: dict[str, Any]) -> list[str]:
     training = repo.get("training")
     if training:
         lines.extend("  " + line for line in render_training(training))
+    export = repo.get("export")
+    if export:
+        lines.append("  " + render_export(export))
     for error in list(repo.get("errors", []))[-3:]:
         lines.append(f"  error     {render_error(error)}")
     return lines
+
+
+def render_export(export: dict[str, Any]) -> str:
+    """'export    v0003 -> ~/models/app-current.gguf 2m ago, ollama: created gitlora-app' or why it failed."""
+    running, last = export.get("running"), export.get("last")
+    if running:
+        return f"export    exporting {running.get('version')} (started {_ago(running.get('started_at'))})"
+    if not last:
+        return f"export    nothing exported yet (to {export.get('dir')})"
+    when = _ago(last.get("finished_at"))
+    target = (last.get("settings") or {}).get("file") or last.get("file") or "?"
+    if not last.get("ok"):
+        return f"export    {last.get('version')} FAILED {when}: {last.get('reason')} (the previous file stays)"
+    extra = [f"Modelfile {last['modelfile']}"] if last.get("modelfile") else []
+    if last.get("ollama"):
+        extra.append(f"ollama: {last['ollama']}")
+    return f"export    {last.get('version')} -> {target} {when}" + (f"; {'; '.join(extra)}" if extra else "")
 
 
 def adapter_vs_base(metrics: dict[str, Any] | None) -> dict[str, Any] | None:

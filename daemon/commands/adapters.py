@@ -1,4 +1,4 @@
-"""`gitlora adapters list | rollback [VERSION] | export --merged DIR`."""
+"""`gitlora adapters list | rollback [VERSION] | export (--merged DIR | --gguf FILE) [VERSION]`."""
 from __future__ import annotations
 
 import argparse
@@ -15,7 +15,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("action", choices=("list", "rollback", "export"))
     p.add_argument("version", nargs="?", default=None, help="rollback/export: a version (default: see help)")
     p.add_argument("--repo", default=".")
-    p.add_argument("--merged", type=Path, default=None, help="export: directory for the merged full model")
+    how = p.add_mutually_exclusive_group()
+    how.add_argument("--merged", type=Path, default=None, help="export: directory for the merged full model")
+    # FILE [VERSION] in the option itself, so `export --gguf FILE v0003` parses (argparse takes no positional
+    # after an option once the positionals are consumed); `export v0003 --gguf FILE` works too.
+    how.add_argument("--gguf", nargs="+", default=None, metavar=("FILE", "VERSION"),
+                     help="export: file for a llama.cpp LoRA adapter (llama-server --lora, Ollama ADAPTER)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(run=run)
 
@@ -52,8 +57,14 @@ def run(args: argparse.Namespace) -> int:
             return 1
         print(f"current adapter is now {version}")
         return 0
+    if args.gguf is not None:
+        if len(args.gguf) > 2 or (len(args.gguf) == 2 and args.version is not None):
+            print("gitlora: export --gguf takes FILE and at most one VERSION")
+            return 2
+        version = args.gguf[1] if len(args.gguf) == 2 else args.version
+        return _export_gguf(adapters, version, config.train.base_model, Path(args.gguf[0]))
     if args.merged is None:
-        print("gitlora: export needs --merged DIR")
+        print("gitlora: export needs --merged DIR or --gguf FILE")
         return 2
     try:
         out = registry.export_merged(adapters, args.version, config.train.base_model, args.merged)
@@ -61,4 +72,28 @@ def run(args: argparse.Namespace) -> int:
         print(f"gitlora: {exc}")
         return 1
     print(f"merged model written to {out} (convert for llama.cpp with convert_hf_to_gguf.py)")
+    return 0
+
+
+def _export_gguf(adapters: Path, version: str | None, base_model: str, out: Path) -> int:
+    """The adapter as a llama.cpp LoRA GGUF, the base model untouched (gitlora.trainer.gguf_export)."""
+    from gitlora.trainer import gguf_export, registry
+
+    version = version or registry.current_version(adapters)
+    if version is None:
+        print(f"gitlora: no adapter to export in {adapters}")
+        return 1
+    if version.isdigit():
+        version = registry.version_name(int(version))
+    if not registry.VERSION_RE.match(version) or not (adapters / version).is_dir():
+        print(f"gitlora: no adapter version {version!r} in {adapters}")
+        return 1
+    try:
+        result = gguf_export.export_gguf(adapters / version, base_model, out, version=version)
+    except (gguf_export.ExportError, OSError) as exc:  # OSError: the target cannot be written
+        print(f"gitlora: cannot export {version} as GGUF: {exc}")
+        return 1
+    print(f"{version} written to {result['file']} ({result['architecture']} LoRA, r={result['rank']}, "
+          f"alpha={result['alpha']:g}, {result['lora_pairs']} tensor pairs); use it on the base model's GGUF: "
+          f"llama-server -m BASE.gguf --lora {result['file']}")
     return 0
