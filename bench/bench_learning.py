@@ -528,15 +528,33 @@ def main(argv=None) -> int:
             time.sleep(args.pace_s if (k + 1) % args.burst == 0 else 0.5)
         mark = phase("live", mark)
 
-        # ---- drain: let the scheduler finish what the middle part made due (bounded)
+        # ---- drain: let the scheduler train the middle part (bounded). Done when every live commit is trained,
+        # held out in the window or a duplicate, and no round with live commits is running; or when the scheduler
+        # has gone idle (what is left is below min_new_examples). Older backlog (history deferred by the rounds'
+        # step cap, newest first) may still be training then: it is not what this benchmark waits for.
+        live = set(git(clone, "rev-list", f"{backfill_end}..{middle_end}").split())  # commits of the middle part
+
+        def latest_spec() -> dict:
+            specs = sorted(rp.rounds.glob("[0-9]*/spec.json")) if rp.rounds.is_dir() else []
+            return (read_json(specs[-1], {}) or {}) if specs else {}
+
         def quiet() -> bool:
             s = read_json(rp.rounds / "state.json", {}) or {}
-            return not s.get("active")
+            return not s.get("active") or not (live & set(latest_spec().get("new_commits") or []))
+
+        def live_left() -> set[str]:
+            s = read_json(rp.rounds / "state.json", {}) or {}
+            facts = [c for sh in (read_json(rp.root / "manifest.json", {}) or {}).get("shards", [])
+                     for c in sh.get("commits") or []]
+            done = set(s.get("trained") or {}) | set(latest_spec().get("window_commits") or [])
+            return live - done - {c["commit"] for c in facts if c.get("duplicate")}
 
         stable_since, last_rounds, t0 = None, None, time.monotonic()
         while time.monotonic() - t0 < args.drain_timeout_s:
             s = read_json(rp.rounds / "state.json", {}) or {}
-            if quiet() and s.get("rounds") == last_rounds:
+            if quiet() and not live_left():
+                break
+            if not s.get("active") and s.get("rounds") == last_rounds:
                 stable_since = stable_since or time.monotonic()
                 if time.monotonic() - stable_since > 3 * 5 + args.quiet_flush_s:
                     break
@@ -545,7 +563,6 @@ def main(argv=None) -> int:
             time.sleep(1)
         drained = quiet()
         status = daemon.cli("status", "--json", check=False).stdout
-        live = set(git(clone, "rev-list", f"{backfill_end}..{middle_end}").split())  # commits of the middle part
         manifest = read_json(rp.root / "manifest.json", {}) or {}
         state = read_json(rp.rounds / "state.json", {}) or {}
         trained = set(state.get("trained") or {})  # commit -> round (the commit-level round state)
