@@ -51,6 +51,10 @@ import pretrain_tiny  # noqa: E402
 
 
 PY = sys.executable
+# The product's learning rate (trainer/spec.py) is set for billion-parameter models; a LoRA of the same rank on
+# the few-million-parameter base pretrained here learns far more slowly at it. Chosen by measurement on
+# the-block (bench/README.md, "Learning rate of the tiny base").
+TINY_LEARNING_RATE = 3e-3
 
 
 def log(msg: str) -> None:
@@ -78,7 +82,8 @@ def daemon_config(args, base_model: str) -> tuple[str, list[str]]:
     wanted = {
         "shards": {"quiet_flush_s": args.quiet_flush_s, "eval_fraction": args.eval_fraction},
         "train": {"base_model": base_model, "min_new_examples": args.min_new_examples, "cooldown_s": 0,
-                  "check_interval_s": 5, "max_steps": args.round_steps, "context_length": args.context,
+                  "check_interval_s": 5, "max_steps": args.round_steps, "max_round_s": args.max_round_s,
+                  "learning_rate": args.learning_rate, "context_length": args.context,
                   "device": args.device, "max_retry_backoff_s": 30,
                   # the held-out window and older slice, scaled to a live part of tens of commits
                   "window_commits": args.window_commits, "window_examples": args.window_examples,
@@ -392,7 +397,7 @@ def train_snapshot(root: Path, env, base_dir: str, records: list[dict], steps: i
     shard = work / "000001.jsonl"
     shard.write_text("".join(json.dumps(r) + "\n" for r in records))
     train = {"max_steps": steps, "context_length": args.context, "device": args.device, "fim_share": 1.0,
-             "replay_share": 0.0, "seed": seed}
+             "replay_share": 0.0, "seed": seed, "learning_rate": args.learning_rate}
     for item in args.train_set or []:
         key, _, value = item.partition("=")
         train[key] = json.loads(value)
@@ -426,7 +431,12 @@ def main(argv=None) -> int:
                     "together); bursts are --pace-s apart")
     ap.add_argument("--quiet-flush-s", type=int, default=3)
     ap.add_argument("--eval-fraction", type=float, default=0.002, help="[shards] eval_fraction, where it exists")
-    ap.add_argument("--round-steps", type=int, default=60, help="[train] max_steps per round")
+    ap.add_argument("--round-steps", type=int, default=0, help="[train] max_steps per round (0: one epoch of the "
+                    "round's data, bounded by --max-round-s)")
+    ap.add_argument("--max-round-s", type=float, default=240.0, help="[train] max_round_s: a round's time budget; "
+                    "a bigger backlog trains newest first over several rounds")
+    ap.add_argument("--learning-rate", type=float, default=None, help="[train] learning_rate (default: "
+                    f"{TINY_LEARNING_RATE} for the pretrained tiny base, the product's default for --base-model)")
     ap.add_argument("--min-new-examples", type=int, default=100, help="[train] min_new_examples: a round is due")
     ap.add_argument("--window-commits", type=int, default=6, help="[train] window_commits (held out)")
     ap.add_argument("--window-examples", type=int, default=60, help="[train] window_examples (held out)")
@@ -441,6 +451,10 @@ def main(argv=None) -> int:
     ap.add_argument("--fim-samples", type=int, default=32)
     ap.add_argument("--keep", action="store_true", help="keep the work directory")
     args = ap.parse_args(argv)
+    if args.learning_rate is None:
+        from gitlora.trainer.spec import DEFAULTS
+
+        args.learning_rate = DEFAULTS["learning_rate"] if args.base_model else TINY_LEARNING_RATE
     if not args.base_model and not args.corpus:
         ap.error("give --corpus DIR... to pretrain a base, or --base-model DIR")
 
