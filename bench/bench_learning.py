@@ -87,8 +87,8 @@ def daemon_config(args, base_model: str) -> tuple[str, list[str]]:
                   "device": args.device, "max_retry_backoff_s": 30,
                   # the held-out window and older slice, scaled to a live part of tens of commits
                   "window_commits": args.window_commits, "window_examples": args.window_examples,
-                  "older_slice_commits": args.older_slice_commits, "eval_max_examples": args.eval_max,
-                  "fim_samples": args.fim_samples},
+                  "older_slice_commits": args.older_slice_commits, "eval_max_examples": args.round_eval_max,
+                  "fim_samples": args.round_fim_samples},
     }
     for item in args.train_set or []:
         key, _, value = item.partition("=")
@@ -449,6 +449,9 @@ def main(argv=None) -> int:
     ap.add_argument("--eval-per-commit", type=int, default=8)
     ap.add_argument("--eval-max", type=int, default=240)
     ap.add_argument("--fim-samples", type=int, default=32)
+    ap.add_argument("--round-eval-max", type=int, default=64, help="[train] eval_max_examples: the rounds' own "
+                    "window and older-slice samples (their gate); --eval-max is the test set's")
+    ap.add_argument("--round-fim-samples", type=int, default=8, help="[train] fim_samples of the rounds")
     ap.add_argument("--keep", action="store_true", help="keep the work directory")
     args = ap.parse_args(argv)
     if args.learning_rate is None:

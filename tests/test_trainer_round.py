@@ -200,6 +200,8 @@ def test_second_round_resumes_the_first_adapter_and_replays(world):
     assert ev["base"]["window"] == pytest.approx(r1["base"]["window"], rel=1e-5)
     assert ev["current"]["window"] == pytest.approx(r1["candidate"]["window"], rel=1e-5)
     assert all(ev[who]["older"]["examples"] == ev[who]["older"]["commits"] == 10 for who in ev)
+    # completions are scored on the window only (the older slice measures forgetting by its losses)
+    assert all(ev[who]["older"]["fim_n"] == 0 and ev[who]["window"]["fim_n"] > 0 for who in ev)
     assert ev["base"]["older"]["changed_loss"] > ev["current"]["older"]["changed_loss"]  # trained on in round 1
     assert r2["gate"]["older_rel"] == pytest.approx(
         ev["candidate"]["older"]["changed_loss"] / ev["current"]["older"]["changed_loss"] - 1)
