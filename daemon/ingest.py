@@ -332,6 +332,12 @@ class Ingestor:
         summary.seconds = time.perf_counter() - started
         return summary
 
+    def derive(self, oids: list[str], should_stop: Callable[[], bool] = lambda: False) -> Iterator[PendingCommit]:
+        """The commits as ingest would store them, in order, without storing them (`gitlora upgrade`
+        rewrites stored records with them): the same pool, isolation and crash handling as `run`."""
+        for batch in self._batches(oids, should_stop):
+            yield from batch
+
     def _heavy(self, oids: list[str]) -> bool:
         """Should a long-lived process parse these commits elsewhere?"""
         if self.isolate_files is None and self.isolate_bytes is None:
