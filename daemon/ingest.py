@@ -67,7 +67,7 @@ def estimated_items_bytes(items: FileItems | Unparsable) -> int:
         return 64 + len(items.reason)
     size = 256 + sum(sys.getsizeof(i) for i in items.imports)
     for item in items.items.values():
-        size += 300 + sys.getsizeof(item.text) + sys.getsizeof(item.name)
+        size += 400 + sys.getsizeof(item.text) + sys.getsizeof(item.name)  # the Item and its Span
         if item.compare_text is not item.text:
             size += sys.getsizeof(item.compare_text)
     return size
