@@ -309,3 +309,24 @@ def test_upgrade_refuses_while_an_older_daemon_serves_the_store(tmp_path, isolat
 
 def _view(daemon: DaemonProcess, opened: OpenedRepo) -> dict:
     return next(r for r in daemon.status()["repos"] if r["git_dir"] == str(opened.git.common_dir))
+
+
+def test_a_store_repaired_from_old_shards_says_so_and_upgrades(world):
+    """Repair rebuilds a damaged store from the shards' bytes: from schema 1 shards that is a schema 1 store
+    (never one that claims 2 while holding the old shape), which `upgrade` then brings to what backfill gives."""
+    from gitlora.daemon.repair import repair_store
+
+    repo, opened, expected = world
+    data = opened.paths.store / "data.mdb"
+    os.truncate(data, data.stat().st_size // 2)
+    report = repair_store(opened, Config())
+    assert report.action == "rebuilt" and report.ok
+    with Store(opened.paths.store, readonly=True) as store:
+        assert store.schema_version == 1
+    with pytest.raises(StoreOutdated):
+        Store(opened.paths.store)
+    assert upgrade_store(opened, Config()).action == "upgraded"
+    got = snapshot(opened)
+    assert got["schema"] == SCHEMA_VERSION
+    assert got["examples"] == expected["examples"]
+    assert got["shards"] == expected["shards"] and got["manifest"] == expected["manifest"]

@@ -16,7 +16,7 @@ from ..control import ControlError, DaemonNotRunning, request
 from ..repos import open_repo
 from . import CommandFailed
 
-_SERVING = ("ok", "paused", "starting")  # states in which a daemon's worker has the store open for writing
+_SERVING = ("ok", "paused")  # states in which a daemon's worker has the store open for writing
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
