@@ -260,8 +260,7 @@ def test_upgrade_with_the_daemon_running(world, isolated_home):
     repos.register(opened.git.common_dir)
     daemon = DaemonProcess().start()
     try:
-        view = _view(daemon, opened)
-        assert view["state"] == "upgrade needed"
+        view = _wait_state(daemon, opened, "upgrade needed")
         assert view["next_step"].endswith(f"`gitlora upgrade {opened.git.common_dir}` re-derives it")
         held = commit_files(repo, {"src/mod4.rs": rust_module(4, 800)}, "while the store is outdated")
         gitlora("ingest", str(repo))  # a nudge: the worker tries the store again, and still holds
@@ -269,10 +268,7 @@ def test_upgrade_with_the_daemon_running(world, isolated_home):
         assert "store upgraded from schema 1 to 2" in done.stdout
         commits = wait_stored(repo, [held])  # the nudge at the end: the worker reopens and ingests what waited
         assert commits[held]["examples"] > 0 and commits[held]["source"] == "daemon"
-        deadline = time.monotonic() + 120
-        while _view(daemon, opened)["state"] != "ok" and time.monotonic() < deadline:
-            time.sleep(0.05)
-        assert _view(daemon, opened)["state"] == "ok"
+        _wait_state(daemon, opened, "ok")
     finally:
         daemon.stop()
         daemon.kill()
@@ -293,9 +289,7 @@ def test_upgrade_refuses_while_an_older_daemon_serves_the_store(tmp_path, isolat
     repos.register(opened.git.common_dir)
     daemon = DaemonProcess().start()
     try:
-        deadline = time.monotonic() + 120
-        while _view(daemon, opened)["state"] != "ok" and time.monotonic() < deadline:
-            time.sleep(0.05)
+        _wait_state(daemon, opened, "ok")
         flush(opened)
         downgrade(opened)
         done = gitlora("upgrade", "--no-progress", str(repo), check=False)
@@ -330,3 +324,14 @@ def test_a_store_repaired_from_old_shards_says_so_and_upgrades(world):
     assert got["schema"] == SCHEMA_VERSION
     assert got["examples"] == expected["examples"]
     assert got["shards"] == expected["shards"] and got["manifest"] == expected["manifest"]
+
+
+def _wait_state(daemon: DaemonProcess, opened: OpenedRepo, state: str, timeout: float = 120) -> dict:
+    """The repository's view once it is in `state` (a worker starts in `starting`)."""
+    deadline = time.monotonic() + timeout  # a bound for a loaded box, not an expected duration
+    view = _view(daemon, opened)
+    while view["state"] != state and time.monotonic() < deadline:
+        time.sleep(0.05)
+        view = _view(daemon, opened)
+    assert view["state"] == state, view
+    return view
