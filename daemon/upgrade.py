@@ -46,7 +46,7 @@ class UpgradeError(Exception):
 @dataclass
 class UpgradeReport:
     repo: str
-    action: str  # "current" (nothing to do), "upgraded", or "stopped" (asked to stop: rerun continues)
+    action: str  # "current" or "no store" (nothing to do), "upgraded", or "stopped" (asked to stop: rerun continues)
     from_version: int = SCHEMA_VERSION
     commits: int = 0  # commits whose examples were rewritten (in this run and any run it continued)
     examples: int = 0  # examples in the store
@@ -69,6 +69,8 @@ class UpgradeReport:
         if self.action == "stopped":
             return (f"{self.repo}: upgrade stopped after {self.commits} commits; rerun `gitlora upgrade` to "
                     "continue (nothing is done twice)")
+        if self.action == "no store":
+            return f"{self.repo}: no store yet; nothing to upgrade"
         if self.action == "current":
             return f"{self.repo}: store already has schema {SCHEMA_VERSION}; nothing to upgrade"
         text = (f"{self.repo}: store upgraded from schema {self.from_version} to {SCHEMA_VERSION}: "
@@ -107,6 +109,7 @@ def _upgrade(opened: OpenedRepo, config: Config, progress: Progress | None, stop
     paths = opened.paths
     report = UpgradeReport(repo=opened.git.name, action="current")
     if not (paths.store / "data.mdb").exists():
+        report.action = "no store"
         return report
     with Store(paths.store, outdated_ok=True) as store:
         if store.schema_version >= SCHEMA_VERSION:

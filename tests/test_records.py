@@ -15,7 +15,7 @@ from gitlora.daemon.repos import open_repo
 from gitlora.daemon.rust_items import referenced_identifiers
 from gitlora.daemon.store import Store
 
-from gitutil import commit_files, git, init_repo
+from gitutil import commit_files, init_repo
 
 LIB_V1 = """use std::fmt;
 
