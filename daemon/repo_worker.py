@@ -270,12 +270,12 @@ class RepoWorker:
             return True
         if message.kind == "flush":
             if self._shards is None:
-                raise StoreError(self._damage or "store not open")
+                raise StoreError(self._damage or self._outdated or "store not open")
             entries = self._flush("request")
             return len(entries)
         if message.kind == "verify_shards":
             if self._shards is None:
-                raise StoreError(self._damage or "store not open")
+                raise StoreError(self._damage or self._outdated or "store not open")
             return self._shards.verify(rebuild=True)
         if message.kind == "repair":
             return self._repair(force=bool(message.args.get("force")))
