@@ -15,7 +15,7 @@ from .store import StoreError
 
 # Subcommand modules under gitlora.daemon.commands, in help order.
 COMMANDS = ("demo", "install", "uninstall", "daemon", "status", "ingest", "backfill", "stats", "examples",
-            "repair", "config", "service", "train", "eval", "plan", "model", "adapters")
+            "repair", "upgrade", "config", "service", "train", "eval", "plan", "model", "adapters")
 
 
 def build_parser() -> argparse.ArgumentParser:

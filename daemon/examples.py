@@ -4,7 +4,11 @@ from __future__ import annotations
 from typing import Any
 
 from .gitrepo import CommitInfo, FileChange
-from .rust_items import FileItems, ItemChange, diff_items, qualified_name
+from .rust_items import FileItems, ItemChange, Span, diff_items, qualified_name, referenced_identifiers
+
+# The fields store schema 2 added to every example record (DESIGN.md, *Example record*): what lets a reader
+# rebuild the item's context from git (the file around it) without re-parsing.
+CONTEXT_FIELDS = ("old_blob", "new_blob", "old_span", "new_span", "identifiers")
 
 
 def path_fields(key: str, path: str | None, raw: bytes | None) -> dict[str, Any]:
@@ -45,4 +49,30 @@ def example_record(repo_name: str, info: CommitInfo, change: FileChange, item: I
         "before": item.before,
         "after": item.after,
         "imports": list(imports),
+        **context_fields(change, item),
     }
+
+
+def context_fields(change: FileChange, item: ItemChange) -> dict[str, Any]:
+    """Where the item lies in the file's old and new blob, and the names it uses (of its new text; of its old
+    text for a deleted item)."""
+    return {
+        "old_blob": change.old_oid,
+        "new_blob": change.new_oid,
+        "old_span": _span(item.old_span),
+        "new_span": _span(item.new_span),
+        "identifiers": referenced_identifiers(item.after or item.before),
+    }
+
+
+def _span(span: Span | None) -> dict[str, int] | None:
+    return span.as_dict() if span is not None else None
+
+
+def upgraded_record(record: dict[str, Any]) -> dict[str, Any]:
+    """An example stored by an older schema, given the fields git cannot give it any more (its commit is gone):
+    blob ids and spans unknown (null), identifiers from its own text. `gitlora upgrade` uses it only where a
+    commit cannot be re-derived, so the store still holds one shape of record."""
+    return {**record, "old_blob": record.get("old_blob"), "new_blob": record.get("new_blob"),
+            "old_span": record.get("old_span"), "new_span": record.get("new_span"),
+            "identifiers": referenced_identifiers(record.get("after") or record.get("before") or "")}

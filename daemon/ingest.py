@@ -67,7 +67,7 @@ def estimated_items_bytes(items: FileItems | Unparsable) -> int:
         return 64 + len(items.reason)
     size = 256 + sum(sys.getsizeof(i) for i in items.imports)
     for item in items.items.values():
-        size += 300 + sys.getsizeof(item.text) + sys.getsizeof(item.name)
+        size += 400 + sys.getsizeof(item.text) + sys.getsizeof(item.name)  # the Item and its Span
         if item.compare_text is not item.text:
             size += sys.getsizeof(item.compare_text)
     return size
@@ -331,6 +331,12 @@ class Ingestor:
                 on_batch(len(batch), result.examples)
         summary.seconds = time.perf_counter() - started
         return summary
+
+    def derive(self, oids: list[str], should_stop: Callable[[], bool] = lambda: False) -> Iterator[PendingCommit]:
+        """The commits as ingest would store them, in order, without storing them (`gitlora upgrade`
+        rewrites stored records with them): the same pool, isolation and crash handling as `run`."""
+        for batch in self._batches(oids, should_stop):
+            yield from batch
 
     def _heavy(self, oids: list[str]) -> bool:
         """Should a long-lived process parse these commits elsewhere?"""

@@ -34,7 +34,7 @@ from .gitrepo import GitRepo, GitRepoError
 from .ingest import CommitProcessor, Ingestor
 from .repos import OpenedRepo
 from .shards import ShardVerification, ShardWriter, example_meta, read_manifest
-from .store import PendingCommit, Store, StoreDamaged, StoreError
+from .store import SCHEMA_VERSION, PendingCommit, Store, StoreDamaged, StoreError
 
 _log = log.get("gitlora.repair")
 _BATCH = 16  # commits per write transaction in the shard pass
@@ -107,7 +107,7 @@ def repair_store(opened: OpenedRepo, config: Config, *, progress: Progress | Non
 def _repair(opened: OpenedRepo, config: Config, progress: Progress | None, stop: Callable[[], bool],
             force: bool) -> RepairReport:
     paths = opened.paths
-    with _repair_lock(paths.root):
+    with rebuild_lock(paths.root, "repair"):
         damage = diagnose(paths.store, read_manifest(paths.manifest))
         report = RepairReport(repo=opened.git.name, action="checked")
         if damage is not None or force:
@@ -126,7 +126,7 @@ def _repair(opened: OpenedRepo, config: Config, progress: Progress | None, stop:
             report.kept_at = _swap_in(building, paths.store, "damaged" if damage else "replaced")
             report.action = "rebuilt"
         try:
-            with Store(paths.store) as store:
+            with Store(paths.store, outdated_ok=True) as store:  # an outdated store's shards are verified too
                 report.shards = ShardWriter(paths.shards, paths.manifest, store).verify(rebuild=True)
                 counters = store.counters()
         except StoreError as exc:
@@ -200,6 +200,11 @@ def _rebuild(opened: OpenedRepo, config: Config, target: Path, report: RepairRep
         remaining = [oid for oid in everything if bytes.fromhex(oid) not in stored]
         summary = Ingestor(git, store, config.ingest, source="repair").run(remaining, on_batch=advance,
                                                                           should_stop=stop)
+        # Examples taken from shards of an older schema keep its shape: the store says so (never mixed
+        # silently), and `gitlora upgrade` re-derives them.
+        oldest = min((int(g.get("schema_version", 1)) for g in manifest.get("groups", [])), default=SCHEMA_VERSION)
+        if oldest < SCHEMA_VERSION and report.from_shards:
+            store.set_schema_version(oldest)
         return summary.commits == len(remaining)
 
 
@@ -267,11 +272,12 @@ def _swap_in(building: Path, store_dir: Path, label: str) -> Path | None:
 
 
 @contextmanager
-def _repair_lock(root: Path) -> Iterator[None]:
+def rebuild_lock(root: Path, what: str) -> Iterator[None]:
+    """One repair or upgrade of a repository at a time (`what` names the one asking, for the refusal)."""
     root.mkdir(parents=True, exist_ok=True)
     with open(root / "repair.lock", "a+b") as handle:
         try:
             fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            raise RepairError(f"another repair of {root.name} is running") from None
+            raise RepairError(f"another repair or upgrade of {root.name} is running; {what} after it") from None
         yield

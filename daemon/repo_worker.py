@@ -27,8 +27,8 @@ from .ingest import Ingestor
 from .repos import OpenedRepo, open_repo
 from .shards import ShardWriter
 from .spool_reader import SpoolReader
-from .status_view import damaged_next_step, error_entry, missing_next_step
-from .store import Store, StoreDamaged, StoreError
+from .status_view import damaged_next_step, error_entry, missing_next_step, outdated_next_step
+from .store import Store, StoreDamaged, StoreError, StoreOutdated
 
 _log = log.get("gitlora.worker")
 
@@ -76,6 +76,7 @@ class RepoWorker:
         self._ingestor: Ingestor | None = None
         self._paused = False
         self._damage: str | None = None
+        self._outdated: str | None = None  # why the store needs `gitlora upgrade`: nothing is ingested until then
         self._missing = False
         self._errors: list[dict[str, Any]] = []  # {"kind", "error", "at", "time"}, newest last; never mutated
         self._last: dict[str, Any] | None = None
@@ -159,6 +160,8 @@ class RepoWorker:
                 self._serve_messages()
                 if self._stop.is_set():
                     break
+                if self._store is None and self._outdated is not None:
+                    self._reopen_upgraded()
                 if self._store is None or self._paused:
                     continue
                 with self._nudge_lock:
@@ -192,9 +195,29 @@ class RepoWorker:
             self._damage = None
             if self._shards.unflushed() > 0:  # left by a backfill or before a restart: flush after a quiet period
                 self._last_ingest = time.time()
+            self._outdated = None
             self._publish(refresh=True)
+        except StoreOutdated as exc:
+            # Held, not mixed: commits wait in git and the spool (the spool position is not moved) until
+            # `gitlora upgrade` has rewritten the store; its nudge (or the periodic rescan) reopens it.
+            self._close_store()
+            if self._outdated is None:
+                _log.warning("store_outdated", repo=self.name, reason=exc.reason)
+            self._outdated = exc.reason
+            self._publish(ingesting=False, queue_depth=0)
         except Exception as exc:  # noqa: BLE001 - StoreError (StoreDamaged), or what LMDB says of a broken file
             self._mark_damaged(str(exc) if isinstance(exc, StoreError) else f"{type(exc).__name__}: {exc}")
+
+    def _reopen_upgraded(self) -> None:
+        """On a nudge, try the outdated store again (`gitlora upgrade` nudges when it is done). The nudge is kept
+        when it opens (what waited is ingested now) and dropped when it does not (no retry until the next)."""
+        with self._nudge_lock:
+            if self._first_nudge is None:
+                return
+        self._open_store()
+        if self._store is None:
+            with self._nudge_lock:
+                self._first_nudge = None
 
     def _mark_damaged(self, reason: str) -> None:
         """Stop using the store until `repair`: the repository shows as damaged with that next step."""
@@ -247,12 +270,12 @@ class RepoWorker:
             return True
         if message.kind == "flush":
             if self._shards is None:
-                raise StoreError(self._damage or "store not open")
+                raise StoreError(self._damage or self._outdated or "store not open")
             entries = self._flush("request")
             return len(entries)
         if message.kind == "verify_shards":
             if self._shards is None:
-                raise StoreError(self._damage or "store not open")
+                raise StoreError(self._damage or self._outdated or "store not open")
             return self._shards.verify(rebuild=True)
         if message.kind == "repair":
             return self._repair(force=bool(message.args.get("force")))
@@ -402,6 +425,8 @@ class RepoWorker:
             state, reason, step = "missing", "repository not found", missing_next_step(self.git_dir)
         elif self._damage is not None:
             state, reason, step = "damaged", self._damage, damaged_next_step(self._damage, self.git_dir)
+        elif self._outdated is not None:
+            state, reason, step = "upgrade needed", self._outdated, outdated_next_step(self.git_dir)
         elif self._paused:
             state, reason, step = "paused", None, f"`gitlora resume {self.git_dir}` to ingest again"
         else:

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from functools import lru_cache
 
 import tree_sitter_rust
-from tree_sitter import Language, Node, Parser, Tree
+from tree_sitter import Language, Node, Parser, Query, QueryCursor, Tree
 
 ITEM_KINDS = ("fn", "method", "struct", "enum", "union", "trait", "impl", "mod", "macro", "const", "static", "type")
 
@@ -58,12 +58,30 @@ class _ParserHolder:
 
 
 @dataclass(frozen=True, slots=True)
+class Span:
+    """Where an item's text lies in its file's bytes: `source[start_byte:end_byte]` is the item's text (with its
+    attributes and doc comments), lines `start_line`..`end_line` (1-based, inclusive) hold it, and the first
+    `start_col` bytes of `start_line` come before it (its indentation, for a method or a nested item)."""
+
+    start_byte: int
+    end_byte: int
+    start_line: int
+    end_line: int  # the line holding the item's last byte
+    start_col: int  # in bytes, as tree-sitter counts columns
+
+    def as_dict(self) -> dict[str, int]:
+        return {"start_byte": self.start_byte, "end_byte": self.end_byte, "start_line": self.start_line,
+                "end_line": self.end_line, "start_col": self.start_col}
+
+
+@dataclass(frozen=True, slots=True)
 class Item:
     kind: str
     name: str  # local qualified name inside the file, e.g. "net::<Peer as Drop>::drop"
     text: str  # full source text, with its attributes and doc comments
     compare_text: str  # what decides "changed": the text, or a container's skeleton
     line: int  # 1-based start line
+    span: Span | None = None  # where `text` lies in the file
 
 
 ItemKey = tuple[str, str, int]
@@ -86,6 +104,8 @@ class ItemChange:
     name: str
     before: str
     after: str
+    old_span: Span | None = None  # where `before` lies in the old file (None: absent there)
+    new_span: Span | None = None  # where `after` lies in the new file
 
 
 def _text(node: Node, source: bytes) -> str:
@@ -126,26 +146,31 @@ class _Extractor:
         self.result = FileItems()
         self._occurrences: dict[tuple[str, str], int] = {}
 
-    def add(self, kind: str, name: str, start_byte: int, node: Node, compare_text: str | None = None) -> None:
-        text = self.source[start_byte:node.end_byte].decode("utf-8")
+    def add(self, kind: str, name: str, first: Node, node: Node, compare_text: str | None = None) -> None:
+        """Item `node`, whose text starts at `first` (its first attribute or doc comment, or itself)."""
+        text = self.source[first.start_byte:node.end_byte].decode("utf-8")
         occurrence = self._occurrences.get((kind, name), 0)
         self._occurrences[(kind, name)] = occurrence + 1
+        (start_row, start_col), (end_row, end_col) = first.start_point, node.end_point
+        # A node that ends right after a newline (a trailing line comment) ends on the line before.
+        end_line = end_row if end_col == 0 and end_row > start_row else end_row + 1
+        span = Span(first.start_byte, node.end_byte, start_row + 1, end_line, start_col)
         self.result.items[(kind, name, occurrence)] = Item(
-            kind, name, text, compare_text if compare_text is not None else text, node.start_point[0] + 1
+            kind, name, text, compare_text if compare_text is not None else text, node.start_point[0] + 1, span
         )
 
     def walk(self, children: list[Node], prefix: str, in_impl_or_trait: bool) -> None:
-        decoration_start: int | None = None
+        decoration: Node | None = None  # the first attribute or doc comment of the coming item
         for child in children:
             if child.type in _DECORATIONS:
                 is_decoration = child.type == "attribute_item" or _is_doc_comment(child)
-                if is_decoration and decoration_start is None:
-                    decoration_start = child.start_byte
+                if is_decoration and decoration is None:
+                    decoration = child
                 elif not is_decoration:
-                    decoration_start = None
+                    decoration = None
                 continue
-            start = decoration_start if decoration_start is not None else child.start_byte
-            decoration_start = None
+            start = decoration if decoration is not None else child
+            decoration = None
             if child.type == "ERROR":
                 # Recovery: an ERROR node may still wrap items that parsed cleanly.
                 self.result.syntax_error = True
@@ -172,7 +197,7 @@ class _Extractor:
             member = _name(node, self.source)
         return f"{prefix}::{member}" if prefix else member
 
-    def item(self, node: Node, start: int, prefix: str, in_impl_or_trait: bool) -> None:
+    def item(self, node: Node, start: Node, prefix: str, in_impl_or_trait: bool) -> None:
         qualify = (lambda n: f"{prefix}::{n}" if prefix else n)
         body = node.child_by_field_name("body")
         if node.type in _CONTAINERS and body is not None and body.type == "declaration_list":
@@ -193,10 +218,10 @@ class _Extractor:
             kind = "method"
         self.add(kind, qualify(_name(node, self.source)), start, node)
 
-    def _skeleton(self, node: Node, start: int, body: Node) -> str:
+    def _skeleton(self, node: Node, start: Node, body: Node) -> str:
         """The container's text with its member items cut out, whitespace-normalised."""
         pieces: list[str] = []
-        cursor = start
+        cursor = start.start_byte
         for member in body.named_children:
             if member.type in _LEAF_NODE_KINDS or member.type in _CONTAINERS:
                 pieces.append(self.source[cursor:member.start_byte].decode("utf-8", "replace"))
@@ -278,15 +303,69 @@ def diff_items(old: FileItems | None, new: FileItems | None) -> list[ItemChange]
     for key, item in new_items.items():
         before = old_items.get(key)
         if before is None:
-            changes.append(ItemChange("added", item.kind, item.name, "", item.text))
+            changes.append(ItemChange("added", item.kind, item.name, "", item.text, new_span=item.span))
         elif before.compare_text != item.compare_text:
-            changes.append(ItemChange("modified", item.kind, item.name, before.text, item.text))
+            changes.append(ItemChange("modified", item.kind, item.name, before.text, item.text,
+                                      old_span=before.span, new_span=item.span))
     suppress_deletions = new is not None and new.syntax_error
     if not suppress_deletions:
         for key, item in old_items.items():
             if key not in new_items:
-                changes.append(ItemChange("deleted", item.kind, item.name, item.text, ""))
+                changes.append(ItemChange("deleted", item.kind, item.name, item.text, "", old_span=item.span))
     return changes
+
+
+MAX_IDENTIFIERS = 64  # per item: enough to find what it uses, bounded for a huge impl or a generated table
+_MAX_IDENTIFIER_CHARS = 160  # a longer path is generic noise (`Foo::<Vec<..>>::bar`), not a name to resolve
+_NOT_REFERENCES = {"Self", "self", "super", "crate"}
+# What an item may reference that is defined elsewhere: types, paths (`crate::net::Peer`, `Peer::new`), called
+# functions and macros, and capitalised names (constants, statics, unit structs, enum variants). Plain
+# lower-case identifiers are mostly locals and parameters, which never resolve to a definition.
+_REFERENCE_QUERY = """
+(type_identifier) @name
+(scoped_identifier) @path
+(scoped_type_identifier) @path
+(call_expression function: (identifier) @name)
+(generic_function function: (identifier) @name)
+(macro_invocation macro: (identifier) @name)
+(identifier) @ident
+"""
+
+
+@lru_cache(maxsize=1)
+def _reference_query() -> Query:
+    return Query(_language(), _REFERENCE_QUERY)
+
+
+def referenced_identifiers(text: str, limit: int = MAX_IDENTIFIERS) -> list[str]:
+    """The names an item's text refers to, in order of first use, deduplicated, at most `limit`: a cheap
+    tree-sitter pass over the item alone (no resolution; that needs the other files). A path counts once, whole
+    (`crate::net::Peer::connect`, whitespace removed), not also its parts; the item's own name is left out."""
+    source = text.encode("utf-8")
+    root = _ParserHolder.get().parse(source).root_node
+    own = next((child.child_by_field_name("name") for child in root.named_children
+                if child.type in _LEAF_NODE_KINDS or child.type in _CONTAINERS), None)
+    captures = QueryCursor(_reference_query()).captures(root)
+    found: list[tuple[int, int, str, Node]] = []
+    for label, nodes in captures.items():
+        found.extend((node.start_byte, -node.end_byte, label, node) for node in nodes)
+    found.sort(key=lambda entry: entry[:2])  # by start; the outermost (longest) first
+    names: dict[str, None] = {}
+    covered_to = -1  # the end of the last path taken: its parts are not names of their own
+    for start, neg_end, label, node in found:
+        if start < covered_to or (own is not None and start == own.start_byte and -neg_end == own.end_byte):
+            continue
+        name = _WS.sub("", source[start:-neg_end].decode("utf-8", "replace"))
+        if label == "path":
+            covered_to = -neg_end
+        elif label == "ident" and not name[:1].isupper():
+            continue
+        if name in _NOT_REFERENCES or len(name) > _MAX_IDENTIFIER_CHARS:
+            continue
+        names.setdefault(name, None)
+        if len(names) >= limit:
+            break
+    return list(names)
 
 
 def module_path(path: str) -> list[str]:

@@ -156,7 +156,8 @@ class ShardWriter:
             return []
         manifest = self.manifest()
         group = {"id": len(manifest.get("groups", [])) + 1, "first_seq": start, "last_seq": stop - 1,
-                 "shard_size": shard_size, "eval_fraction": eval_fraction}
+                 "shard_size": shard_size, "eval_fraction": eval_fraction,
+                 "schema_version": self.store.schema_version}
         entries = self._write_group(group, next_id=len(manifest["shards"]) + 1)
         manifest["shards"].extend(entries)
         manifest.setdefault("groups", []).append(group)
@@ -203,6 +204,33 @@ class ShardWriter:
                 atomic_write_bytes(self.dir / entry["file"], body)
                 result.rebuilt.append(entry["id"])
         return result
+
+    def rewrite(self, schema_version: int) -> "ShardVerification":
+        """Rewrite every shard from the store, whose examples `upgrade` rewrote in place (same sequence numbers,
+        so the same plans; new bytes): each changed file atomically, then the manifest with their sha256 and
+        `schema_version` on each group. Idempotent: killed before the manifest is written, a rerun writes the
+        same files again. A group the store cannot reproduce (a lost shard) is reported and left as it was."""
+        with self._lock:
+            manifest = self.manifest()
+            result = ShardVerification()
+            for group in manifest.get("groups", []):
+                recorded = sorted((s for s in manifest["shards"] if s.get("group") == group["id"]),
+                                  key=lambda s: s["id"])
+                reproduced, why_not = self._reproduce(group, recorded)
+                result.checked += len(recorded)
+                if not reproduced:
+                    result.failed.update({entry["id"]: f"cannot rewrite: {why_not}" for entry in recorded})
+                    continue
+                for entry in recorded:
+                    body = self._body(reproduced[entry["id"]].seqs)
+                    digest = hashlib.sha256(body).hexdigest()
+                    if digest != entry["sha256"] or _file_problem(self.dir / entry["file"], digest):
+                        atomic_write_bytes(self.dir / entry["file"], body)
+                        entry["sha256"] = digest
+                        result.rebuilt.append(entry["id"])
+                group["schema_version"] = schema_version
+            atomic_write_text(self.manifest_path, json.dumps(manifest, indent=1) + "\n")
+            return result
 
     def _reproduce(self, group: dict[str, Any], recorded: list[dict[str, Any]]) -> tuple[dict[int, ShardPlan], str]:
         """The group's plans from the store by shard id, or ({}, why) when the store cannot give them all."""

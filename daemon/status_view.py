@@ -22,6 +22,11 @@ def damaged_next_step(reason: str, git_dir: str) -> str:
     return f"store damaged: {reason}; run `gitlora repair {git_dir}`"
 
 
+def outdated_next_step(git_dir: str) -> str:
+    return (f"the store was written by an older gitlora; new commits wait (in git and the spool) until "
+            f"`gitlora upgrade {git_dir}` re-derives it")
+
+
 def _ago(ts: float | None) -> str:
     if not ts:
         return "-"

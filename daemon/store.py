@@ -25,7 +25,11 @@ import lmdb
 
 from . import compact_json
 
-SCHEMA_VERSION = 1
+#: What the example records of a store hold (DESIGN.md, *Store (LMDB) schema*): 1 = the item's texts and where
+#: it is (path, qualified name, imports); 2 = also its blob ids, byte/line spans and referenced identifiers.
+#: A store whose version is older than this one is never written to by ingest (its records would mix two
+#: shapes): `gitlora upgrade` brings it here. One with a newer version is refused.
+SCHEMA_VERSION = 2
 _SEQ = struct.Struct(">Q")
 _INITIAL_MAP_SIZE = 64 << 20
 _MAX_MAP_SIZE = 1 << 40
@@ -33,6 +37,17 @@ _MAX_MAP_SIZE = 1 << 40
 
 class StoreError(Exception):
     """The store cannot be used as asked (newer schema, corrupt record, failed append)."""
+
+
+class StoreOutdated(StoreError):
+    """The store's records were written by an older schema: nothing may add records to it (two shapes would
+    mix) until `gitlora upgrade` re-derives them. Reading it is fine."""
+
+    def __init__(self, path: Path, version: int) -> None:
+        self.path = Path(path)
+        self.version = version
+        self.reason = f"its records have schema {version}, this gitlora writes schema {SCHEMA_VERSION}"
+        super().__init__(f"store at {self.path} needs an upgrade: {self.reason}")
 
 
 class StoreDamaged(StoreError):
@@ -163,9 +178,14 @@ class Store:
     the CLI: the main thread), so nothing here locks across threads. LMDB's own lock serialises writers
     across processes (a backfill next to the daemon stays exactly-once)."""
 
-    def __init__(self, path: Path, *, readonly: bool = False, map_size: int = _INITIAL_MAP_SIZE) -> None:
+    def __init__(self, path: Path, *, readonly: bool = False, map_size: int = _INITIAL_MAP_SIZE,
+                 outdated_ok: bool = False) -> None:
+        """`outdated_ok`: open a store of an older schema for writing too (StoreOutdated otherwise); only for
+        `upgrade`, which rewrites its records, and `repair`, which rebuilds shards from them."""
         self.path = Path(path)
         self.readonly = readonly
+        self.outdated_ok = outdated_ok
+        self.schema_version = SCHEMA_VERSION
         if readonly:
             if not (self.path / "data.mdb").exists():
                 raise StoreError(f"no store at {self.path}")
@@ -244,6 +264,7 @@ class Store:
     def _check_schema(self) -> None:
         with self._txn(db="meta") as txn:
             raw = txn.get(b"schema_version")
+            empty = raw is not None and self._next_seq(txn) == 0
         if raw is None:
             if self.readonly:
                 return
@@ -260,6 +281,22 @@ class Store:
                 f"store at {self.path} has schema version {version}, newer than this gitlora "
                 f"understands ({SCHEMA_VERSION}); upgrade gitlora"
             )
+        if version < SCHEMA_VERSION and empty and not self.readonly and not self.outdated_ok:
+            # No example to re-derive (commit records did not change shape): current as it stands.
+            self.set_schema_version(SCHEMA_VERSION)
+            version = SCHEMA_VERSION
+        self.schema_version = version
+        if version < SCHEMA_VERSION and not self.readonly and not self.outdated_ok:
+            raise StoreOutdated(self.path, version)
+
+    def set_schema_version(self, version: int) -> None:
+        """Say which schema the store's records have: `upgrade` once every record is rewritten (and the upgrade
+        progress it kept in `meta` is dropped in the same transaction); `repair` when it rebuilt the store
+        from shards of an older schema."""
+        with self._txn(db="meta", write=True) as txn:
+            txn.put(b"schema_version", str(version).encode())
+            txn.delete(b"x:upgrade")
+        self.schema_version = version
 
     # -- writing ---------------------------------------------------------------------------------
     def write(self, batch: Iterable[PendingCommit]) -> WriteResult:
@@ -400,6 +437,33 @@ class Store:
         with self._txn(write=True) as txn:
             if upto > self._next_seq(txn):
                 txn.put(b"next_seq", str(upto).encode(), db=self._meta)
+
+    def rewrite(self, examples: dict[int, bytes], commits: dict[bytes, dict[str, Any]],
+                meta: dict[str, Any]) -> None:
+        """Replace stored examples (at their sequence numbers, which must exist) and commit records, and set
+        `x:` meta keys, all in one transaction: how `upgrade` moves whole commits to a new schema, with its
+        progress in the same transaction (killed at any instant, a commit is rewritten entirely or not at all).
+        Counters, sequence numbers and the example-key index do not change: an example's key does not."""
+        if self.readonly:
+            raise StoreError("store opened read-only")
+        while True:
+            try:
+                with self._txn(write=True) as txn:
+                    for seq, value in examples.items():
+                        if txn.get(seq_key(seq), db=self._examples) is None:
+                            raise StoreError(f"example {seq} is not in the store: nothing to rewrite")
+                        txn.put(seq_key(seq), value, db=self._examples)
+                    for oid, record in commits.items():
+                        if txn.get(oid, db=self._commits) is None:
+                            raise StoreError(f"commit {oid.hex()} is not in the store: nothing to rewrite")
+                        txn.put(oid, compact_json.encode(record), db=self._commits)
+                    for key, value in meta.items():
+                        txn.put(b"x:" + key.encode(), compact_json.encode(value), db=self._meta)
+                return
+            except lmdb.MapFullError:
+                self._grow()
+            except lmdb.MapResizedError:
+                self.env.set_mapsize(0)
 
     def set_meta(self, key: str, value: Any) -> None:
         with self._txn(db="meta", write=True) as txn:

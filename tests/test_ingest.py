@@ -79,7 +79,8 @@ def test_example_records_carry_the_contract_fields(demo):
     _, examples = stored(demo)
     parse = next(e for e in examples if e["qualified_name"] == "parse" and e["change_kind"] == "modified")
     assert set(parse) == {"repo", "commit", "parent", "author_time", "commit_time", "message", "path", "old_path",
-                          "kind", "qualified_name", "change_kind", "before", "after", "imports"}
+                          "kind", "qualified_name", "change_kind", "before", "after", "imports", "old_blob",
+                          "new_blob", "old_span", "new_span", "identifiers"}
     assert parse["repo"] == "demo"
     assert parse["message"].startswith("Skip comment lines")
     assert "starts_with('#')" in parse["after"] and "starts_with('#')" not in parse["before"]

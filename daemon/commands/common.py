@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from ..control import ControlError, DaemonNotRunning, request
-from ..store import StoreDamaged, StoreError
+from ..store import StoreDamaged, StoreError, StoreOutdated
 from . import CommandFailed
 
 
@@ -45,14 +45,17 @@ def store_error_line(exc: StoreError) -> str:
     """One line for any store error; a damaged store's line ends with the command that rebuilds it."""
     if isinstance(exc, StoreDamaged):
         return f"{exc}; rebuild it from git: {repair_command(exc.path)}"
+    if isinstance(exc, StoreOutdated):
+        return f"{exc}; re-derive it from git: {repair_command(exc.path, 'upgrade')}"
     return str(exc)
 
 
-def repair_command(store_dir: Path) -> str:
-    """`gitlora repair <the repository>` for a store dir, the repository read from its state dir's repo.json."""
+def repair_command(store_dir: Path, verb: str = "repair") -> str:
+    """`gitlora repair <the repository>` (or another verb) for a store dir, the repository read from its state
+    dir's repo.json."""
     try:
         info = json.loads((Path(store_dir).parent / "repo.json").read_text())
         target = info.get("workdir") or info.get("git_dir")
     except (OSError, ValueError, AttributeError):
         target = None
-    return f"gitlora repair {shlex.quote(str(target))}" if target else "gitlora repair REPO"
+    return f"gitlora {verb} {shlex.quote(str(target))}" if target else f"gitlora {verb} REPO"

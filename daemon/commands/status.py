@@ -10,8 +10,9 @@ from gitlora.trainer import registry  # torch-free: adapter versions on disk
 
 from .. import paths, repos
 from ..control import ControlError, DaemonNotRunning, request
-from ..status_view import adapter_vs_base, damaged_next_step, error_entry, missing_next_step, render, render_repo
-from ..store import Store, StoreDamaged, StoreError
+from ..status_view import (adapter_vs_base, damaged_next_step, error_entry, missing_next_step, outdated_next_step,
+                           render, render_repo)
+from ..store import SCHEMA_VERSION, Store, StoreDamaged, StoreError, StoreOutdated
 from .common import store_error_line
 
 
@@ -34,6 +35,10 @@ def offline_view() -> list[dict]:
         try:
             with Store(repo_paths.store, readonly=True) as store:
                 counters = store.counters()
+                version = store.schema_version
+            if version < SCHEMA_VERSION:  # the same state, reason and next step as the daemon shows
+                view.update(state="upgrade needed", reason=StoreOutdated(repo_paths.store, version).reason,
+                            next_step=outdated_next_step(git_dir))
         except StoreDamaged as exc:  # the same state, reason, next step and error entry as the daemon shows
             view.update(state="damaged", reason=exc.reason, next_step=damaged_next_step(exc.reason, git_dir),
                         errors=[error_entry("store", store_error_line(exc))])

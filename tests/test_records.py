@@ -1,0 +1,219 @@
+"""Example records that can rebuild their context: blob ids as git has them, byte and line spans that give back
+the item's text from the file's bytes (old and new side), the item's indentation, and the names it uses."""
+from __future__ import annotations
+
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from gitlora.daemon.commands.backfill import backfill
+from gitlora.daemon.config import Config
+from gitlora.daemon.examples import CONTEXT_FIELDS
+from gitlora.daemon.repos import open_repo
+from gitlora.daemon.rust_items import referenced_identifiers
+from gitlora.daemon.store import Store
+
+from gitutil import commit_files, init_repo
+
+LIB_V1 = """use std::fmt;
+
+/// Crabs 🦀 and accents: é, ü, 漢字 take several bytes each.
+pub fn greet(name: &str) -> String {
+    format!("héllo {name} 🦀")
+}
+
+pub fn doomed() -> u8 { 1 }
+
+pub mod net {
+    use crate::wire::Frame;
+
+    pub struct Peer { addr: String }
+
+    impl Peer {
+        /// Opens a connection.
+        #[inline]
+        pub fn connect(addr: &str) -> Peer {
+            let frame = Frame::new(addr);
+            Peer { addr: crate::wire::encode(&frame) }
+        }
+    }
+
+    pub mod inner {
+        pub fn deep() -> u32 {
+            7 // 七
+        }
+    }
+}
+"""
+
+LIB_V2 = """use std::fmt;
+
+/// Crabs 🦀 and accents: é, ü, 漢字 take several bytes each. Now longer: ñ.
+pub fn greet(name: &str) -> String {
+    format!("¡héllo {name} 🦀!")
+}
+
+pub mod net {
+    use crate::wire::Frame;
+
+    pub struct Peer { addr: String }
+
+    impl Peer {
+        /// Opens a connection.
+        #[inline]
+        pub fn connect(addr: &str) -> Peer {
+            let frame = Frame::new(addr);
+            let checked = crate::wire::checksum(&frame, MAX_FRAME);
+            Peer { addr: crate::wire::encode(&frame) + &checked }
+        }
+
+        pub fn close(&self) -> Result<(), fmt::Error> {
+            helpers::flush(self);
+            Ok(())
+        }
+    }
+
+    pub mod inner {
+        pub fn deep() -> u32 {
+            8 // 八
+        }
+    }
+}
+"""
+
+
+LATIN1_CONTENT = b"pub fn s() -> &'static str { \"caf\xe9\" }\n"
+
+
+def _blob(repo: Path, oid: str) -> bytes:
+    return subprocess.run(["git", "cat-file", "blob", oid], cwd=repo, check=True, capture_output=True).stdout
+
+
+def _rev(repo: Path, spec: bytes) -> str | None:
+    done = subprocess.run(["git", "rev-parse", "--verify", "-q", os.fsdecode(spec)], cwd=repo, capture_output=True)
+    return done.stdout.decode().strip() or None
+
+
+def _check_span(blob: bytes, span: dict, text: str) -> None:
+    """The span gives back the item's text, its lines and its indentation from the blob's bytes."""
+    start, end = span["start_byte"], span["end_byte"]
+    assert blob[start:end] == text.encode("utf-8")
+    line_start = blob.rfind(b"\n", 0, start) + 1
+    assert span["start_line"] == blob.count(b"\n", 0, start) + 1
+    assert span["end_line"] == blob.count(b"\n", 0, end - 1) + 1
+    assert span["start_col"] == start - line_start
+    lines = blob.splitlines(keepends=True)[span["start_line"] - 1:span["end_line"]]
+    joined = b"".join(lines)
+    assert joined[span["start_col"]:span["start_col"] + end - start] == text.encode("utf-8")
+
+
+@pytest.fixture
+def history(tmp_path) -> tuple[Path, list[str]]:
+    repo = init_repo(tmp_path / "crate")
+    latin1_name = os.fsdecode(b"src/caf\xe9.rs")  # a name that is not UTF-8, with UTF-8 content
+    oids = [
+        commit_files(repo, {"src/lib.rs": LIB_V1, "src/gone.rs": "pub fn bye() {}\n",
+                            latin1_name: "pub fn latin() -> u8 {\n    1\n}\n"}, "first"),
+        commit_files(repo, {"src/lib.rs": LIB_V2, latin1_name: "pub fn latin() -> u8 {\n    2\n}\n",
+                            "src/bytes.rs": LATIN1_CONTENT}, "second"),
+        commit_files(repo, {"src/gone.rs": None}, "third"),
+    ]
+    backfill(str(repo), progress=False, workers=1)
+    return repo, oids
+
+
+def _examples(repo: Path) -> list[dict]:
+    with Store(open_repo(repo, Config()).paths.store, readonly=True) as store:
+        return [example for _, example in store.iter_examples()]
+
+
+def test_spans_round_trip_to_both_blobs_and_blob_ids_match_git(history):
+    repo, oids = history
+    examples = _examples(repo)
+    assert {e["change_kind"] for e in examples} == {"added", "modified", "deleted"}
+    for example in examples:
+        assert set(CONTEXT_FIELDS) <= set(example)
+        raw_path = bytes.fromhex(example["path_hex"]) if "path_hex" in example else example["path"].encode()
+        commit = example["commit"]
+        new_blob = _rev(repo, f"{commit}:".encode() + raw_path)
+        old_blob = _rev(repo, f"{commit}^:".encode() + raw_path) if example["parent"] else None
+        assert example["new_blob"] == new_blob, example["qualified_name"]
+        assert example["old_blob"] == old_blob, example["qualified_name"]
+        if example["change_kind"] in ("added", "modified"):
+            _check_span(_blob(repo, example["new_blob"]), example["new_span"], example["after"])
+        else:
+            assert example["new_span"] is None
+        if example["change_kind"] in ("modified", "deleted"):
+            _check_span(_blob(repo, example["old_blob"]), example["old_span"], example["before"])
+        else:
+            assert example["old_span"] is None
+
+
+def test_methods_in_impls_and_nested_modules_keep_their_indentation(history):
+    repo, oids = history
+    by_name = {(e["commit"], e["qualified_name"]): e for e in _examples(repo)}
+    connect = by_name[(oids[1], "net::Peer::connect")]
+    assert connect["change_kind"] == "modified"
+    for side, blob_field, text_field in (("new_span", "new_blob", "after"), ("old_span", "old_blob", "before")):
+        span = connect[side]
+        blob = _blob(repo, connect[blob_field])
+        # The text starts at its doc comment; what precedes it on its line is the method's indentation.
+        assert span["start_col"] == 8
+        assert blob[span["start_byte"] - 8:span["start_byte"]] == b" " * 8
+        assert connect[text_field].startswith("/// Opens a connection.\n")
+    deep = by_name[(oids[1], "net::inner::deep")]
+    assert deep["new_span"]["start_col"] == deep["old_span"]["start_col"] == 8
+    close = by_name[(oids[1], "net::Peer::close")]
+    assert close["change_kind"] == "added" and close["old_span"] is None and close["old_blob"] == connect["old_blob"]
+
+
+def test_multibyte_text_is_measured_in_bytes(history):
+    repo, oids = history
+    by_name = {(e["commit"], e["qualified_name"]): e for e in _examples(repo)}
+    greet = by_name[(oids[1], "greet")]
+    blob = _blob(repo, greet["new_blob"])
+    text = blob.decode("utf-8")
+    assert len(text.encode()) != len(text)  # the file holds multi-byte characters before and inside the item
+    assert greet["new_span"]["start_byte"] == len(text[:text.index("/// Crabs")].encode())
+    assert greet["new_span"]["end_byte"] - greet["new_span"]["start_byte"] == len(greet["after"].encode())
+    # Items after the multi-byte text: byte offsets, not character offsets.
+    deep = by_name[(oids[1], "net::inner::deep")]
+    assert deep["new_span"]["start_byte"] > text.index("pub fn deep")
+
+
+def test_non_utf8_names_and_contents(history):
+    repo, oids = history
+    examples = _examples(repo)
+    latin = [e for e in examples if e.get("path_hex") == b"src/caf\xe9.rs".hex()]
+    assert [e["change_kind"] for e in latin] == ["added", "modified"]  # spans checked above through path_hex
+    assert all(e["new_blob"] for e in latin)
+    # A file whose content is not UTF-8 yields no example (its skip is recorded), so no span can be wrong.
+    assert not [e for e in examples if e["path"] == "src/bytes.rs"]
+    with Store(open_repo(repo, Config()).paths.store, readonly=True) as store:
+        record = store.get_commit(bytes.fromhex(oids[1]))
+    assert [s["reason"] for s in record["skipped_files"] if s["path"] == "src/bytes.rs"] == [
+        f"non-utf8: byte {LATIN1_CONTENT.index(bytes([0xe9]))}"]
+
+
+def test_identifiers_of_a_known_item(history):
+    repo, oids = history
+    by_name = {(e["commit"], e["qualified_name"]): e for e in _examples(repo)}
+    connect = by_name[(oids[1], "net::Peer::connect")]
+    assert connect["identifiers"] == ["Peer", "Frame::new", "crate::wire::checksum", "MAX_FRAME",
+                                      "crate::wire::encode"]
+    close = by_name[(oids[1], "net::Peer::close")]
+    assert close["identifiers"] == ["Result", "fmt::Error", "helpers::flush", "Ok"]
+    deleted = by_name[(oids[1], "doomed")]  # a deleted item's names are those of its old text
+    assert deleted["change_kind"] == "deleted" and deleted["identifiers"] == []
+
+
+def test_identifiers_are_deduplicated_in_order_of_use_and_bounded():
+    text = "fn f(a: Alpha) -> Beta { let x = Alpha::new(); g(x); g(a); h::<u8>(); m!(CONST); Beta }"
+    assert referenced_identifiers(text) == ["Alpha", "Beta", "Alpha::new", "g", "h", "m", "CONST"]
+    many = "fn many() {" + "".join(f" call{n}();" for n in range(200)) + " }"
+    assert referenced_identifiers(many) == [f"call{n}" for n in range(64)]
+    assert referenced_identifiers(many, limit=3) == ["call0", "call1", "call2"]
+    # Its own name is not a reference; a recursive call is one of its names only through a path.
+    assert referenced_identifiers("struct Own { next: Option<Box<Own>> }") == ["Option", "Box", "Own"]
