@@ -8,14 +8,15 @@ so the daemon may call it again at any time (SIGHUP reload) and keep its old con
 from __future__ import annotations
 
 import os
+import re
 import stat
 import tomllib
 from pathlib import Path
 import types
-from typing import Any, Union, get_args, get_origin
+from typing import Annotated, Any, Union, get_args, get_origin
 
 import annotated_types
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic.fields import FieldInfo
 
 from gitlora.trainer.spec import RoundSettings
@@ -46,6 +47,47 @@ class IngestConfig(_Section):
         description="fnmatch globs of .rs paths never turned into examples (vendored and generated code)",
     )
     include_remotes: bool = Field(False, description="also ingest commits only reachable from refs/remotes")
+    # Hygiene (daemon/hygiene.py) and deduplication (daemon/dedup.py, applied by the store): DESIGN.md, *Hygiene
+    # and deduplication*. Like every [ingest] key, they apply to commits not ingested yet.
+    generated_markers: list[Annotated[str, Field(min_length=1, max_length=200)]] = Field(
+        default_factory=lambda: ["@generated", "do not edit", "automatically generated"], max_length=100,
+        description="a .rs file whose first generated_header_lines lines hold one of these (any case) is skipped "
+        "as generated")
+    generated_header_lines: int = Field(5, ge=1, le=1_000, description="how many first lines hold the markers")
+    data_only_share: float = Field(0.6, gt=0, le=1.0, description="a file of at least data_only_min_bytes whose "
+                                   "non-blank bytes are more than this share literals is skipped as data-only")
+    data_only_min_bytes: int = Field(2048, ge=0, le=100_000_000, description="smaller files are never data-only")
+    skip_vendored_crates: bool = Field(True, description="skip .rs files below a directory holding both "
+                                       "Cargo.toml and .cargo-checksum.json (a `cargo vendor` crate)")
+    min_item_bytes: int = Field(50, ge=0, le=100_000, description="items whose text is shorter are skipped "
+                                "(counted in their commit's record); 0 = keep all")
+    test_weight: float = Field(0.5, ge=0, le=1.0, description="sampling weight recorded on test examples "
+                               "(#[test] fns, #[cfg(test)] modules, files under tests/)")
+    bot_authors: list[Annotated[str, Field(min_length=1, max_length=200)]] = Field(
+        default_factory=lambda: ["[bot]", "dependabot", "renovate", "github-actions"], max_length=100,
+        description="an author ('Name <email>') holding one of these (any case): the message is left out of prompts")
+    template_messages: list[Annotated[str, Field(min_length=1, max_length=500)]] = Field(
+        default_factory=lambda: [r"merge (branch|branches|remote-tracking branch|tag|commit|pull request) .*",
+                                 r"wip[.!]*", r"codex cli local changes"], max_length=100,
+        json_schema_extra={"allowed": "a list of regular expressions"},
+        description="regular expressions matched (any case) against the whole stripped message: a match is left "
+        "out of prompts")
+    repeated_message_limit: int = Field(5, ge=0, le=1_000_000, description="a message stored this many times "
+                                        "already is left out of the prompts of later commits; 0 = off")
+    near_duplicate_cap: int = Field(5, ge=0, le=1_000_000, description="at most this many examples per cluster of "
+                                    "near-duplicate targets are stored; 0 = no cap")
+    near_duplicate_threshold: float = Field(0.9, ge=0.7, le=1.0, description="estimated Jaccard similarity of "
+                                            "targets' token shingles from which they are near-duplicates")
+
+    @field_validator("template_messages")
+    @classmethod
+    def _compiles(cls, patterns: list[str]) -> list[str]:
+        for pattern in patterns:
+            try:
+                re.compile(pattern)
+            except re.error as exc:
+                raise ValueError(f"{pattern!r} is not a regular expression: {exc}") from None
+        return patterns
 
 
 class DaemonConfig(_Section):
@@ -280,6 +322,10 @@ def changed_keys(old: Config, new: Config) -> list[str]:
             for key, value in values.items() if before[section][key] != value]
 
 
+def _toml_string(value: Any) -> str:
+    return '"' + str(value).replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
 def to_toml(config: Config) -> str:
     """Render the effective config as TOML (tomllib only reads, and the shape is two flat levels)."""
     lines: list[str] = []
@@ -291,11 +337,11 @@ def to_toml(config: Config) -> str:
             if isinstance(value, bool):
                 rendered = "true" if value else "false"
             elif isinstance(value, list):
-                rendered = "[" + ", ".join('"' + str(v).replace('"', '\\"') + '"' for v in value) + "]"
+                rendered = "[" + ", ".join(_toml_string(v) for v in value) + "]"
             elif isinstance(value, (int, float)):
                 rendered = repr(value)
             else:
-                rendered = '"' + str(value).replace("\\", "\\\\").replace('"', '\\"') + '"'
+                rendered = _toml_string(value)
             lines.append(f"{key} = {rendered}")
         lines.append("")
     return "\n".join(lines)

@@ -90,7 +90,8 @@ def limit_object_cache(max_bytes: int) -> None:
 
 
 class GitRepo:
-    def __init__(self, path: str | os.PathLike[str], *, exclude: Iterable[str] = (), include_remotes: bool = False):
+    def __init__(self, path: str | os.PathLike[str], *, exclude: Iterable[str] = (), include_remotes: bool = False,
+                 skip_vendored: bool = True):
         found = pygit2.discover_repository(str(path))
         if found is None:
             raise GitRepoError(f"{path}: not a git repository")
@@ -101,6 +102,7 @@ class GitRepo:
             raise GitRepoError(f"{path}: libgit2 cannot open this repository: {exc}") from None
         self.exclude = tuple(exclude)
         self.include_remotes = include_remotes
+        self.skip_vendored = skip_vendored
 
     @staticmethod
     def _check_readable(git_dir: Path) -> None:
@@ -257,8 +259,9 @@ class GitRepo:
             # Rename detection reads blobs; in a partial clone some are missing. Fall back to add+delete.
             diff = self._diff(parent_tree, commit.tree)
             result.notes.append(f"rename detection failed, diffed without it: {exc}")
+        vendored = _VendoredCrates(commit.tree, parent_tree) if self.skip_vendored else None
         for index, delta in enumerate(diff.deltas):
-            change = self._classify(delta, result)
+            change = self._classify(delta, result, vendored)
             if change is not None and change.old_oid and change.new_oid:
                 change = self._with_hunks(diff, index, change)
             if change is not None:
@@ -307,7 +310,8 @@ class GitRepo:
     def is_excluded(self, path: str) -> bool:
         return any(fnmatch.fnmatchcase(path, pattern) for pattern in self.exclude)
 
-    def _classify(self, delta: pygit2.DiffDelta, result: CommitDiff) -> FileChange | None:
+    def _classify(self, delta: pygit2.DiffDelta, result: CommitDiff,
+                  vendored: "_VendoredCrates | None" = None) -> FileChange | None:
         """The delta as a changed Rust file, or None (not Rust, or recorded in `result.skipped`)."""
         Status = pygit2.enums.DeltaStatus
         old, new = delta.old_file, delta.new_file
@@ -328,6 +332,11 @@ class GitRepo:
                 return None
         if (new_rs and self.is_excluded(new_path)) or (old_rs and not new_rs and self.is_excluded(old_path)):
             result.skipped.append(SkippedFile(shown[0], "excluded", shown[1]))
+            return None
+        crate = vendored.crate_of(new_path if new_rs else old_path, new_rs) if vendored is not None else None
+        if crate is not None:
+            result.skipped.append(SkippedFile(shown[0], f"vendored: crate {crate}/ has .cargo-checksum.json",
+                                              shown[1]))
             return None
         if delta.status == Status.RENAMED and old_rs and new_rs:
             status = "renamed"
@@ -362,6 +371,36 @@ class GitRepo:
         except UnicodeDecodeError as exc:
             raise BlobUnreadable("non-utf8", f"byte {exc.start}") from None
         return data
+
+
+class _VendoredCrates:
+    """Which directories of a commit's trees are vendored crates: `cargo vendor` writes each crate with its
+    own `Cargo.toml` and a `.cargo-checksum.json` (path globs miss vendor dirs under other names). One per
+    diff: each directory is looked up once."""
+
+    def __init__(self, new_tree: pygit2.Tree, old_tree: pygit2.Tree | None) -> None:
+        self.trees = {True: new_tree, False: old_tree}
+        self.known: dict[tuple[bool, str], bool] = {}
+
+    def crate_of(self, path: str, new_side: bool) -> str | None:
+        """The vendored crate directory holding `path` on that side of the diff, or None."""
+        tree = self.trees[new_side]
+        if tree is None:
+            return None
+        parts = path.split("/")[:-1]
+        for depth in range(1, len(parts) + 1):
+            directory = "/".join(parts[:depth])
+            found = self.known.get((new_side, directory))
+            if found is None:
+                try:
+                    sub = tree[directory]
+                    found = isinstance(sub, pygit2.Tree) and ".cargo-checksum.json" in sub and "Cargo.toml" in sub
+                except (KeyError, ValueError, pygit2.GitError):
+                    found = False
+                self.known[(new_side, directory)] = found
+            if found:
+                return directory
+        return None
 
 
 def _parents_first(parents_of: dict[str, tuple[str, ...]], tips: list[str]) -> list[str]:

@@ -19,19 +19,19 @@ import signal
 import sys
 import time
 import traceback
-from collections import OrderedDict, deque
+from collections import Counter, OrderedDict, deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from itertools import islice
 from pathlib import Path
 from typing import Any
 
 from tree_sitter import Tree
 
-from . import compact_json, log
+from . import compact_json, dedup, hygiene, log
 from .config import IngestConfig
 from .examples import file_examples, path_fields
 from .gitrepo import BlobUnreadable, CommitDiff, CommitInfo, FileChange, GitRepo, SkippedFile
@@ -169,6 +169,11 @@ class CommitProcessor:
             parsed: FileItems | Unparsable = Unparsable(str(exc))
             self._cache.put(blob, parsed, estimated_items_bytes(parsed))
             return parsed
+        generated = hygiene.generated_reason(data, self.config)
+        if generated is not None:  # recorded as the file's skip, like an unreadable blob
+            parsed = Unparsable(generated)
+            self._cache.put(blob, parsed, estimated_items_bytes(parsed))
+            return parsed
         parsed, tree = parse_blob(data, self._trees.get(previous), hunks)
         self._cache.put(blob, parsed, estimated_items_bytes(parsed))
         if tree is not None:
@@ -177,11 +182,20 @@ class CommitProcessor:
 
     def _compose(self, oid: str, info: CommitInfo, diff: CommitDiff, base: dict[str, Any]) -> PendingCommit:
         examples: list[bytes] = []
+        sketches: list[bytes | None] = []
+        item_skips: Counter[str] = Counter()
         skipped = list(diff.skipped)
         syntax_errors: list[dict[str, Any]] = []
+        omitted = hygiene.message_omission(info.message, info.author, self.config)
+        message_key = None if omitted else hygiene.message_key(info.message)
+        if omitted:
+            info = replace(info, message="")
         for change in diff.files:
             try:
-                examples.extend(self._file(info, change, skipped, syntax_errors))
+                encoded, sketched, skips = self._file(info, change, skipped, syntax_errors, omitted)
+                examples.extend(encoded)
+                sketches.extend(sketched)
+                item_skips.update(skips)
             except Exception as exc:  # a bug on one file costs that file, not the commit
                 reason = _clean(f"error: {type(exc).__name__}: {exc}")
                 _log.error("file_failed", commit=oid, path=change.new_path or change.old_path, reason=reason,
@@ -197,23 +211,35 @@ class CommitProcessor:
             record["syntax_errors"] = syntax_errors[:_MAX_RECORDED_SKIPS]
         if diff.notes:
             record["notes"] = [_clean(note) for note in diff.notes]
-        return PendingCommit(bytes.fromhex(oid), record, examples)
+        if item_skips:
+            record["skipped_items"] = dict(item_skips)
+        if omitted:
+            record["message_omitted"] = omitted
+        screen = dedup.Screen(tuple(sketches), message_key, self.config.near_duplicate_cap,
+                              self.config.near_duplicate_threshold, self.config.repeated_message_limit)
+        return PendingCommit(bytes.fromhex(oid), record, examples, screen)
 
     def _file(self, info: CommitInfo, change: FileChange, skipped: list[SkippedFile],
-              syntax_errors: list[dict[str, Any]]) -> list[bytes]:
-        """One changed file's examples, encoded; or its skip (appended to `skipped`) and none."""
+              syntax_errors: list[dict[str, Any]],
+              message_omitted: str | None = None) -> tuple[list[bytes], list[bytes | None], Counter[str]]:
+        """One changed file's examples, encoded, with their targets' near-duplicate sketches and the items
+        hygiene left out; or its skip (appended to `skipped`) and none."""
         old = self._items(change.old_oid)
         new = self._items(change.new_oid, previous=change.old_oid, hunks=change.hunks)
         unreadable = next((s for s in (old, new) if isinstance(s, Unparsable)), None)
         if unreadable is not None:
             skipped.append(_skipped_file(change, unreadable.reason))
-            return []
+            return [], [], Counter()
         assert not isinstance(old, Unparsable) and not isinstance(new, Unparsable)
-        encoded = [compact_json.encode(e) for e in file_examples(self.repo_name, info, change, old, new)]
+        made, skips = hygiene.screen_file(file_examples(self.repo_name, info, change, old, new), change.new_path,
+                                          new, change.old_path, old, self.config, message_omitted)
+        encoded = [compact_json.encode(e) for e in made]
+        sketches = [dedup.signature(e["after"]) if self.config.near_duplicate_cap and e["after"] else None
+                    for e in made]
         if new is not None and new.syntax_error:
             syntax_errors.append({**path_fields("path", change.new_path, change.new_raw),
                                   "broken_items": new.broken_items})
-        return encoded
+        return encoded, sketches, skips
 
 
 def _skipped_file(change: FileChange, reason: str) -> SkippedFile:
@@ -247,7 +273,8 @@ def _worker_init(repo_path: str, config_json: str, source: str, parent_pid: int)
     _die_with_parent(parent_pid)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
     config = IngestConfig.model_validate_json(config_json)
-    repo = GitRepo(repo_path, exclude=config.exclude, include_remotes=config.include_remotes)
+    repo = GitRepo(repo_path, exclude=config.exclude, include_remotes=config.include_remotes,
+                   skip_vendored=config.skip_vendored_crates)
     _worker = CommitProcessor(repo, config, source=source)
 
 

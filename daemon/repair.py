@@ -22,7 +22,7 @@ import shutil
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +34,7 @@ from .gitrepo import GitRepo, GitRepoError
 from .ingest import CommitProcessor, Ingestor
 from .repos import OpenedRepo
 from .shards import ShardVerification, ShardWriter, example_meta, read_manifest
-from .store import SCHEMA_VERSION, PendingCommit, Store, StoreDamaged, StoreError
+from .store import SCHEMA_VERSION, PendingCommit, Store, StoreDamaged, StoreError, example_key
 
 _log = log.get("gitlora.repair")
 _BATCH = 16  # commits per write transaction in the shard pass
@@ -231,11 +231,38 @@ def _from_shard(processor: CommitProcessor, git: GitRepo, oid: str, lines: list[
         return PendingCommit(bytes.fromhex(oid), {"source": "repair", "status": "ingested", "commit_time": commit_time,
                                                   "recovered_from": "shards", "stored_at": time.time()}, lines)
     pending = processor.process([oid])[0]
-    if pending.examples != lines:
-        report.differed.append(oid)
-        record = {k: v for k, v in pending.record.items() if k != "reason"}
-        pending = PendingCommit(pending.oid, {**record, "status": "ingested", "recovered_from": "shards"}, lines)
-    return pending
+    # The store screened the commit when it was first stored (duplicates and near-duplicates left out, a
+    # repeated message left out): its shard lines are then the re-derived examples less some, and are stored
+    # as they are, the screening state counted (enforce=False) for the commits ingested after them.
+    screen = replace(pending.screen, enforce=False) if pending.screen is not None else None
+    if pending.examples == lines:
+        return replace(pending, screen=screen)
+    kept = _kept_positions(pending.examples, lines)
+    if kept is not None and screen is not None:
+        chosen = set(kept)
+        return replace(pending, examples=lines, screen=replace(
+            screen, sketches=tuple(screen.sketches[i] if i < len(screen.sketches) else None for i in kept),
+            left_out=tuple(example_key(e) for i, e in enumerate(pending.examples) if i not in chosen)))
+    report.differed.append(oid)
+    record = {k: v for k, v in pending.record.items() if k != "reason"}
+    return PendingCommit(pending.oid, {**record, "status": "ingested", "recovered_from": "shards"}, lines,
+                         replace(screen, sketches=()) if screen is not None else None)
+
+
+def _kept_positions(derived: list, lines: list[bytes]) -> list[int] | None:
+    """Where each shard line's example (by its key) is among the re-derived examples, in order; None when the
+    lines are not the re-derived examples less some."""
+    keys = [example_key(e) for e in derived]
+    positions, at = [], 0
+    for line in lines:
+        key = example_key(line)
+        while at < len(keys) and keys[at] != key:
+            at += 1
+        if at == len(keys):
+            return None
+        positions.append(at)
+        at += 1
+    return positions
 
 
 def _tips(opened: OpenedRepo) -> list[str]:

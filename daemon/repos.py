@@ -24,7 +24,8 @@ class OpenedRepo:
 
 
 def open_repo(path: str | os.PathLike[str], config: Config) -> OpenedRepo:
-    git = GitRepo(path, exclude=config.ingest.exclude, include_remotes=config.ingest.include_remotes)
+    git = GitRepo(path, exclude=config.ingest.exclude, include_remotes=config.ingest.include_remotes,
+                  skip_vendored=config.ingest.skip_vendored_crates)
     repo_paths = paths.RepoPaths.for_git_dir(git.common_dir).ensure()
     write_info(repo_paths, git)
     return OpenedRepo(git, repo_paths)

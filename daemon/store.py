@@ -17,13 +17,14 @@ import struct
 import time
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
 import lmdb
 
 from . import compact_json
+from .dedup import Screen, band_keys, similarity
 
 #: What the example records of a store hold (DESIGN.md, *Store (LMDB) schema*): 1 = the item's texts and where
 #: it is (path, qualified name, imports); 2 = also its blob ids, byte/line spans and referenced identifiers.
@@ -163,6 +164,9 @@ class PendingCommit:
     oid: bytes  # 20-byte binary oid
     record: dict[str, Any]
     examples: list[dict[str, Any] | bytes] = field(default_factory=list)  # dicts, or their JSON already encoded
+    # Ingest's screening (duplicates, near-duplicates, repeated messages), applied in the commit's transaction;
+    # None: every example is stored and duplicates only marked (issue 11's commit-level rule).
+    screen: Screen | None = None
 
 
 @dataclass(frozen=True)
@@ -207,7 +211,7 @@ class Store:
     def _open(self, map_size: int) -> None:
         try:
             self.env = lmdb.open(
-                str(self.path), max_dbs=6, map_size=map_size,
+                str(self.path), max_dbs=10, map_size=map_size,
                 readonly=self.readonly, subdir=True, lock=True, readahead=False, meminit=False,
             )
         except _DAMAGE_ERRORS as exc:
@@ -227,6 +231,13 @@ class Store:
             self._keys = self.env.open_db(b"example_keys", create=not self.readonly)
         except lmdb.NotFoundError:
             self._keys = None
+        except _DAMAGE_ERRORS as exc:
+            self.env.close()
+            raise _unreadable(self.path, exc) from None
+        try:  # the screening state (near-duplicate clusters, message counts); added like example_keys
+            self._screening = self.env.open_db(b"screening", create=not self.readonly)
+        except lmdb.NotFoundError:
+            self._screening = None
         except _DAMAGE_ERRORS as exc:
             self.env.close()
             raise _unreadable(self.path, exc) from None
@@ -336,13 +347,18 @@ class Store:
                 continue
             seen_in_batch.add(pending.oid)
             record = dict(pending.record)
-            if pending.examples:
+            examples = pending.examples
+            if pending.screen is not None and pending.screen.enforce:
+                examples = self._screen(txn, pending.oid, examples, pending.screen, record, next_seq)
+            elif pending.screen is not None:
+                self._register(txn, pending.oid, examples, pending.screen, record, next_seq)
+            if examples:
                 record["first_seq"] = next_seq
-                record["last_seq"] = next_seq + len(pending.examples) - 1
-            record["examples"] = len(pending.examples)
-            if pending.examples:
-                record.update(self._mark_duplicates(txn, pending.oid, [example_key(e) for e in pending.examples]))
-            for example in pending.examples:
+                record["last_seq"] = next_seq + len(examples) - 1
+            record["examples"] = len(examples)
+            if examples and (pending.screen is None or not pending.screen.enforce):
+                record.update(self._mark_duplicates(txn, pending.oid, [example_key(e) for e in examples]))
+            for example in examples:
                 # append=True is LMDB's fast path for sorted keys; it returns False (not an exception)
                 # when the key is out of order, which would mean a corrupt counter: stop loudly.
                 value = example if isinstance(example, bytes) else compact_json.encode(example)
@@ -376,6 +392,105 @@ class Store:
             return {}
         return {"duplicates": len(earlier),
                 "duplicate_of": sorted({o.hex() for o in earlier})[:_MAX_DUPLICATE_OF]}
+
+    def _screen(self, txn: lmdb.Transaction, oid: bytes, examples: list[dict[str, Any] | bytes], screen: Screen,
+                record: dict[str, Any], next_seq: int) -> list[dict[str, Any] | bytes]:
+        """The examples worth storing (DESIGN.md, *Hygiene and deduplication*): less those whose (path, item,
+        text after) is stored already (a merge replaying its branch, a cherry-pick) and those beyond the cap of
+        their near-duplicate cluster; with the message left out when it was stored `repeated_message_limit`
+        times before. What was left out is counted in `record` (`skipped_items`, `duplicate_of`,
+        `message_omitted`). Decided here, in the commit's transaction, so each example's fate is decided once,
+        in commit order, whichever process ingests it."""
+        kept: list[dict[str, Any] | bytes] = []
+        skips: dict[str, int] = dict(record.get("skipped_items") or {})
+        originals: set[str] = set()
+        taken: set[bytes] = set()
+        for index, example in enumerate(examples):
+            key = example_key(example)
+            found = txn.get(key, db=self._keys)
+            if found is not None or key in taken:
+                skips["duplicate"] = skips.get("duplicate", 0) + 1
+                if found is not None and bytes(found) != oid:
+                    originals.add(bytes(found).hex())
+                continue
+            sketch = screen.sketches[index] if index < len(screen.sketches) else None
+            if sketch is not None and screen.near_cap and not self._near_admits(
+                    txn, sketch, screen, next_seq + len(kept)):
+                skips["near-duplicate"] = skips.get("near-duplicate", 0) + 1
+                continue
+            taken.add(key)
+            txn.put(key, oid, db=self._keys)
+            kept.append(example)
+        if skips:
+            record["skipped_items"] = skips
+        if originals:
+            record["duplicate_of"] = sorted(originals)[:_MAX_DUPLICATE_OF]
+        if self._repeated_message(txn, screen) and kept:
+            record["message_omitted"] = "repeated"
+            kept = [_without_message(example) for example in kept]
+        return kept
+
+    def _near_admits(self, txn: lmdb.Transaction, sketch: bytes, screen: Screen, seq: int) -> bool:
+        """Whether a target may be stored: it founds a cluster (its bands then find it), or joins the first
+        cluster its bands propose whose founder is similar enough, while that cluster is under the cap."""
+        bands = band_keys(sketch)
+        checked: set[bytes] = set()
+        for band in bands:
+            cluster = txn.get(b"b" + band, db=self._screening)
+            if cluster is None or bytes(cluster) in checked:
+                continue
+            cluster = bytes(cluster)
+            checked.add(cluster)
+            value = txn.get(b"c" + cluster, db=self._screening)
+            if value is None or similarity(bytes(value[4:]), sketch) < screen.near_threshold:
+                continue
+            members = int.from_bytes(value[:4], "big")
+            if members >= screen.near_cap:
+                return False
+            txn.put(b"c" + cluster, (members + 1).to_bytes(4, "big") + bytes(value[4:]), db=self._screening)
+            return True
+        cluster = seq_key(seq)
+        txn.put(b"c" + cluster, (1).to_bytes(4, "big") + sketch, db=self._screening)
+        for band in bands:
+            txn.put(b"b" + band, cluster, db=self._screening, overwrite=False)
+        return True
+
+    def _repeated_message(self, txn: lmdb.Transaction, screen: Screen) -> bool:
+        """Count the commit's message; True when it was stored `repeated_message_limit` times before."""
+        if screen.message_key is None:
+            return False
+        key = b"m" + screen.message_key
+        raw = txn.get(key, db=self._screening)
+        seen = int(raw) if raw is not None else 0
+        txn.put(key, str(seen + 1).encode(), db=self._screening)
+        return bool(screen.repeated_message_limit) and seen >= screen.repeated_message_limit
+
+    def _register(self, txn: lmdb.Transaction, oid: bytes, examples: list[dict[str, Any] | bytes], screen: Screen,
+                  record: dict[str, Any], next_seq: int) -> None:
+        """Screening state for examples stored as they are (repair re-storing shard bytes): their near-duplicate
+        clusters and the message's count, so the commits ingested after them are screened as before; and the
+        record's counts of what was left out (`screen.left_out`), by reason, as when the commit was first
+        stored."""
+        for index, sketch in enumerate(screen.sketches[:len(examples)]):
+            if sketch is not None and screen.near_cap:
+                self._near_admits(txn, sketch, replace(screen, near_cap=1 << 30), next_seq + index)
+        repeated = self._repeated_message(txn, screen)
+        skips: dict[str, int] = dict(record.get("skipped_items") or {})
+        originals: set[str] = set()
+        taken = {example_key(e) for e in examples} if screen.left_out else set()
+        for key in screen.left_out:
+            found = txn.get(key, db=self._keys)
+            reason = "duplicate" if found is not None or key in taken else "near-duplicate"
+            if found is not None and bytes(found) != oid:
+                originals.add(bytes(found).hex())
+            taken.add(key)
+            skips[reason] = skips.get(reason, 0) + 1
+        if skips:
+            record["skipped_items"] = skips
+        if originals:
+            record["duplicate_of"] = sorted(originals)[:_MAX_DUPLICATE_OF]
+        if repeated and examples:
+            record["message_omitted"] = "repeated"
 
     def _index_example_keys(self, chunk: int = 4096) -> None:
         """Bring the key index up to the examples stored (once, for a store written before it existed),
@@ -561,6 +676,11 @@ class Store:
     def size_bytes(self) -> int:
         data = self.path / "data.mdb"
         return os.path.getsize(data) if data.exists() else 0
+
+
+def _without_message(example: dict[str, Any] | bytes) -> dict[str, Any]:
+    record = json.loads(example) if isinstance(example, (bytes, bytearray)) else dict(example)
+    return {**record, "message": "", "message_omitted": "repeated"}
 
 
 def _unreadable(path: Path, exc: lmdb.Error) -> StoreDamaged:

@@ -31,7 +31,7 @@ from .ingest import Ingestor
 from .repair import RepairError, rebuild_lock
 from .repos import OpenedRepo
 from .shards import ShardVerification, ShardWriter, example_meta
-from .store import SCHEMA_VERSION, PendingCommit, Store, StoreDamaged, StoreError
+from .store import SCHEMA_VERSION, PendingCommit, Store, StoreDamaged, StoreError, example_key
 
 _log = log.get("gitlora.upgrade")
 _BATCH = 16  # commits per rewrite transaction
@@ -200,24 +200,39 @@ def _rewrite(store: Store, part: list[tuple[str, list[int]]], missing: set[str],
 
 
 _RENAMEABLE = ("repo",)  # what may differ between a stored example and its re-derivation: a moved repository
+# Decided by the store when the commit was written, from what it had stored before (the message left out as
+# `repeated`): a re-derivation outside the store cannot know it, so the stored value stands.
+_STORE_DECIDED = ("message", "message_omitted")
 
 
 def _same_examples(old: list[bytes], new: list[bytes | dict[str, Any]]) -> list[bytes] | None:
-    """The re-derived examples to store in place of `old`, or None when they are not the same examples."""
-    if len(old) != len(new):
-        return None
+    """The re-derived examples to store in place of `old`, or None when they are not the same examples.
+
+    Matched by example identity (store.example_key: path, item, text after), not by position: the store left out
+    duplicates and near-duplicates that a re-derivation produces again (those stay left out)."""
+    derived: dict[bytes, tuple[bytes | None, dict[str, Any]]] = {}
+    for value in new:
+        record = json.loads(value) if isinstance(value, (bytes, bytearray)) else dict(value)
+        derived.setdefault(example_key(record), (bytes(value) if isinstance(value, (bytes, bytearray)) else None,
+                                                 record))
     chosen = []
-    for old_raw, new_value in zip(old, new):
+    for old_raw in old:
         before = json.loads(old_raw)
-        after = json.loads(new_value) if isinstance(new_value, (bytes, bytearray)) else dict(new_value)
-        if any(after.get(key) != value for key, value in before.items() if key not in _RENAMEABLE):
+        found = derived.get(example_key(before))
+        if found is None:
             return None
-        if any(after.get(key) != before.get(key) for key in _RENAMEABLE if key in before):
-            after.update({key: before[key] for key in _RENAMEABLE if key in before})
-            chosen.append(compact_json.encode(after))
-        else:
-            chosen.append(bytes(new_value) if isinstance(new_value, (bytes, bytearray))
-                          else compact_json.encode(after))
+        raw, after = found[0], dict(found[1])
+        changed = False
+        for key in _STORE_DECIDED + _RENAMEABLE:
+            if before.get(key) != after.get(key) and (key in before or key in _STORE_DECIDED):
+                if key in before:
+                    after[key] = before[key]
+                else:
+                    after.pop(key, None)
+                changed = True
+        if any(after.get(key) != value for key, value in before.items()):
+            return None
+        chosen.append(raw if raw is not None and not changed else compact_json.encode(after))
     return chosen
 
 

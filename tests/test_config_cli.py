@@ -64,8 +64,11 @@ def test_backfill_stats_examples_from_the_command_line(tmp_path):
     assert done.returncode == 0, done.stderr
     assert "stored 12 commits" in done.stdout
     stats = json.loads(gitlora("stats", "--json", str(repo)).stdout)
-    assert stats["commits"] == {"ingested": 12} and stats["examples"] == 33
+    assert stats["commits"] == {"ingested": 12} and stats["examples"] == 23
     assert stats["file_skip_reasons"] == {"binary": 1, "non-utf8": 1, "syntax-error (partial)": 1}
+    # the demo's items under 50 bytes, and its merge's items (its branch's, replayed)
+    assert stats["item_skip_reasons"] == {"too-small": 7, "duplicate": 3}
+    assert stats["messages_omitted"] == {"template": 1}  # "Merge branch 'feature/net'"
     lines = gitlora("examples", "--json", "--commit", "HEAD", str(repo)).stdout.splitlines()
     assert [json.loads(line)["qualified_name"] for line in lines] == ["math::is_even"]
     assert len(gitlora("examples", "--json", "--limit", "5", str(repo)).stdout.splitlines()) == 5

@@ -25,7 +25,10 @@ from gitutil import commit_files, git, init_repo
 
 
 @pytest.fixture
-def repo(tmp_path) -> Path:
+def repo(tmp_path, isolated_home) -> Path:
+    config = isolated_home / ".config/gitlora/config.toml"  # these histories are one-line functions: keep them
+    config.parent.mkdir(parents=True, exist_ok=True)
+    config.write_text("[ingest]\nmin_item_bytes = 0\n")
     repo = init_repo(tmp_path / "work")
     commit_files(repo, {"src/lib.rs": "pub fn base() -> u8 { 0 }\n"}, "base")
     return repo

@@ -30,7 +30,8 @@ def clone_with_remote_only_commit(tmp_path: Path) -> tuple[Path, str, str]:
 def write_config(home: Path, include_remotes: bool) -> None:
     config = home / ".config/gitlora/config.toml"
     config.parent.mkdir(parents=True, exist_ok=True)
-    config.write_text(f"[ingest]\ninclude_remotes = {'true' if include_remotes else 'false'}\n")
+    config.write_text(f"[ingest]\ninclude_remotes = {'true' if include_remotes else 'false'}\n"
+                      "min_item_bytes = 0\n")  # its commits hold one-line functions
 
 
 def test_the_option_defaults_to_off():

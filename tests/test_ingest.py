@@ -14,7 +14,7 @@ import pytest
 
 from gitlora.daemon.commands.backfill import backfill
 from gitlora.daemon.config import Config
-from gitlora.daemon.demo_repo import EXPECTED, EXPECTED_SKIPS, build_demo_repo
+from gitlora.daemon.demo_repo import EXPECTED, EXPECTED_ITEM_SKIPS, EXPECTED_SKIPS, build_demo_repo
 from gitlora.daemon.gitrepo import GitRepo, GitRepoError
 from gitlora.daemon.repos import open_repo
 from gitlora.daemon.store import Store, StoreError
@@ -50,6 +50,9 @@ def test_demo_history_yields_exactly_the_expected_items_per_commit(demo):
         found[by_subject[example["commit"]]].add(
             (example["change_kind"], example["kind"], example["qualified_name"]))
     assert found == {s: set(items) for s, items in EXPECTED.items()}
+    item_skips = {by_subject[oid]: record["skipped_items"] for oid, record in commits.items()
+                  if record.get("skipped_items")}
+    assert item_skips == EXPECTED_ITEM_SKIPS
     # exactly one example per changed item: no duplicates
     keys = [(e["commit"], e["path"], e["kind"], e["qualified_name"]) for e in examples]
     assert len(keys) == len(set(keys))
@@ -159,7 +162,15 @@ def test_shallow_clone(demo, tmp_path):
     assert sum(c["status"] == "ingested" for c in commits.values()) == 11
 
 
-def test_missing_blob_is_a_recorded_skip(tmp_path):
+def keep_small_items(home: Path) -> None:
+    """These histories are made of one-line items: keep them (hygiene's size floor is tested on its own)."""
+    config = home / ".config/gitlora/config.toml"
+    config.parent.mkdir(parents=True, exist_ok=True)
+    config.write_text("[ingest]\nmin_item_bytes = 0\n")
+
+
+def test_missing_blob_is_a_recorded_skip(tmp_path, isolated_home):
+    keep_small_items(isolated_home)
     repo = init_repo(tmp_path / "partial")
     commit_files(repo, {"src/lib.rs": "pub fn a() {}\n"}, "first")
     commit_files(repo, {"src/lib.rs": "pub fn a() { 1; }\n", "src/ok.rs": "pub fn ok() {}\n"}, "second")
@@ -188,7 +199,8 @@ def test_submodule_and_symlink_are_recorded(tmp_path):
     assert reasons == {"vendored.rs": "submodule", "src/link.rs": "symlink"}
 
 
-def test_excluded_paths_are_recorded_not_ingested(tmp_path):
+def test_excluded_paths_are_recorded_not_ingested(tmp_path, isolated_home):
+    keep_small_items(isolated_home)
     repo = init_repo(tmp_path / "vend")
     commit_files(repo, {"src/lib.rs": "fn a() {}\n", "vendor/syn/src/lib.rs": "fn v() {}\n"}, "vendor a crate")
     backfill(str(repo), progress=False, workers=1)
@@ -275,7 +287,8 @@ def test_a_large_commit_is_parsed_in_a_spawned_process_with_the_same_result(tmp_
         opened = open_repo(repo, Config())
         children: list[int] = []
         with Store(opened.paths.store) as store:
-            ingestor = Ingestor(opened.git, store, IngestConfig(), workers=1, isolate_files=files,
+            # 12 files of the same functions but for their names: no near-duplicate cap, every item counts
+            ingestor = Ingestor(opened.git, store, IngestConfig(near_duplicate_cap=0, min_item_bytes=0), workers=1, isolate_files=files,
                                 isolate_bytes=size)
             # on_batch runs while the pool that parsed the batch is still up: its worker is our live child
             summary = ingestor.run(ingestor.pending(), on_batch=lambda *_: children.extend(

@@ -67,7 +67,7 @@ def pooled_config(isolated_home):
     """Small transactions, so nine commits make several chunks and backfill uses its process pool."""
     config = isolated_home / ".config/gitlora/config.toml"
     config.parent.mkdir(parents=True, exist_ok=True)
-    config.write_text("[ingest]\nbatch_commits = 2\nworkers = 2\n")
+    config.write_text("[ingest]\nbatch_commits = 2\nworkers = 2\nmin_item_bytes = 0\n")  # one-line items
 
 
 def test_latin1_names_through_backfill_are_stored_losslessly_and_readably(tmp_path, pooled_config):

@@ -24,7 +24,7 @@ pub fn greet(name: &str) -> String {
     format!("héllo {name} 🦀")
 }
 
-pub fn doomed() -> u8 { 1 }
+pub fn doomed() -> u8 { Frame::SIZE as u8 + helpers::one() }
 
 pub mod net {
     use crate::wire::Frame;
@@ -114,9 +114,9 @@ def history(tmp_path) -> tuple[Path, list[str]]:
     repo = init_repo(tmp_path / "crate")
     latin1_name = os.fsdecode(b"src/caf\xe9.rs")  # a name that is not UTF-8, with UTF-8 content
     oids = [
-        commit_files(repo, {"src/lib.rs": LIB_V1, "src/gone.rs": "pub fn bye() {}\n",
-                            latin1_name: "pub fn latin() -> u8 {\n    1\n}\n"}, "first"),
-        commit_files(repo, {"src/lib.rs": LIB_V2, latin1_name: "pub fn latin() -> u8 {\n    2\n}\n",
+        commit_files(repo, {"src/lib.rs": LIB_V1, "src/gone.rs": "pub fn bye() -> &'static str {\n    \"goodbye, cruel world\"\n}\n",
+                            latin1_name: "pub fn latin() -> u8 {\n    let café = 1;\n    café\n}\n"}, "first"),
+        commit_files(repo, {"src/lib.rs": LIB_V2, latin1_name: "pub fn latin() -> u8 {\n    let café = 2;\n    café\n}\n",
                             "src/bytes.rs": LATIN1_CONTENT}, "second"),
         commit_files(repo, {"src/gone.rs": None}, "third"),
     ]
@@ -206,7 +206,7 @@ def test_identifiers_of_a_known_item(history):
     close = by_name[(oids[1], "net::Peer::close")]
     assert close["identifiers"] == ["Result", "fmt::Error", "helpers::flush", "Ok"]
     deleted = by_name[(oids[1], "doomed")]  # a deleted item's names are those of its old text
-    assert deleted["change_kind"] == "deleted" and deleted["identifiers"] == []
+    assert deleted["change_kind"] == "deleted" and deleted["identifiers"] == ["Frame::SIZE", "helpers::one"]
 
 
 def test_identifiers_are_deduplicated_in_order_of_use_and_bounded():

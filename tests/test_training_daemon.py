@@ -32,7 +32,8 @@ def configure(home: Path, model: Path, **train) -> None:
     config = home / ".config/gitlora/config.toml"
     config.parent.mkdir(parents=True, exist_ok=True)
     config.write_text("[train]\n" + "".join(f"{k} = {v}\n" for k, v in settings.items())
-                      + "[shards]\nshard_size = 3\nquiet_flush_s = 1\n")
+                      + "[shards]\nshard_size = 3\nquiet_flush_s = 1\n"
+                      + "[ingest]\nmin_item_bytes = 0\n")  # make_commits writes one-line functions
 
 
 def trainer_pids() -> list[int]:

@@ -1,0 +1,243 @@
+"""Deduplication: MinHash signatures (datasketch's, bit for bit), the store's screening in the commit's transaction,
+and, on real git histories through the real ingest path, a merge replaying its branch and a cherry-pick adding no
+trainable examples, near-duplicates beyond the cap left out, and a repair giving back exactly what was stored."""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from gitlora.daemon.commands.backfill import backfill
+from gitlora.daemon.config import Config
+from gitlora.daemon.dedup import BANDS, NUM_PERM, Screen, band_keys, shingles, signature, similarity
+from gitlora.daemon.repair import repair_store
+from gitlora.daemon.repos import OpenedRepo, open_repo
+from gitlora.daemon.shards import ShardWriter
+from gitlora.daemon.store import PendingCommit, Store
+
+from daemonutil import gitlora
+from gitutil import commit_files, git, init_repo
+
+
+def function(name: str, body: str = "x.wrapping_mul(3) + 1") -> str:
+    return f"pub fn {name}(x: u64) -> u64 {{\n    let y = {body};\n    y.rotate_left(7) ^ 0x5bd1e995\n}}\n"
+
+
+def distinct(name: str, seed: int) -> str:
+    """A function unlike every other one (its own operations, not only its own names)."""
+    ops = ["wrapping_add", "checked_sub", "saturating_mul", "leading_zeros", "count_ones", "swap_bytes",
+           "reverse_bits", "trailing_zeros", "rotate_right", "to_be", "pow", "isqrt"]
+    calls = "\n".join(f"    let v{n} = x.{ops[(seed * 5 + n * 7) % len(ops)]}({n + seed}) as u64 + v{n - 1};"
+                      if n else f"    let v0 = x.{ops[seed % len(ops)]}({seed}) as u64;" for n in range(6))
+    return f"pub fn {name}(x: u64) -> u64 {{\n{calls}\n    v5 ^ {seed * 977}\n}}\n"
+
+
+# -- signatures ------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("text", [function("a"), distinct("b", 3), "fn f() { let s = \"héllo ✓\"; }",
+                                  "struct S { a: u8, b: u16, c: u32 }"])
+def test_signature_is_datasketchs_minhash_bit_for_bit(text):
+    datasketch = pytest.importorskip("datasketch")
+    reference = datasketch.MinHash(num_perm=NUM_PERM, seed=1, scheme="legacy")
+    reference.update_batch(list(shingles(text)))
+    assert np.array_equal(np.frombuffer(signature(text), "<u4").astype(np.uint64), reference.hashvalues)
+    other = datasketch.MinHash(num_perm=NUM_PERM, seed=1, scheme="legacy")
+    other.update_batch(list(shingles(function("zzz"))))
+    assert similarity(signature(text), signature(function("zzz"))) == pytest.approx(reference.jaccard(other))
+
+
+def test_similar_targets_share_bands_and_unrelated_ones_do_not():
+    base = signature(function("a"))
+    assert similarity(base, signature(function("a"))) == 1.0 and band_keys(base) == band_keys(signature(function("a")))
+    assert len(band_keys(base)) == BANDS and len(set(band_keys(base))) == BANDS
+    # whitespace does not matter; one changed name among a long body matters little; another body a lot
+    assert signature(function("a").replace("    ", "\t")) == base
+    long_body = " + ".join(f"x.rotate_left({n})" for n in range(30))
+    assert similarity(signature(function("a", long_body)), signature(function("b", long_body))) > 0.85
+    assert similarity(base, signature(distinct("a", 1))) < 0.3
+    assert not set(band_keys(base)) & set(band_keys(signature(distinct("a", 1))))
+    assert signature("a b") is None and signature("") is None
+
+
+# -- the store's screening -------------------------------------------------------------------------------
+def example(commit: str, name: str, after: str, message: str = "m") -> dict:
+    return {"commit": commit, "path": "src/lib.rs", "qualified_name": name, "after": after, "message": message}
+
+
+def pending(n: int, examples: list[dict], *, cap: int = 0, threshold: float = 0.9, message: str | None = None,
+            limit: int = 0, enforce: bool = True) -> PendingCommit:
+    oid = f"{n:040x}"
+    for e in examples:
+        e["commit"] = oid
+    screen = Screen(tuple(signature(e["after"]) for e in examples),
+                    message.encode() if message else None, cap, threshold, limit, enforce)
+    return PendingCommit(bytes.fromhex(oid), {"status": "ingested"}, examples, screen)
+
+
+def test_store_leaves_out_exact_duplicates_across_and_within_commits(tmp_path):
+    with Store(tmp_path / "store") as store:
+        store.write([pending(1, [example("", "a", function("a")), example("", "b", function("b"))])])
+        result = store.write([pending(2, [example("", "a", function("a")), example("", "c", function("c")),
+                                          example("", "c", function("c"))])])
+        assert result.examples == 1
+        record = store.get_commit(bytes.fromhex(f"{2:040x}"))
+        assert record["examples"] == 1 and record["skipped_items"] == {"duplicate": 2}
+        assert record["duplicate_of"] == [f"{1:040x}"]
+        assert [e["qualified_name"] for _, e in store.iter_examples()] == ["a", "b", "c"]
+        # same text under another name, or another text under the same name: not a duplicate
+        store.write([pending(3, [example("", "z", function("a")), example("", "a", function("a", "x"))])])
+        assert store.get_commit(bytes.fromhex(f"{3:040x}"))["examples"] == 2
+
+
+def test_store_caps_near_duplicate_clusters_and_counts_the_rest(tmp_path):
+    long_body = " + ".join(f"x.rotate_left({n})" for n in range(30))
+    with Store(tmp_path / "store") as store:
+        family = [example("", f"f{n}", function(f"f{n}", long_body)) for n in range(5)]
+        store.write([pending(1, family[:2], cap=3)])
+        store.write([pending(2, family[2:] + [example("", "other", distinct("other", 2))], cap=3)])
+        record = store.get_commit(bytes.fromhex(f"{2:040x}"))
+        assert record["skipped_items"] == {"near-duplicate": 2} and record["examples"] == 2
+        assert [e["qualified_name"] for _, e in store.iter_examples()] == ["f0", "f1", "f2", "other"]
+        # a stricter threshold than the family's similarity keeps them all
+        store.write([pending(3, [example("", f"g{n}", function(f"g{n}", long_body)) for n in range(3)],
+                             cap=3, threshold=1.0)])
+        assert store.get_commit(bytes.fromhex(f"{3:040x}"))["examples"] == 3
+
+
+def test_store_leaves_out_a_repeated_message_after_the_limit(tmp_path):
+    with Store(tmp_path / "store") as store:
+        for n in range(4):
+            store.write([pending(n + 1, [example("", f"f{n}", function(f"f{n}", f"x + {n}"), "Fix it")],
+                                 message="fix it", limit=2)])
+        found = {e["qualified_name"]: (e["message"], e.get("message_omitted")) for _, e in store.iter_examples()}
+        assert found == {"f0": ("Fix it", None), "f1": ("Fix it", None), "f2": ("", "repeated"),
+                         "f3": ("", "repeated")}
+        assert store.get_commit(bytes.fromhex(f"{3:040x}"))["message_omitted"] == "repeated"
+
+
+def test_without_enforcement_the_store_keeps_every_byte_and_still_counts(tmp_path):
+    with Store(tmp_path / "store") as store:
+        store.write([pending(1, [example("", "a", function("a"))], message="same", limit=1)])
+        store.write([pending(2, [example("", "a", function("a"))], message="same", limit=1, enforce=False)])
+        # issue 11's marking for what is stored anyway: the commit's duplicates
+        assert store.get_commit(bytes.fromhex(f"{2:040x}"))["duplicates"] == 1
+        assert store.next_seq() == 2
+        store.write([pending(3, [example("", "b", function("b"))], message="same", limit=1)])
+        assert [e.get("message_omitted") for _, e in store.iter_examples()] == [None, None, "repeated"]
+
+
+# -- real histories through the real ingest path -------------------------------------------------------------
+def stored(repo: Path) -> tuple[dict[str, dict], list[dict]]:
+    opened = open_repo(repo, Config())
+    with Store(opened.paths.store, readonly=True) as store:
+        return ({oid.hex(): record for oid, record in store.iter_commits()},
+                [e for _, e in store.iter_examples()])
+
+
+def test_a_merge_replaying_its_branch_adds_no_trainable_examples(tmp_path):
+    repo = init_repo(tmp_path / "repo")
+    commit_files(repo, {"src/lib.rs": function("base")}, "base")
+    git(repo, "checkout", "-q", "-b", "feature")
+    branch = [commit_files(repo, {"src/net.rs": function("connect", f"x + {n}")}, f"feature {n}") for n in range(3)]
+    git(repo, "checkout", "-q", "main")
+    commit_files(repo, {"src/lib.rs": function("base", "x * 7")}, "main moves on")
+    git(repo, "merge", "-q", "--no-ff", "-m", "Bring the network layer in", "feature")
+    merge = git(repo, "rev-parse", "HEAD")
+    # a merge that also resolves something of its own: only that is new
+    git(repo, "checkout", "-q", "-b", "second", "HEAD~1")
+    theirs = commit_files(repo, {"src/util.rs": function("util")}, "util")
+    git(repo, "checkout", "-q", "main")
+    git(repo, "merge", "-q", "--no-ff", "--no-commit", "second")
+    (repo / "src/glue.rs").write_text(function("glue"))
+    git(repo, "add", "-A")
+    git(repo, "commit", "-q", "-m", "Merge second, with glue")
+    merge_with_glue = git(repo, "rev-parse", "HEAD")
+
+    backfill(str(repo), progress=False, workers=1)
+    commits, examples = stored(repo)
+    assert commits[merge]["examples"] == 0 and commits[merge]["skipped_items"] == {"duplicate": 1}
+    assert commits[merge]["duplicate_of"] == [branch[-1]]
+    assert commits[merge_with_glue]["examples"] == 1 and commits[merge_with_glue]["duplicate_of"] == [theirs]
+    assert {e["qualified_name"] for e in examples if e["commit"] == merge_with_glue} == {"glue::glue"}
+    assert not any(e["commit"] == merge for e in examples)
+    opened = open_repo(repo, Config())
+    with Store(opened.paths.store) as store:
+        ShardWriter(opened.paths.shards, opened.paths.manifest, store).flush(shard_size=3)
+    facts = {f["commit"] for e in json.loads(opened.paths.manifest.read_text())["shards"] for f in e["commits"]}
+    assert merge not in facts and merge_with_glue in facts and set(branch) <= facts
+
+
+def test_a_cherry_pick_adds_no_trainable_examples(tmp_path):
+    repo = init_repo(tmp_path / "repo")
+    commit_files(repo, {"src/lib.rs": function("base")}, "base")
+    git(repo, "checkout", "-q", "-b", "fix")
+    original = commit_files(repo, {"src/lib.rs": function("base") + function("fixed")}, "Fix overflow")
+    git(repo, "checkout", "-q", "main")
+    commit_files(repo, {"src/other.rs": function("other")}, "other work")
+    git(repo, "cherry-pick", original)
+    picked = git(repo, "rev-parse", "HEAD")
+    assert picked != original
+
+    backfill(str(repo), progress=False, workers=1)
+    commits, _ = stored(repo)
+    assert commits[original]["examples"] == 1
+    assert commits[picked]["examples"] == 0 and commits[picked]["duplicate_of"] == [original]
+    assert commits[picked]["skipped_items"] == {"duplicate": 1}
+
+
+def test_near_duplicates_beyond_the_cap_are_left_out_and_counted(tmp_path, isolated_home):
+    config = isolated_home / ".config/gitlora/config.toml"
+    config.parent.mkdir(parents=True, exist_ok=True)
+    config.write_text("[ingest]\nnear_duplicate_cap = 2\n")
+    long_body = " + ".join(f"x.rotate_left({n})" for n in range(30))
+    repo = init_repo(tmp_path / "repo")
+    first = commit_files(repo, {f"src/h{n}.rs": function(f"handler_{n}", long_body) for n in range(5)} |
+                         {f"src/d{n}.rs": distinct(f"unlike_{n}", n) for n in range(4)}, "handlers")
+    later = commit_files(repo, {"src/h9.rs": function("handler_9", long_body)}, "one more handler")
+    backfill(str(repo), progress=False, workers=1)
+    commits, examples = stored(repo)
+    assert commits[first]["skipped_items"] == {"near-duplicate": 3} and commits[first]["examples"] == 6
+    assert commits[later]["skipped_items"] == {"near-duplicate": 1} and commits[later]["examples"] == 0
+    assert sum(e["qualified_name"].endswith(tuple(f"unlike_{n}" for n in range(4))) for e in examples) == 4
+    stats = json.loads(gitlora("stats", "--json", str(repo)).stdout)
+    assert stats["item_skip_reasons"] == {"near-duplicate": 4}
+
+
+def snapshot(opened: OpenedRepo) -> dict:
+    with Store(opened.paths.store, readonly=True) as store:
+        drop = ("stored_at", "timings_ms", "source", "noticed_at")
+        return {"examples": dict(store.iter_raw_examples()),
+                "commits": {oid.hex(): {k: v for k, v in r.items() if k not in drop} for oid, r in store.iter_commits()},
+                "counters": store.counters(), "next_seq": store.next_seq(),
+                "shards": {p.name: p.read_bytes() for p in sorted(opened.paths.shards.glob("*.jsonl"))}}
+
+
+def test_repair_gives_back_exactly_what_the_screening_stored(tmp_path, isolated_home):
+    config = isolated_home / ".config/gitlora/config.toml"
+    config.parent.mkdir(parents=True, exist_ok=True)
+    config.write_text("[ingest]\nnear_duplicate_cap = 2\nrepeated_message_limit = 1\n")
+    long_body = " + ".join(f"x.rotate_left({n})" for n in range(30))
+    repo = init_repo(tmp_path / "repo")
+    commit_files(repo, {f"src/h{n}.rs": function(f"handler_{n}", long_body) for n in range(4)} |
+                 {"src/a.rs": distinct("a", 1)}, "Fix things")
+    git(repo, "checkout", "-q", "-b", "feature")
+    commit_files(repo, {"src/b.rs": distinct("b", 2)}, "Fix things")
+    git(repo, "checkout", "-q", "main")
+    commit_files(repo, {"src/c.rs": distinct("c", 3), "src/a.rs": distinct("a", 4)}, "Fix things")
+    git(repo, "merge", "-q", "--no-ff", "-m", "Merge feature and add d", "feature")
+    commit_files(repo, {"src/d.rs": distinct("d", 5), "src/b.rs": distinct("b", 2) + distinct("e", 6)}, "tail")
+    backfill(str(repo), progress=False, workers=1)
+    opened = open_repo(repo, Config())
+    with Store(opened.paths.store) as store:
+        assert ShardWriter(opened.paths.shards, opened.paths.manifest, store).flush(shard_size=2)
+    before = snapshot(opened)
+    screened = [r for r in before["commits"].values() if r.get("skipped_items") or r.get("message_omitted")]
+    assert len(screened) >= 3  # near-duplicates, a merge's duplicates, a repeated message: all in the history
+
+    shutil.rmtree(opened.paths.store)
+    report = repair_store(opened, Config.model_validate({"ingest": {"near_duplicate_cap": 2,
+                                                                    "repeated_message_limit": 1}}))
+    assert report.action == "rebuilt" and report.ok and report.differed == [], report.summary()
+    assert snapshot(opened) == before
