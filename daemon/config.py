@@ -21,6 +21,7 @@ from pydantic.fields import FieldInfo
 from gitlora.trainer.spec import RoundSettings
 
 from . import paths
+from .examples import CONTEXT_ABOVE_BYTES, CONTEXT_BELOW_BYTES, MIN_CONTEXT_BYTES
 
 MINUTE = 60
 HOUR = 60 * MINUTE
@@ -46,6 +47,12 @@ class IngestConfig(_Section):
         description="fnmatch globs of .rs paths never turned into examples (vendored and generated code)",
     )
     include_remotes: bool = Field(False, description="also ingest commits only reachable from refs/remotes")
+    context_above_bytes: int = Field(CONTEXT_ABOVE_BYTES, ge=MIN_CONTEXT_BYTES, le=1_000_000,
+                                     description="bytes of the new file above each changed item kept with its "
+                                     "example (the trainer's fill-in-the-middle prefix)")
+    context_below_bytes: int = Field(CONTEXT_BELOW_BYTES, ge=MIN_CONTEXT_BYTES, le=1_000_000,
+                                     description="bytes of the new file below each changed item kept with its "
+                                     "example (the fill-in-the-middle suffix)")
 
 
 class DaemonConfig(_Section):

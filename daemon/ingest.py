@@ -175,6 +175,16 @@ class CommitProcessor:
             self._trees.put(blob, (data, tree), len(data) * _TREE_BYTES_PER_SOURCE_BYTE)
         return parsed
 
+    def _text(self, blob: str | None) -> bytes | None:
+        """A parsed blob's bytes (for the examples' file context): kept beside its syntax tree when recently
+        parsed, else read again."""
+        if blob is None:
+            return None
+        cached = self._trees.get(blob)
+        if cached is not None:
+            return cached[0]
+        return self.repo.read_text_blob(blob, self.config.max_file_bytes)
+
     def _compose(self, oid: str, info: CommitInfo, diff: CommitDiff, base: dict[str, Any]) -> PendingCommit:
         examples: list[bytes] = []
         skipped = list(diff.skipped)
@@ -209,7 +219,9 @@ class CommitProcessor:
             skipped.append(_skipped_file(change, unreadable.reason))
             return []
         assert not isinstance(old, Unparsable) and not isinstance(new, Unparsable)
-        encoded = [compact_json.encode(e) for e in file_examples(self.repo_name, info, change, old, new)]
+        records = file_examples(self.repo_name, info, change, old, new, self._text(change.new_oid),
+                                above=self.config.context_above_bytes, below=self.config.context_below_bytes)
+        encoded = [compact_json.encode(e) for e in records]
         if new is not None and new.syntax_error:
             syntax_errors.append({**path_fields("path", change.new_path, change.new_raw),
                                   "broken_items": new.broken_items})
