@@ -128,6 +128,9 @@ class Config(_Section):
         if self.train.min_new_shards is not None and "min_new_examples" in self.train.model_fields_set:
             raise ValueError("train.min_new_shards and train.min_new_examples both set: keep min_new_examples "
                              "(min_new_shards is deprecated)")
+        if self.train.fim_share is not None and "edit_share" in self.train.model_fields_set:
+            raise ValueError("train.fim_share and train.edit_share both set: keep edit_share (fim_share is "
+                             "deprecated; edit_share = 1 - fim_share)")
         if self.export.ollama_model and not self.export.ollama_from:
             raise ValueError("export.ollama_model needs export.ollama_from (the Modelfile's FROM line)")
         return self

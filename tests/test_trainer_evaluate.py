@@ -123,9 +123,12 @@ def test_fim_task_reference_is_the_middle_span(setup):
     assert prompt.endswith("<fim_middle>") and "<fim_suffix>" in prompt and middle and middle in rec["after"]
     assert data.render_fim(rec, seed=0) == (prompt, middle)  # fixed per (seed, item)
     assert data.render_fim({**rec, "change_kind": "deleted"}) is None
-    assert data.render_fim({**rec, "after": "fn f() {}\n"}) is None  # under three lines: no middle
+    one_line = data.render_fim({**rec, "after": "fn f() {}\n"})  # a small item: completed whole
+    assert one_line is not None and one_line[1] == "fn f() {}\n"
     es = evaluate.prepare([rec], tokenizer, 1024, fim_samples=1)
-    assert es.fim[0].reference == middle and tokenizer.decode(es.fim[0].prompt_ids) == prompt
+    reference = tokenizer.decode(tokenizer(middle, add_special_tokens=False)["input_ids"][:evaluate.FIM_MAX_NEW_TOKENS])
+    assert es.fim[0].reference == reference and middle.startswith(reference)
+    assert tokenizer.decode(es.fim[0].prompt_ids) == prompt
 
 
 def test_sample_is_stable_when_records_join_and_skips_what_cannot_be_rendered():
