@@ -215,7 +215,8 @@ def render_fim(ex: dict, seed: int = 0) -> tuple[str, str] | None:
 
 
 def fim_parts(ex: dict, seed: int = 0) -> FimParts | None:
-    """The record's fill-in-the-middle task (see the module docstring), or None when there is nothing to learn."""
+    """The record's fill-in-the-middle task (see the module docstring), or None when there is nothing to learn
+    (then training renders the edit)."""
     if not renderable(ex):
         return None
     after = ex.get("after") or ""
@@ -233,8 +234,10 @@ def fim_parts(ex: dict, seed: int = 0) -> FimParts | None:
     lines = (lead + after + tail).splitlines(keepends=True)
     rng = random.Random(int.from_bytes(item_digest(ex, seed, "span")[:8], "big"))
     lo, hi = choose_middle(lines, _changed_lines(ex.get("before") or "", after), rng)
-    return FimParts(fim_head(ex), above + "".join(lines[:lo]), "".join(lines[lo:hi]),
-                    "".join(lines[hi:]) + below)
+    middle = "".join(lines[lo:hi])
+    if not middle.strip():
+        return None
+    return FimParts(fim_head(ex), above + "".join(lines[:lo]), middle, "".join(lines[hi:]) + below)
 
 
 def _changed_lines(before: str, after: str) -> list[int]:
@@ -244,8 +247,7 @@ def _changed_lines(before: str, after: str) -> list[int]:
     if not before.strip():
         return list(range(len(new)))
     changed: set[int] = set()
-    for tag, _, _, j1, j2 in difflib.SequenceMatcher(None, before.splitlines(keepends=True), new,
-                                                      autojunk=False).get_opcodes():
+    for tag, _, _, j1, j2 in difflib.SequenceMatcher(None, before.splitlines(keepends=True), new).get_opcodes():
         if tag != "equal":
             changed.update(range(j1, j2) if j2 > j1 else [min(j1, len(new) - 1)])
     return sorted(c for c in changed if c >= 0)

@@ -123,7 +123,7 @@ def prepare(records: list[dict], tokenizer, context_length: int, *, max_examples
         if len(fim) >= fim_samples:
             break
         parts = data.fim_parts(ex, seed)
-        if parts is None or not parts.middle.strip():
+        if parts is None:
             continue
         ref_ids = tokenizer(parts.middle, add_special_tokens=False)["input_ids"][:FIM_MAX_NEW_TOKENS]
         prompt_ids = data.tokenize_fim(tokenizer, parts, max(1, context_length - FIM_MAX_NEW_TOKENS),
