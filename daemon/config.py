@@ -22,6 +22,7 @@ from pydantic.fields import FieldInfo
 from gitlora.trainer.spec import RoundSettings
 
 from . import paths
+from .examples import CONTEXT_ABOVE_BYTES, CONTEXT_BELOW_BYTES, MIN_CONTEXT_BYTES
 
 MINUTE = 60
 HOUR = 60 * MINUTE
@@ -47,6 +48,12 @@ class IngestConfig(_Section):
         description="fnmatch globs of .rs paths never turned into examples (vendored and generated code)",
     )
     include_remotes: bool = Field(False, description="also ingest commits only reachable from refs/remotes")
+    context_above_bytes: int = Field(CONTEXT_ABOVE_BYTES, ge=MIN_CONTEXT_BYTES, le=1_000_000,
+                                     description="bytes of the new file above each changed item kept with its "
+                                     "example (the trainer's fill-in-the-middle prefix)")
+    context_below_bytes: int = Field(CONTEXT_BELOW_BYTES, ge=MIN_CONTEXT_BYTES, le=1_000_000,
+                                     description="bytes of the new file below each changed item kept with its "
+                                     "example (the fill-in-the-middle suffix)")
     # Hygiene (daemon/hygiene.py) and deduplication (daemon/dedup.py, applied by the store): DESIGN.md, *Hygiene
     # and deduplication*. Like every [ingest] key, they apply to commits not ingested yet.
     generated_markers: list[Annotated[str, Field(min_length=1, max_length=200)]] = Field(
@@ -163,6 +170,9 @@ class Config(_Section):
         if self.train.min_new_shards is not None and "min_new_examples" in self.train.model_fields_set:
             raise ValueError("train.min_new_shards and train.min_new_examples both set: keep min_new_examples "
                              "(min_new_shards is deprecated)")
+        if self.train.fim_share is not None and "edit_share" in self.train.model_fields_set:
+            raise ValueError("train.fim_share and train.edit_share both set: keep edit_share (fim_share is "
+                             "deprecated; edit_share = 1 - fim_share)")
         if self.export.ollama_model and not self.export.ollama_from:
             raise ValueError("export.ollama_model needs export.ollama_from (the Modelfile's FROM line)")
         return self

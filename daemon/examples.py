@@ -6,9 +6,21 @@ from typing import Any
 from .gitrepo import CommitInfo, FileChange
 from .rust_items import FileItems, ItemChange, Span, diff_items, qualified_name, referenced_identifiers
 
-# The fields store schema 2 added to every example record (DESIGN.md, *Example record*): what lets a reader
-# rebuild the item's context from git (the file around it) without re-parsing.
-CONTEXT_FIELDS = ("old_blob", "new_blob", "old_span", "new_span", "identifiers")
+# The fields each store schema added to every example record (DESIGN.md, *Example record*, *Schema versions
+# and upgrade*): 2, what lets a reader rebuild the item's context from git (the file around it) without
+# re-parsing; 3, the new file's text around the item, for the trainer, which never reads git.
+SCHEMA_FIELDS = {
+    2: ("old_blob", "new_blob", "old_span", "new_span", "identifiers"),
+    3: ("new_context",),
+}
+CONTEXT_FIELDS = tuple(f for fields in SCHEMA_FIELDS.values() for f in fields)
+
+# Bytes of the new file kept above and below an item (`ingest.context_above_bytes` / `context_below_bytes`):
+# enough for the trainer to fill its prefix/suffix token budget, bounded so the store stays a small multiple
+# of the items themselves. A cut moves to a line boundary when at least MIN_CONTEXT_BYTES remain.
+CONTEXT_ABOVE_BYTES = 2048
+CONTEXT_BELOW_BYTES = 1024
+MIN_CONTEXT_BYTES = 200
 
 
 def path_fields(key: str, path: str | None, raw: bytes | None) -> dict[str, Any]:
@@ -18,21 +30,26 @@ def path_fields(key: str, path: str | None, raw: bytes | None) -> dict[str, Any]
 
 
 def file_examples(repo_name: str, info: CommitInfo, change: FileChange,
-                  old: FileItems | None, new: FileItems | None) -> list[dict[str, Any]]:
-    """One example per changed item of one file; items that only moved produce nothing."""
+                  old: FileItems | None, new: FileItems | None, new_text: bytes | None = None, *,
+                  above: int = CONTEXT_ABOVE_BYTES, below: int = CONTEXT_BELOW_BYTES) -> list[dict[str, Any]]:
+    """One example per changed item of one file; items that only moved produce nothing. `new_text` is the new
+    blob's bytes (the items' `new_context` comes from it: up to `above` / `below` bytes around each item)."""
     path, raw = (change.new_path, change.new_raw) if change.new_path else (change.old_path or "", change.old_raw)
     imports = (new or old or FileItems()).imports
     records = []
     for item in diff_items(old, new):
+        context = around(new_text, item.new_span, above, below)
         if item.change_kind == "deleted" and change.old_path:
-            records.append(example_record(repo_name, info, change, item, change.old_path, imports, change.old_raw))
+            records.append(example_record(repo_name, info, change, item, change.old_path, imports, change.old_raw,
+                                          context))
         else:
-            records.append(example_record(repo_name, info, change, item, path, imports, raw))
+            records.append(example_record(repo_name, info, change, item, path, imports, raw, context))
     return records
 
 
 def example_record(repo_name: str, info: CommitInfo, change: FileChange, item: ItemChange,
-                   path: str, imports: list[str], raw_path: bytes | None = None) -> dict[str, Any]:
+                   path: str, imports: list[str], raw_path: bytes | None = None,
+                   new_context: dict[str, str] | None = None) -> dict[str, Any]:
     renamed = change.status == "renamed"
     return {
         "repo": repo_name,
@@ -50,6 +67,7 @@ def example_record(repo_name: str, info: CommitInfo, change: FileChange, item: I
         "after": item.after,
         "imports": list(imports),
         **context_fields(change, item),
+        "new_context": new_context,
     }
 
 
@@ -65,14 +83,44 @@ def context_fields(change: FileChange, item: ItemChange) -> dict[str, Any]:
     }
 
 
+def around(text: bytes | None, span: Span | None, above: int, below: int) -> dict[str, str] | None:
+    """The file's text just above and just below `span` (the item), `{"above", "below"}`, or None without a
+    new side: `text[start:span.start_byte]` and `text[span.end_byte:end]`, so above + item + below is a
+    contiguous slice of the file (indentation included: `above` ends with the item's first line's lead).
+
+    At most `above` / `below` bytes, cut at a line boundary where at least MIN_CONTEXT_BYTES stay (else after
+    the character the budget ends in, up to 3 bytes more): the trainer cuts again by tokens, from the top of
+    `above` and the bottom of `below`."""
+    if text is None or span is None:
+        return None
+    start = max(0, span.start_byte - above)
+    if start > 0:
+        newline = text.find(b"\n", start, span.start_byte)
+        if newline != -1 and span.start_byte - (newline + 1) >= MIN_CONTEXT_BYTES:
+            start = newline + 1
+        while start > 0 and text[start] & 0xC0 == 0x80:  # a whole UTF-8 character: up to 3 bytes more
+            start -= 1
+    end = min(len(text), span.end_byte + below)
+    if end < len(text):
+        newline = text.rfind(b"\n", span.end_byte, end)
+        if newline != -1 and newline + 1 - span.end_byte >= MIN_CONTEXT_BYTES:
+            end = newline + 1
+        while end < len(text) and text[end] & 0xC0 == 0x80:
+            end += 1
+    return {"above": text[start:span.start_byte].decode("utf-8", "replace"),
+            "below": text[span.end_byte:end].decode("utf-8", "replace")}
+
+
 def _span(span: Span | None) -> dict[str, int] | None:
     return span.as_dict() if span is not None else None
 
 
 def upgraded_record(record: dict[str, Any]) -> dict[str, Any]:
     """An example stored by an older schema, given the fields git cannot give it any more (its commit is gone):
-    blob ids and spans unknown (null), identifiers from its own text. `gitlora upgrade` uses it only where a
-    commit cannot be re-derived, so the store still holds one shape of record."""
+    blob ids, spans and the file around it unknown (null), identifiers from its own text. `gitlora upgrade` uses
+    it only where a commit cannot be re-derived, so the store still holds one shape of record."""
     return {**record, "old_blob": record.get("old_blob"), "new_blob": record.get("new_blob"),
             "old_span": record.get("old_span"), "new_span": record.get("new_span"),
-            "identifiers": referenced_identifiers(record.get("after") or record.get("before") or "")}
+            "identifiers": record.get("identifiers") or referenced_identifiers(
+                record.get("after") or record.get("before") or ""),
+            "new_context": record.get("new_context")}

@@ -180,6 +180,16 @@ class CommitProcessor:
             self._trees.put(blob, (data, tree), len(data) * _TREE_BYTES_PER_SOURCE_BYTE)
         return parsed
 
+    def _text(self, blob: str | None) -> bytes | None:
+        """A parsed blob's bytes (for the examples' file context): kept beside its syntax tree when recently
+        parsed, else read again."""
+        if blob is None:
+            return None
+        cached = self._trees.get(blob)
+        if cached is not None:
+            return cached[0]
+        return self.repo.read_text_blob(blob, self.config.max_file_bytes)
+
     def _compose(self, oid: str, info: CommitInfo, diff: CommitDiff, base: dict[str, Any]) -> PendingCommit:
         examples: list[bytes] = []
         sketches: list[bytes | None] = []
@@ -231,8 +241,10 @@ class CommitProcessor:
             skipped.append(_skipped_file(change, unreadable.reason))
             return [], [], Counter()
         assert not isinstance(old, Unparsable) and not isinstance(new, Unparsable)
-        made, skips = hygiene.screen_file(file_examples(self.repo_name, info, change, old, new), change.new_path,
-                                          new, change.old_path, old, self.config, message_omitted)
+        made, skips = hygiene.screen_file(
+            file_examples(self.repo_name, info, change, old, new, self._text(change.new_oid),
+                          above=self.config.context_above_bytes, below=self.config.context_below_bytes),
+            change.new_path, new, change.old_path, old, self.config, message_omitted)
         encoded = [compact_json.encode(e) for e in made]
         sketches = [dedup.signature(e["after"]) if self.config.near_duplicate_cap and e["after"] else None
                     for e in made]

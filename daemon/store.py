@@ -27,10 +27,11 @@ from . import compact_json
 from .dedup import Screen, band_keys, similarity
 
 #: What the example records of a store hold (DESIGN.md, *Store (LMDB) schema*): 1 = the item's texts and where
-#: it is (path, qualified name, imports); 2 = also its blob ids, byte/line spans and referenced identifiers.
+#: it is (path, qualified name, imports); 2 = also its blob ids, byte/line spans and referenced identifiers;
+#: 3 = also the new file's text around the item (`new_context`, what the trainer's fill-in-the-middle needs).
 #: A store whose version is older than this one is never written to by ingest (its records would mix two
 #: shapes): `gitlora upgrade` brings it here. One with a newer version is refused.
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 _SEQ = struct.Struct(">Q")
 _INITIAL_MAP_SIZE = 64 << 20
 _MAX_MAP_SIZE = 1 << 40

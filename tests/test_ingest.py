@@ -83,13 +83,14 @@ def test_example_records_carry_the_contract_fields(demo):
     parse = next(e for e in examples if e["qualified_name"] == "parse" and e["change_kind"] == "modified")
     assert set(parse) == {"repo", "commit", "parent", "author_time", "commit_time", "message", "path", "old_path",
                           "kind", "qualified_name", "change_kind", "before", "after", "imports", "old_blob",
-                          "new_blob", "old_span", "new_span", "identifiers"}
+                          "new_blob", "old_span", "new_span", "identifiers", "new_context"}
     assert parse["repo"] == "demo"
     assert parse["message"].startswith("Skip comment lines")
     assert "starts_with('#')" in parse["after"] and "starts_with('#')" not in parse["before"]
     assert parse["imports"] == ["use std::collections::HashMap;", "use std::fmt;"]
     deleted = next(e for e in examples if e["change_kind"] == "deleted")
     assert deleted["after"] == "" and deleted["before"] and deleted["path"] == "src/render.rs"
+    assert deleted["new_context"] is None and parse["new_context"]["above"].startswith("use std::")
 
 
 def test_rerun_stores_nothing_twice(demo):

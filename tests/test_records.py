@@ -217,3 +217,49 @@ def test_identifiers_are_deduplicated_in_order_of_use_and_bounded():
     assert referenced_identifiers(many, limit=3) == ["call0", "call1", "call2"]
     # Its own name is not a reference; a recursive call is one of its names only through a path.
     assert referenced_identifiers("struct Own { next: Option<Box<Own>> }") == ["Option", "Box", "Own"]
+
+
+def test_new_context_is_the_new_file_around_the_item(history):
+    """above + item + below is a contiguous slice of the new blob, ending right before / starting right after the
+    item (its indentation is the end of `above`); deleted items have none."""
+    repo, _ = history
+    examples = _examples(repo)
+    for example in examples:
+        context = example["new_context"]
+        if example["change_kind"] == "deleted":
+            assert context is None
+            continue
+        blob = _blob(repo, example["new_blob"])
+        span = example["new_span"]
+        above, below = context["above"].encode(), context["below"].encode()
+        assert blob[span["start_byte"] - len(above):span["end_byte"] + len(below)] == above + example[
+            "after"].encode() + below
+        # Small files: the whole file is kept (the budgets are larger than these files).
+        assert span["start_byte"] == len(above) and span["end_byte"] + len(below) == len(blob)
+        assert blob[span["start_byte"] - span["start_col"]:span["start_byte"]] == above[len(above) - span[
+            "start_col"]:]
+
+
+def test_new_context_is_bounded_and_cut_at_lines():
+    from gitlora.daemon.examples import MIN_CONTEXT_BYTES, around
+    from gitlora.daemon.rust_items import extract_items
+
+    filler = "".join(f"// line {n} é 🦀\n" for n in range(300))
+    source = (filler + "impl Foo {\n    pub fn bar(&self) -> u32 {\n        1\n    }\n}\n" + filler).encode()
+    bar = next(i for k, i in extract_items(source).items.items() if k[1] == "Foo::bar")
+    for budget in (MIN_CONTEXT_BYTES, 333, 1000):
+        context = around(source, bar.span, budget, budget)
+        above, below = context["above"].encode(), context["below"].encode()
+        assert MIN_CONTEXT_BYTES <= len(above) <= budget + 3 and MIN_CONTEXT_BYTES <= len(below) <= budget + 3
+        assert source[bar.span.start_byte - len(above):bar.span.start_byte] == above
+        assert source[bar.span.end_byte:bar.span.end_byte + len(below)] == below
+        assert above.endswith(b"impl Foo {\n    ") and below.startswith(b"\n}\n")
+        if budget > 300:  # room to cut at a line boundary: whole lines only
+            assert source[bar.span.start_byte - len(above) - 1] == ord("\n") and below.endswith(b"\n")
+    # A single long line (no newline within the budget) is cut after a whole character, never inside one.
+    long_line = ("// " + "🦀" * 400 + "\n").encode()
+    source = long_line + b"fn f() {}\n" + long_line
+    f = next(iter(extract_items(source).items.values()))
+    context = around(source, f.span, 301, 301)
+    assert 301 <= len(context["above"].encode()) <= 304 and "\ufffd" not in context["above"] + context["below"]
+    assert around(source, None, 100, 100) is None

@@ -61,3 +61,20 @@ def test_the_daemon_side_imports_no_torch_and_no_cycle():
             "assert 'torch' not in sys.modules and 'gitlora.daemon.service' not in sys.modules; "
             "import gitlora.daemon.service; assert 'torch' not in sys.modules")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_fim_share_is_deprecated_for_edit_share():
+    from gitlora.trainer import data
+
+    assert data.RenderOptions.from_settings(spec.DEFAULTS) == data.RenderOptions(
+        edit_share=spec.DEFAULTS["edit_share"], copied_weight=spec.DEFAULTS["copied_token_weight"])
+    legacy = config_mod.from_dict({"train": {"fim_share": 0.3}}, "f")  # an old config still loads, as it meant
+    settings = legacy.train.round_settings().model_dump()
+    assert data.RenderOptions.from_settings(settings).edit_share == pytest.approx(0.7)
+    assert "fim_share = 0.3" in config_mod.to_toml(legacy) and "fim_share" not in config_mod.to_toml(Config())
+    # an old spec (its train section carries fim_share; edit_share comes from the defaults) trains as it meant
+    assert data.RenderOptions.from_settings({**spec.DEFAULTS, "fim_share": 1.0}).edit_share == 0.0
+    with pytest.raises(ConfigError, match=r"^f: train.fim_share and train.edit_share both set: keep edit_share"):
+        config_mod.from_dict({"train": {"fim_share": 0.3, "edit_share": 0.5}}, "f")
+    with pytest.raises(ConfigError, match=r"^f: train.edit_share: "):
+        config_mod.from_dict({"train": {"edit_share": 1.5}}, "f")

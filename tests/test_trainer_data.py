@@ -52,20 +52,192 @@ def test_render_added_has_no_before_and_deleted_is_skipped():
     assert data.render(record(change_kind="deleted")) is None
 
 
-def test_render_fim_is_psm_and_deterministic():
-    rec = record(after="".join(f"    let v{i} = {i};\n" for i in range(12)))
-    prompt, target = data.render(rec, fim_share=1.0, seed=3)
-    assert prompt.startswith("<repo_name>the-block<file_sep>node/src/f.rs\n<fim_prefix>")
+PEER_V1 = """use std::fmt;
+
+pub struct Peer { addr: String }
+
+impl Peer {
+    pub fn connect(addr: &str) -> Peer {
+        let a = addr;
+        Peer { addr: a.to_string() }
+    }
+
+    pub fn close(&self) {}
+}
+"""
+CHANGED_LINE = "        let a = addr.trim().to_lowercase().replace(' ', \"\");\n"
+PEER_V2 = PEER_V1.replace("        let a = addr;\n", CHANGED_LINE)
+
+
+def in_file(text: str, item: str, **kw) -> dict:
+    """A record of `item` as the daemon writes it from the new file `text`: its span and the text around it."""
+    start = text.index(item)
+    end = start + len(item)
+    return record(after=item, new_context={"above": text[:start], "below": text[end:]},
+                  new_span={"start_byte": len(text[:start].encode()), "end_byte": len(text[:end].encode())}, **kw)
+
+
+def method(text: str, name: str) -> str:
+    """The method's text as the daemon takes it: from `pub fn` (after its indentation) through its `}`."""
+    start = text.index(f"pub fn {name}")
+    end = text.index("\n    }\n", start) + len("\n    }")
+    return text[start:end]
+
+
+def fim(rec: dict, seed: int = 0) -> data.FimParts:
+    r = data.rendering(rec, data.RenderOptions(edit_share=0.0), seed)
+    assert r.kind == data.FIM and r.target == r.fim.middle + "<|endoftext|>"
+    return r.fim
+
+
+def test_fim_golden_starcoder2_repository_layout_in_the_real_file():
+    """A modified method: its changed line is the middle, the file above and below are prefix and suffix, in
+    StarCoder2's repository-level FIM layout (`<fim_prefix>` before the path), indentation kept."""
+    rec = in_file(PEER_V2, method(PEER_V2, "connect"), path="node/src/peer.rs", kind="method",
+                  before=method(PEER_V1, "connect"))
+    prompt, target = data.render(rec, edit_share=0.0, seed=0)
+    assert prompt == (
+        "<repo_name>the-block<file_sep><fim_prefix>node/src/peer.rs\n"
+        "use std::fmt;\n\npub struct Peer { addr: String }\n\nimpl Peer {\n    pub fn connect(addr: &str) -> Peer {\n"
+        "<fim_suffix>"
+        "        Peer { addr: a.to_string() }\n    }\n\n    pub fn close(&self) {}\n}\n"
+        "<fim_middle>")
+    assert target == CHANGED_LINE + "<|endoftext|>"
+    parts = fim(rec)
+    assert parts.prefix + parts.middle + parts.suffix == PEER_V2  # the file's text, byte for byte
+    assert "Fix overflow" not in prompt  # an editor's completion has no commit message
+    assert data.render(rec, edit_share=0.0, seed=0) == (prompt, target)  # deterministic per (seed, item)
+
+
+def test_a_small_change_grows_to_its_scope_with_indentation_kept():
+    v1 = PEER_V1.replace("        let a = addr;\n", "        let a = addr;\n        let _b = 1;\n")
+    v2 = v1.replace("let _b = 1;", "let _b = 2;")
+    rec = in_file(v2, method(v2, "connect"), before=method(v1, "connect"), kind="method")
+    parts = fim(rec)
+    # The changed line (under FIM_MIN_BYTES) grows to the enclosing scope: the whole method, from its line start.
+    assert parts.middle == "    " + method(v2, "connect") + "\n"
+    assert parts.prefix.endswith("impl Peer {\n") and parts.suffix.startswith("\n    pub fn close")
+    assert parts.prefix + parts.middle + parts.suffix == v2
+
+
+def test_an_added_item_is_completed_inside_its_file():
+    v2 = PEER_V1.replace("    pub fn close(&self) {}\n", "    pub fn close(&self) {}\n\n"
+                         "    pub fn reset(&mut self) {\n        self.addr.clear();\n    }\n")
+    rec = in_file(v2, method(v2, "reset"), change_kind="added", kind="method")
+    parts = fim(rec)
+    assert parts.middle == "    " + method(v2, "reset") + "\n"
+    assert parts.prefix.endswith("    pub fn close(&self) {}\n\n") and parts.suffix == "}\n"
+    assert parts.prefix + parts.middle + parts.suffix == v2
+    assert parts.prefix.startswith("use std::fmt;")
+
+
+def test_a_large_item_completes_one_scope_of_bounded_size():
+    arms = "".join(f"            {i} => {{\n                let v{i} = compute_{i}(x);\n                v{i} + 1\n"
+                   f"            }}\n" for i in range(40))
+    item = f"pub fn big(x: u32) -> u32 {{\n    match x {{\n{arms}            _ => 0,\n        }}\n}}"
+    text = f"use std::fmt;\n\n{item}\n\npub fn after() {{}}\n"
+    rec = in_file(text, item, change_kind="added")
+    for seed in range(5):
+        parts = fim(rec, seed)
+        assert data.FIM_MIN_BYTES <= len(parts.middle.encode()) <= data.FIM_MAX_BYTES
+        assert parts.prefix + parts.middle + parts.suffix == text
+        assert parts.prefix.endswith("\n") and parts.middle.endswith("\n")
+        first, last = parts.middle.splitlines()[0], parts.middle.splitlines()[-1]
+        assert len(first) - len(first.lstrip()) == len(last) - len(last.lstrip())  # a whole scope: opener..closer
+    assert len({fim(rec, seed).middle for seed in range(8)}) > 1  # the scope is drawn per (seed, item)
+
+
+def test_fim_markers_survive_truncation(tok):
+    filler = "".join(f"// line {n}: some words about the code\n" for n in range(60))
+    text = filler + PEER_V2 + filler
+    rec = in_file(text, method(PEER_V2, "connect"), before=method(PEER_V1, "connect"), kind="method")
+    parts = fim(rec)
+    whole, cut = data.tokenize_fim(tok, parts, 10_000)
+    assert not cut
+    short, cut = data.tokenize_fim(tok, parts, 256)
+    assert cut and len(short.input_ids) <= 256
+    ids = short.input_ids
+    marks = [tok.convert_tokens_to_ids(m) for m in ("<repo_name>", "<fim_prefix>", "<fim_suffix>", "<fim_middle>")]
+    assert [ids.count(m) for m in marks] == [1, 1, 1, 1]
+    assert ids[0] == marks[0] and ids.index(marks[1]) < ids.index(marks[2]) < ids.index(marks[3])
+    target = [t for t in short.labels if t != data.IGNORE]
+    assert tok.decode(target) == CHANGED_LINE + "<|endoftext|>"  # the middle whole
+    kept_prefix = ids[ids.index(marks[1]) + 1:ids.index(marks[2])]
+    kept_suffix = ids[ids.index(marks[2]) + 1:ids.index(marks[3])]
+    # The prefix lost its top (the text nearest the middle stays), the suffix its bottom.
+    assert tok.decode(kept_prefix).endswith("    pub fn connect(addr: &str) -> Peer {\n")
+    assert tok.decode(kept_suffix).startswith("        Peer { addr: a.to_string() }\n")
+    assert len(kept_prefix) > len(kept_suffix) > 0
+    prompt_only, _ = data.tokenize_fim(tok, parts, 128, with_target=False)
+    assert len(prompt_only.input_ids) <= 128 and prompt_only.input_ids[-1] == marks[3]
+    assert all(label == data.IGNORE for label in prompt_only.labels)
+
+
+def test_records_without_file_context_still_fill_in_the_middle():
+    """Shards written before the new file's text was kept: the item under the synthetic header (commit message,
+    what changed, use lines), in the same layout."""
+    rec = record(after="fn f() -> u32 {\n" + "".join(f"    let v{i} = {i};\n" for i in range(12)) + "}\n")
+    assert "new_context" not in rec
+    prompt, target = data.render(rec, fim_share=1.0, seed=3)  # the deprecated spelling still works
+    assert prompt.startswith("<repo_name>the-block<file_sep><fim_prefix>node/src/f.rs\n// Fix overflow in f\n")
     assert prompt.index("<fim_prefix>") < prompt.index("<fim_suffix>") < prompt.index("<fim_middle>")
-    assert prompt.endswith("<fim_middle>") and target.endswith("<|endoftext|>")
-    prefix = prompt.split("<fim_prefix>")[1].split("<fim_suffix>")[0]
-    suffix = prompt.split("<fim_suffix>")[1].split("<fim_middle>")[0]
-    middle = target.removesuffix("<|endoftext|>")
-    assert prefix.endswith("\n") and middle.endswith("\n") and middle  # line-aligned, non-empty span
-    assert (prefix + middle + suffix).endswith(rec["after"])
-    assert data.render(rec, fim_share=1.0, seed=3) == (prompt, target)
-    shares = [data.render(record(i), fim_share=0.3, seed=0)[0].count("<fim_prefix>") for i in range(400)]
-    assert 0.2 < sum(shares) / 400 < 0.4
+    parts = fim(rec, seed=3)
+    assert parts.prefix.split("use crate::ledger::Ledger;\n")[1] + parts.middle + parts.suffix == rec["after"]
+    assert target == parts.middle + "<|endoftext|>" and parts.middle.endswith("\n")
+
+
+def test_edit_share_decides_per_item_and_deleted_items_have_no_target():
+    shares = [data.rendering(record(i), data.RenderOptions(edit_share=0.3), seed=0).kind for i in range(400)]
+    assert 0.2 < shares.count(data.EDIT) / 400 < 0.4
+    assert [data.rendering(record(i), data.RenderOptions(edit_share=0.3), seed=0).kind
+            for i in range(400)] == shares
+    assert all(data.rendering(record(i)).kind == data.EDIT for i in range(20))  # the default: the change rendering
+    deleted = record(change_kind="deleted")
+    assert data.rendering(deleted, data.RenderOptions(edit_share=0.0)) is None
+    assert data.fim_parts(deleted) is None and data.render_fim(deleted) is None and data.render_edit(deleted) is None
+
+
+def test_evaluation_asks_the_completion_training_trains():
+    """The FIM span does not depend on the edit/FIM draw: evaluation's task is the one training renders."""
+    for i in range(30):
+        rec = in_file(PEER_V2, method(PEER_V2, "connect"), before=method(PEER_V1, "connect"), qualified_name=f"m{i}")
+        r = data.rendering(rec, data.RenderOptions(edit_share=0.5), seed=7)
+        if r.kind == data.FIM:
+            assert r.fim == data.fim_parts(rec, seed=7)
+
+
+def test_edit_examples_weigh_changed_tokens_over_copied_ones(tok):
+    before = "fn f(x: u32) -> u32 {\n    let total = x * 2;\n    let scaled = total + 7;\n    scaled\n}\n"
+    after = before.replace("total + 7", "total.checked_add(7).unwrap_or(u32::MAX)")
+    recs = [record(0, before=before, after=after), record(1, change_kind="added", after=after)]
+    ds = data.build(recs, tok, 1024, options=data.RenderOptions(edit_share=1.0, copied_weight=0.1))
+    packed = ds.packed
+    weights = {w for b in packed.weights for w in b}
+    assert weights == {0.0, 0.1, 1.0}
+    for ids, labels, ws in zip(packed.input_ids, packed.labels, packed.weights):
+        assert all((w == 0.0) == (lab == data.IGNORE) for lab, w in zip(labels, ws))  # weight only on targets
+    by_example = []
+    for block, members in enumerate(packed.members):
+        pos = packed.position_ids[block]
+        starts = [k for k, p in enumerate(pos) if p == 0] + [len(pos)]
+        for m, (s, e) in zip(members, zip(starts, starts[1:])):
+            by_example.append((m, [(packed.input_ids[block][k], packed.weights[block][k]) for k in range(s, e)
+                                   if packed.labels[block][k] != data.IGNORE]))
+    modified = dict(by_example)[0]
+    changed = tok.decode([t for t, w in modified if w == 1.0])
+    assert "checked_add" in changed and "let total" not in changed  # copied lines weigh copied_weight
+    assert all(w == 1.0 for _, w in dict(by_example)[1])  # an added item: every token is new
+    plain = data.build(recs, tok, 1024, options=data.RenderOptions(edit_share=1.0))
+    assert {w for b in plain.packed.weights for w in b} == {0.0, 1.0}
+    fim_only = data.build(recs, tok, 1024, options=data.RenderOptions(edit_share=0.0, copied_weight=0.1))
+    assert fim_only.fim == 2 and {w for b in fim_only.packed.weights for w in b} == {0.0, 1.0}
+
+
+def test_example_tokens_is_what_build_packs(tok):
+    recs = realistic_records(40) + [in_file(PEER_V2, method(PEER_V2, "connect"), before=method(PEER_V1, "connect"))]
+    options = data.RenderOptions(edit_share=0.3, copied_weight=0.1)
+    ds = data.build(recs, tok, 512, options=options, seed=2)
+    assert sum(data.example_tokens(r, tok, 512, options, 2) for r in recs) == ds.packed.real_tokens
 
 
 def test_labels_mask_prompt_and_keep_target(tok):

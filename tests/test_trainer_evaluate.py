@@ -123,9 +123,12 @@ def test_fim_task_reference_is_the_middle_span(setup):
     assert prompt.endswith("<fim_middle>") and "<fim_suffix>" in prompt and middle and middle in rec["after"]
     assert data.render_fim(rec, seed=0) == (prompt, middle)  # fixed per (seed, item)
     assert data.render_fim({**rec, "change_kind": "deleted"}) is None
-    assert data.render_fim({**rec, "after": "fn f() {}\n"}) is None  # under three lines: no middle
+    one_line = data.render_fim({**rec, "after": "fn f() {}\n"})  # a small item: completed whole
+    assert one_line is not None and one_line[1] == "fn f() {}\n"
     es = evaluate.prepare([rec], tokenizer, 1024, fim_samples=1)
-    assert es.fim[0].reference == middle and tokenizer.decode(es.fim[0].prompt_ids) == prompt
+    reference = tokenizer.decode(tokenizer(middle, add_special_tokens=False)["input_ids"][:evaluate.FIM_MAX_NEW_TOKENS])
+    assert es.fim[0].reference == reference and middle.startswith(reference)
+    assert tokenizer.decode(es.fim[0].prompt_ids) == prompt
 
 
 def test_sample_is_stable_when_records_join_and_skips_what_cannot_be_rendered():
@@ -146,3 +149,26 @@ def test_split_by_example_uses_position_boundaries():
     assert evaluate.split_by_example([0.1, 0.2, 0.3], pos, labels) == [[0.1, 0.2], [0.3], []]
     with pytest.raises(ValueError):
         evaluate.split_by_example([0.1, 0.2], pos, labels)
+
+
+def test_fim_tasks_complete_inside_the_real_file(setup):
+    """A record with the new file's text: the completion task is the real-file FIM training renders (StarCoder2's
+    repository layout, the same span), its prompt cut without losing a marker; the losses stay on the edit."""
+    _, tokenizer, _ = setup
+    rec = record(3, lines=6)
+    above = "use std::fmt;\n\n" + "".join(f"// context line {i}\n" for i in range(40)) + "\n"
+    below = "\n\n" + "".join(f"// below line {i}\n" for i in range(40))
+    rec["after"] = rec["after"].rstrip("\n")
+    rec["new_context"] = {"above": above, "below": below}
+    parts = data.fim_parts(rec, seed=0)
+    assert parts.prefix + parts.middle + parts.suffix == above + rec["after"] + below
+    assert parts.prompt().startswith("<repo_name>demo<file_sep><fim_prefix>src/m0.rs\nuse std::fmt;\n")
+    es = evaluate.prepare([rec], tokenizer, 1024, fim_samples=1)
+    assert tokenizer.decode(es.fim[0].prompt_ids) == parts.prompt()
+    assert parts.middle.startswith(es.fim[0].reference)
+    small = evaluate.prepare([rec], tokenizer, 64 + 96, fim_samples=1)  # a context that cannot hold the file
+    ids = small.fim[0].prompt_ids
+    assert len(ids) <= 96 and ids[-1] == tokenizer.convert_tokens_to_ids("<fim_middle>")
+    assert ids.count(tokenizer.convert_tokens_to_ids("<fim_suffix>")) == 1
+    prompt_ids = tokenizer(data.render_edit(rec)[0], add_special_tokens=False)["input_ids"]
+    assert es.packed.input_ids[0][:len(prompt_ids)] == prompt_ids  # the loss set: the edit rendering

@@ -114,3 +114,33 @@ def test_evaluation_is_the_token_weighted_mean_over_blocks(model_and_tokenizer):
             total += float(hf_loss(model, ids, pos, labels)) * n
             count += n
     assert got == pytest.approx(total / count, rel=1e-5)
+
+
+@pytest.mark.parametrize("chunk", [planlib.LOSS_CHUNK, 7], ids=["one-chunk", "chunks-of-7"])
+def test_weighted_loss_is_each_target_tokens_loss_times_its_weight(model_and_tokenizer, monkeypatch, chunk):
+    """The training loss with an edit's copied tokens down-weighted: sum of per-token CE x weight (the same per
+    token as the unweighted path), plain and checkpointed; weights of 1 give the plain sum."""
+    import torch
+
+    model, tokenizer = model_and_tokenizer
+    monkeypatch.setattr(planlib, "LOSS_CHUNK", chunk)
+    records = [record(n, 3 + n) for n in range(3)]
+    built = data.build(records, tokenizer, 4096, options=data.RenderOptions(edit_share=1.0, copied_weight=0.25))
+    packed = built.packed
+    assert len(packed.input_ids) == 1 and {w for w in packed.weights[0]} == {0.0, 0.25, 1.0}
+    ids, pos, labels = (torch.tensor(getattr(packed, k)) for k in ("input_ids", "position_ids", "labels"))
+    weights = torch.tensor(packed.weights, dtype=torch.float32)
+    with torch.no_grad():
+        per_token, n = R.target_loss_sum(model, ids, pos, labels, torch, per_token=True)
+        want = float((per_token * weights[:, 1:][labels[:, 1:] != data.IGNORE]).sum())
+        ones = torch.where(labels != data.IGNORE, 1.0, 0.0)
+        plain, _ = R.target_loss_sum(model, ids, pos, labels, torch)
+        assert float(R.target_loss_sum(model, ids, pos, labels, torch, weights=ones)[0]) == pytest.approx(
+            float(plain), rel=1e-6)
+    for checkpointed in (False, True):
+        model.zero_grad(set_to_none=True)
+        got, count = R.target_loss_sum(model, ids, pos, labels, torch, chunked_ckpt=checkpointed, weights=weights)
+        assert count == n and float(got) == pytest.approx(want, rel=1e-5) and float(got) < float(plain)
+        got.backward()  # gradients flow through the weighted chunks
+        assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in model.parameters() if p.requires_grad)
+    model.zero_grad(set_to_none=True)

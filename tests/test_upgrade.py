@@ -19,7 +19,7 @@ import pytest
 from gitlora.daemon import compact_json, repos
 from gitlora.daemon.commands.backfill import backfill
 from gitlora.daemon.config import Config
-from gitlora.daemon.examples import CONTEXT_FIELDS
+from gitlora.daemon.examples import CONTEXT_FIELDS, SCHEMA_FIELDS
 from gitlora.daemon.repos import OpenedRepo, open_repo
 from gitlora.daemon.shards import ShardWriter
 from gitlora.daemon.store import SCHEMA_VERSION, Store, StoreError, StoreOutdated
@@ -51,35 +51,39 @@ def snapshot(opened: OpenedRepo) -> dict:
         }
 
 
-def _schema1(raw: bytes) -> bytes:
-    record = json.loads(raw)
-    return compact_json.encode({k: v for k, v in record.items() if k not in CONTEXT_FIELDS})
+def _older(raw: bytes, version: int = 1) -> bytes:
+    """An example record as schema `version` wrote it: without the fields later schemas added."""
+    newer = {f for v, fields in SCHEMA_FIELDS.items() if v > version for f in fields}
+    return compact_json.encode({k: v for k, v in json.loads(raw).items() if k not in newer})
 
 
-def downgrade(opened: OpenedRepo) -> None:
-    """Make the state dir what gitlora with schema 1 wrote: the same examples without the schema 2 fields (in
-    the store and in the shards), `schema_version` 1, manifest groups without a schema version."""
+def downgrade(opened: OpenedRepo, version: int = 1) -> None:
+    """Make the state dir what gitlora with schema `version` wrote: the same examples without the later schemas'
+    fields (in the store and in the shards), `schema_version` so, manifest groups without a schema version
+    (schema 1) or with this one."""
     env = lmdb.open(str(opened.paths.store), max_dbs=6, map_size=1 << 30)
     examples, meta = env.open_db(b"examples"), env.open_db(b"meta")
     with env.begin(write=True) as txn:
         for key, value in list(txn.cursor(db=examples)):
-            txn.put(key, _schema1(value), db=examples)
-        txn.put(b"schema_version", b"1", db=meta)
+            txn.put(key, _older(value, version), db=examples)
+        txn.put(b"schema_version", str(version).encode(), db=meta)
     env.close()
     manifest = json.loads(opened.paths.manifest.read_text())
     for entry in manifest["shards"]:
         path = opened.paths.shards / entry["file"]
-        body = b"".join(_schema1(line) + b"\n" for line in path.read_bytes().splitlines())
+        body = b"".join(_older(line, version) + b"\n" for line in path.read_bytes().splitlines())
         path.write_bytes(body)
         entry["sha256"] = hashlib.sha256(body).hexdigest()
     for group in manifest["groups"]:
         group.pop("schema_version", None)
+        if version > 1:
+            group["schema_version"] = version
     opened.paths.manifest.write_text(json.dumps(manifest, indent=1) + "\n")
 
 
-def build(repo: Path, commits: int = 60) -> tuple[OpenedRepo, dict]:
-    """Two shard groups and an unflushed tail, backfilled with schema 2 (the expected result), then made
-    schema 1."""
+def build(repo: Path, commits: int = 60, version: int = 1) -> tuple[OpenedRepo, dict]:
+    """Two shard groups and an unflushed tail, backfilled with the current schema (the expected result), then
+    made schema `version`."""
     synthetic_history(repo, commits)
     backfill(str(repo), progress=False, workers=1)
     opened = open_repo(repo, Config())
@@ -92,9 +96,9 @@ def build(repo: Path, commits: int = 60) -> tuple[OpenedRepo, dict]:
     commit_files(repo, {"README.md": "no rust here"}, "no examples")
     backfill(str(repo), progress=False, workers=1)
     expected = snapshot(opened)
-    assert expected["schema"] == SCHEMA_VERSION == 2
-    assert all(g["schema_version"] == 2 for g in expected["manifest"]["groups"])
-    downgrade(opened)
+    assert expected["schema"] == SCHEMA_VERSION == 3
+    assert all(g["schema_version"] == 3 for g in expected["manifest"]["groups"])
+    downgrade(opened, version)
     return opened, expected
 
 
@@ -122,14 +126,14 @@ def test_an_old_store_is_reported_and_never_written_to(world):
     before = snapshot(opened)
     assert before["schema"] == 1 and all(set(CONTEXT_FIELDS).isdisjoint(json.loads(raw))
                                          for raw in before["examples"].values())
-    with pytest.raises(StoreOutdated, match="schema 1, this gitlora writes schema 2"):
+    with pytest.raises(StoreOutdated, match="schema 1, this gitlora writes schema 3"):
         Store(opened.paths.store)
     new = commit_files(repo, {"src/mod1.rs": rust_module(1, 500)}, "while outdated")
     done = gitlora("backfill", "--no-progress", str(repo), check=False)
     assert done.returncode == 2
     assert done.stderr.strip().splitlines()[-1] == (
         f"gitlora: error: store at {opened.paths.store} needs an upgrade: its records have schema 1, this gitlora "
-        f"writes schema 2; re-derive it from git: gitlora upgrade {repo}")
+        f"writes schema 3; re-derive it from git: gitlora upgrade {repo}")
     assert snapshot(opened) == before and new not in before["commits"]
     repos.register(opened.git.common_dir)
     status = gitlora("status", "--json", check=False)
@@ -142,17 +146,31 @@ def test_upgrade_gives_exactly_what_a_fresh_backfill_gives(world):
     repo, opened, expected = world
     done = gitlora("upgrade", "--no-progress", str(repo))
     assert done.stdout.strip() == (
-        f"crate: store upgraded from schema 1 to 2: {len(expected['examples']) and _commits_with_examples(expected)} "
+        f"crate: store upgraded from schema 1 to 3: {len(expected['examples']) and _commits_with_examples(expected)} "
         f"commits re-derived from git, {expected['counters']['examples']} examples; "
         f"{len(expected['shards'])} shards, {len(expected['shards'])} rewritten")
     assert_upgraded(opened, expected)
     again = gitlora("upgrade", "--no-progress", str(repo))
-    assert again.stdout.strip() == "crate: store already has schema 2; nothing to upgrade"
+    assert again.stdout.strip() == "crate: store already has schema 3; nothing to upgrade"
     assert_upgraded(opened, expected)
     new = commit_files(repo, {"src/mod2.rs": rust_module(2, 700)}, "after the upgrade")
     backfill(str(repo), progress=False, workers=1)  # the store takes new commits again
     with Store(opened.paths.store, readonly=True) as store:
         assert store.get_commit(bytes.fromhex(new))["examples"] > 0
+
+
+def test_a_schema_2_store_upgrades_to_carry_the_file_context(tmp_path):
+    """Schema 2 records (blob ids and spans, no `new_context`) gain the new file's text around each item."""
+    repo = tmp_path / "crate"
+    opened, expected = build(repo, commits=20, version=2)
+    before = snapshot(opened)
+    assert before["schema"] == 2 and all("new_context" not in json.loads(raw) and "new_span" in json.loads(raw)
+                                         for raw in before["examples"].values())
+    report = upgrade_store(opened, Config())
+    assert report.action == "upgraded" and report.from_version == 2 and not report.differed
+    assert_upgraded(opened, expected)
+    contexts = [json.loads(raw)["new_context"] for raw in snapshot(opened)["examples"].values()]
+    assert any(c and c["above"] for c in contexts)
 
 
 def _commits_with_examples(snap: dict) -> int:
@@ -186,6 +204,7 @@ def test_commits_no_longer_in_git_keep_their_examples_and_are_reported(tmp_path)
             assert {k: v for k, v in kept.items() if k not in CONTEXT_FIELDS} == {
                 k: v for k, v in want.items() if k not in CONTEXT_FIELDS}
             assert kept["old_span"] is kept["new_span"] is kept["old_blob"] is kept["new_blob"] is None
+            assert kept["new_context"] is None
             assert kept["identifiers"] == want["identifiers"]
         else:
             assert raw == expected["examples"][seq]
@@ -265,7 +284,7 @@ def test_upgrade_with_the_daemon_running(world, isolated_home):
         held = commit_files(repo, {"src/mod4.rs": rust_module(4, 800)}, "while the store is outdated")
         gitlora("ingest", str(repo))  # a nudge: the worker tries the store again, and still holds
         done = gitlora("upgrade", "--no-progress", str(repo))
-        assert "store upgraded from schema 1 to 2" in done.stdout
+        assert "store upgraded from schema 1 to 3" in done.stdout
         commits = wait_stored(repo, [held])  # the nudge at the end: the worker reopens and ingests what waited
         assert commits[held]["examples"] > 0 and commits[held]["source"] == "daemon"
         _wait_state(daemon, opened, "ok")

@@ -1,9 +1,28 @@
-"""Example records -> token blocks: render in StarCoder2's native format, mask, truncate, pack, mix replay.
+"""Example records -> token blocks: render in StarCoder2's native formats, mask, weight, truncate, pack, mix replay.
 
 Pure Python (the tokenizer is passed in; no torch), so every rule here is unit-testable in milliseconds.
 
-Rendering. StarCoder2 has no commit tokens (StarCoder 1's `<commit_before>` etc. are gone), and adding tokens
-would resize the vocabulary, so a change is rendered the way StarCoder2 saw repositories in pre-training:
+Two renderings. StarCoder2 has no commit tokens (StarCoder 1's `<commit_before>` etc. are gone), and adding
+tokens would resize the vocabulary, so both use what StarCoder2 saw in pre-training.
+
+Fill-in-the-middle in the real file (the main kind, `1 - edit_share` of the items): what an editor asks of a
+completion model. StarCoder2's repository-level FIM layout (`<fim_prefix>` before the path):
+
+    <repo_name>{repo}<file_sep><fim_prefix>{path}
+    {the new file's text above the middle}<fim_suffix>{the text below}<fim_middle>
+  ->{middle}<|endoftext|>
+
+The file's text comes from the record's `new_context` (the daemon keeps a bounded window of the new blob
+around each item; the trainer never reads git): above + the item + below. The middle is whole lines of the
+item (indentation kept: it starts at its line's start, not at the node): the lines the commit changed (from a
+line diff of before and after), grown to the enclosing syntactic scope (by indentation, which rustfmt makes
+reliable) when under FIM_MIN_BYTES, or one changed block / one scope inside the item when over FIM_MAX_BYTES.
+An added item is completed inside the file it was added to (the whole item when it fits). The span depends on
+(seed, item identity) alone, so training and evaluation (trainer/evaluate.py) ask the same completion. A record
+without `new_context` (written before store schema 3) is completed under today's synthetic header (commit
+message, what changed, `use` lines) instead of the file's text, so old shards keep training.
+
+The edit example (a configurable minority, `edit_share`):
 
     <repo_name>{repo}<file_sep>{path}
     // {commit message, each line commented}
@@ -14,12 +33,15 @@ would resize the vocabulary, so a change is rendered the way StarCoder2 saw repo
     // after:
   ->{after}<|endoftext|>               (target: the only tokens with a loss)
 
-A share (`fim_share`) of items is rendered as fill-in-the-middle instead (PSM order, as StarCoder2 was trained):
-`<repo_name>..<file_sep>path\\n<fim_prefix>{header}{after[:i]}<fim_suffix>{after[j:]}<fim_middle>` -> `{after[i:j]}`
-with a line-aligned middle span, which is what an editor completion asks for.
+Most of a modified item's target is copied from `before`, so its loss is weighted toward the changed tokens:
+each target token copied from the before version (metrics.changed_mask) weighs `copied_weight`, a changed one
+1. The benchmark's changed-token loss is defined on this rendering (evaluate.prepare keeps it).
 
 Deleted items are skipped: the target would be an empty string, which teaches nothing but "stop", and the
 daemon's shards are the only record of them (they stay there). Skips are counted, never silent.
+
+Truncation keeps every FIM marker: the prefix is cut from its top and the suffix from its bottom (by tokens),
+never `<fim_suffix>`/`<fim_middle>`. An edit example keeps its header and the end of its prompt.
 
 Packing. Examples are packed best-fit-decreasing into equal blocks of <= `context_length` tokens; position_ids
 restart at 0 for each example, which transformers turns into a block-diagonal causal mask (no attention
@@ -28,10 +50,13 @@ across examples) when attention_mask is None. Padding (label -100) only fills wh
 from __future__ import annotations
 
 import bisect
+import difflib
 import hashlib
 import json
 import random
 from dataclasses import dataclass, field
+
+from gitlora.trainer import metrics
 
 IGNORE = -100
 EOS = "<|endoftext|>"
@@ -78,9 +103,11 @@ def context_lines(ex: dict) -> str:
     return out
 
 
-def item_digest(ex: dict, seed: int) -> bytes:
-    """A seeded digest of an item's identity: what every per-item random choice derives from."""
+def item_digest(ex: dict, seed: int, purpose: str = "") -> bytes:
+    """A seeded digest of an item's identity: what every per-item random choice derives from (`purpose` keeps
+    independent choices independent: the FIM span does not depend on whether training drew a FIM example)."""
     key = f"{seed}:{ex.get('commit')}:{ex.get('path')}:{ex.get('qualified_name')}:{ex.get('change_kind')}"
+    key += f":{purpose}" if purpose else ""
     return hashlib.sha256(key.encode()).digest()
 
 
@@ -88,44 +115,211 @@ def _example_rng(ex: dict, seed: int) -> random.Random:
     return random.Random(int.from_bytes(item_digest(ex, seed)[:8], "big"))
 
 
-def render(ex: dict, fim_share: float = 0.0, seed: int = 0) -> tuple[str, str] | None:
-    """(prompt, target) for one example record, or None when it has nothing to learn (deleted / empty after).
+FIM_MIN_BYTES = 50  # a middle this small grows to its enclosing scope
+FIM_MAX_BYTES = 1000  # a larger one is cut to one changed block or one scope inside the item
+FIM_PREFIX, FIM_SUFFIX, FIM_MIDDLE = "<fim_prefix>", "<fim_suffix>", "<fim_middle>"
+EDIT, FIM = "edit", "fim"
 
-    Deterministic: whether an item becomes FIM and where its span lies depend only on (seed, item identity).
-    """
-    after = ex.get("after") or ""
-    if ex.get("change_kind") == "deleted" or not after.strip():
+
+@dataclass(frozen=True)
+class RenderOptions:
+    """How training renders its examples: the share of edit examples (the rest fill in the middle of the real
+    file) and the loss weight of an edit target's copied tokens. The defaults are the plain change rendering
+    (every example an edit, unweighted); a round's come from its settings (`from_settings`)."""
+
+    edit_share: float = 1.0
+    copied_weight: float = 1.0
+
+    @classmethod
+    def from_settings(cls, cfg: dict) -> "RenderOptions":
+        """A round's options; the deprecated `fim_share` (set: an older spec or config) means edit_share =
+        1 - fim_share, as it did."""
+        fim_share = cfg.get("fim_share")
+        edit_share = 1.0 - float(fim_share) if fim_share is not None else float(cfg["edit_share"])
+        return cls(edit_share=edit_share, copied_weight=float(cfg["copied_token_weight"]))
+
+
+@dataclass(frozen=True)
+class FimParts:
+    """One fill-in-the-middle task: prefix + middle + suffix is a contiguous text (the file's, or for an old
+    record the synthetic header and the item); `head` is the StarCoder2 header before the prefix."""
+
+    head: str
+    prefix: str
+    middle: str
+    suffix: str
+
+    def prompt(self) -> str:
+        return f"{self.head}{self.prefix}{FIM_SUFFIX}{self.suffix}{FIM_MIDDLE}"
+
+
+@dataclass(frozen=True)
+class Rendering:
+    kind: str  # EDIT | FIM
+    prompt: str
+    target: str
+    fim: FimParts | None = None
+    before: str = ""  # an edit's before version in the target's shape (for the copied-token weights)
+
+
+def fim_head(ex: dict) -> str:
+    """StarCoder2's repository-level header of the file being completed: `<fim_prefix>` before the path."""
+    return f"<repo_name>{ex.get('repo', '')}<file_sep>{FIM_PREFIX}{ex.get('path', '')}\n"
+
+
+def renderable(ex: dict) -> bool:
+    """Whether the record has anything to learn (not deleted, a non-empty new version)."""
+    return ex.get("change_kind") != "deleted" and bool((ex.get("after") or "").strip())
+
+
+def render_edit(ex: dict) -> tuple[str, str] | None:
+    """(prompt, target) of the edit example ("message + before -> after"), or None when there is nothing to
+    learn."""
+    if not renderable(ex):
         return None
-    rng = _example_rng(ex, seed)
-    if fim_share > 0 and rng.random() < fim_share:
-        fim = _fim_split(ex, after, rng)
-        if fim is not None:
-            return fim[0], fim[1] + EOS
-    before = ex.get("before") or ""
+    after, before = ex.get("after") or "", ex.get("before") or ""
     prompt = header(ex) + context_lines(ex)
     if before.strip():
         prompt += "// before:\n" + before.rstrip("\n") + "\n// after:\n"
     return prompt, after.rstrip("\n") + "\n" + EOS
 
 
-def _fim_split(ex: dict, after: str, rng: random.Random) -> tuple[str, str] | None:
-    """(PSM prompt, middle) with a line-aligned middle span drawn from `rng`; None below three lines."""
-    lines = after.splitlines(keepends=True)
-    if len(lines) < 3:
+def rendering(ex: dict, options: RenderOptions = RenderOptions(), seed: int = 0) -> Rendering | None:
+    """How training sees one record, or None when it has nothing to learn. Deterministic: edit or FIM, and the
+    FIM span, depend only on (seed, item identity)."""
+    if not renderable(ex):
         return None
-    i = rng.randrange(1, len(lines) - 1)
-    j = rng.randrange(i + 1, min(len(lines), i + 1 + max(1, len(lines) // 3)) + 1)
-    prefix, middle, suffix = "".join(lines[:i]), "".join(lines[i:j]), "".join(lines[j:])
-    return f"{header(ex)}<fim_prefix>{context_lines(ex)}{prefix}<fim_suffix>{suffix}<fim_middle>", middle
+    if options.edit_share < 1.0 and _example_rng(ex, seed).random() >= options.edit_share:
+        parts = fim_parts(ex, seed)
+        if parts is not None:
+            return Rendering(FIM, parts.prompt(), parts.middle + EOS, parts)
+    prompt, target = render_edit(ex)
+    return Rendering(EDIT, prompt, target, before=before_text(ex))
+
+
+def render(ex: dict, fim_share: float | None = None, seed: int = 0, *, edit_share: float = 1.0
+           ) -> tuple[str, str] | None:
+    """(prompt, target) as training renders the record, or None. `fim_share` is the deprecated spelling of
+    1 - edit_share."""
+    if fim_share is not None:
+        edit_share = 1.0 - fim_share
+    r = rendering(ex, RenderOptions(edit_share=edit_share), seed)
+    return None if r is None else (r.prompt, r.target)
 
 
 def render_fim(ex: dict, seed: int = 0) -> tuple[str, str] | None:
-    """(prompt, middle) of the completion task for one example: the FIM rendering training uses, without EOS,
-    its span chosen by (seed, item identity) alone; None when the item is deleted, empty or under three lines."""
-    after = ex.get("after") or ""
-    if ex.get("change_kind") == "deleted" or not after.strip():
+    """(prompt, middle) of the completion task for one record: the FIM rendering training uses, without EOS, its
+    span chosen by (seed, item identity) alone; None when there is nothing to learn."""
+    parts = fim_parts(ex, seed)
+    return None if parts is None else (parts.prompt(), parts.middle)
+
+
+def fim_parts(ex: dict, seed: int = 0) -> FimParts | None:
+    """The record's fill-in-the-middle task (see the module docstring), or None when there is nothing to learn
+    (then training renders the edit)."""
+    if not renderable(ex):
         return None
-    return _fim_split(ex, after, _example_rng(ex, seed))
+    after = ex.get("after") or ""
+    context = ex.get("new_context")
+    if isinstance(context, dict):
+        above, below = context.get("above") or "", context.get("below") or ""
+    else:  # a record from before the file's text was kept: the item under the synthetic header
+        above, below = context_lines(ex), ""
+    # The item's first line starts at its line start: what precedes it there (its indentation) joins it.
+    cut = above.rfind("\n") + 1
+    above, lead = above[:cut], above[cut:]
+    # Its last line ends at the line's end: the rest of that line in `below` joins it too.
+    newline = below.find("\n")
+    tail, below = (below[:newline + 1], below[newline + 1:]) if newline != -1 else (below, "")
+    lines = (lead + after + tail).splitlines(keepends=True)
+    rng = random.Random(int.from_bytes(item_digest(ex, seed, "span")[:8], "big"))
+    lo, hi = choose_middle(lines, _changed_lines(ex.get("before") or "", after), rng)
+    middle = "".join(lines[lo:hi])
+    if not middle.strip():
+        return None
+    return FimParts(fim_head(ex), above + "".join(lines[:lo]), middle, "".join(lines[hi:]) + below)
+
+
+def _changed_lines(before: str, after: str) -> list[int]:
+    """Indices of the lines of `after` a line diff from `before` marks as changed (an insertion's or
+    replacement's lines; for a pure deletion, the line after the gap); every line for an added item."""
+    new = after.splitlines(keepends=True)
+    if not before.strip():
+        return list(range(len(new)))
+    changed: set[int] = set()
+    for tag, _, _, j1, j2 in difflib.SequenceMatcher(None, before.splitlines(keepends=True), new).get_opcodes():
+        if tag != "equal":
+            changed.update(range(j1, j2) if j2 > j1 else [min(j1, len(new) - 1)])
+    return sorted(c for c in changed if c >= 0)
+
+
+def _size(lines: list[str], lo: int, hi: int) -> int:
+    return sum(len(line.encode("utf-8")) for line in lines[lo:hi])
+
+
+def _indent(line: str) -> int | None:
+    """Leading whitespace width; None for a blank line (it belongs to no scope)."""
+    stripped = line.lstrip(" \t")
+    return None if not stripped.strip() else len(line) - len(stripped)
+
+
+def _scope_end(lines: list[str], i: int) -> int:
+    """One past the last line of the scope opened at line i: the lines indented deeper, and the closing line at
+    i's indentation when it starts with a closing bracket."""
+    base = _indent(lines[i])
+    j = i + 1
+    while j < len(lines) and (_indent(lines[j]) is None or _indent(lines[j]) > base):
+        j += 1
+    if j < len(lines) and _indent(lines[j]) == base and lines[j].lstrip()[:1] in ("}", ")", "]"):
+        j += 1
+    return j
+
+
+def _grow(lines: list[str], lo: int, hi: int) -> tuple[int, int]:
+    """The scope enclosing lines lo..hi: from the nearest line above with less indentation through its closing
+    line; the whole item when none is above."""
+    depths = [d for d in map(_indent, lines[lo:hi]) if d is not None]
+    depth = min(depths) if depths else 0
+    opener = next((i for i in range(lo - 1, -1, -1) if (d := _indent(lines[i])) is not None and d < depth), None)
+    if opener is None:
+        return (0, len(lines)) if (lo, hi) != (0, len(lines)) else (lo, hi)
+    return opener, max(hi, _scope_end(lines, opener))
+
+
+def choose_middle(lines: list[str], changed: list[int], rng: random.Random) -> tuple[int, int]:
+    """The middle's line range [lo, hi) in the item's `lines`: the changed lines' hull, grown to its enclosing
+    scope while under FIM_MIN_BYTES (never past FIM_MAX_BYTES), or, over FIM_MAX_BYTES, one changed block, or
+    one scope of FIM_MIN_BYTES..FIM_MAX_BYTES inside it, or a line-aligned window of at most FIM_MAX_BYTES."""
+    n = len(lines)
+    if n == 0:
+        return 0, 0
+    changed = [c for c in changed if 0 <= c < n] or list(range(n))
+    lo, hi = changed[0], changed[-1] + 1
+    if _size(lines, lo, hi) > FIM_MAX_BYTES:
+        blocks: list[list[int]] = []
+        for c in changed:
+            if blocks and c == blocks[-1][1]:
+                blocks[-1][1] = c + 1
+            else:
+                blocks.append([c, c + 1])
+        lo, hi = blocks[rng.randrange(len(blocks))] if len(blocks) > 1 else blocks[0]
+    if _size(lines, lo, hi) > FIM_MAX_BYTES:
+        scopes = [(i, e) for i in range(lo, hi) if _indent(lines[i]) is not None
+                  and (e := min(_scope_end(lines, i), hi)) - i > 1
+                  and FIM_MIN_BYTES <= _size(lines, i, e) <= FIM_MAX_BYTES]
+        if scopes:
+            return scopes[rng.randrange(len(scopes))]
+        start = rng.randrange(lo, hi)
+        end = start + 1
+        while end < hi and _size(lines, start, end + 1) <= FIM_MAX_BYTES:
+            end += 1
+        return start, end
+    while _size(lines, lo, hi) < FIM_MIN_BYTES:
+        grown = _grow(lines, lo, hi)
+        if grown == (lo, hi) or _size(lines, *grown) > FIM_MAX_BYTES:
+            break
+        lo, hi = grown
+    return lo, hi
 
 
 def before_text(ex: dict) -> str:
@@ -140,6 +334,11 @@ def before_text(ex: dict) -> str:
 class Tokenized:
     input_ids: list[int]
     labels: list[int]  # IGNORE on prompt tokens, the token id on target tokens
+    weights: list[float] | None = None  # per position: the loss weight of its target token; None = 1 on targets
+
+
+def _ids(tokenizer, text: str) -> list[int]:
+    return tokenizer(text, add_special_tokens=False)["input_ids"] if text else []
 
 
 def tokenize(tokenizer, prompt: str, target: str, context_length: int) -> tuple[Tokenized, bool]:
@@ -149,8 +348,8 @@ def tokenize(tokenizer, prompt: str, target: str, context_length: int) -> tuple[
     first 32 tokens (repo/path header) and as much of its end (the `before` text nearest the target) as fits.
     Returns (tokenized, truncated?).
     """
-    p = tokenizer(prompt, add_special_tokens=False)["input_ids"]
-    t = tokenizer(target, add_special_tokens=False)["input_ids"]
+    p = _ids(tokenizer, prompt)
+    t = _ids(tokenizer, target)
     truncated = len(p) + len(t) > context_length
     if truncated:
         t = t[: max(1, context_length * 3 // 4)] if len(t) > context_length * 3 // 4 else t
@@ -161,12 +360,55 @@ def tokenize(tokenizer, prompt: str, target: str, context_length: int) -> tuple[
     return Tokenized(p + t, [IGNORE] * len(p) + list(t)), truncated
 
 
+def tokenize_fim(tokenizer, parts: FimParts, context_length: int, with_target: bool = True
+                 ) -> tuple[Tokenized, bool]:
+    """A FIM task tokenised piece by piece, so truncation never loses a marker: when it is too long the middle
+    keeps at most half the context, the prefix loses tokens from its top and the suffix from its bottom (the
+    prefix keeps up to 3/4 of what is left, more when the suffix needs less). Without target: the prompt alone
+    (an evaluation task). Returns (tokenized, truncated?)."""
+    head, pre, suf = _ids(tokenizer, parts.head), _ids(tokenizer, parts.prefix), _ids(tokenizer, parts.suffix)
+    s_mark, m_mark = _ids(tokenizer, FIM_SUFFIX), _ids(tokenizer, FIM_MIDDLE)
+    t = _ids(tokenizer, parts.middle + EOS) if with_target else []
+    fixed = len(head) + len(s_mark) + len(m_mark)
+    truncated = fixed + len(pre) + len(suf) + len(t) > context_length
+    if truncated:
+        if len(t) > (context_length - fixed) // 2:
+            t = t[:max(1, (context_length - fixed) // 2)]
+        room = max(0, context_length - fixed - len(t))
+        keep_suf = min(len(suf), max(room // 4, room - len(pre)))
+        keep_pre = min(len(pre), room - keep_suf)
+        pre, suf = pre[len(pre) - keep_pre:], suf[:keep_suf]
+    prompt = head + pre + s_mark + suf + m_mark
+    return Tokenized(prompt + t, [IGNORE] * len(prompt) + list(t)), truncated
+
+
+def tokenize_rendering(tokenizer, r: Rendering, context_length: int, copied_weight: float = 1.0
+                       ) -> tuple[Tokenized, bool]:
+    """One training example's tokens. An edit's target tokens copied from its before version weigh
+    `copied_weight` (changed ones 1); FIM targets weigh 1."""
+    if r.kind == FIM and r.fim is not None:
+        return tokenize_fim(tokenizer, r.fim, context_length)
+    tok, cut = tokenize(tokenizer, r.prompt, r.target, context_length)
+    if copied_weight != 1.0 and r.before:
+        target = [t for t in tok.labels if t != IGNORE]
+        mask = metrics.changed_mask(target, _ids(tokenizer, r.before))
+        tok.weights = [0.0] * (len(tok.labels) - len(target)) + [1.0 if c else copied_weight for c in mask]
+    return tok, cut
+
+
+def example_tokens(record: dict, tokenizer, context_length: int, options: RenderOptions, seed: int) -> int:
+    """Tokens the training loop reads for one record, rendered and cut exactly as `build` does (0 if skipped)."""
+    r = rendering(record, options, seed)
+    return 0 if r is None else len(tokenize_rendering(tokenizer, r, context_length)[0].input_ids)
+
+
 # ------------------------------------------------------------------------------------------------- packing
 @dataclass
 class Packed:
     input_ids: list[list[int]] = field(default_factory=list)
     labels: list[list[int]] = field(default_factory=list)
     position_ids: list[list[int]] = field(default_factory=list)
+    weights: list[list[float]] = field(default_factory=list)  # per position: its target's loss weight, 0 elsewhere
     context_length: int = 0
     real_tokens: int = 0
     target_tokens: int = 0
@@ -218,12 +460,13 @@ def pack(examples: list[Tokenized], context_length: int, pad_id: int, seed: int 
     random.Random(seed).shuffle(bins)
     out = Packed(context_length=block)
     for members in bins:
-        ids, labels, pos_ids = [], [], []
+        ids, labels, pos_ids, weights = [], [], [], []
         for k in members:
             ex = examples[k]
             ids += ex.input_ids
             labels += ex.labels
             pos_ids += range(len(ex.input_ids))
+            weights += ex.weights if ex.weights is not None else [0.0 if x == IGNORE else 1.0 for x in ex.labels]
             out.target_tokens += sum(1 for x in ex.labels if x != IGNORE)
         out.real_tokens += len(ids)
         out.members.append(list(members))
@@ -231,6 +474,7 @@ def pack(examples: list[Tokenized], context_length: int, pad_id: int, seed: int 
         out.input_ids.append(ids + [pad_id] * pad)
         out.labels.append(labels + [IGNORE] * pad)
         out.position_ids.append(pos_ids + list(range(pad)))
+        out.weights.append(weights + [0.0] * pad)
     return out
 
 
@@ -282,20 +526,24 @@ class Dataset:
     skipped: int
     truncated: int
     replayed: int = 0
+    fim: int = 0  # examples rendered as fill-in-the-middle (the rest: edits)
 
 
-def build(records: list[dict], tokenizer, context_length: int, *, fim_share: float = 0.0, seed: int = 0
-          ) -> Dataset:
-    """Render, tokenise and pack a list of example records."""
-    toks, skipped, truncated = [], 0, 0
+def build(records: list[dict], tokenizer, context_length: int, *, options: RenderOptions | None = None,
+          seed: int = 0, fim_share: float | None = None) -> Dataset:
+    """Render, tokenise, weight and pack a list of example records (`fim_share`: the deprecated spelling of
+    options' 1 - edit_share)."""
+    if options is None:
+        options = RenderOptions(edit_share=1.0 - fim_share) if fim_share is not None else RenderOptions()
+    toks, skipped, truncated, fim = [], 0, 0, 0
     for ex in records:
-        rendered = render(ex, fim_share=fim_share, seed=seed)
-        if rendered is None:
+        r = rendering(ex, options, seed)
+        if r is None:
             skipped += 1
             continue
-        tok, cut = tokenize(tokenizer, *rendered, context_length)
+        tok, cut = tokenize_rendering(tokenizer, r, context_length, options.copied_weight)
         truncated += cut
+        fim += r.kind == FIM
         toks.append(tok)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    return Dataset(pack(toks, context_length, pad_id, seed=seed), len(toks), skipped, truncated)
-
+    return Dataset(pack(toks, context_length, pad_id, seed=seed), len(toks), skipped, truncated, fim=fim)

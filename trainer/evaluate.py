@@ -26,9 +26,10 @@ FIM_MAX_NEW_TOKENS = 64
 
 # ------------------------------------------------------------------------------------------- the loss path
 def target_loss_sum(model, input_ids, position_ids, labels, torch, chunked_ckpt: bool = False,
-                    per_token: bool = False):
+                    per_token: bool = False, weights=None):
     """Sum of cross-entropy over target positions only, and their count (per_token: the losses themselves, in
-    row-major position order, instead of their sum).
+    row-major position order, instead of their sum). `weights` (same shape as labels, float): each target
+    token's loss weight in the sum (data.Packed.weights: an edit's copied tokens weigh less).
 
     Runs the transformer body, keeps the hidden states of positions whose *next* token is a target, and applies
     lm_head + CE to those alone in chunks (optionally checkpointed): the full (tokens x vocab) logits tensor,
@@ -43,19 +44,24 @@ def target_loss_sum(model, input_ids, position_ids, labels, torch, chunked_ckpt:
     keep = targets != data.IGNORE
     h = hidden[:, :-1][keep]
     y = targets[keep]
+    w = weights[:, 1:][keep].float() if weights is not None else None
     reduction = "none" if per_token else "sum"
 
-    def chunk_loss(hc, yc):
+    def chunk_loss(hc, yc, wc=None):
         logits = causal_lm.lm_head(hc).float()
-        return torch.nn.functional.cross_entropy(logits, yc, reduction=reduction)
+        if wc is None:
+            return torch.nn.functional.cross_entropy(logits, yc, reduction=reduction)
+        weighted = torch.nn.functional.cross_entropy(logits, yc, reduction="none") * wc
+        return weighted if per_token else weighted.sum()
 
     parts = []
     for s in range(0, y.numel(), planlib.LOSS_CHUNK):
         hc, yc = h[s:s + planlib.LOSS_CHUNK], y[s:s + planlib.LOSS_CHUNK]
+        extra = (w[s:s + planlib.LOSS_CHUNK],) if w is not None else ()
         if chunked_ckpt and torch.is_grad_enabled():
-            parts.append(torch.utils.checkpoint.checkpoint(chunk_loss, hc, yc, use_reentrant=False))
+            parts.append(torch.utils.checkpoint.checkpoint(chunk_loss, hc, yc, *extra, use_reentrant=False))
         else:
-            parts.append(chunk_loss(hc, yc))
+            parts.append(chunk_loss(hc, yc, *extra))
     if per_token:
         return (torch.cat(parts) if parts else h.new_zeros((0,), dtype=torch.float32)), int(y.numel())
     total = h.new_zeros((), dtype=torch.float32)
@@ -89,19 +95,21 @@ class EvalSet:
 def sample(records: list[dict], max_examples: int, seed: int) -> tuple[list[dict], int]:
     """The renderable records in a seeded order that depends only on each item's identity (so a record keeps
     its place when others join or leave), cut to `max_examples` (0 = all). Returns (sample, skipped)."""
-    usable = [r for r in records if data.render(r) is not None]
+    usable = [r for r in records if data.renderable(r)]
     usable.sort(key=lambda r: data.item_digest(r, seed))
     return (usable[:max_examples] if max_examples > 0 else usable), len(records) - len(usable)
 
 
 def prepare(records: list[dict], tokenizer, context_length: int, *, max_examples: int = 200,
             fim_samples: int = 24, seed: int = 0) -> EvalSet:
-    """Sample, render (change format), tokenise, build each target's changed-token mask, pack; and cut the FIM
-    completion tasks from the first `fim_samples` sampled items long enough to have a middle."""
+    """Sample, render (the edit rendering, on which the changed-token loss is defined), tokenise, build each
+    target's changed-token mask, pack; and the FIM completion tasks of the first `fim_samples` sampled items: the
+    real-file fill-in-the-middle training uses, with the same span (seeded by the item's identity), the prompt
+    cut by the same marker-keeping truncation."""
     chosen, skipped = sample(records, max_examples, seed)
     toks, changed, truncated = [], [], 0
     for ex in chosen:
-        tok, cut = data.tokenize(tokenizer, *data.render(ex), context_length)
+        tok, cut = data.tokenize(tokenizer, *data.render_edit(ex), context_length)
         truncated += cut
         target = [t for t in tok.labels if t != data.IGNORE]
         before = data.before_text(ex)
@@ -114,12 +122,12 @@ def prepare(records: list[dict], tokenizer, context_length: int, *, max_examples
     for ex in chosen:
         if len(fim) >= fim_samples:
             break
-        task = data.render_fim(ex, seed)
-        if task is None:
+        parts = data.fim_parts(ex, seed)
+        if parts is None:
             continue
-        prompt, middle = task
-        ref_ids = tokenizer(middle, add_special_tokens=False)["input_ids"][:FIM_MAX_NEW_TOKENS]
-        prompt_ids = data.tokenize(tokenizer, prompt, "", max(1, context_length - FIM_MAX_NEW_TOKENS))[0].input_ids
+        ref_ids = tokenizer(parts.middle, add_special_tokens=False)["input_ids"][:FIM_MAX_NEW_TOKENS]
+        prompt_ids = data.tokenize_fim(tokenizer, parts, max(1, context_length - FIM_MAX_NEW_TOKENS),
+                                       with_target=False)[0].input_ids
         fim.append(FimItem(str(ex.get("commit")), prompt_ids, tokenizer.decode(ref_ids)))
     return EvalSet(chosen, packed, changed, fim, skipped, truncated)
 

@@ -239,7 +239,7 @@ def _round(spec: dict, progress: Progress, cfg: dict, base_model: str, adapters_
     mixed, replayed = data.mix_replay(new, old, float(cfg["replay_share"]), int(cfg["seed"]),
                                       newest_first=spec.get("replay_commits"),
                                       halflife_commits=float(cfg["replay_halflife_commits"]))
-    train = data.build(mixed, tokenizer, ctx, fim_share=float(cfg["fim_share"]), seed=int(cfg["seed"]))
+    train = data.build(mixed, tokenizer, ctx, options=data.RenderOptions.from_settings(cfg), seed=int(cfg["seed"]))
     # Completions are scored on the window alone: the older slice is there for forgetting, which its losses
     # measure, and greedy decoding (token by token, three models) is most of a round's evaluation time.
     evalsets = {name: evaluate.prepare(records, tokenizer, ctx, max_examples=int(cfg["eval_max_examples"]),
@@ -291,16 +291,18 @@ def _round(spec: dict, progress: Progress, cfg: dict, base_model: str, adapters_
             stream += order
         group, stream = stream[:grad_accum], stream[grad_accum:]
         mbs = [tuple(torch.tensor(getattr(train.packed, k)[i * micro_batch:(i + 1) * micro_batch],
-                                  dtype=torch.long, device=device) for k in ("input_ids", "position_ids", "labels"))
-               for i in group]
-        group_tokens = sum(int((lab[:, 1:] != data.IGNORE).sum()) for _, _, lab in mbs)
+                                  dtype=torch.float32 if k == "weights" else torch.long, device=device)
+                     for k in ("input_ids", "position_ids", "labels", "weights")) for i in group]
+        group_tokens = sum(int((lab[:, 1:] != data.IGNORE).sum()) for _, _, lab, _ in mbs)
+        group_weight = max(1e-9, sum(float(w[:, 1:].sum()) for *_, w in mbs))  # the loss: a weighted token mean
         for g in optimizer.param_groups:
             g["lr"] = lr_at(step, total, sched)
         loss_sum = 0.0
-        for ids, pos, labels in mbs:
+        for ids, pos, labels, weights in mbs:
             with autocast():
-                s, _ = target_loss_sum(model, ids, pos, labels, torch, chunked_ckpt=plan.gradient_checkpointing)
-            scaler.scale(s / max(1, group_tokens)).backward()
+                s, _ = target_loss_sum(model, ids, pos, labels, torch, chunked_ckpt=plan.gradient_checkpointing,
+                                       weights=weights)
+            scaler.scale(s / group_weight).backward()
             loss_sum += float(s.detach())
         if not math.isfinite(loss_sum):  # fp16 overflow or NaN weights: a failure, not a step the scaler skips
             raise NonFiniteLoss(f"training loss is {loss_sum} at step {step + 1} of {total}")
@@ -310,7 +312,7 @@ def _round(spec: dict, progress: Progress, cfg: dict, base_model: str, adapters_
         scaler.update()
         optimizer.zero_grad(set_to_none=True)
         target_tokens += group_tokens
-        losses.append(loss_sum / max(1, group_tokens))
+        losses.append(loss_sum / group_weight)
         elapsed = time.time() - t_loop
         progress("progress", step=step + 1, total=total, loss=round(losses[-1], 5), tokens=target_tokens,
                  lr=g["lr"], eta_s=round(elapsed / (step + 1) * (total - step - 1), 1))
@@ -378,8 +380,8 @@ def _round(spec: dict, progress: Progress, cfg: dict, base_model: str, adapters_
 
 def read_tokens_of(record: dict, tokenizer, context_length: int, cfg: dict) -> int:
     """Tokens the loop reads for one record, rendered and cut exactly as data.build does (0 if skipped)."""
-    rendered = data.render(record, fim_share=float(cfg["fim_share"]), seed=int(cfg["seed"]))
-    return 0 if rendered is None else len(data.tokenize(tokenizer, *rendered, context_length)[0].input_ids)
+    return data.example_tokens(record, tokenizer, context_length, data.RenderOptions.from_settings(cfg),
+                               int(cfg["seed"]))
 
 
 def _is_oom(exc: BaseException) -> bool:

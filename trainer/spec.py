@@ -49,7 +49,14 @@ class RoundSettings(_Strict):
                                            description="replay favours recent commits: a commit this many commits "
                                                        "older than the newest trained one is drawn half as often "
                                                        "(0 = uniform)")
-    fim_share: float = Field(0.2, ge=0, le=1, description="share of examples rendered as fill-in-the-middle")
+    # Most examples fill in the middle of the real new file (what an editor asks); a minority stay
+    # "message + before -> after" edits, the rendering the gate's changed-token loss is measured on
+    # (trainer/data.py).
+    edit_share: float = Field(0.2, ge=0, le=1, description="share of examples rendered as 'message + before -> "
+                              "after' edits; the rest fill in the middle of the real new file")
+    copied_token_weight: float = Field(0.1, ge=0, le=1, description="loss weight of an edit target's tokens "
+                                       "copied from its before version (changed tokens weigh 1)")
+    fim_share: float | None = Field(None, ge=0, le=1, description="deprecated: edit_share = 1 - fim_share")
     context_length: int = Field(0, ge=0, le=1_048_576, description="0 = from the hardware plan")
     # -- hardware plan overrides
     device: Literal["auto", "cpu", "cuda"] = "auto"
