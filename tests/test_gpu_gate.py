@@ -134,7 +134,7 @@ def test_a_due_round_waits_for_a_busy_gpu_then_starts_when_it_frees(tmp_path, is
     daemon = DaemonProcess(env={"PATH": f"{fake_dir}{os.pathsep}{path_without_nvidia_smi()}"}).start()
     try:
         gitlora("install", str(repo))
-        oids = [commit_files(repo, {f"src/f{n}.rs": f"pub fn f{n}() -> u32 {{ {n} }}\n"}, f"commit {n}")
+        oids = [commit_files(repo, {f"src/f{n}.rs": f"pub fn f{n}() -> u32 {{\n    let base: u32 = {n};\n    base.wrapping_add(1)\n}}\n"}, f"commit {n}")
                 for n in range(3)]
         wait_stored(repo, oids)
 

@@ -180,7 +180,7 @@ def test_train_now_without_the_base_model_answers_why_and_starts_nothing(tmp_pat
     daemon = DaemonProcess().start()
     try:
         gitlora("install", str(repo))
-        oids = [commit_files(repo, {f"src/f{n}.rs": f"pub fn f{n}(x: u32) -> u32 {{ x + {n} }}\n"}, f"commit {n}")
+        oids = [commit_files(repo, {f"src/f{n}.rs": f"pub fn f{n}(x: u32) -> u32 {{\n    let y = x.wrapping_mul({n} + 1);\n    y + {n}\n}}\n"}, f"commit {n}")
                 for n in range(4)]
         wait_stored(repo, oids)
         started = time.monotonic()
