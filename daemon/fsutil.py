@@ -9,13 +9,18 @@ the daemon's imports.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 
 
-def atomic_write_bytes(target: str | os.PathLike[str], data: bytes, *, mode: int | None = None) -> None:
-    """Replace `target` with `data` atomically, creating its parent dirs.
+@contextlib.contextmanager
+def atomic_path(target: str | os.PathLike[str], *, mode: int | None = None) -> Iterator[Path]:
+    """A temporary path beside `target`, created empty; when the block ends, what was written there is flushed
+    and renamed over `target` (on an exception it is removed and `target` is left as it was). For writers that
+    open a path themselves (the GGUF writer); `atomic_write_bytes` for bytes in memory.
 
     `mode` sets the permission bits exactly (0o755 for a hook script), whatever the umask; without it the file
     gets what `open()` would give a new file (0o666 less the umask).
@@ -27,17 +32,29 @@ def atomic_write_bytes(target: str | os.PathLike[str], data: bytes, *, mode: int
     tmp = target.with_name(f".{target.name}.{os.getpid()}.{os.urandom(4).hex()}.tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
     try:
-        with os.fdopen(fd, "wb") as handle:
+        try:
             if mode is not None:
-                os.fchmod(handle.fileno(), mode)
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
+                os.fchmod(fd, mode)
+        finally:
+            os.close(fd)
+        yield tmp
+        fd = os.open(tmp, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
         os.replace(tmp, target)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
     fsync_dir(target.parent)
+
+
+def atomic_write_bytes(target: str | os.PathLike[str], data: bytes, *, mode: int | None = None) -> None:
+    """Replace `target` with `data` atomically, creating its parent dirs (`mode`: as `atomic_path`)."""
+    with atomic_path(target, mode=mode) as tmp:
+        with open(tmp, "wb") as handle:
+            handle.write(data)
 
 
 def atomic_write_text(target: str | os.PathLike[str], text: str, *, mode: int | None = None) -> None:

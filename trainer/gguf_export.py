@@ -178,7 +178,7 @@ def export_gguf(adapter_dir: str | os.PathLike[str], base_model: str, out: str |
     Returns what was written; ExportError (one line) when the adapter or the base cannot be mapped."""
     import gguf
 
-    from gitlora.daemon.fsutil import fsync_dir
+    from gitlora.daemon.fsutil import atomic_path
 
     adapter_dir, out = Path(adapter_dir), Path(out)
     try:
@@ -193,9 +193,7 @@ def export_gguf(adapter_dir: str | os.PathLike[str], base_model: str, out: str |
     arch, blocks = architecture(config)
     tensors = lora_tensors(read_safetensors(weights), arch, blocks, bool(config.get("tie_word_embeddings")))
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.{os.getpid()}.{os.urandom(4).hex()}.tmp")
-    try:
+    with atomic_path(out) as tmp:
         writer = gguf.GGUFWriter(tmp, arch=gguf.MODEL_ARCH_NAMES[arch])
         writer.add_type(gguf.GGUFType.ADAPTER)
         writer.add_string(gguf.Keys.Adapter.TYPE, "lora")
@@ -210,13 +208,6 @@ def export_gguf(adapter_dir: str | os.PathLike[str], base_model: str, out: str |
         writer.write_kv_data_to_file()
         writer.write_tensors_to_file()
         writer.close()
-        with open(tmp, "rb") as handle:
-            os.fsync(handle.fileno())
-        os.replace(tmp, out)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    fsync_dir(out.parent)
     return {"file": str(out), "version": version or adapter_dir.name, "architecture": gguf.MODEL_ARCH_NAMES[arch],
             "alpha": alpha, "rank": int(tensors[0][1].shape[0]), "lora_pairs": len(tensors) // 2,
             "bytes": out.stat().st_size}
