@@ -54,11 +54,13 @@ def write_shard(path: Path, records: list[dict]) -> Path:
 
 
 def make_spec(tmp: Path, model: Path, adapters: Path, train, replay=(), eval_=(), *, window=None, older=None,
-              **train_cfg) -> Path:
+              budget=None, **train_cfg) -> Path:
     """A round spec; `window` / `older` (commit lists) select the window and the older slice from eval_."""
     spec = dict(base_model=str(model), adapters_dir=str(adapters), train_shards=[str(p) for p in train],
                 replay_shards=[str(p) for p in replay], eval_shards=[str(p) for p in eval_],
                 progress_file=str(tmp / "progress.jsonl"), train={**FAST, **train_cfg})
+    if budget is not None:
+        spec["budget"] = budget
     if window is not None:
         spec.update(window_commits=list(window), older_commits=list(older or []))
     path = tmp / "spec.json"
@@ -104,7 +106,8 @@ def world(tmp_path_factory):
 
     r1 = root / "round1"
     r1.mkdir()
-    proc = run_cli(make_spec(r1, model, adapters, [old], [], [ev]))
+    # A time budget far above what the round needs: no rate measured yet, so the round measures one.
+    proc = run_cli(make_spec(r1, model, adapters, [old], [], [ev], budget={"max_seconds": 100_000}))
     assert proc.returncode == 0, proc.stderr[-3000:]
     round1 = events(r1 / "progress.jsonl")
 
@@ -178,6 +181,38 @@ def test_first_round_lowers_loss_and_saves_a_plain_peft_adapter(world):
     assert peft_model.get_input_embeddings().weight.shape[0] == tiny.VOCAB_SIZE  # vocabulary untouched
     cfg = json.loads((world["adapters"] / "v0001" / "adapter_config.json").read_text())
     assert set(cfg["target_modules"]) == {"q_proj", "k_proj", "v_proj", "o_proj", "c_fc", "c_proj"}
+
+
+def test_first_timed_round_calibrates_its_rate_and_later_rounds_use_the_measured_one(world):
+    first = json.loads((world["adapters"] / "v0001" / registry.METRICS).read_text())["budget"]
+    assert first["rate_source"] == "calibrated" and first["max_seconds"] == 100_000
+    # The calibration is the loop's own work (forward + backward on a full block): the same order as the rate
+    # the loop then measured, not a FLOP-count guess (bounds wide for a loaded machine).
+    assert first["tokens_per_s"] / 5 < first["read_tokens_per_s"] < first["tokens_per_s"] * 5
+    second = world["round2"]["budget"]
+    assert second["rate_source"] == "measured" and second["tokens_per_s"] == first["read_tokens_per_s"]
+
+
+def test_calibration_leaves_the_adapter_and_the_random_stream_as_they_were(world):
+    import contextlib
+
+    import torch
+
+    from gitlora.trainer import round as R
+    from gitlora.trainer.spec import DEFAULTS
+
+    cfg = {**DEFAULTS, **FAST, "context_length": 256, "lora_dropout": 0.1}  # dropout draws random numbers
+    plan = R.round_plan(str(world["model"]), cfg)
+    model, _ = R.attach_adapter(R.load_base(str(world["model"]), plan, torch), world["root"] / "no-adapters", cfg)
+    before = {k: v.clone() for k, v in model.state_dict().items() if "lora_" in k}
+    torch.manual_seed(7)
+    expected = torch.rand(4)
+    torch.manual_seed(7)
+    rate = R.calibrated_rate(model, plan, 1, torch, torch.device("cpu"), contextlib.nullcontext)
+    assert rate > 0 and torch.equal(torch.rand(4), expected)
+    after = {k: v for k, v in model.state_dict().items() if "lora_" in k}
+    assert before and all(torch.equal(before[k], after[k]) for k in before)
+    assert all(p.grad is None for p in model.parameters())
 
 
 def test_second_round_resumes_the_first_adapter_and_replays(world):

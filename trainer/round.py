@@ -227,10 +227,23 @@ def _round(spec: dict, progress: Progress, cfg: dict, base_model: str, adapters_
     tokenizer = AutoTokenizer.from_pretrained(base_model)
     ctx = plan.context_length
     new = keep_commits(data.read_shards(spec.get("train_shards") or []), spec.get("new_commits"))
-    # ---- budget: a backlog bigger than the round's time/token budget trains its newest commits first
-    gpu = planlib.detect_gpu() if plan.device == "cuda" else None
-    rate = planlib.measured_rate(adapters_dir, plan) or planlib.prior_tokens_per_s(
-        plan, cores=os.cpu_count(), compute_capability=gpu.compute_capability if gpu else None)
+    if not any(data.renderable(r) for r in new):
+        raise SpecError("no trainable examples in train_shards")
+
+    # ---- model + adapter
+    model = load_base(base_model, plan, torch)
+    model, parent = attach_adapter(model, adapters_dir, cfg)
+
+    # ---- budget: a backlog bigger than the round's time/token budget trains its newest commits first, at the
+    # rate an earlier round measured on this machine, else at one measured now (the plan's FLOP-count prior can
+    # be off by an order of magnitude: too low and the round uses a fraction of its budget)
+    rate, rate_source = planlib.measured_rate(adapters_dir, plan), "measured"
+    if not rate and (spec.get("budget") or {}).get("max_seconds"):
+        rate, rate_source = calibrated_rate(model, plan, micro_batch, torch, device, autocast), "calibrated"
+    if not rate:
+        gpu = planlib.detect_gpu() if plan.device == "cuda" else None
+        rate, rate_source = planlib.prior_tokens_per_s(
+            plan, cores=os.cpu_count(), compute_capability=gpu.compute_capability if gpu else None), "prior"
     step_tokens = int(cfg["max_steps"]) * micro_batch * grad_accum * ctx  # what a max_steps round reads (0: none)
     new, budget_report = planlib.select_by_budget(
         new, lambda r: read_tokens_of(r, tokenizer, ctx, cfg), spec.get("budget"), rate,
@@ -250,10 +263,8 @@ def _round(spec: dict, progress: Progress, cfg: dict, base_model: str, adapters_
         raise SpecError("no trainable examples in train_shards")
     micro_steps = math.ceil(len(train.packed.input_ids) / micro_batch)
     total = int(cfg["max_steps"]) or max(1, math.ceil(micro_steps * float(cfg["epochs"]) / grad_accum))
+    budget_report["rate_source"] = rate_source
 
-    # ---- model + adapter
-    model = load_base(base_model, plan, torch)
-    model, parent = attach_adapter(model, adapters_dir, cfg)
     sched = schedule(cfg, resumed=parent is not None)
     version_dir = registry.next_version_dir(adapters_dir)
     progress("start", pid=os.getpid(), version=version_dir.name, parent=parent, device=plan.device,
@@ -376,6 +387,31 @@ def _round(spec: dict, progress: Progress, cfg: dict, base_model: str, adapters_
                                    "budget", "evaluation")}
     progress("done", promoted=passed, current=registry.current_version(adapters_dir), **done)
     return {"promoted": passed, **result}
+
+
+def calibrated_rate(model, plan, micro_batch: int, torch, device, autocast) -> float:
+    """Tokens read per second of training, measured on this machine: three micro-steps on a full block of
+    random tokens, the last two timed (the first pays for allocation and warm-up); their gradients are dropped
+    and no optimizer step is taken, so the adapter is unchanged. For the first round with a model and device,
+    before any round has measured its rate."""
+    ctx = plan.context_length
+    generator = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, int(model.config.vocab_size), (micro_batch, ctx), generator=generator).to(device)
+    positions = torch.arange(ctx).repeat(micro_batch, 1).to(device)
+    model.train()
+    timings = []
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):  # dropout draws stay the round's
+        for _ in range(3):
+            started = time.perf_counter()
+            with autocast():
+                loss, _ = target_loss_sum(model, ids, positions, ids, torch,
+                                          chunked_ckpt=plan.gradient_checkpointing)
+            loss.backward()
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            timings.append(time.perf_counter() - started)
+    model.zero_grad(set_to_none=True)
+    return micro_batch * ctx / (sum(timings[1:]) / len(timings[1:]))
 
 
 def read_tokens_of(record: dict, tokenizer, context_length: int, cfg: dict) -> int:
