@@ -9,8 +9,9 @@ Why a replay of the run rather than a whole benchmark per setting: which commits
 and replays depends on timing (how many commits landed while the previous round ran), so two live runs differ
 in their data as well as their settings. Here every variant trains on exactly the rounds the daemon planned
 (each round's spec.json: new, replay, window and older commits, budget, seed), in the same order, through the
-real trainer and its gate; only the [train] settings given differ. Round 1 (a fresh adapter on the backfill)
-is not repeated: its adapter (the lineage's first version) is every variant's starting point.
+real trainer and its gate; only the [train] settings given differ. The round that trained the lineage's first
+version (a fresh adapter) is not repeated: that adapter is every variant's starting point, and the rounds after
+it are replayed.
 
 Each variant's final `current` is scored against the base on the test commits, paired, with the product's own
 evaluation (trainer/evaluate.py, trainer/metrics.py: changed-token loss, 95 % interval over commits), and
@@ -44,6 +45,26 @@ def parse_variant(text: str) -> tuple[str, dict]:
     return name, settings
 
 
+def round_version(rdir: Path) -> str | None:
+    """The adapter version a round trained (its progress file's start event)."""
+    progress = rdir / "progress.jsonl"
+    for line in (progress.read_text().splitlines() if progress.exists() else []):
+        event = json.loads(line) if line.strip() else {}
+        if event.get("event") == "start":
+            return event.get("version")
+    return None
+
+
+def rounds_after(rounds_dir: Path, first: str) -> list[Path]:
+    """The run's rounds after the one that trained `first` (earlier rounds, e.g. a first round the gate
+    rejected, are not continuations of it)."""
+    rounds = sorted(p for p in rounds_dir.iterdir() if p.is_dir() and (p / "spec.json").exists())
+    versions = [round_version(r) for r in rounds]
+    if first not in versions:
+        raise SystemExit(f"no round of {rounds_dir} trained {first}")
+    return rounds[versions.index(first) + 1:]
+
+
 def replay_rounds(rp, work: Path, name: str, settings: dict, env: dict, first: str, limit: int = 0) -> dict:
     """The run's rounds after the first, again, from the first adapter, with `settings` merged into [train]."""
     vdir = work / "sweep" / name
@@ -53,8 +74,8 @@ def replay_rounds(rp, work: Path, name: str, settings: dict, env: dict, first: s
     shutil.copytree(rp.adapters / first, adapters / first)
     os.symlink(first, adapters / "current")
     outcomes, t0 = [], time.time()
-    rounds = sorted(p for p in rp.rounds.iterdir() if p.is_dir() and (p / "spec.json").exists())
-    for rdir in rounds[1:1 + limit] if limit else rounds[1:]:
+    rounds = rounds_after(rp.rounds, first)
+    for rdir in rounds[:limit] if limit else rounds:
         spec = json.loads((rdir / "spec.json").read_text())
         spec["adapters_dir"], spec["progress_file"] = str(adapters), str(vdir / f"{rdir.name}.progress.jsonl")
         spec["train"] = {**(spec.get("train") or {}), **settings}
