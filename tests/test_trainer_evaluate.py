@@ -172,3 +172,61 @@ def test_fim_tasks_complete_inside_the_real_file(setup):
     assert ids.count(tokenizer.convert_tokens_to_ids("<fim_suffix>")) == 1
     prompt_ids = tokenizer(data.render_edit(rec)[0], add_special_tokens=False)["input_ids"]
     assert es.packed.input_ids[0][:len(prompt_ids)] == prompt_ids  # the loss set: the edit rendering
+
+
+# ------------------------------------------------------------------------------------------- score cache
+def test_score_cache_reuses_scores_and_scores_only_what_it_lacks(setup, tmp_path):
+    import torch
+
+    from gitlora.trainer import score_cache
+
+    model, tokenizer, model_dir = setup
+    cpu = torch.device("cpu")
+    first = evaluate.prepare([record(n, lines=3 + n % 4) for n in range(8)], tokenizer, 1024, fim_samples=3)
+    # The window moved: two records left, two newer ones joined.
+    moved = evaluate.prepare([record(n, lines=3 + n % 4) for n in range(2, 10)], tokenizer, 1024, fim_samples=3)
+    plain = evaluate.evaluate(model, tokenizer, moved, 2, torch, cpu)
+
+    key = score_cache.base_key(str(model_dir), {"device": "cpu", "compute_dtype": "float32"})
+    cache = score_cache.ScoreCache.for_model(tmp_path, "base", key)
+    evaluate.evaluate(model, tokenizer, first, 2, torch, cpu, cache=cache)
+    assert cache.stats() == {"hits": 0, "misses": len(first.records) + len(first.fim)}
+    cache.save()
+
+    reloaded = score_cache.ScoreCache.for_model(tmp_path, "base", key)
+    cached = evaluate.evaluate(model, tokenizer, moved, 2, torch, cpu, cache=reloaded)
+    shared = sum(k in set(first.loss_keys()) for k in moved.loss_keys())
+    assert 0 < shared < len(moved.records)  # the premise: some records are new
+    assert reloaded.stats()["misses"] == len(moved.records) - shared + sum(
+        k not in set(first.fim_keys()) for k in moved.fim_keys())
+    # Cached and freshly computed (repacked) scores equal a plain evaluation of the moved set.
+    assert [x.commit for x in cached.losses] == [x.commit for x in plain.losses]
+    for a, b in zip(cached.losses, plain.losses):
+        assert (a.target_n, a.changed_n) == (b.target_n, b.changed_n)
+        assert a.target_sum == pytest.approx(b.target_sum, rel=1e-4)
+        assert a.changed_sum == pytest.approx(b.changed_sum, rel=1e-4, abs=1e-6)
+    assert [(f.commit, f.exact) for f in cached.fim] == [(f.commit, f.exact) for f in plain.fim]
+    assert [f.edit_sim for f in cached.fim] == pytest.approx([f.edit_sim for f in plain.fim])
+
+    # Another model (other weights or precision) never reads these scores.
+    other = score_cache.ScoreCache.for_model(tmp_path, "base", score_cache.base_key(
+        str(model_dir), {"device": "cpu", "compute_dtype": "float16"}))
+    assert not other.losses and not other.fim
+
+
+def test_score_cache_is_bounded_and_keyed_by_the_adapter_files(tmp_path):
+    from gitlora.trainer import score_cache
+
+    cache = score_cache.ScoreCache(tmp_path / "c.json", "k")
+    for i in range(score_cache.MAX_ENTRIES + 5):
+        cache.put("losses", str(i), [1.0, 1, 0.0, 0])
+    assert len(cache.losses) == score_cache.MAX_ENTRIES and "0" not in cache.losses
+    version = tmp_path / "v0001"
+    version.mkdir()
+    (version / "adapter_model.safetensors").write_bytes(b"a")
+    before = score_cache.adapter_key("base", version)
+    assert before == score_cache.adapter_key("base", version)
+    (version / "adapter_model.safetensors").write_bytes(b"bb")
+    assert score_cache.adapter_key("base", version) != before
+    (tmp_path / "c.json").write_text("{not json")  # a torn or foreign file is an empty cache, never an error
+    assert not score_cache.ScoreCache(tmp_path / "c.json", "k").losses

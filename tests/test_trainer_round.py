@@ -193,6 +193,17 @@ def test_first_timed_round_calibrates_its_rate_and_later_rounds_use_the_measured
     assert second["rate_source"] == "measured" and second["tokens_per_s"] == first["read_tokens_per_s"]
 
 
+def test_the_next_round_reuses_the_base_and_current_scores_of_the_last(world):
+    # Round 1 scored the base and its (promoted) candidate on the window; round 2's window holds the same
+    # examples: its base and current scores come from those, the new candidate's are computed.
+    cached = world["round2"]["eval_cache"]
+    assert cached["base"]["hits"] > 0 and cached["current"]["hits"] > 0
+    assert cached["current"]["misses"] < cached["current"]["hits"]
+    files = sorted(p.stem for p in (world["adapters"] / "eval-cache").glob("*.json"))
+    current = registry.current_version(world["adapters"])
+    assert files == sorted({"base", current})  # older versions' scores are pruned with each promotion
+
+
 def test_calibration_leaves_the_adapter_and_the_random_stream_as_they_were(world):
     import contextlib
 

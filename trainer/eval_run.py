@@ -117,7 +117,7 @@ def run_eval(spec: dict) -> dict:
     from peft import PeftModel
     from transformers import AutoTokenizer
 
-    from gitlora.trainer import evaluate, metrics
+    from gitlora.trainer import evaluate, metrics, score_cache
 
     torch.manual_seed(int(cfg["seed"]))
     device = torch.device(plan.device)
@@ -135,24 +135,32 @@ def run_eval(spec: dict) -> dict:
     model = load_base(base_model, plan, torch)
     model.eval()
 
-    def measure() -> dict:
-        return {name: evaluate.evaluate(model, tokenizer, evalset, micro_batch, torch, device, autocast)
-                for name, evalset in prepared.items()}
+    # Scores the rounds (or an earlier eval) computed for the same model on the same examples are reused.
+    base_key = score_cache.base_key(base_model, plan.to_dict())
+
+    def measure(name: str, model_key: str) -> dict:
+        cache = score_cache.ScoreCache.for_model(adapters_dir, name, model_key)
+        out = {set_name: evaluate.evaluate(model, tokenizer, evalset, micro_batch, torch, device, autocast, cache)
+               for set_name, evalset in prepared.items()}
+        cache.save()
+        cached[name] = cache.stats()
+        return out
 
     scores: dict[str, dict] = {}
+    cached: dict[str, dict] = {}
     if versions:
         model = PeftModel.from_pretrained(model, str(adapters_dir / versions[0]), adapter_name=versions[0])
         for version in versions[1:]:
             model.load_adapter(str(adapters_dir / version), adapter_name=version)
         with model.disable_adapter():
-            scores["base"] = measure()
+            scores["base"] = measure("base", base_key)
         for version in versions:
             model.set_adapter(version)
-            scores[version] = measure()
+            scores[version] = measure(version, score_cache.adapter_key(base_key, adapters_dir / version))
     else:
-        scores["base"] = measure()
+        scores["base"] = measure("base", base_key)
 
-    result = {"base_model": base_model, "versions": versions, "plan": plan.to_dict(),
+    result = {"base_model": base_model, "versions": versions, "plan": plan.to_dict(), "cached": cached,
               "sets": {name: {"examples": len(evalset.records), "commits": len(set(evalset.commits)),
                               "skipped": evalset.skipped, "truncated": evalset.truncated,
                               "selected": len(chosen[name])}

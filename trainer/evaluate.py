@@ -19,7 +19,7 @@ import contextlib
 import inspect
 from dataclasses import dataclass, field
 
-from gitlora.trainer import data, metrics, plan as planlib
+from gitlora.trainer import data, metrics, plan as planlib, score_cache
 
 FIM_MAX_NEW_TOKENS = 64
 
@@ -86,10 +86,31 @@ class EvalSet:
     fim: list[FimItem] = field(default_factory=list)
     skipped: int = 0  # records with nothing to learn (deleted, empty after)
     truncated: int = 0
+    tokens: list[data.Tokenized] = field(default_factory=list)  # per record, unpacked (to score a subset)
+    context_length: int = 0
+    pad_id: int = 0
+    seed: int = 0
 
     @property
     def commits(self) -> list[str]:
         return [str(r.get("commit")) for r in self.records]
+
+    def loss_keys(self) -> list[str]:
+        """Per record: what decides its losses (score_cache keys)."""
+        return [score_cache.digest(t.input_ids, t.labels, c) for t, c in zip(self.tokens, self.changed)]
+
+    def fim_keys(self) -> list[str]:
+        """Per FIM item: what decides its completion and score."""
+        return [score_cache.digest(f.prompt_ids, f.reference, FIM_MAX_NEW_TOKENS) for f in self.fim]
+
+    def subset(self, records: list[int], fim: list[int]) -> "EvalSet":
+        """The records and FIM items at these indices, repacked (a record's losses do not depend on its
+        block's other members)."""
+        tokens = [self.tokens[i] for i in records]
+        packed = data.pack(tokens, self.context_length, self.pad_id, seed=self.seed)
+        return EvalSet([self.records[i] for i in records], packed, [self.changed[i] for i in records],
+                       [self.fim[i] for i in fim], tokens=tokens, context_length=self.context_length,
+                       pad_id=self.pad_id, seed=self.seed)
 
 
 def sample(records: list[dict], max_examples: int, seed: int) -> tuple[list[dict], int]:
@@ -129,7 +150,8 @@ def prepare(records: list[dict], tokenizer, context_length: int, *, max_examples
         prompt_ids = data.tokenize_fim(tokenizer, parts, max(1, context_length - FIM_MAX_NEW_TOKENS),
                                        with_target=False)[0].input_ids
         fim.append(FimItem(str(ex.get("commit")), prompt_ids, tokenizer.decode(ref_ids)))
-    return EvalSet(chosen, packed, changed, fim, skipped, truncated)
+    return EvalSet(chosen, packed, changed, fim, skipped, truncated, tokens=toks, context_length=context_length,
+                   pad_id=pad_id, seed=seed)
 
 
 # ------------------------------------------------------------------------------------------------- scoring
@@ -249,7 +271,30 @@ def score_fim(model, tokenizer, evalset: EvalSet, torch, device, autocast=contex
 
 
 def evaluate(model, tokenizer, evalset: EvalSet, micro_batch: int, torch, device,
-             autocast=contextlib.nullcontext) -> Scores:
-    """Losses and FIM completions of `model` (as it is: wrap the call in peft's disable_adapter() for the base)."""
-    return Scores(score_losses(model, evalset, micro_batch, torch, device, autocast),
-                  score_fim(model, tokenizer, evalset, torch, device, autocast))
+             autocast=contextlib.nullcontext, cache: score_cache.ScoreCache | None = None) -> Scores:
+    """Losses and FIM completions of `model` (as it is: wrap the call in peft's disable_adapter() for the base).
+    With a `cache` (this model's), only what it lacks is computed, and what was computed is added to it."""
+    if cache is None:
+        return Scores(score_losses(model, evalset, micro_batch, torch, device, autocast),
+                      score_fim(model, tokenizer, evalset, torch, device, autocast))
+    loss_keys, fim_keys = evalset.loss_keys(), evalset.fim_keys()
+    known_losses = [cache.get("losses", k) for k in loss_keys]
+    known_fim = [cache.get("fim", k) for k in fim_keys]
+    todo = evalset.subset([i for i, v in enumerate(known_losses) if v is None],
+                          [i for i, v in enumerate(known_fim) if v is None])
+    fresh_losses = iter(score_losses(model, todo, micro_batch, torch, device, autocast) if todo.records else [])
+    fresh_fim = iter(score_fim(model, tokenizer, todo, torch, device, autocast))
+    losses, fim = [], []
+    for rec, key, known in zip(evalset.records, loss_keys, known_losses):
+        if known is None:
+            e = next(fresh_losses)
+            known = [e.target_sum, e.target_n, e.changed_sum, e.changed_n]
+            cache.put("losses", key, known)
+        losses.append(metrics.ExampleLoss(str(rec.get("commit")), *known))
+    for item, key, known in zip(evalset.fim, fim_keys, known_fim):
+        if known is None:
+            f = next(fresh_fim)
+            known = [bool(f.exact), f.edit_sim]
+            cache.put("fim", key, known)
+        fim.append(metrics.FimScore(item.commit, *known))
+    return Scores(losses, fim)

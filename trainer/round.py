@@ -38,7 +38,7 @@ import traceback
 import warnings
 from pathlib import Path
 
-from gitlora.trainer import data, evaluate, gate, metrics, plan as planlib, registry
+from gitlora.trainer import data, evaluate, gate, metrics, plan as planlib, registry, score_cache
 from gitlora.trainer.evaluate import target_loss_sum  # noqa: F401 - the loss path, shared with training
 from gitlora.trainer.spec import (DEFAULTS, EXIT_FAIL, EXIT_INTERRUPTED, EXIT_OOM, EXIT_SPEC, EXIT_TERMINATED,
                                   REASON_NONFINITE, keep_commits, schedule)
@@ -142,11 +142,13 @@ def eval_records(spec: dict) -> dict[str, list[dict]]:
             "older": [r for r in records if r.get("commit") in older]}
 
 
-def score_all(model, tokenizer, evalsets: dict, micro_batch: int, torch, device, autocast, label: str) -> dict:
-    """`model` on every eval set; a non-finite loss on any example fails the round."""
+def score_all(model, tokenizer, evalsets: dict, micro_batch: int, torch, device, autocast, label: str,
+              cache: score_cache.ScoreCache | None = None) -> dict:
+    """`model` on every eval set (what `cache`, this model's, holds is not computed again); a non-finite loss on
+    any example fails the round."""
     scores = {}
     for name, evalset in evalsets.items():
-        scores[name] = evaluate.evaluate(model, tokenizer, evalset, micro_batch, torch, device, autocast)
+        scores[name] = evaluate.evaluate(model, tokenizer, evalset, micro_batch, torch, device, autocast, cache)
         bad = metrics.nonfinite(scores[name].losses)
         if bad:
             raise NonFiniteLoss(f"{label}: {bad} of {len(evalset.records)} {name} examples have a non-finite loss")
@@ -275,15 +277,25 @@ def _round(spec: dict, progress: Progress, cfg: dict, base_model: str, adapters_
              padding_waste=round(train.packed.waste, 4),
              eval_examples=len(evalsets["window"].records), older_examples=len(evalsets["older"].records))
 
-    # ---- eval before: the base model (adapter disabled) and the current adapter as resumed (none on round 1)
+    # ---- eval before: the base model (adapter disabled) and the current adapter as resumed (none on round 1);
+    # what earlier rounds scored of them is reused (the window moves by a few commits per round)
+    base_key = score_cache.base_key(base_model, plan.to_dict())
+    caches = {"base": score_cache.ScoreCache.for_model(adapters_dir, "base", base_key)}
+    if parent:
+        caches["current"] = score_cache.ScoreCache.for_model(
+            adapters_dir, parent, score_cache.adapter_key(base_key, adapters_dir / parent))
     with model.disable_adapter():
-        base_scores = score_all(model, tokenizer, evalsets, micro_batch, torch, device, autocast, "base model")
-    current_scores = (score_all(model, tokenizer, evalsets, micro_batch, torch, device, autocast, f"current {parent}")
-                      if parent else None)
+        base_scores = score_all(model, tokenizer, evalsets, micro_batch, torch, device, autocast, "base model",
+                                caches["base"])
+    current_scores = (score_all(model, tokenizer, evalsets, micro_batch, torch, device, autocast, f"current {parent}",
+                                caches["current"]) if parent else None)
+    for cache in caches.values():
+        cache.save()
     eval_before = (current_scores or base_scores)["window"].summary()["target_loss"]
     progress("eval", which="before", loss=eval_before,
              base={k: v.summary() for k, v in base_scores.items()},
-             current={k: v.summary() for k, v in current_scores.items()} if current_scores else None)
+             current={k: v.summary() for k, v in current_scores.items()} if current_scores else None,
+             cached={who: cache.stats() for who, cache in caches.items()})
 
     # ---- the loop: AdamW over LoRA params, grad accumulation weighted by target tokens, GradScaler for fp16
     params = [p for p in model.parameters() if p.requires_grad]
@@ -344,7 +356,9 @@ def _round(spec: dict, progress: Progress, cfg: dict, base_model: str, adapters_
                          read_tokens_per_s=round(read_tokens / max(train_time, 1e-9), 3))
 
     # ---- eval after, gate, save the candidate (temp dir + rename), promote
-    candidate_scores = score_all(model, tokenizer, evalsets, micro_batch, torch, device, autocast, "candidate")
+    candidate_cache = score_cache.ScoreCache.for_model(adapters_dir, version_dir.name, "")  # keyed once saved
+    candidate_scores = score_all(model, tokenizer, evalsets, micro_batch, torch, device, autocast, "candidate",
+                                 candidate_cache)
     eval_after = candidate_scores["window"].summary()["target_loss"]
     progress("eval", which="after", loss=eval_after,
              candidate={k: v.summary() for k, v in candidate_scores.items()})
@@ -365,6 +379,7 @@ def _round(spec: dict, progress: Progress, cfg: dict, base_model: str, adapters_
         budget=budget_report,
         target_tokens=target_tokens, tokens_per_s=round(target_tokens / max(train_time, 1e-9), 1),
         padding_waste=round(train.packed.waste, 4), train_time_s=round(train_time, 2),
+        eval_cache={who: cache.stats() for who, cache in caches.items()},
         time_s=round(time.time() - t_start, 2), examples=train.examples, replayed=replayed,
         skipped=train.skipped, truncated=train.truncated, eval_examples=len(evalsets["window"].records),
         data={"train_shards": [str(p) for p in spec.get("train_shards") or []],
@@ -381,7 +396,11 @@ def _round(spec: dict, progress: Progress, cfg: dict, base_model: str, adapters_
     (tmp / registry.METRICS).write_text(json.dumps(result, indent=2))
     registry.commit_version(tmp, version_dir)
     if passed:
+        # The candidate's scores are the next round's "current" scores: keyed by its weights as saved.
+        candidate_cache.model_key = score_cache.adapter_key(base_key, version_dir)
+        candidate_cache.save()
         registry.promote(adapters_dir, version_dir.name)
+        score_cache.prune(adapters_dir, keep=("base", version_dir.name))
     done = {k: result[k] for k in ("version", "parent", "eval_loss_before", "eval_loss_after", "train_loss_first",
                                    "train_loss_last", "target_tokens", "tokens_per_s", "padding_waste", "gate",
                                    "budget", "evaluation")}
