@@ -349,3 +349,68 @@ def test_a_tiny_round_still_replays_old_data():
     assert replayed == 1 and len(mixed) == 2 and {"i": 0} in mixed
     assert data.mix_replay(new, [], 0.3, seed=3)[1] == 0
     assert data.mix_replay(new, old, 0.0, seed=3)[1] == 0
+
+
+# ------------------------------------------------------------------------------------------- sampling weight
+def test_sample_weight_keeps_its_share_of_items_deterministically():
+    tests = [record(i, sample_weight=0.25, test=True) for i in range(400)]
+    kept = [data.sampled(r, seed=0) for r in tests]
+    assert 0.18 < sum(kept) / 400 < 0.32
+    assert [data.sampled(r, seed=0) for r in tests] == kept  # per (seed, item): the same every time
+    assert [data.sampled(r, seed=1) for r in tests] != kept  # another seed draws another sample
+    assert all(data.sampled(record(i), seed=0) for i in range(50))  # no weight: always
+    assert not any(data.sampled(record(i, sample_weight=0.0), seed=0) for i in range(50))
+    assert all(data.sampled(record(i, sample_weight=1.0), seed=0) for i in range(50))
+    # independent of the edit/FIM draw: the kept test items are not all of one kind
+    kinds = {data.rendering(r, data.RenderOptions(edit_share=0.5), 0).kind for r, k in zip(tests, kept) if k}
+    assert kinds == {data.EDIT, data.FIM}
+
+
+def test_build_leaves_out_by_weight_counts_them_and_example_tokens_agrees(tok):
+    recs = realistic_records(30) + [record(100 + i, sample_weight=0.0, test=True) for i in range(5)]
+    recs += [record(200 + i, sample_weight=0.5, test=True) for i in range(40)]
+    half_kept = sum(data.sampled(r, 3) for r in recs[35:])
+    assert 0 < half_kept < 40
+    options = data.RenderOptions(edit_share=0.3)
+    ds = data.build(recs, tok, 512, options=options, seed=3)
+    assert ds.left_out_by_weight == 5 + 40 - half_kept and ds.examples == 30 + half_kept
+    assert sum(data.example_tokens(r, tok, 512, options, 3) for r in recs) == ds.packed.real_tokens
+    assert all(data.example_tokens(r, tok, 512, options, 3) == 0 for r in recs[30:35])
+    everything = data.build([{**r, "sample_weight": None} for r in recs], tok, 512, options=options, seed=3)
+    assert everything.left_out_by_weight == 0 and everything.examples == len(recs)
+
+
+def test_a_rounds_budget_counts_only_what_its_weights_keep(tok):
+    from gitlora.trainer import plan
+
+    # The two newest commits are test code the weight leaves out: they cost nothing, so the budget reaches
+    # two older commits that would not fit if they were counted.
+    recs = [record(0, commit=f"c{i}", commit_time=1000 + i) for i in range(6)]  # the same text, 6 commits
+    recs += [record(0, commit=f"c{6 + i}", commit_time=1006 + i, sample_weight=0.0, test=True) for i in range(2)]
+    options = data.RenderOptions()
+    one = data.example_tokens(recs[0], tok, 512, options, 0)
+    assert one > 0 and data.example_tokens(recs[-1], tok, 512, options, 0) == 0
+    assert {data.example_tokens(r, tok, 512, options, 0) for r in recs[:6]} == {one}
+    budget = {"max_tokens": 3 * one, "max_seconds": 0}
+    kept, report = plan.select_by_budget(recs, lambda r: data.example_tokens(r, tok, 512, options, 0), budget,
+                                         1.0, 0.0, 1.0)
+    assert report["covered_commits"] == ["c7", "c6", "c5", "c4", "c3"]
+    assert report["planned_tokens"] == 3 * one
+
+
+def test_replay_is_sized_by_and_drawn_among_the_examples_weights_keep():
+    new = [record(i) for i in range(40)] + [record(100 + i, sample_weight=0.0) for i in range(30)]
+    old = [record(1000 + i) for i in range(100)] + [record(2000 + i, sample_weight=0.0) for i in range(100)]
+    mixed, replayed = data.mix_replay(new, old, 0.2, seed=1)
+    assert replayed == 10  # a fifth of what trains: 40 new kept, 10 replayed
+    assert len(mixed) == 80 and all(r in mixed for r in new)  # left-out new ones stay for build to count
+    assert all("sample_weight" not in r for r in mixed if r not in new)  # none of the left-out old ones
+    assert data.mix_replay(new[40:], old, 0.2, seed=1)[1] == 0  # nothing new trains: nothing to replay for
+
+
+def test_evaluation_scores_every_example_whatever_its_weight(tok):
+    from gitlora.trainer import evaluate
+
+    recs = [record(i, sample_weight=0.0, test=True) for i in range(6)]
+    es = evaluate.prepare(recs, tok, 512, fim_samples=2)
+    assert len(es.records) == 6 and len(es.fim) == 2 and len(es.packed.members) > 0

@@ -40,6 +40,12 @@ each target token copied from the before version (metrics.changed_mask) weighs `
 Deleted items are skipped: the target would be an empty string, which teaches nothing but "stop", and the
 daemon's shards are the only record of them (they stay there). Skips are counted, never silent.
 
+Sampling weight. A record with `sample_weight` w (the daemon sets ingest.test_weight on test code) trains with
+chance w, decided per (seed, item) by `sampled`: `build` leaves the rest out and counts them, `example_tokens`
+counts them as 0 tokens (so a round's budget selection counts only what trains) and `mix_replay` sizes and
+draws replay among what is kept. Evaluation (trainer/evaluate.py) ignores the weight: the held-out window is
+scored on everything.
+
 Truncation keeps every FIM marker: the prefix is cut from its top and the suffix from its bottom (by tokens),
 never `<fim_suffix>`/`<fim_middle>`. An edit example keeps its header and the end of its prompt.
 
@@ -109,6 +115,22 @@ def item_digest(ex: dict, seed: int, purpose: str = "") -> bytes:
     key = f"{seed}:{ex.get('commit')}:{ex.get('path')}:{ex.get('qualified_name')}:{ex.get('change_kind')}"
     key += f":{purpose}" if purpose else ""
     return hashlib.sha256(key.encode()).digest()
+
+
+def sample_weight(ex: dict) -> float:
+    """The chance training takes the record (the daemon's `sample_weight`, ingest.test_weight on test code);
+    1 when absent."""
+    weight = ex.get("sample_weight")
+    return 1.0 if weight is None else float(weight)
+
+
+def sampled(ex: dict, seed: int) -> bool:
+    """Whether training takes the record: its digest's uniform draw is under its sample weight. Per (seed,
+    item), so a round, its budget count and a rerun agree, and the edit/FIM draw and span stay independent."""
+    weight = sample_weight(ex)
+    if weight >= 1.0:
+        return True
+    return int.from_bytes(item_digest(ex, seed, "sample")[:8], "big") / 2.0 ** 64 < weight
 
 
 def _example_rng(ex: dict, seed: int) -> random.Random:
@@ -397,7 +419,10 @@ def tokenize_rendering(tokenizer, r: Rendering, context_length: int, copied_weig
 
 
 def example_tokens(record: dict, tokenizer, context_length: int, options: RenderOptions, seed: int) -> int:
-    """Tokens the training loop reads for one record, rendered and cut exactly as `build` does (0 if skipped)."""
+    """Tokens the training loop reads for one record, rendered and cut exactly as `build` does (0 if skipped or
+    left out by its sample weight, so a round's budget counts only what trains)."""
+    if not sampled(record, seed):
+        return 0
     r = rendering(record, options, seed)
     return 0 if r is None else len(tokenize_rendering(tokenizer, r, context_length)[0].input_ids)
 
@@ -484,14 +509,20 @@ def mix_replay(new: list[dict], old: list[dict], replay_share: float, seed: int,
     """New examples plus a deterministic sample of older ones so that old ones make `replay_share` of the mix
     (by example count). With `halflife_commits` > 0 and the replay pool's commits in `newest_first` order, an
     example's chance of being drawn halves every `halflife_commits` commits back (recency weighting); else every
-    old example is equally likely. Returns (mixed list in a seeded shuffle, number of replayed examples)."""
-    if not old or replay_share <= 0 or not new:
+    old example is equally likely. Returns (mixed list in a seeded shuffle, number of replayed examples).
+
+    Shares count what trains: replay is sized by the new examples their sample weight keeps (`sampled` with
+    this `seed`, the one `build` uses) and drawn among the old ones it keeps. The new ones it leaves out stay in
+    the mix for `build` to count."""
+    kept_new = sum(1 for r in new if sampled(r, seed))
+    old = [r for r in old if sampled(r, seed)]
+    if not old or replay_share <= 0 or not kept_new:
         mixed = list(new)
         random.Random(seed).shuffle(mixed)
         return mixed, 0
     # At least one old example whenever there is old data: a one-commit round would otherwise round to zero
     # and train on nothing but the newest change, the case replay exists for.
-    want = max(1, round(len(new) * replay_share / max(1e-9, 1.0 - replay_share)))
+    want = max(1, round(kept_new * replay_share / max(1e-9, 1.0 - replay_share)))
     rng = random.Random(seed)
     weights = replay_weights(old, newest_first, halflife_commits)
     if weights is None:
@@ -527,16 +558,20 @@ class Dataset:
     truncated: int
     replayed: int = 0
     fim: int = 0  # examples rendered as fill-in-the-middle (the rest: edits)
+    left_out_by_weight: int = 0  # records their sample weight left out (`sampled`)
 
 
 def build(records: list[dict], tokenizer, context_length: int, *, options: RenderOptions | None = None,
           seed: int = 0, fim_share: float | None = None) -> Dataset:
-    """Render, tokenise, weight and pack a list of example records (`fim_share`: the deprecated spelling of
-    options' 1 - edit_share)."""
+    """Render, tokenise, weight and pack a list of example records, less those their sample weight leaves out
+    (`fim_share`: the deprecated spelling of options' 1 - edit_share)."""
     if options is None:
         options = RenderOptions(edit_share=1.0 - fim_share) if fim_share is not None else RenderOptions()
-    toks, skipped, truncated, fim = [], 0, 0, 0
+    toks, skipped, truncated, fim, left_out = [], 0, 0, 0, 0
     for ex in records:
+        if not sampled(ex, seed):
+            left_out += 1
+            continue
         r = rendering(ex, options, seed)
         if r is None:
             skipped += 1
@@ -546,4 +581,5 @@ def build(records: list[dict], tokenizer, context_length: int, *, options: Rende
         fim += r.kind == FIM
         toks.append(tok)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    return Dataset(pack(toks, context_length, pad_id, seed=seed), len(toks), skipped, truncated, fim=fim)
+    return Dataset(pack(toks, context_length, pad_id, seed=seed), len(toks), skipped, truncated, fim=fim,
+                   left_out_by_weight=left_out)
