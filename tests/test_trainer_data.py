@@ -525,3 +525,18 @@ def test_evaluation_scores_every_example_whatever_its_weight(tok):
     recs = [record(i, sample_weight=0.0, test=True) for i in range(6)]
     es = evaluate.prepare(recs, tok, 512, fim_samples=2)
     assert len(es.records) == 6 and len(es.fim) == 2 and len(es.packed.members) > 0
+
+
+def test_read_bytes_is_the_rendered_texts_bytes_without_choosing_a_span():
+    rec = in_file(PEER_V2, method(PEER_V2, "connect"), before=method(PEER_V1, "connect"), kind="method")
+    parts = fim(rec)
+    assert data.read_bytes(rec, data.RenderOptions(edit_share=0.0)) == len(
+        (parts.prompt() + parts.middle + data.EOS).encode())  # whatever the span: the file's text, once
+    prompt, target = data.render_edit(rec)
+    edit = len((prompt + target).encode())
+    assert data.read_bytes(rec, data.RenderOptions(edit_share=1.0)) == edit
+    half = data.read_bytes(rec, data.RenderOptions(edit_share=0.5))
+    assert half == pytest.approx((edit + len((parts.prompt() + parts.middle + data.EOS).encode())) / 2)
+    assert data.read_bytes({**rec, "sample_weight": 0.25}, data.RenderOptions(edit_share=0.5)) == half / 4
+    assert data.read_bytes(rec, data.RenderOptions(edit_share=1.0), max_bytes=100) == 100
+    assert data.read_bytes(record(change_kind="deleted"), data.RenderOptions()) == 0

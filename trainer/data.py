@@ -516,6 +516,29 @@ def example_tokens(record: dict, tokenizer, context_length: int, options: Render
     return 0 if r is None else len(tokenize_rendering(tokenizer, r, context_length)[0].input_ids)
 
 
+def _utf8(*texts: str) -> int:
+    return sum(len(t.encode("utf-8")) for t in texts)
+
+
+def read_bytes(ex: dict, options: RenderOptions, max_bytes: float = 0) -> float:
+    """The UTF-8 bytes of text training is expected to read for one record, without tokenising or choosing a FIM
+    span (prefix + middle + suffix is the same text whatever the span): its edit rendering's and its FIM
+    rendering's bytes mixed by edit_share, each at most `max_bytes` (0: no limit; truncation keeps a context),
+    times its sample weight; 0 when it has nothing to learn. What a round's estimate counts, rather than shard
+    bytes, which hold fields no rendering reads (an edit does not read the file's text around the item)."""
+    if not renderable(ex):
+        return 0.0
+    prompt, target = render_edit(ex)
+    edit = _utf8(prompt, target)
+    context = ex.get("new_context")
+    around = ((context.get("above") or "", context.get("below") or "") if isinstance(context, dict)
+              else (context_lines(ex), ""))
+    fim = _utf8(fim_head(ex), *around, ex.get("after") or "", FIM_SUFFIX, FIM_MIDDLE, EOS)
+    if max_bytes:
+        edit, fim = min(edit, max_bytes), min(fim, max_bytes)
+    return sample_weight(ex) * (options.edit_share * edit + (1.0 - options.edit_share) * fim)
+
+
 # ------------------------------------------------------------------------------------------------- packing
 @dataclass
 class Packed:
