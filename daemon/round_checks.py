@@ -18,15 +18,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from gitlora.trainer import data as datalib  # torch-free: rendering is plain text
 from gitlora.trainer import plan as planlib
 
 from .gpu import detect_gpu
 
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
                 "pytorch_model.bin.index.json")
-# A shard's JSON bytes per token the round reads: 4.1 measured with the tiny model's 4k-entry tokenizer on the
-# trainer tests' records; StarCoder2's 49k-entry vocabulary packs more bytes per token, so this errs long.
-SHARD_BYTES_PER_TOKEN = 4.0
+# Rendered bytes (trainer.data.read_bytes) per token the round reads: 2.4-2.8 measured with the tiny model's
+# 4k-entry tokenizer on the trainer tests' records, edit and FIM alike; StarCoder2's 49k-entry vocabulary packs
+# more bytes per token, so this errs long.
+RENDERED_BYTES_PER_TOKEN = 2.5
 
 
 def hub_cache_dir() -> Path:
@@ -81,24 +83,26 @@ def host_ram_gb() -> float | None:
         return None
 
 
-def new_example_bytes(train_files: list[Path], commits: set[str] | None = None) -> int:
-    """Bytes of the round's new examples in its train shards (only `commits`' examples when given)."""
-    total = 0
+def new_example_tokens(train_files: list[Path], commits: set[str] | None, options: datalib.RenderOptions,
+                       context_length: int) -> int:
+    """Tokens the round's new examples are expected to read (only `commits`' examples when given): the bytes
+    their renderings read (`read_bytes`: the parts each rendering uses, each example at most a context, by its
+    sample weight) at RENDERED_BYTES_PER_TOKEN."""
+    total = 0.0
+    max_bytes = context_length * RENDERED_BYTES_PER_TOKEN
     for path in train_files:
         try:
-            if commits is None:
-                total += path.stat().st_size
-                continue
             with open(path, "rb") as f:
                 for line in f:
                     try:
-                        if json.loads(line).get("commit") in commits:
-                            total += len(line)
-                    except ValueError:
-                        continue  # the trainer reports bad lines; an estimate only skips them
+                        record = json.loads(line)
+                        if commits is None or record.get("commit") in commits:
+                            total += datalib.read_bytes(record, options, max_bytes)
+                    except (ValueError, TypeError, AttributeError):
+                        continue  # the trainer reports bad lines and records; an estimate only skips them
         except OSError:
             continue  # verified just before; a file gone since is the trainer's to report
-    return total
+    return int(total / RENDERED_BYTES_PER_TOKEN)
 
 
 @dataclass(frozen=True)
@@ -139,8 +143,9 @@ def before_round(config: Any, train_files: list[Path], adapters_dir: Path, commi
     rate = measured or planlib.prior_tokens_per_s(plan, cores=os.cpu_count(),
                                                   compute_capability=gpu.compute_capability if gpu else None)
     budget = {"max_tokens": int(config.max_round_tokens), "max_seconds": float(config.max_round_s)}
-    new_tokens = new_example_bytes(train_files, commits) / SHARD_BYTES_PER_TOKEN
-    tokens = planlib.round_tokens(int(new_tokens), config.replay_share, config.epochs)
+    options = datalib.RenderOptions.from_settings(config.model_dump())
+    new_tokens = new_example_tokens(train_files, commits, options, plan.context_length)
+    tokens = planlib.round_tokens(new_tokens, config.replay_share, config.epochs)
     if config.max_steps:  # a step-capped round reads max_steps steps' tokens, however much is new
         tokens = min(tokens, config.max_steps * (config.micro_batch or plan.micro_batch)
                      * (config.grad_accum or plan.grad_accum) * plan.context_length)

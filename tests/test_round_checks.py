@@ -14,6 +14,7 @@ import pytest
 from gitlora.daemon import config as configlib
 from gitlora.daemon import paths, round_checks, status_view
 from gitlora.daemon.gitrepo import GitRepo
+from gitlora.trainer import data
 from gitlora.trainer import plan as P
 
 from daemonutil import DaemonProcess, gitlora, wait_stored
@@ -102,20 +103,43 @@ def train_config(model: str, **kw) -> configlib.TrainConfig:
     return configlib.TrainConfig(base_model=model, device="cpu", **kw)
 
 
+def example(i: int, body_lines: int = 40, context_bytes: int = 0, **kw) -> dict:
+    """A record as the daemon writes it: a modified function and, with `context_bytes`, the file around it."""
+    after = "fn f() -> u32 {\n" + "".join(f"    let v{n} = compute_{n}({i});\n" for n in range(body_lines)) + "}\n"
+    record = {"repo": "r", "commit": f"{i:040x}", "commit_time": 1_700_000_000 + i, "path": "src/f.rs",
+              "kind": "fn", "qualified_name": f"f{i}", "change_kind": "modified", "message": "Tune f",
+              "before": after.replace("compute_1(", "compute_one("), "after": after, "imports": ["use std::fmt;"]}
+    if context_bytes:
+        filler = "".join(f"// line {n} of the file around the item\n" for n in range(context_bytes // 40))
+        record["new_context"] = {"above": filler, "below": filler}
+    return {**record, **kw}
+
+
+def write_shard(path: Path, records: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return path
+
+
+def estimated_new_tokens(records: list[dict], config: configlib.TrainConfig, context_length: int) -> int:
+    options = data.RenderOptions.from_settings(config.model_dump())
+    return int(sum(data.read_bytes(r, options, context_length * round_checks.RENDERED_BYTES_PER_TOKEN)
+                   for r in records) / round_checks.RENDERED_BYTES_PER_TOKEN)
+
+
 def test_a_round_bigger_than_its_budget_is_bounded_and_shows_its_eta(tmp_path, empty_hub):
     model = model_dir(tmp_path / "tiny")
-    shard = tmp_path / "000001.jsonl"
-    shard.write_bytes(b"x" * 4_000_000)  # ~1M tokens at SHARD_BYTES_PER_TOKEN
-    plan = P.make_plan(TINY_CONFIG)
+    records = [example(i) for i in range(600)]
+    shard = write_shard(tmp_path / "000001.jsonl", records)
+    plan = P.make_plan(TINY_CONFIG, ram_gb=round_checks.host_ram_gb())
     rate = P.prior_tokens_per_s(plan, cores=os.cpu_count())
-    tokens = P.round_tokens(int(4_000_000 / round_checks.SHARD_BYTES_PER_TOKEN), 0.3, 1.0)
-    assert tokens / rate > 60  # the premise: longer than the budget below
+    tokens = P.round_tokens(estimated_new_tokens(records, train_config(str(model)), plan.context_length), 0.3, 1.0)
+    assert tokens / rate > 2  # the premise: longer than the budget below
 
-    ready = round_checks.before_round(train_config(str(model), max_round_s=60), [shard], tmp_path / "adapters")
-    assert ready.ok and ready.budget == {"max_tokens": 0, "max_seconds": 60.0} and ready.eta_s == pytest.approx(60, rel=1e-3)
+    ready = round_checks.before_round(train_config(str(model), max_round_s=2), [shard], tmp_path / "adapters")
+    assert ready.ok and ready.budget == {"max_tokens": 0, "max_seconds": 2.0} and ready.eta_s == pytest.approx(2, rel=1e-3)
     assert ready.line.startswith(f"round estimated {P.format_duration(tokens / rate)} (~{tokens:,} tokens at ")
     assert "(estimated)" in ready.line and "on cpu" in ready.line and "\n" not in ready.line
-    assert "bounded to 60 s by train.max_round_s/max_round_tokens, newest commits first" in ready.line
+    assert "bounded to 2 s by train.max_round_s/max_round_tokens, newest commits first" in ready.line
 
     unbounded = round_checks.before_round(train_config(str(model), max_round_s=0), [shard], tmp_path / "adapters")
     assert unbounded.ok and "bounded" not in unbounded.line and unbounded.eta_s == pytest.approx(tokens / rate)
@@ -123,8 +147,7 @@ def test_a_round_bigger_than_its_budget_is_bounded_and_shows_its_eta(tmp_path, e
 
 def test_a_step_capped_round_is_estimated_at_the_tokens_its_steps_read(tmp_path, empty_hub):
     model = model_dir(tmp_path / "tiny")
-    shard = tmp_path / "000001.jsonl"
-    shard.write_bytes(b"x" * 4_000_000)  # ~1M new tokens
+    shard = write_shard(tmp_path / "000001.jsonl", [example(i) for i in range(600)])
     plan = P.make_plan(TINY_CONFIG, ram_gb=round_checks.host_ram_gb())
     rate = P.prior_tokens_per_s(plan, cores=os.cpu_count())
     ready = round_checks.before_round(train_config(str(model), max_round_s=0, max_steps=3), [shard],
@@ -135,15 +158,16 @@ def test_a_step_capped_round_is_estimated_at_the_tokens_its_steps_read(tmp_path,
 
 def test_the_last_rounds_measured_rate_replaces_the_prior(tmp_path, empty_hub):
     model = model_dir(tmp_path / "tiny")
-    shard = tmp_path / "000001.jsonl"
-    shard.write_bytes(b"x" * 40_000)
+    records = [example(i) for i in range(20)]
+    shard = write_shard(tmp_path / "000001.jsonl", records)
     adapters = tmp_path / "adapters"
     (adapters / "v0001").mkdir(parents=True)
     plan = P.make_plan(TINY_CONFIG, ram_gb=round_checks.host_ram_gb())
     (adapters / "v0001" / "metrics.json").write_text(json.dumps({"plan": plan.to_dict(),
                                                                  "budget": {"read_tokens_per_s": 10.0}}))
     ready = round_checks.before_round(train_config(str(model), max_round_s=0), [shard], adapters)
-    assert "at ~10 tokens/s (measured)" in ready.line and ready.eta_s == pytest.approx(14_286 / 10, rel=0.01)
+    tokens = P.round_tokens(estimated_new_tokens(records, train_config(str(model)), plan.context_length), 0.3, 1.0)
+    assert "at ~10 tokens/s (measured)" in ready.line and ready.eta_s == pytest.approx(tokens / 10)
 
 
 def test_a_model_too_big_for_this_machine_does_not_start(tmp_path, empty_hub):
@@ -153,6 +177,34 @@ def test_a_model_too_big_for_this_machine_does_not_start(tmp_path, empty_hub):
     ready = round_checks.before_round(train_config(str(model)), [], tmp_path / "adapters")
     assert not ready.ok and ready.line.startswith(f"base model {model} needs ~") and "on cpu" in ready.line
     assert "gitlora model tiny" in ready.line
+
+
+def test_the_estimate_counts_what_renders_not_the_shards_bytes(tmp_path):
+    """An edit does not read the file's text around its item, a FIM example reads it once, a test example its
+    weight leaves out reads nothing: the estimate follows the tokens training reads (within the error of one
+    bytes-per-token figure), where shard bytes would count the kept file text for every example."""
+    from gitlora.trainer import tiny
+
+    tok = tiny.build_tokenizer()
+    records = [example(i, body_lines=12, context_bytes=3000) for i in range(40)]
+    records += [example(100 + i, body_lines=12, context_bytes=3000, sample_weight=0.0, test=True) for i in range(20)]
+    shard = write_shard(tmp_path / "000001.jsonl", records + [{"commit": "x", "after": 7}])  # and a bad record
+    bad_line = tmp_path / "000002.jsonl"
+    bad_line.write_text("{not json\n")
+    for edit_share in (1.0, 0.2, 0.0):
+        config = train_config("unused", edit_share=edit_share)
+        options = data.RenderOptions.from_settings(config.model_dump())
+        read = sum(data.example_tokens(r, tok, 1024, options, seed) for seed in range(4) for r in records) / 4
+        estimate = round_checks.new_example_tokens([shard, bad_line, tmp_path / "gone.jsonl"], None, options, 1024)
+        assert 0.75 < estimate / read < 1.35, (edit_share, estimate, read)
+        assert shard.stat().st_size / 4.0 > 2 * estimate  # the old estimate: JSON bytes, context and all
+    one = {records[0]["commit"]}
+    options = data.RenderOptions()
+    assert round_checks.new_example_tokens([shard], one, options, 1024) == int(
+        data.read_bytes(records[0], options, 1024 * round_checks.RENDERED_BYTES_PER_TOKEN)
+        / round_checks.RENDERED_BYTES_PER_TOKEN)
+    assert round_checks.new_example_tokens([shard], {records[-1]["commit"]}, options, 1024) == 0  # weight 0
+    assert round_checks.new_example_tokens([shard], one, options, 16) == 16  # at most a context per example
 
 
 def test_round_checks_do_not_import_torch():

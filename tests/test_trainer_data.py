@@ -173,6 +173,75 @@ def test_fim_markers_survive_truncation(tok):
     assert all(label == data.IGNORE for label in prompt_only.labels)
 
 
+def fim_pieces(tok, tokenized: data.Tokenized) -> tuple[str, str, str]:
+    """(kept prefix, kept suffix, target) of a tokenized FIM example, as text."""
+    ids = tokenized.input_ids
+    p, s, m = (tok.convert_tokens_to_ids(x) for x in ("<fim_prefix>", "<fim_suffix>", "<fim_middle>"))
+    header_end = ids.index(p) + 1 + next(i for i, x in enumerate(ids[ids.index(p) + 1:])
+                                         if tok.decode(ids[ids.index(p) + 1:ids.index(p) + 2 + i]).endswith("\n"))
+    target = [x for x in tokenized.labels if x != data.IGNORE]
+    return (tok.decode(ids[header_end + 1:ids.index(s)]), tok.decode(ids[ids.index(s) + 1:ids.index(m)]),
+            tok.decode(target))
+
+
+def many_methods(n: int) -> str:
+    return "".join(f"    pub fn get_{i}(&self, key: u64) -> Option<u64> {{\n        let slot = key % {i + 7};\n"
+                   f"        self.table.get(slot as usize).copied()\n    }}\n\n" for i in range(n))
+
+
+def test_fim_truncation_cuts_whole_lines_and_the_kept_bytes_are_the_files(tok):
+    """Golden, StarCoder2's layout: cut to a small context, the prefix starts at a line start (indentation
+    kept), the suffix ends at a line end, every marker once and in order, and prefix + middle + suffix are one
+    contiguous byte range of the file."""
+    text = "use std::fmt;\n\nimpl Table {\n" + many_methods(20) + "    " + method(PEER_V2, "connect") + "\n\n"
+    text += many_methods(20).replace("get_", "put_") + "}\n"
+    rec = in_file(text, method(PEER_V2, "connect"), before=method(PEER_V1, "connect"), kind="method")
+    parts = fim(rec)
+    assert parts.middle == CHANGED_LINE
+    for context in (96, 160, 300, 600):
+        short, cut = data.tokenize_fim(tok, parts, context)
+        assert cut and len(short.input_ids) <= context
+        ids = short.input_ids
+        marks = [tok.convert_tokens_to_ids(m) for m in ("<repo_name>", "<fim_prefix>", "<fim_suffix>", "<fim_middle>")]
+        assert [ids.count(m) for m in marks] == [1, 1, 1, 1]
+        assert ids[0] == marks[0] and ids.index(marks[1]) < ids.index(marks[2]) < ids.index(marks[3])
+        prefix, suffix, target = fim_pieces(tok, short)
+        assert target == CHANGED_LINE + "<|endoftext|>"
+        assert parts.prefix.endswith(prefix) and parts.suffix.startswith(suffix)
+        assert prefix == "" or parts.prefix[:len(parts.prefix) - len(prefix)].endswith("\n")  # a line start
+        assert prefix.endswith("    pub fn connect(addr: &str) -> Peer {\n")  # the lines nearest the middle
+        assert suffix == "" or suffix.endswith("\n")  # (empty when not even its first line fits)
+        first = prefix.splitlines()[0]
+        assert first.startswith("    ") or first == ""  # indentation kept: the line is whole
+        start = len(parts.prefix.encode()) - len(prefix.encode())
+        kept = (prefix + parts.middle + suffix).encode()
+        assert text.encode()[start:start + len(kept)] == kept  # a byte range of the file, round-tripped
+        assert context < 160 or suffix.startswith("        Peer { addr: a.to_string() }\n")
+        assert len(tok(prefix, add_special_tokens=False)["input_ids"]) >= len(
+            tok(suffix, add_special_tokens=False)["input_ids"])  # the prefix, nearer the gap's meaning, gets more
+
+
+def test_an_over_long_middle_ends_at_a_scope_boundary_with_its_markers(tok):
+    arms = "".join(f"            {i} => {{\n                let v{i} = compute_{i}(x);\n                v{i} + 1\n"
+                   f"            }}\n" for i in range(8))
+    item = f"pub fn big(x: u32) -> u32 {{\n    match x {{\n{arms}            _ => 0,\n        }}\n}}"
+    item = item.replace("\n", "\n    ")  # a method: indented inside its impl
+    text = f"use std::fmt;\n\nimpl Big {{\n    {item}\n\n    pub fn after() {{}}\n}}\n"
+    parts = fim(in_file(text, item, change_kind="added"))  # the whole item: under FIM_MAX_BYTES
+    assert len(parts.middle.encode()) > 600
+    short, cut = data.tokenize_fim(tok, parts, 160)
+    assert cut and len(short.input_ids) <= 160
+    marks = [tok.convert_tokens_to_ids(m) for m in ("<fim_prefix>", "<fim_suffix>", "<fim_middle>")]
+    assert [short.input_ids.count(m) for m in marks] == [1, 1, 1]
+    prefix, suffix, target = fim_pieces(tok, short)
+    lines = parts.middle.splitlines(keepends=True)
+    k = len(target.splitlines())
+    assert target == "".join(lines[:k]) and k in data.scope_boundaries(lines) and k < len(lines)
+    assert "<|endoftext|>" not in target  # cut: no stop taught
+    assert target.startswith("    pub fn big(x: u32) -> u32 {\n")  # the middle keeps its indentation
+    assert parts.prefix.endswith(prefix) and parts.suffix.startswith(suffix) and suffix  # the suffix survives
+
+
 def test_records_without_file_context_still_fill_in_the_middle():
     """Shards written before the new file's text was kept: the item under the synthetic header (commit message,
     what changed, use lines), in the same layout."""
@@ -254,15 +323,57 @@ def test_labels_mask_prompt_and_keep_target(tok):
 
 
 def test_truncation_keeps_header_and_fits(tok):
+    """An edit cut to the context: its header line and the end of its prompt, each whole lines."""
     long_before = "".join(f"    let value_{i} = compute_{i}(x);\n" for i in range(300))
     prompt, target = data.render(record(before=long_before))
     t, cut = data.tokenize(tok, prompt, target, 256)
-    assert cut and len(t.input_ids) == 256
+    assert cut and 200 < len(t.input_ids) <= 256
     assert t.input_ids[0] == tok.convert_tokens_to_ids("<repo_name>")
     assert tok.decode([x for x in t.labels if x != data.IGNORE]) == target  # whole target kept
-    huge_target = "".join(f"let a{i} = {i};\n" for i in range(400)) + "<|endoftext|>"
-    t2, cut2 = data.tokenize(tok, "<repo_name>r<file_sep>p\n", huge_target, 256)
-    assert cut2 and len(t2.input_ids) <= 256
+    kept = tok.decode([x for x, label in zip(t.input_ids, t.labels) if label == data.IGNORE])
+    lines = prompt.splitlines(keepends=True)
+    head = next(n for n in range(len(lines), 0, -1) if kept.startswith("".join(lines[:n])))
+    assert head >= 1 and kept.endswith("".join(lines[-3:]))  # the header line; the prompt's end ("// after:")
+    assert "".join(lines[:head]) + "".join(lines[len(lines) - (len(kept.splitlines()) - head):]) == kept
+
+
+def test_an_over_long_target_ends_at_its_last_scope_boundary_without_eos(tok):
+    arms = "".join(f"        {i} => {{\n            let v{i} = compute_{i}(x);\n            v{i} + 1\n        }}\n"
+                   for i in range(60))
+    after = f"fn big(x: u32) -> u32 {{\n    let y = x;\n    match y {{\n{arms}        _ => 0,\n    }}\n}}\n"
+    prompt, target = data.render(record(change_kind="added", after=after))
+    t, cut = data.tokenize(tok, prompt, target, 256)
+    assert cut and len(t.input_ids) <= 256
+    labels = [x for x in t.labels if x != data.IGNORE]
+    assert tok.eos_token_id not in labels  # the text goes on: no stop taught
+    kept = tok.decode(labels)
+    lines = after.splitlines(keepends=True)
+    k = len(kept.splitlines())
+    assert kept == "".join(lines[:k]) and k in data.scope_boundaries(lines)  # whole lines, at a boundary
+    assert kept.endswith("        }\n")  # the last whole match arm that fits
+    following = min(b for b in data.scope_boundaries(lines) if b > k)
+    assert len(tok("".join(lines[:following]), add_special_tokens=False)["input_ids"]) > 256 * 3 // 4  # the last
+    one_line = "let a = [" + ", ".join(str(i) for i in range(500)) + "];\n<|endoftext|>"
+    t2, cut2 = data.tokenize(tok, "<repo_name>r<file_sep>p\n", one_line, 256)  # no line fits: its first tokens
+    assert cut2 and len(t2.input_ids) <= 256 and tok.decode([x for x in t2.labels if x != data.IGNORE]) != ""
+
+
+def test_scope_boundaries_golden():
+    lines = ("fn f(x: u32) -> u32 {\n"      # 0
+             "    let y = foo(\n"           # 1
+             "        x,\n"                 # 2: inside an argument list: no boundary
+             "        1,\n"                 # 3
+             "    );\n"                     # 4
+             "    if y > 2 {\n"             # 5
+             "        return 1;\n"          # 6
+             "    }\n"                      # 7
+             "\n"                           # 8
+             "    y + 1\n"                  # 9
+             "}\n").splitlines(keepends=True)  # 10
+    assert data.scope_boundaries(lines) == [5, 7, 8, 10, 11]
+    assert data.scope_boundaries([]) == []
+    window = lines[6:]  # a middle that starts inside a scope and closes it
+    assert data.scope_boundaries(window) == [1, 2, 4, 5]
 
 
 def test_packing_waste_under_five_percent_and_positions_restart(tok):
@@ -349,3 +460,83 @@ def test_a_tiny_round_still_replays_old_data():
     assert replayed == 1 and len(mixed) == 2 and {"i": 0} in mixed
     assert data.mix_replay(new, [], 0.3, seed=3)[1] == 0
     assert data.mix_replay(new, old, 0.0, seed=3)[1] == 0
+
+
+# ------------------------------------------------------------------------------------------- sampling weight
+def test_sample_weight_keeps_its_share_of_items_deterministically():
+    tests = [record(i, sample_weight=0.25, test=True) for i in range(400)]
+    kept = [data.sampled(r, seed=0) for r in tests]
+    assert 0.18 < sum(kept) / 400 < 0.32
+    assert [data.sampled(r, seed=0) for r in tests] == kept  # per (seed, item): the same every time
+    assert [data.sampled(r, seed=1) for r in tests] != kept  # another seed draws another sample
+    assert all(data.sampled(record(i), seed=0) for i in range(50))  # no weight: always
+    assert not any(data.sampled(record(i, sample_weight=0.0), seed=0) for i in range(50))
+    assert all(data.sampled(record(i, sample_weight=1.0), seed=0) for i in range(50))
+    # independent of the edit/FIM draw: the kept test items are not all of one kind
+    kinds = {data.rendering(r, data.RenderOptions(edit_share=0.5), 0).kind for r, k in zip(tests, kept) if k}
+    assert kinds == {data.EDIT, data.FIM}
+
+
+def test_build_leaves_out_by_weight_counts_them_and_example_tokens_agrees(tok):
+    recs = realistic_records(30) + [record(100 + i, sample_weight=0.0, test=True) for i in range(5)]
+    recs += [record(200 + i, sample_weight=0.5, test=True) for i in range(40)]
+    half_kept = sum(data.sampled(r, 3) for r in recs[35:])
+    assert 0 < half_kept < 40
+    options = data.RenderOptions(edit_share=0.3)
+    ds = data.build(recs, tok, 512, options=options, seed=3)
+    assert ds.left_out_by_weight == 5 + 40 - half_kept and ds.examples == 30 + half_kept
+    assert sum(data.example_tokens(r, tok, 512, options, 3) for r in recs) == ds.packed.real_tokens
+    assert all(data.example_tokens(r, tok, 512, options, 3) == 0 for r in recs[30:35])
+    everything = data.build([{**r, "sample_weight": None} for r in recs], tok, 512, options=options, seed=3)
+    assert everything.left_out_by_weight == 0 and everything.examples == len(recs)
+
+
+def test_a_rounds_budget_counts_only_what_its_weights_keep(tok):
+    from gitlora.trainer import plan
+
+    # The two newest commits are test code the weight leaves out: they cost nothing, so the budget reaches
+    # two older commits that would not fit if they were counted.
+    recs = [record(0, commit=f"c{i}", commit_time=1000 + i) for i in range(6)]  # the same text, 6 commits
+    recs += [record(0, commit=f"c{6 + i}", commit_time=1006 + i, sample_weight=0.0, test=True) for i in range(2)]
+    options = data.RenderOptions()
+    one = data.example_tokens(recs[0], tok, 512, options, 0)
+    assert one > 0 and data.example_tokens(recs[-1], tok, 512, options, 0) == 0
+    assert {data.example_tokens(r, tok, 512, options, 0) for r in recs[:6]} == {one}
+    budget = {"max_tokens": 3 * one, "max_seconds": 0}
+    kept, report = plan.select_by_budget(recs, lambda r: data.example_tokens(r, tok, 512, options, 0), budget,
+                                         1.0, 0.0, 1.0)
+    assert report["covered_commits"] == ["c7", "c6", "c5", "c4", "c3"]
+    assert report["planned_tokens"] == 3 * one
+
+
+def test_replay_is_sized_by_and_drawn_among_the_examples_weights_keep():
+    new = [record(i) for i in range(40)] + [record(100 + i, sample_weight=0.0) for i in range(30)]
+    old = [record(1000 + i) for i in range(100)] + [record(2000 + i, sample_weight=0.0) for i in range(100)]
+    mixed, replayed = data.mix_replay(new, old, 0.2, seed=1)
+    assert replayed == 10  # a fifth of what trains: 40 new kept, 10 replayed
+    assert len(mixed) == 80 and all(r in mixed for r in new)  # left-out new ones stay for build to count
+    assert all("sample_weight" not in r for r in mixed if r not in new)  # none of the left-out old ones
+    assert data.mix_replay(new[40:], old, 0.2, seed=1)[1] == 0  # nothing new trains: nothing to replay for
+
+
+def test_evaluation_scores_every_example_whatever_its_weight(tok):
+    from gitlora.trainer import evaluate
+
+    recs = [record(i, sample_weight=0.0, test=True) for i in range(6)]
+    es = evaluate.prepare(recs, tok, 512, fim_samples=2)
+    assert len(es.records) == 6 and len(es.fim) == 2 and len(es.packed.members) > 0
+
+
+def test_read_bytes_is_the_rendered_texts_bytes_without_choosing_a_span():
+    rec = in_file(PEER_V2, method(PEER_V2, "connect"), before=method(PEER_V1, "connect"), kind="method")
+    parts = fim(rec)
+    assert data.read_bytes(rec, data.RenderOptions(edit_share=0.0)) == len(
+        (parts.prompt() + parts.middle + data.EOS).encode())  # whatever the span: the file's text, once
+    prompt, target = data.render_edit(rec)
+    edit = len((prompt + target).encode())
+    assert data.read_bytes(rec, data.RenderOptions(edit_share=1.0)) == edit
+    half = data.read_bytes(rec, data.RenderOptions(edit_share=0.5))
+    assert half == pytest.approx((edit + len((parts.prompt() + parts.middle + data.EOS).encode())) / 2)
+    assert data.read_bytes({**rec, "sample_weight": 0.25}, data.RenderOptions(edit_share=0.5)) == half / 4
+    assert data.read_bytes(rec, data.RenderOptions(edit_share=1.0), max_bytes=100) == 100
+    assert data.read_bytes(record(change_kind="deleted"), data.RenderOptions()) == 0

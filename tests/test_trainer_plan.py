@@ -172,10 +172,12 @@ def tiny_model(tmp_path_factory):
     return tiny.build_tiny_model(tmp_path_factory.mktemp("model") / "tiny")
 
 
-def budget_round(tmp_path, model, budget: dict, commits: int = 20, epochs: int = 1):
+def budget_round(tmp_path, model, budget: dict, commits: int = 20, epochs: int = 1, left_out_newest: int = 0):
     from test_trainer_round import events, make_records, make_spec, run_cli, write_shard
 
     records = make_records(commits, 0)  # one example per commit, commit_time rising with the index
+    for r in records[len(records) - left_out_newest:]:  # test code its sample weight leaves out
+        r.update(test=True, sample_weight=0.0)
     spec = make_spec(tmp_path, model, tmp_path / "adapters", [write_shard(tmp_path / "train.jsonl", records)],
                      epochs=epochs, fim_share=0.0, grad_accum=1)
     body = json.loads(spec.read_text())
@@ -199,6 +201,18 @@ def test_a_round_trains_the_newest_commits_that_fit_its_token_budget(tmp_path, t
     assert budget["read_tokens"] <= 1500 * 1.1 and budget["read_tokens_per_s"] > 0
     metrics = json.loads((tmp_path / "adapters" / done["version"] / "metrics.json").read_text())
     assert metrics["budget"] == budget and metrics["steps"] == start["total"]
+
+
+def test_a_round_leaves_out_what_its_sample_weights_do_and_budgets_only_the_rest(tmp_path, tiny_model):
+    ev, newest_first = budget_round(tmp_path, tiny_model, {"max_tokens": 1500, "max_seconds": 0},
+                                    left_out_newest=5)
+    start, done = ev[0], ev[-1]
+    covered = done["budget"]["covered_commits"]
+    assert covered[:5] == newest_first[:5] and len(covered) > 5  # left out: no budget spent on them
+    assert start["left_out_by_weight"] == 5 and start["examples"] == len(covered) - 5
+    assert done["budget"]["planned_tokens"] <= 1500
+    metrics = json.loads((tmp_path / "adapters" / done["version"] / "metrics.json").read_text())
+    assert metrics["left_out_by_weight"] == 5 and metrics["examples"] == len(covered) - 5
 
 
 def test_a_round_stops_its_loop_at_the_time_budget_and_records_it(tmp_path, tiny_model):

@@ -40,8 +40,18 @@ each target token copied from the before version (metrics.changed_mask) weighs `
 Deleted items are skipped: the target would be an empty string, which teaches nothing but "stop", and the
 daemon's shards are the only record of them (they stay there). Skips are counted, never silent.
 
-Truncation keeps every FIM marker: the prefix is cut from its top and the suffix from its bottom (by tokens),
-never `<fim_suffix>`/`<fim_middle>`. An edit example keeps its header and the end of its prompt.
+Sampling weight. A record with `sample_weight` w (the daemon sets ingest.test_weight on test code) trains with
+chance w, decided per (seed, item) by `sampled`: `build` leaves the rest out and counts them, `example_tokens`
+counts them as 0 tokens (so a round's budget selection counts only what trains) and `mix_replay` sizes and
+draws replay among what is kept. Evaluation (trainer/evaluate.py) ignores the weight: the held-out window is
+scored on everything.
+
+Truncation keeps every FIM marker and cuts at line boundaries: the prefix loses whole lines from its top (the
+kept text starts at a line start, indentation kept), the suffix whole lines from its bottom, never
+`<fim_suffix>`/`<fim_middle>`. An edit example keeps its header lines and the last lines of its prompt. A
+target (an edit's after, a FIM middle) too long for its share of the context ends at the last syntactic scope
+boundary that fits (a whole statement, item or scope, by indentation), with the loss on what is kept and no
+EOS: the text goes on, so stopping there would be wrong.
 
 Packing. Examples are packed best-fit-decreasing into equal blocks of <= `context_length` tokens; position_ids
 restart at 0 for each example, which transformers turns into a block-diagonal causal mask (no attention
@@ -109,6 +119,22 @@ def item_digest(ex: dict, seed: int, purpose: str = "") -> bytes:
     key = f"{seed}:{ex.get('commit')}:{ex.get('path')}:{ex.get('qualified_name')}:{ex.get('change_kind')}"
     key += f":{purpose}" if purpose else ""
     return hashlib.sha256(key.encode()).digest()
+
+
+def sample_weight(ex: dict) -> float:
+    """The chance training takes the record (the daemon's `sample_weight`, ingest.test_weight on test code);
+    1 when absent."""
+    weight = ex.get("sample_weight")
+    return 1.0 if weight is None else float(weight)
+
+
+def sampled(ex: dict, seed: int) -> bool:
+    """Whether training takes the record: its digest's uniform draw is under its sample weight. Per (seed,
+    item), so a round, its budget count and a rerun agree, and the edit/FIM draw and span stay independent."""
+    weight = sample_weight(ex)
+    if weight >= 1.0:
+        return True
+    return int.from_bytes(item_digest(ex, seed, "sample")[:8], "big") / 2.0 ** 64 < weight
 
 
 def _example_rng(ex: dict, seed: int) -> random.Random:
@@ -341,31 +367,114 @@ def _ids(tokenizer, text: str) -> list[int]:
     return tokenizer(text, add_special_tokens=False)["input_ids"] if text else []
 
 
-def tokenize(tokenizer, prompt: str, target: str, context_length: int) -> tuple[Tokenized, bool]:
-    """Prompt and target tokenised separately (so the mask boundary is exact); over-long examples are cut.
+def _lines(text: str) -> list[str]:
+    """`text` as lines, each with its newline (only a newline ends one: a cut lands where an editor's line
+    ends)."""
+    lines = [line + "\n" for line in text.split("\n")]
+    lines[-1] = lines[-1][:-1]
+    return lines if lines[-1] else lines[:-1]
 
-    Truncation keeps the whole target when it fits in 3/4 of the context (else its first 3/4), then the prompt's
-    first 32 tokens (repo/path header) and as much of its end (the `before` text nearest the target) as fits.
-    Returns (tokenized, truncated?).
+
+def scope_boundaries(lines: list[str]) -> list[int]:
+    """The line counts k (ascending) at which lines[:k] ends a whole syntactic unit: an item, a statement, or a
+    scope through its closing line, at any depth inside `{` blocks (indentation, which rustfmt makes reliable,
+    delimits them; see `_scope_end`). Not inside `(`/`[`: an argument list's lines are not statements. Trailing
+    blank lines are not part of the unit before them."""
+    found: set[int] = set()
+    regions = [(0, len(lines))]
+    while regions:
+        lo, hi = regions.pop()
+        i = lo
+        while i < hi:
+            if _indent(lines[i]) is None:
+                i += 1
+                continue
+            end = min(_scope_end(lines, i), hi)
+            k = end
+            while k > i + 1 and _indent(lines[k - 1]) is None:
+                k -= 1
+            found.add(k)
+            if end - i > 1 and lines[i].rstrip().endswith("{"):
+                regions.append((i + 1, end))
+            i = end
+    return sorted(found)
+
+
+def _most_that_fits(tokenizer, text_of, count: int, budget: int) -> tuple[int, list[int]]:
+    """The largest n in 1..count whose `text_of(n)` tokenises within `budget` tokens, and those tokens; (0, [])
+    when none does. Texts grow with n, and so do their token counts: a bisection needs a few tokenisations."""
+    lo, hi, best = 1, count, (0, [])
+    while lo <= hi:
+        mid = (lo + hi) // 2
+        ids = _ids(tokenizer, text_of(mid))
+        if len(ids) <= budget:
+            best, lo = (mid, ids), mid + 1
+        else:
+            hi = mid - 1
+    return best
+
+
+def head_lines(tokenizer, text: str, budget: int) -> list[int]:
+    """The tokens of `text`'s first whole lines that fit in `budget` (a suffix cut ends at a line end)."""
+    lines = _lines(text)
+    return _most_that_fits(tokenizer, lambda n: "".join(lines[:n]), len(lines), budget)[1]
+
+
+def tail_lines(tokenizer, text: str, budget: int) -> list[int]:
+    """The tokens of `text`'s last whole lines that fit in `budget` (a prefix cut drops the partial first line,
+    so the kept text starts at a line start, its indentation kept)."""
+    lines = _lines(text)
+    return _most_that_fits(tokenizer, lambda n: "".join(lines[len(lines) - n:]), len(lines), budget)[1]
+
+
+def cut_target(tokenizer, target: str, budget: int) -> list[int]:
+    """The tokens of a target (its text + EOS) within `budget`: whole when it fits; else the lines up to its last
+    syntactic scope boundary that fits (`scope_boundaries`), without EOS, which would teach the model to stop
+    where the text goes on; else its first whole lines; else (one line longer than the budget) its first tokens."""
+    ids = _ids(tokenizer, target)
+    if len(ids) <= budget:
+        return ids
+    body = target[:-len(EOS)] if target.endswith(EOS) else target
+    lines = _lines(body)
+    for cuts in (scope_boundaries(lines), range(1, len(lines) + 1)):
+        cuts = list(cuts)
+        n, kept = _most_that_fits(tokenizer, lambda i: "".join(lines[:cuts[i - 1]]), len(cuts), budget)
+        if n:
+            return kept
+    return ids[:max(1, budget)]
+
+
+def tokenize(tokenizer, prompt: str, target: str, context_length: int) -> tuple[Tokenized, bool]:
+    """Prompt and target tokenised separately (so the mask boundary is exact); over-long examples are cut at line
+    boundaries.
+
+    Truncation keeps the whole target when it fits in 3/4 of the context (else cuts it at a syntactic boundary,
+    `cut_target`), then the prompt's first whole lines within 32 tokens (the repo/path header line always whole)
+    and as many of its last whole lines (the `before` text nearest the target) as fit. Returns (tokenized,
+    truncated?).
     """
     p = _ids(tokenizer, prompt)
     t = _ids(tokenizer, target)
     truncated = len(p) + len(t) > context_length
     if truncated:
-        t = t[: max(1, context_length * 3 // 4)] if len(t) > context_length * 3 // 4 else t
+        if len(t) > context_length * 3 // 4:
+            t = cut_target(tokenizer, target, max(1, context_length * 3 // 4))
         budget = context_length - len(t)
         if len(p) > budget:
-            head = min(32, budget // 2)
-            p = p[:head] + (p[len(p) - (budget - head):] if budget - head > 0 else [])
+            lines = _lines(prompt)
+            first = len(_ids(tokenizer, lines[0]))  # the header line whole, even when a long path makes it long
+            n, head = _most_that_fits(tokenizer, lambda k: "".join(lines[:k]), len(lines),
+                                      min(max(32, first), budget // 2))
+            p = head + tail_lines(tokenizer, "".join(lines[n:]), budget - len(head))
     return Tokenized(p + t, [IGNORE] * len(p) + list(t)), truncated
 
 
 def tokenize_fim(tokenizer, parts: FimParts, context_length: int, with_target: bool = True
                  ) -> tuple[Tokenized, bool]:
     """A FIM task tokenised piece by piece, so truncation never loses a marker: when it is too long the middle
-    keeps at most half the context, the prefix loses tokens from its top and the suffix from its bottom (the
-    prefix keeps up to 3/4 of what is left, more when the suffix needs less). Without target: the prompt alone
-    (an evaluation task). Returns (tokenized, truncated?)."""
+    keeps at most half the context (cut at a syntactic boundary, `cut_target`), the suffix keeps its first whole
+    lines within max(1/4 of what is left, what the prefix does not need) and the prefix its last whole lines
+    within the rest. Without target: the prompt alone (an evaluation task). Returns (tokenized, truncated?)."""
     head, pre, suf = _ids(tokenizer, parts.head), _ids(tokenizer, parts.prefix), _ids(tokenizer, parts.suffix)
     s_mark, m_mark = _ids(tokenizer, FIM_SUFFIX), _ids(tokenizer, FIM_MIDDLE)
     t = _ids(tokenizer, parts.middle + EOS) if with_target else []
@@ -373,11 +482,13 @@ def tokenize_fim(tokenizer, parts: FimParts, context_length: int, with_target: b
     truncated = fixed + len(pre) + len(suf) + len(t) > context_length
     if truncated:
         if len(t) > (context_length - fixed) // 2:
-            t = t[:max(1, (context_length - fixed) // 2)]
+            t = cut_target(tokenizer, parts.middle + EOS, max(1, (context_length - fixed) // 2))
         room = max(0, context_length - fixed - len(t))
         keep_suf = min(len(suf), max(room // 4, room - len(pre)))
-        keep_pre = min(len(pre), room - keep_suf)
-        pre, suf = pre[len(pre) - keep_pre:], suf[:keep_suf]
+        if keep_suf < len(suf):
+            suf = head_lines(tokenizer, parts.suffix, keep_suf)
+        if len(pre) > room - len(suf):
+            pre = tail_lines(tokenizer, parts.prefix, room - len(suf))
     prompt = head + pre + s_mark + suf + m_mark
     return Tokenized(prompt + t, [IGNORE] * len(prompt) + list(t)), truncated
 
@@ -397,9 +508,35 @@ def tokenize_rendering(tokenizer, r: Rendering, context_length: int, copied_weig
 
 
 def example_tokens(record: dict, tokenizer, context_length: int, options: RenderOptions, seed: int) -> int:
-    """Tokens the training loop reads for one record, rendered and cut exactly as `build` does (0 if skipped)."""
+    """Tokens the training loop reads for one record, rendered and cut exactly as `build` does (0 if skipped or
+    left out by its sample weight, so a round's budget counts only what trains)."""
+    if not sampled(record, seed):
+        return 0
     r = rendering(record, options, seed)
     return 0 if r is None else len(tokenize_rendering(tokenizer, r, context_length)[0].input_ids)
+
+
+def _utf8(*texts: str) -> int:
+    return sum(len(t.encode("utf-8")) for t in texts)
+
+
+def read_bytes(ex: dict, options: RenderOptions, max_bytes: float = 0) -> float:
+    """The UTF-8 bytes of text training is expected to read for one record, without tokenising or choosing a FIM
+    span (prefix + middle + suffix is the same text whatever the span): its edit rendering's and its FIM
+    rendering's bytes mixed by edit_share, each at most `max_bytes` (0: no limit; truncation keeps a context),
+    times its sample weight; 0 when it has nothing to learn. What a round's estimate counts, rather than shard
+    bytes, which hold fields no rendering reads (an edit does not read the file's text around the item)."""
+    if not renderable(ex):
+        return 0.0
+    prompt, target = render_edit(ex)
+    edit = _utf8(prompt, target)
+    context = ex.get("new_context")
+    around = ((context.get("above") or "", context.get("below") or "") if isinstance(context, dict)
+              else (context_lines(ex), ""))
+    fim = _utf8(fim_head(ex), *around, ex.get("after") or "", FIM_SUFFIX, FIM_MIDDLE, EOS)
+    if max_bytes:
+        edit, fim = min(edit, max_bytes), min(fim, max_bytes)
+    return sample_weight(ex) * (options.edit_share * edit + (1.0 - options.edit_share) * fim)
 
 
 # ------------------------------------------------------------------------------------------------- packing
@@ -484,14 +621,20 @@ def mix_replay(new: list[dict], old: list[dict], replay_share: float, seed: int,
     """New examples plus a deterministic sample of older ones so that old ones make `replay_share` of the mix
     (by example count). With `halflife_commits` > 0 and the replay pool's commits in `newest_first` order, an
     example's chance of being drawn halves every `halflife_commits` commits back (recency weighting); else every
-    old example is equally likely. Returns (mixed list in a seeded shuffle, number of replayed examples)."""
-    if not old or replay_share <= 0 or not new:
+    old example is equally likely. Returns (mixed list in a seeded shuffle, number of replayed examples).
+
+    Shares count what trains: replay is sized by the new examples their sample weight keeps (`sampled` with
+    this `seed`, the one `build` uses) and drawn among the old ones it keeps. The new ones it leaves out stay in
+    the mix for `build` to count."""
+    kept_new = sum(1 for r in new if sampled(r, seed))
+    old = [r for r in old if sampled(r, seed)]
+    if not old or replay_share <= 0 or not kept_new:
         mixed = list(new)
         random.Random(seed).shuffle(mixed)
         return mixed, 0
     # At least one old example whenever there is old data: a one-commit round would otherwise round to zero
     # and train on nothing but the newest change, the case replay exists for.
-    want = max(1, round(len(new) * replay_share / max(1e-9, 1.0 - replay_share)))
+    want = max(1, round(kept_new * replay_share / max(1e-9, 1.0 - replay_share)))
     rng = random.Random(seed)
     weights = replay_weights(old, newest_first, halflife_commits)
     if weights is None:
@@ -527,16 +670,20 @@ class Dataset:
     truncated: int
     replayed: int = 0
     fim: int = 0  # examples rendered as fill-in-the-middle (the rest: edits)
+    left_out_by_weight: int = 0  # records their sample weight left out (`sampled`)
 
 
 def build(records: list[dict], tokenizer, context_length: int, *, options: RenderOptions | None = None,
           seed: int = 0, fim_share: float | None = None) -> Dataset:
-    """Render, tokenise, weight and pack a list of example records (`fim_share`: the deprecated spelling of
-    options' 1 - edit_share)."""
+    """Render, tokenise, weight and pack a list of example records, less those their sample weight leaves out
+    (`fim_share`: the deprecated spelling of options' 1 - edit_share)."""
     if options is None:
         options = RenderOptions(edit_share=1.0 - fim_share) if fim_share is not None else RenderOptions()
-    toks, skipped, truncated, fim = [], 0, 0, 0
+    toks, skipped, truncated, fim, left_out = [], 0, 0, 0, 0
     for ex in records:
+        if not sampled(ex, seed):
+            left_out += 1
+            continue
         r = rendering(ex, options, seed)
         if r is None:
             skipped += 1
@@ -546,4 +693,5 @@ def build(records: list[dict], tokenizer, context_length: int, *, options: Rende
         fim += r.kind == FIM
         toks.append(tok)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    return Dataset(pack(toks, context_length, pad_id, seed=seed), len(toks), skipped, truncated, fim=fim)
+    return Dataset(pack(toks, context_length, pad_id, seed=seed), len(toks), skipped, truncated, fim=fim,
+                   left_out_by_weight=left_out)

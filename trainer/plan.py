@@ -428,7 +428,9 @@ def select_by_budget(records: list[dict], count_tokens, budget: dict | None, tok
     Two bounds: the time/token budget (its tokens cover replay and every epoch), and `step_tokens`, what a
     round capped at max_steps reads in all (replay included; with a step cap epochs do not apply). A commit the
     loop would never reach is deferred to a later round, not counted as trained. `count_tokens(record)` is the
-    tokens the loop reads for one record; it is called only for the commits the selection reaches. Returns
+    tokens the loop reads for one record (0 for one training leaves out: data.example_tokens counts a record its
+    sample weight leaves out as 0, so the budget holds only what trains); it is called only for the commits the
+    selection reaches. Returns
     (kept records in their order, report: what the bounds allowed, the commits kept and deferred, newest first);
     a round without either bound keeps everything.
     """

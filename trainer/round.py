@@ -273,7 +273,8 @@ def _round(spec: dict, progress: Progress, cfg: dict, base_model: str, adapters_
              quantization=plan.quantization, dtype=plan.compute_dtype, context_length=ctx, micro_batch=micro_batch,
              grad_accum=grad_accum, total=total, learning_rate=sched["learning_rate"],
              warmup_steps=sched["warmup_steps"], examples=train.examples, replayed=replayed,
-             skipped=train.skipped, truncated=train.truncated, blocks=len(train.packed.input_ids),
+             skipped=train.skipped, truncated=train.truncated, left_out_by_weight=train.left_out_by_weight,
+             blocks=len(train.packed.input_ids),
              padding_waste=round(train.packed.waste, 4),
              eval_examples=len(evalsets["window"].records), older_examples=len(evalsets["older"].records))
 
@@ -381,7 +382,8 @@ def _round(spec: dict, progress: Progress, cfg: dict, base_model: str, adapters_
         padding_waste=round(train.packed.waste, 4), train_time_s=round(train_time, 2),
         eval_cache={who: cache.stats() for who, cache in caches.items()},
         time_s=round(time.time() - t_start, 2), examples=train.examples, replayed=replayed,
-        skipped=train.skipped, truncated=train.truncated, eval_examples=len(evalsets["window"].records),
+        skipped=train.skipped, truncated=train.truncated, left_out_by_weight=train.left_out_by_weight,
+        eval_examples=len(evalsets["window"].records),
         data={"train_shards": [str(p) for p in spec.get("train_shards") or []],
               "replay_shards": [str(p) for p in spec.get("replay_shards") or []],
               "eval_shards": [str(p) for p in spec.get("eval_shards") or []],
