@@ -656,7 +656,13 @@ def print_table(r: dict) -> None:
                                            for p in PARTS) + f"{b['filled']:>9.1%}{b['fim_examples']:>7.0%}")
     for name, why in r["skipped_variants"].items():
         print(f"variant {name} skipped: {why}")
+    for v in r["variants"]:
+        if v["training"]["deferred_commits"]:
+            print(f"variant {v['name']}: its round deferred {v['training']['deferred_commits']} of the commits: "
+                  f"not an equal budget")
     xf = r["cross_file"]
+    if xf["test_items_with_blocks"]:
+        print(f"test items with cross-file blocks: {xf['test_items_with_blocks']} of {xf['test_items']}")
     if xf["train_rate"]:
         print(f"cross-file resolution (trained part): {xf['train_rate']['resolved']} of "
               f"{xf['train_rate']['referencing']} referencing examples ({xf['train_rate']['rate']:.0%})")
