@@ -482,6 +482,8 @@ def main(argv=None) -> int:
         tokenizer = AutoTokenizer.from_pretrained(base_dir)
         fields = list(RoundSettings.model_fields)
         order = stores["plain"].newest_first()
+        if not order:
+            raise SystemExit(f"{args.repo}: no trainable examples before the cut")
         probe_records = [r for c in order[:50] for r in stores["plain"].records(c)]
         skipped, runs, left_out = {}, [], {}
         for v in variants:
