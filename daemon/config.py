@@ -79,6 +79,9 @@ class IngestConfig(_Section):
         json_schema_extra={"allowed": "a list of regular expressions"},
         description="regular expressions matched (any case) against the whole stripped message: a match is left "
         "out of prompts")
+    dedup: bool = Field(True, description="screen examples as they are stored: exact duplicates, near-duplicates "
+                        "beyond near_duplicate_cap and repeated messages left out; false = every example stored, "
+                        "a commit whose examples were all stored before only marked")
     repeated_message_limit: int = Field(5, ge=0, le=1_000_000, description="a message stored this many times "
                                         "already is left out of the prompts of later commits; 0 = off")
     near_duplicate_cap: int = Field(5, ge=0, le=1_000_000, description="at most this many examples per cluster of "

@@ -227,7 +227,7 @@ class CommitProcessor:
             record["message_omitted"] = omitted
         screen = dedup.Screen(tuple(sketches), message_key, self.config.near_duplicate_cap,
                               self.config.near_duplicate_threshold, self.config.repeated_message_limit)
-        return PendingCommit(bytes.fromhex(oid), record, examples, screen)
+        return PendingCommit(bytes.fromhex(oid), record, examples, screen if self.config.dedup else None)
 
     def _file(self, info: CommitInfo, change: FileChange, skipped: list[SkippedFile],
               syntax_errors: list[dict[str, Any]],

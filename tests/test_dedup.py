@@ -241,3 +241,28 @@ def test_repair_gives_back_exactly_what_the_screening_stored(tmp_path, isolated_
                                                                     "repeated_message_limit": 1}}))
     assert report.action == "rebuilt" and report.ok and report.differed == [], report.summary()
     assert snapshot(opened) == before
+
+
+def test_screening_off_stores_every_example_and_only_marks_the_replay(tmp_path, isolated_home):
+    """`[ingest] dedup = false` (the examples ablation's stores without screening): a merge replaying its branch
+    stores its example again, marked as issue 11's commit-level duplicate; near-duplicates and repeated messages
+    are all stored."""
+    config = isolated_home / ".config/gitlora/config.toml"
+    config.parent.mkdir(parents=True, exist_ok=True)
+    config.write_text("[ingest]\ndedup = false\nnear_duplicate_cap = 1\nrepeated_message_limit = 1\n")
+    long_body = " + ".join(f"x.rotate_left({n})" for n in range(30))
+    repo = init_repo(tmp_path / "repo")
+    first = commit_files(repo, {f"src/h{n}.rs": function(f"handler_{n}", long_body) for n in range(3)}, "Fix")
+    git(repo, "checkout", "-q", "-b", "feature")
+    branch = commit_files(repo, {"src/net.rs": function("connect")}, "Fix")
+    git(repo, "checkout", "-q", "main")
+    commit_files(repo, {"src/lib.rs": function("base", "x * 7")}, "Fix")
+    git(repo, "merge", "-q", "--no-ff", "-m", "Bring the network layer in", "feature")
+    merge = git(repo, "rev-parse", "HEAD")
+    backfill(str(repo), progress=False, workers=1)
+    commits, examples = stored(repo)
+    assert commits[first]["examples"] == 3 and "skipped_items" not in commits[first]
+    assert commits[merge]["examples"] == 1 and commits[merge]["duplicates"] == 1
+    assert commits[merge]["duplicate_of"] == [branch] and "skipped_items" not in commits[merge]
+    assert not any(r.get("message_omitted") for r in commits.values())
+    assert [e["message"].strip() for e in examples if e["commit"] == branch] == ["Fix"]
