@@ -17,7 +17,9 @@ Each variant's final `current` is scored against the base on the test commits, p
 evaluation (trainer/evaluate.py, trainer/metrics.py: changed-token loss, 95 % interval over commits), and
 against the first adapter on the older slice (forgetting), as bench_learning.py scores its adapter. The run's
 own final adapter is scored as "as-run" (the same settings as the variant "default" when timing did not
-change the rounds' data). One JSON object last on stdout with --json.
+change the rounds' data), and each variant's last candidate ("NAME (last)", when its gate rejected it): the gate
+on a scaled-down window is noisy, and a setting's effect shows in what it trained. One JSON object last on
+stdout with --json.
 """
 from __future__ import annotations
 
@@ -91,7 +93,9 @@ def replay_rounds(rp, work: Path, name: str, settings: dict, env: dict, first: s
                          "learning_rate": start.get("learning_rate"), "replayed": start.get("replayed"),
                          "examples": start.get("examples")})
         bl.log(f"{name}: round {rdir.name} exit {code}, {'promoted' if outcomes[-1]['promoted'] else 'kept'}")
-    return {"rounds": outcomes, "current": str(adapters / "current"), "time_s": round(time.time() - t0, 1)}
+    versions = sorted(d.name for d in adapters.iterdir() if d.is_dir() and d.name.startswith("v"))
+    return {"rounds": outcomes, "current": str(adapters / "current"), "last": str(adapters / versions[-1]),
+            "time_s": round(time.time() - t0, 1)}
 
 
 def main(argv=None) -> int:
@@ -146,8 +150,12 @@ def main(argv=None) -> int:
     models = bl.Models(base_dir, "cpu", context)
     base = models.scores(None, test_set, tokenizer).losses
     older_first = models.scores(str(rp.adapters / first), older_set, tokenizer).losses
+    # A variant's `current` is what its gate promoted; its last candidate is what its settings trained last,
+    # promoted or not (with a small window the gate's noise can hide a setting's effect on the current).
     candidates = {"first adapter": str(rp.adapters / first), "as-run": str(rp.adapters / chain[-1]),
-                  **{name: r["current"] for name, r in results.items()}}
+                  **{name: r["current"] for name, r in results.items()},
+                  **{f"{name} (last)": r["last"] for name, r in results.items()
+                     if Path(r["last"]).resolve() != Path(r["current"]).resolve()}}
     table = {}
     for name, path in candidates.items():
         losses = models.scores(path, test_set, tokenizer).losses
