@@ -249,3 +249,12 @@ def test_a_step_capped_round_keeps_only_the_commits_its_steps_reach_and_counts_n
     assert report["covered_commits"] == ["c99", "c98", "c97"]
     kept, report = P.select_by_budget(records, count, None, 5.0, 0.0, 1.0, step_tokens=0)
     assert kept == records and report["deferred_commits"] == []  # no bound at all: everything
+
+
+def test_coverage_counts_a_commit_trained_only_when_every_example_of_it_was_read():
+    # Examples 0-1 are c3's, 2 is c2's, 3-4 are c1's; blocks read: [0, 2] and [3]. c0 had nothing trainable.
+    example_commits = ["c3", "c3", "c2", "c1", "c1", "old"]  # "old": a replayed example, not a selected commit
+    covered, unread = P.coverage(["c3", "c2", "c1", "c0"], example_commits, [[0, 2], [3]])
+    assert covered == ["c2", "c0"] and unread == ["c3", "c1"]
+    assert P.coverage(["c3", "c2", "c1"], example_commits, [[0, 1, 2, 3, 4]]) == (["c3", "c2", "c1"], [])
+    assert P.coverage(["c3"], example_commits, []) == ([], ["c3"])

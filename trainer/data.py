@@ -671,6 +671,7 @@ class Dataset:
     replayed: int = 0
     fim: int = 0  # examples rendered as fill-in-the-middle (the rest: edits)
     left_out_by_weight: int = 0  # records their sample weight left out (`sampled`)
+    example_commits: list = field(default_factory=list)  # per tokenised example (packed.members' indices)
 
 
 def build(records: list[dict], tokenizer, context_length: int, *, options: RenderOptions | None = None,
@@ -679,7 +680,7 @@ def build(records: list[dict], tokenizer, context_length: int, *, options: Rende
     (`fim_share`: the deprecated spelling of options' 1 - edit_share)."""
     if options is None:
         options = RenderOptions(edit_share=1.0 - fim_share) if fim_share is not None else RenderOptions()
-    toks, skipped, truncated, fim, left_out = [], 0, 0, 0, 0
+    toks, commits, skipped, truncated, fim, left_out = [], [], 0, 0, 0, 0
     for ex in records:
         if not sampled(ex, seed):
             left_out += 1
@@ -692,6 +693,7 @@ def build(records: list[dict], tokenizer, context_length: int, *, options: Rende
         truncated += cut
         fim += r.kind == FIM
         toks.append(tok)
+        commits.append(ex.get("commit"))
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     return Dataset(pack(toks, context_length, pad_id, seed=seed), len(toks), skipped, truncated, fim=fim,
-                   left_out_by_weight=left_out)
+                   left_out_by_weight=left_out, example_commits=commits)

@@ -459,3 +459,13 @@ def select_by_budget(records: list[dict], count_tokens, budget: dict | None, tok
                                                               epochs)) if new_cap else None),
               "covered_commits": taken, "deferred_commits": deferred}
     return [r for r in records if r.get("commit") in keep], report
+
+
+def coverage(selected: list[str], example_commits: list, blocks_read: list[list[int]]) -> tuple[list[str], list[str]]:
+    """Which selected commits (newest first) a training loop covered: those every one of whose trained examples
+    (`example_commits[k]` is example k's commit) lies in a block it read (`blocks_read`: each block's example
+    indices). A commit with no trained example (all skipped or weighted out) has nothing left to train.
+    Returns (covered, not covered), each in `selected`'s order."""
+    read = {k for members in blocks_read for k in members}
+    unread = {commit for k, commit in enumerate(example_commits) if k not in read}
+    return [c for c in selected if c not in unread], [c for c in selected if c in unread]

@@ -306,7 +306,7 @@ def _round(spec: dict, progress: Progress, cfg: dict, base_model: str, adapters_
     model.train()
     order = list(range(micro_steps))
     rng = random.Random(cfg["seed"])
-    stream, losses, target_tokens = [], [], 0
+    stream, losses, target_tokens, micro_read = [], [], 0, set()
     read_tokens, tokens_per_micro_batch, budget_stop, steps_done = 0, train.packed.real_tokens / micro_steps, None, 0
     t_loop = time.time()
     for step in range(total):
@@ -314,6 +314,7 @@ def _round(spec: dict, progress: Progress, cfg: dict, base_model: str, adapters_
             rng.shuffle(order)
             stream += order
         group, stream = stream[:grad_accum], stream[grad_accum:]
+        micro_read.update(group)
         mbs = [tuple(torch.tensor(getattr(train.packed, k)[i * micro_batch:(i + 1) * micro_batch],
                                   dtype=torch.float32 if k == "weights" else torch.long, device=device)
                      for k in ("input_ids", "position_ids", "labels", "weights")) for i in group]
@@ -348,11 +349,12 @@ def _round(spec: dict, progress: Progress, cfg: dict, base_model: str, adapters_
             break
         budget_stop = None
     train_time = time.time() - t_loop
-    # Stopped by the budget before the selection was read once: no commit is known to be trained (the next
-    # round retries them all, with this round's measured rate); otherwise the selection is covered.
-    if budget_stop and steps_done * grad_accum < micro_steps:
-        budget_report["deferred_commits"] = budget_report["covered_commits"] + budget_report["deferred_commits"]
-        budget_report["covered_commits"] = []
+    # A selected commit is trained when the loop read every one of its examples: a loop stopped by the budget
+    # (or by max_steps) before the end of its selection leaves the rest to later rounds, newest first.
+    blocks_read = [train.packed.members[b] for i in micro_read
+                   for b in range(i * micro_batch, min((i + 1) * micro_batch, len(train.packed.members)))]
+    covered, unread = planlib.coverage(budget_report["covered_commits"], train.example_commits, blocks_read)
+    budget_report.update(covered_commits=covered, deferred_commits=unread + budget_report["deferred_commits"])
     budget_report.update(stopped_by=budget_stop, read_tokens=read_tokens,
                          read_tokens_per_s=round(read_tokens / max(train_time, 1e-9), 3))
 
@@ -411,10 +413,11 @@ def _round(spec: dict, progress: Progress, cfg: dict, base_model: str, adapters_
 
 
 def calibrated_rate(model, plan, micro_batch: int, torch, device, autocast) -> float:
-    """Tokens read per second of training, measured on this machine: three micro-steps on a full block of
-    random tokens, the last two timed (the first pays for allocation and warm-up); their gradients are dropped
+    """Tokens read per second of training, measured on this machine: micro-steps on a full block of random
+    tokens, the fastest of five timed after one untimed (allocation and warm-up); their gradients are dropped
     and no optimizer step is taken, so the adapter is unchanged. For the first round with a model and device,
-    before any round has measured its rate."""
+    before any round has measured its rate. The fastest, because other work on a shared machine only ever slows
+    a step down; a selection the loop then does not finish is not lost (see `planlib.coverage`)."""
     ctx = plan.context_length
     generator = torch.Generator().manual_seed(0)
     ids = torch.randint(0, int(model.config.vocab_size), (micro_batch, ctx), generator=generator).to(device)
@@ -422,7 +425,7 @@ def calibrated_rate(model, plan, micro_batch: int, torch, device, autocast) -> f
     model.train()
     timings = []
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):  # dropout draws stay the round's
-        for _ in range(3):
+        for _ in range(6):
             started = time.perf_counter()
             with autocast():
                 loss, _ = target_loss_sum(model, ids, positions, ids, torch,
@@ -432,7 +435,7 @@ def calibrated_rate(model, plan, micro_batch: int, torch, device, autocast) -> f
                 torch.cuda.synchronize()
             timings.append(time.perf_counter() - started)
     model.zero_grad(set_to_none=True)
-    return micro_batch * ctx / (sum(timings[1:]) / len(timings[1:]))
+    return micro_batch * ctx / min(timings[1:])
 
 
 def read_tokens_of(record: dict, tokenizer, context_length: int, cfg: dict) -> int:
