@@ -77,12 +77,13 @@ class SymbolIndex:
         self.at = oid
         blocks: list[list[dict[str, str]]] = []
         referencing = resolved = used = 0
+        memo: dict = {}
         for reference in pending.references or []:
             if reference is None:
                 blocks.append([])
                 continue
             path, identifiers, imports = reference
-            found = resolve(self.index, path, identifiers, imports, budget)
+            found = resolve(self.index, path, identifiers, imports, budget, memo)
             blocks.append(found.blocks)
             referencing += found.referencing
             resolved += found.referencing and bool(found.blocks)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
+from functools import lru_cache
 
 from tree_sitter import Node, Tree
 
@@ -183,6 +184,7 @@ def _definition(node: Node, source: bytes, scope: str) -> Definition | None:
 
 
 # ------------------------------------------------------------------------------------------ modules, use
+@lru_cache(maxsize=4096)
 def crate_and_module(path: str) -> tuple[str, tuple[str, ...]]:
     """(crate, module path) a file's items live in, from its repository path: `node/src/net/peer.rs` ->
     ("node", ("net", "peer")); `src/lib.rs` -> ("", ()); a file outside `src/` (tests/, benches/) keeps its
@@ -210,9 +212,11 @@ class Uses:
     globs: list[tuple[str, ...]] = field(default_factory=list)
 
 
-def parse_uses(lines: Iterable[str]) -> Uses:
+@lru_cache(maxsize=256)
+def parse_uses(lines: tuple[str, ...]) -> Uses:
     """`use a::b::{C, d::E as F, self, g::*};` -> aliases C, F, b (self) and the glob a::b::g. A line that does
-    not parse contributes what parsed before the problem."""
+    not parse contributes what parsed before the problem. Cached: a file's examples share its `use` lines (the
+    result is not to be changed)."""
     uses = Uses()
     for line in lines:
         tokens = _USE_TOKEN.findall(line)
@@ -349,18 +353,23 @@ class Resolution:
 
 
 def resolve(index: NameIndex, path: str, identifiers: Sequence[str], imports: Sequence[str],
-            budget: int = CROSS_FILE_BYTES) -> Resolution:
+            budget: int = CROSS_FILE_BYTES, memo: dict | None = None) -> Resolution:
     """The definitions in other files that the item at `path` references (its `identifiers`, read through its
     file's `imports`), as one block per file within `budget` bytes (each block's path and text count): imported
     names first, then in order of first use; per name the best-placed definitions (the module its path names,
-    then its crate, then anywhere), skipped when more than MAX_AMBIGUOUS_FILES files tie."""
+    then its crate, then anywhere), skipped when more than MAX_AMBIGUOUS_FILES files tie. `memo`: lookups
+    kept for the next examples of the same index state (a commit's examples share files and names)."""
+    imports = tuple(imports)
     uses = parse_uses(imports)
+    memo = {} if memo is None else memo
     crate, module = crate_and_module(path)
     ranked: list[tuple[int, int, str, Definition]] = []  # (imported first, order of use, path, definition)
     referencing = False
     taken: set[tuple[str, str]] = set()
     for order, identifier in enumerate(identifiers):
-        found = _lookup(index, path, identifier, uses, crate, module)
+        key = (path, imports, identifier)
+        found = memo[key] if key in memo else memo.setdefault(key, _lookup(index, path, identifier, uses, crate,
+                                                                           module))
         if found is None:
             continue
         imported, places = found
