@@ -40,8 +40,20 @@ each target token copied from the before version (metrics.changed_mask) weighs `
 Deleted items are skipped: the target would be an empty string, which teaches nothing but "stop", and the
 daemon's shards are the only record of them (they stay there). Skips are counted, never silent.
 
-Truncation keeps every FIM marker: the prefix is cut from its top and the suffix from its bottom (by tokens),
-never `<fim_suffix>`/`<fim_middle>`. An edit example keeps its header and the end of its prompt.
+Cross-file context (store schema 4, the record's `cross_file`: definitions of other files the item references,
+most relevant first) goes before the file, in StarCoder2's repository layout, in both renderings:
+
+    <repo_name>{repo}<file_sep>{path_a}
+    {skeleton_a}<file_sep>{path_b}
+    {skeleton_b}<file_sep><fim_prefix>{path}
+    ...
+
+A record without it renders exactly as before; `RenderOptions.cross_file` (a round's `cross_file_context`)
+turns it off, so one store trains both ways.
+
+Truncation keeps every FIM marker: cross-file blocks go first (the least relevant first, whole blocks), then
+the prefix is cut from its top and the suffix from its bottom (by tokens), never `<fim_suffix>`/`<fim_middle>`.
+An edit example drops its cross-file blocks first, then keeps its header and the end of its prompt.
 
 Packing. Examples are packed best-fit-decreasing into equal blocks of <= `context_length` tokens; position_ids
 restart at 0 for each example, which transformers turns into a block-diagonal causal mask (no attention
@@ -129,6 +141,7 @@ class RenderOptions:
 
     edit_share: float = 1.0
     copied_weight: float = 1.0
+    cross_file: bool = True  # render the record's cross-file context (when it has one)
 
     @classmethod
     def from_settings(cls, cfg: dict) -> "RenderOptions":
@@ -136,21 +149,25 @@ class RenderOptions:
         1 - fim_share, as it did."""
         fim_share = cfg.get("fim_share")
         edit_share = 1.0 - float(fim_share) if fim_share is not None else float(cfg["edit_share"])
-        return cls(edit_share=edit_share, copied_weight=float(cfg["copied_token_weight"]))
+        return cls(edit_share=edit_share, copied_weight=float(cfg["copied_token_weight"]),
+                   cross_file=bool(cfg.get("cross_file_context", True)))
 
 
 @dataclass(frozen=True)
 class FimParts:
     """One fill-in-the-middle task: prefix + middle + suffix is a contiguous text (the file's, or for an old
-    record the synthetic header and the item); `head` is the StarCoder2 header before the prefix."""
+    record the synthetic header and the item); `head` is the StarCoder2 header before the prefix; `context` the
+    cross-file blocks (`<file_sep>path\ntext`, most relevant first) that go into it, before the file's own
+    `<file_sep>`."""
 
     head: str
     prefix: str
     middle: str
     suffix: str
+    context: tuple[str, ...] = ()
 
     def prompt(self) -> str:
-        return f"{self.head}{self.prefix}{FIM_SUFFIX}{self.suffix}{FIM_MIDDLE}"
+        return f"{with_context(self.head, self.context)}{self.prefix}{FIM_SUFFIX}{self.suffix}{FIM_MIDDLE}"
 
 
 @dataclass(frozen=True)
@@ -160,6 +177,33 @@ class Rendering:
     target: str
     fim: FimParts | None = None
     before: str = ""  # an edit's before version in the target's shape (for the copied-token weights)
+    context: tuple[str, ...] = ()  # an edit's cross-file blocks (in `prompt`; truncation drops them first)
+
+
+FILE_SEP = "<file_sep>"
+
+
+def cross_file_blocks(ex: dict, enabled: bool = True) -> tuple[str, ...]:
+    """The record's cross-file context as StarCoder2 file blocks, `<file_sep>{path}\n{skeleton}`, most relevant
+    first; none for a record without it (written before store schema 4) or when `enabled` is off."""
+    blocks = ex.get("cross_file") if enabled else None
+    if not isinstance(blocks, list):
+        return ()
+    out = []
+    for block in blocks:
+        if isinstance(block, dict) and block.get("path") and block.get("text"):
+            text = str(block["text"])
+            out.append(f"{FILE_SEP}{block['path']}\n{text if text.endswith(chr(10)) else text + chr(10)}")
+    return tuple(out)
+
+
+def with_context(head: str, context: tuple[str, ...] | list[str]) -> str:
+    """`head` (`<repo_name>{repo}<file_sep>...`) with the cross-file blocks before its file's `<file_sep>`."""
+    if not context:
+        return head
+    cut = head.find(FILE_SEP)
+    cut = len(head) if cut == -1 else cut
+    return head[:cut] + "".join(context) + head[cut:]
 
 
 def fim_head(ex: dict) -> str:
@@ -172,13 +216,13 @@ def renderable(ex: dict) -> bool:
     return ex.get("change_kind") != "deleted" and bool((ex.get("after") or "").strip())
 
 
-def render_edit(ex: dict) -> tuple[str, str] | None:
+def render_edit(ex: dict, cross_file: bool = True) -> tuple[str, str] | None:
     """(prompt, target) of the edit example ("message + before -> after"), or None when there is nothing to
     learn."""
     if not renderable(ex):
         return None
     after, before = ex.get("after") or "", ex.get("before") or ""
-    prompt = header(ex) + context_lines(ex)
+    prompt = with_context(header(ex), cross_file_blocks(ex, cross_file)) + context_lines(ex)
     if before.strip():
         prompt += "// before:\n" + before.rstrip("\n") + "\n// after:\n"
     return prompt, after.rstrip("\n") + "\n" + EOS
@@ -190,11 +234,12 @@ def rendering(ex: dict, options: RenderOptions = RenderOptions(), seed: int = 0)
     if not renderable(ex):
         return None
     if options.edit_share < 1.0 and _example_rng(ex, seed).random() >= options.edit_share:
-        parts = fim_parts(ex, seed)
+        parts = fim_parts(ex, seed, options.cross_file)
         if parts is not None:
             return Rendering(FIM, parts.prompt(), parts.middle + EOS, parts)
-    prompt, target = render_edit(ex)
-    return Rendering(EDIT, prompt, target, before=before_text(ex))
+    prompt, target = render_edit(ex, options.cross_file)
+    return Rendering(EDIT, prompt, target, before=before_text(ex),
+                     context=cross_file_blocks(ex, options.cross_file))
 
 
 def render(ex: dict, fim_share: float | None = None, seed: int = 0, *, edit_share: float = 1.0
@@ -207,14 +252,14 @@ def render(ex: dict, fim_share: float | None = None, seed: int = 0, *, edit_shar
     return None if r is None else (r.prompt, r.target)
 
 
-def render_fim(ex: dict, seed: int = 0) -> tuple[str, str] | None:
+def render_fim(ex: dict, seed: int = 0, cross_file: bool = True) -> tuple[str, str] | None:
     """(prompt, middle) of the completion task for one record: the FIM rendering training uses, without EOS, its
     span chosen by (seed, item identity) alone; None when there is nothing to learn."""
-    parts = fim_parts(ex, seed)
+    parts = fim_parts(ex, seed, cross_file)
     return None if parts is None else (parts.prompt(), parts.middle)
 
 
-def fim_parts(ex: dict, seed: int = 0) -> FimParts | None:
+def fim_parts(ex: dict, seed: int = 0, cross_file: bool = True) -> FimParts | None:
     """The record's fill-in-the-middle task (see the module docstring), or None when there is nothing to learn
     (then training renders the edit)."""
     if not renderable(ex):
@@ -237,7 +282,8 @@ def fim_parts(ex: dict, seed: int = 0) -> FimParts | None:
     middle = "".join(lines[lo:hi])
     if not middle.strip():
         return None
-    return FimParts(fim_head(ex), above + "".join(lines[:lo]), middle, "".join(lines[hi:]) + below)
+    return FimParts(fim_head(ex), above + "".join(lines[:lo]), middle, "".join(lines[hi:]) + below,
+                    cross_file_blocks(ex, cross_file))
 
 
 def _changed_lines(before: str, after: str) -> list[int]:
@@ -360,18 +406,46 @@ def tokenize(tokenizer, prompt: str, target: str, context_length: int) -> tuple[
     return Tokenized(p + t, [IGNORE] * len(p) + list(t)), truncated
 
 
+def tokenize_edit(tokenizer, prompt: str, target: str, context: tuple[str, ...], context_length: int
+                  ) -> tuple[Tokenized, bool]:
+    """An edit example whose prompt holds the cross-file blocks `context`: when it is too long those go first
+    (the least relevant first), then `tokenize` cuts as it does. Returns (tokenized, truncated?)."""
+    dropped = False
+    if context:
+        blocks = [len(_ids(tokenizer, block)) for block in context]
+        rest = len(_ids(tokenizer, prompt)) - sum(blocks) + len(_ids(tokenizer, target))
+        keep = len(blocks)
+        while keep and rest + sum(blocks[:keep]) > context_length:
+            keep -= 1
+        if keep < len(blocks):
+            prompt = prompt.replace("".join(context), "".join(context[:keep]), 1)
+            dropped = True
+    tok, cut = tokenize(tokenizer, prompt, target, context_length)
+    return tok, cut or dropped
+
+
 def tokenize_fim(tokenizer, parts: FimParts, context_length: int, with_target: bool = True
                  ) -> tuple[Tokenized, bool]:
-    """A FIM task tokenised piece by piece, so truncation never loses a marker: when it is too long the middle
-    keeps at most half the context, the prefix loses tokens from its top and the suffix from its bottom (the
-    prefix keeps up to 3/4 of what is left, more when the suffix needs less). Without target: the prompt alone
-    (an evaluation task). Returns (tokenized, truncated?)."""
-    head, pre, suf = _ids(tokenizer, parts.head), _ids(tokenizer, parts.prefix), _ids(tokenizer, parts.suffix)
+    """A FIM task tokenised piece by piece, so truncation never loses a marker: when it is too long the
+    cross-file blocks go first (the least relevant first), then the middle keeps at most half the context, the
+    prefix loses tokens from its top and the suffix from its bottom (the prefix keeps up to 3/4 of what is left,
+    more when the suffix needs less). Without target: the prompt alone (an evaluation task). Returns
+    (tokenized, truncated?)."""
+    cut = parts.head.find(FILE_SEP)
+    cut = len(parts.head) if cut == -1 or not parts.context else cut
+    repo_head, file_head = _ids(tokenizer, parts.head[:cut]), _ids(tokenizer, parts.head[cut:])
+    blocks = [_ids(tokenizer, block) for block in parts.context]
+    pre, suf = _ids(tokenizer, parts.prefix), _ids(tokenizer, parts.suffix)
     s_mark, m_mark = _ids(tokenizer, FIM_SUFFIX), _ids(tokenizer, FIM_MIDDLE)
     t = _ids(tokenizer, parts.middle + EOS) if with_target else []
-    fixed = len(head) + len(s_mark) + len(m_mark)
-    truncated = fixed + len(pre) + len(suf) + len(t) > context_length
-    if truncated:
+    fixed = len(repo_head) + len(file_head) + len(s_mark) + len(m_mark)
+    rest = fixed + len(pre) + len(suf) + len(t)
+    truncated = rest + sum(map(len, blocks)) > context_length
+    while blocks and rest + sum(map(len, blocks)) > context_length:
+        blocks.pop()
+    head = repo_head + [token for block in blocks for token in block] + file_head
+    fixed += len(head) - len(repo_head) - len(file_head)
+    if fixed + len(pre) + len(suf) + len(t) > context_length:
         if len(t) > (context_length - fixed) // 2:
             t = t[:max(1, (context_length - fixed) // 2)]
         room = max(0, context_length - fixed - len(t))
@@ -388,7 +462,7 @@ def tokenize_rendering(tokenizer, r: Rendering, context_length: int, copied_weig
     `copied_weight` (changed ones 1); FIM targets weigh 1."""
     if r.kind == FIM and r.fim is not None:
         return tokenize_fim(tokenizer, r.fim, context_length)
-    tok, cut = tokenize(tokenizer, r.prompt, r.target, context_length)
+    tok, cut = tokenize_edit(tokenizer, r.prompt, r.target, r.context, context_length)
     if copied_weight != 1.0 and r.before:
         target = [t for t in tok.labels if t != IGNORE]
         mask = metrics.changed_mask(target, _ids(tokenizer, r.before))
