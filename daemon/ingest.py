@@ -167,7 +167,8 @@ class CommitProcessor:
         cached = self._cache.get(blob)
         if cached is not None:
             return cached
-        self._fresh_definitions[blob] = NO_DEFINITIONS  # unless it parses
+        if self.config.cross_file_bytes:  # off: nothing stored, so turning it on later parses what it needs
+            self._fresh_definitions[blob] = NO_DEFINITIONS  # unless it parses
         try:
             data = self.repo.read_text_blob(blob, self.config.max_file_bytes)
         except BlobUnreadable as exc:

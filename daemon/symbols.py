@@ -420,7 +420,8 @@ def _lookup(index: NameIndex, path: str, identifier: str, uses: Uses, crate: str
         places = index.defined_in(name)
         if path in places and any(d.kind != "impl" for d in index.definitions(path, name)):
             return None  # defined in the item's own file: local, whatever other files define
-        others = [p for p in places if p != path]
+        others = sorted(p for p in places if p != path)  # not the order files entered the index: any history
+        # that reaches this commit's tree resolves alike (an upgrade moves by tree diffs, a backfill by commits)
         if not others:
             continue
         hint = _target_module(segments[:i], crate, module) if i else None
