@@ -173,6 +173,76 @@ def test_fim_markers_survive_truncation(tok):
     assert all(label == data.IGNORE for label in prompt_only.labels)
 
 
+CROSS_FILE = [{"path": "node/src/net.rs", "text": "pub struct Addr { host: String, port: u16 }\n"},
+              {"path": "node/src/util.rs", "text": "pub fn trim_all(s: &str) -> String;\n"}]
+
+
+def test_cross_file_blocks_go_before_the_file_in_starcoder2_layout():
+    """The record's cross-file context: one `<file_sep>path\nskeleton` block per file, most relevant first, before
+    the file's own header, in the FIM and the edit rendering alike."""
+    rec = in_file(PEER_V2, method(PEER_V2, "connect"), path="node/src/peer.rs", kind="method",
+                  before=method(PEER_V1, "connect"), cross_file=CROSS_FILE)
+    prompt, target = data.render(rec, edit_share=0.0, seed=0)
+    assert prompt == (
+        "<repo_name>the-block"
+        "<file_sep>node/src/net.rs\npub struct Addr { host: String, port: u16 }\n"
+        "<file_sep>node/src/util.rs\npub fn trim_all(s: &str) -> String;\n"
+        "<file_sep><fim_prefix>node/src/peer.rs\n"
+        "use std::fmt;\n\npub struct Peer { addr: String }\n\nimpl Peer {\n    pub fn connect(addr: &str) -> Peer {\n"
+        "<fim_suffix>"
+        "        Peer { addr: a.to_string() }\n    }\n\n    pub fn close(&self) {}\n}\n"
+        "<fim_middle>")
+    assert target == CHANGED_LINE + "<|endoftext|>"
+    edit, _ = data.render(rec, edit_share=1.0)
+    assert edit.startswith("<repo_name>the-block<file_sep>node/src/net.rs\npub struct Addr { host: String, port: u16 }"
+                           "\n<file_sep>node/src/util.rs\npub fn trim_all(s: &str) -> String;\n"
+                           "<file_sep>node/src/peer.rs\n// Fix overflow in f\n")
+    # Without the field, with it empty, or with the option off: exactly today's rendering.
+    bare = {k: v for k, v in rec.items() if k != "cross_file"}
+    for options in (data.RenderOptions(edit_share=0.0), data.RenderOptions(edit_share=1.0)):
+        plain = data.rendering(bare, options).prompt
+        assert "net.rs" not in plain
+        assert data.rendering({**rec, "cross_file": []}, options).prompt == plain
+        assert data.rendering({**rec, "cross_file": None}, options).prompt == plain
+        assert data.rendering(rec, data.RenderOptions(options.edit_share, cross_file=False)).prompt == plain
+    assert data.RenderOptions.from_settings({"edit_share": 0.2, "copied_token_weight": 0.1,
+                                             "cross_file_context": False}).cross_file is False
+
+
+def test_cross_file_blocks_are_cut_before_the_files_prefix_and_markers_survive(tok):
+    rec = in_file(PEER_V2, method(PEER_V2, "connect"), before=method(PEER_V1, "connect"), kind="method",
+                  cross_file=CROSS_FILE)
+    parts = fim(rec)
+    whole, cut = data.tokenize_fim(tok, parts, 10_000)
+    assert not cut
+    marks = [tok.convert_tokens_to_ids(m) for m in ("<repo_name>", "<fim_prefix>", "<fim_suffix>", "<fim_middle>")]
+    sep = tok.convert_tokens_to_ids("<file_sep>")
+    block_tokens = [len(tok(b, add_special_tokens=False)["input_ids"]) for b in data.cross_file_blocks(rec)]
+    bare, _ = data.tokenize_fim(tok, fim({k: v for k, v in rec.items() if k != "cross_file"}), 10_000)
+    assert len(whole.input_ids) == len(bare.input_ids) + sum(block_tokens)
+    # One token short of everything: the least relevant block goes, the file's prefix and suffix stay whole.
+    short, cut = data.tokenize_fim(tok, parts, len(whole.input_ids) - 1)
+    assert cut and len(short.input_ids) == len(whole.input_ids) - block_tokens[1]
+    assert tok.decode(short.input_ids).startswith("<repo_name>the-block<file_sep>node/src/net.rs\n")
+    assert "node/src/util.rs" not in tok.decode(short.input_ids)
+    repo_head = len(tok("<repo_name>the-block", add_special_tokens=False)["input_ids"])
+    file_part = bare.input_ids[repo_head:]
+    assert short.input_ids[-len(file_part):] == file_part  # the file's own part untouched
+    # Shorter than the bare file: no block at all, then the prefix is cut, and every marker is still there.
+    tight, cut = data.tokenize_fim(tok, parts, len(bare.input_ids) - 10)
+    assert cut and len(tight.input_ids) <= len(bare.input_ids) - 10
+    assert [tight.input_ids.count(m) for m in marks] == [1, 1, 1, 1] and tight.input_ids.count(sep) == 1
+    assert tok.decode([t for t in tight.labels if t != data.IGNORE]) == CHANGED_LINE + "<|endoftext|>"
+    # An edit example drops its blocks first too, keeping its own header whole.
+    edit = data.rendering(rec, data.RenderOptions(edit_share=1.0))
+    full, cut = data.tokenize_rendering(tok, edit, 10_000)
+    assert not cut
+    dropped, cut = data.tokenize_rendering(tok, edit, len(full.input_ids) - 1)
+    assert cut and "node/src/util.rs" not in tok.decode(dropped.input_ids)
+    assert tok.decode(dropped.input_ids).startswith("<repo_name>the-block<file_sep>node/src/net.rs\n")
+    assert tok.decode(dropped.input_ids).endswith(tok.decode(full.input_ids).split("<file_sep>")[-1])
+
+
 def test_records_without_file_context_still_fill_in_the_middle():
     """Shards written before the new file's text was kept: the item under the synthetic header (commit message,
     what changed, use lines), in the same layout."""
