@@ -191,6 +191,20 @@ class CommitProcessor:
             self._trees.put(blob, (data, tree), len(data) * _TREE_BYTES_PER_SOURCE_BYTE)
         return parsed
 
+    def definitions_of(self, blob: str) -> bytes:
+        """The encoded definitions of a blob no commit's parse gave (the symbol index asks, through a spawned
+        process: see `Ingestor.parse_definitions`); none for a blob that is unreadable, generated or unparsable."""
+        try:
+            data = self.repo.read_text_blob(blob, self.config.max_file_bytes)
+        except BlobUnreadable:
+            return NO_DEFINITIONS
+        if hygiene.generated_reason(data, self.config) is not None:
+            return NO_DEFINITIONS
+        try:
+            return encoded_definitions(data, parse(data))
+        except Exception:  # a parser bug costs this file's definitions
+            return NO_DEFINITIONS
+
     def _text(self, blob: str | None) -> bytes | None:
         """A parsed blob's bytes (for the examples' file context): kept beside its syntax tree when recently
         parsed, else read again."""
@@ -314,6 +328,11 @@ def _worker_process(oids: list[str]) -> list[PendingCommit]:
     return _worker.process(oids)
 
 
+def _worker_definitions(blobs: list[str]) -> dict[str, bytes]:
+    assert _worker is not None
+    return {blob: _worker.definitions_of(blob) for blob in blobs}
+
+
 @dataclass
 class IngestSummary:
     commits: int = 0
@@ -350,7 +369,7 @@ class Ingestor:
         self.isolate_bytes = isolate_bytes
         self._crash_guard = _CrashGuard(store.path.parent)
         # The one place that sees this Ingestor's commits in order: it resolves their cross-file context.
-        self.symbols = SymbolIndex(repo, store, self.config)
+        self.symbols = SymbolIndex(repo, store, self.config, self.parse_definitions)
 
     @classmethod
     def for_daemon(cls, repo: GitRepo, store: Store, config: IngestConfig) -> "Ingestor":
@@ -399,6 +418,23 @@ class Ingestor:
         for batch in self._batches(oids, should_stop):
             self.symbols.annotate(batch)
             yield from batch
+
+    def parse_definitions(self, blobs: list[str]) -> dict[str, bytes]:
+        """Definitions of blobs that no commit's parse gave (the symbol index moving onto a tree parsed before),
+        parsed in a spawned process: they may be a whole tree, and one of them may crash its parser (the commit
+        that holds it was stored as `parser-died`), which must not take this process with it. When the process
+        dies, the blobs are split and retried; a blob whose parser dies alone has no definitions."""
+        if not blobs:
+            return {}
+        try:
+            with self._pool(1) as alone:
+                return alone.submit(_worker_definitions, blobs).result()
+        except BrokenProcessPool:
+            if len(blobs) == 1:
+                _log.warning("definitions_parser_died", blob=blobs[0])
+                return {blobs[0]: NO_DEFINITIONS}
+            half = len(blobs) // 2
+            return {**self.parse_definitions(blobs[:half]), **self.parse_definitions(blobs[half:])}
 
     def _heavy(self, oids: list[str]) -> bool:
         """Should a long-lived process parse these commits elsewhere?"""

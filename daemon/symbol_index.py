@@ -13,12 +13,12 @@ from __future__ import annotations
 import json
 import time
 from collections import OrderedDict
+from collections.abc import Callable
 from typing import Any
 
-from . import compact_json, hygiene, log
+from . import compact_json, log
 from .config import IngestConfig
-from .gitrepo import BlobUnreadable, GitRepo
-from .rust_items import parse
+from .gitrepo import GitRepo
 from .store import PendingCommit, Store
 from .symbols import Definition, NameIndex, definitions, resolve
 
@@ -36,10 +36,14 @@ NO_DEFINITIONS = b"[]"
 
 
 class SymbolIndex:
-    def __init__(self, repo: GitRepo, store: Store, config: IngestConfig) -> None:
+    def __init__(self, repo: GitRepo, store: Store, config: IngestConfig,
+                 parse_definitions: Callable[[list[str]], dict[str, bytes]]) -> None:
+        """`parse_definitions`: blob -> encoded definitions for blobs neither a worker nor the store has (the
+        Ingestor parses them in a spawned process)."""
         self.repo = repo
         self.store = store
         self.config = config
+        self.parse_definitions = parse_definitions
         self.index = NameIndex()
         self.at: str | None = None  # the commit whose tree the index reflects; None: the empty tree
         self.parsed = 0  # blobs this index had to parse itself (none after a restart: the store has them)
@@ -138,27 +142,17 @@ class SymbolIndex:
         if missing:
             stored = self.store.get_definitions(missing)
             raw.update(stored)
-            for blob in missing:
-                if blob not in stored:
-                    raw[blob] = pending.definitions[blob] = self._parse(blob)
-                    self.parsed += 1
+            unparsed = [blob for blob in missing if blob not in stored]
+            if unparsed:
+                parsed = self.parse_definitions(unparsed)
+                raw.update(parsed)
+                pending.definitions.update(parsed)  # stored with this commit
+                self.parsed += len(unparsed)
         decoded: dict[str, list[Definition]] = {blob: [] for blob in blobs}
         for blob, value in raw.items():
             self._remember(blob, value)
             decoded[blob] = [Definition.decode(d) for d in json.loads(value)]
         return decoded
-
-    def _parse(self, blob: str) -> bytes:
-        try:
-            data = self.repo.read_text_blob(blob, self.config.max_file_bytes)
-        except BlobUnreadable:
-            return NO_DEFINITIONS
-        if hygiene.generated_reason(data, self.config) is not None:
-            return NO_DEFINITIONS
-        try:
-            return encoded_definitions(data, parse(data))
-        except Exception:  # a parser bug costs this file's definitions
-            return NO_DEFINITIONS
 
     def _remember(self, blob: str, value: bytes) -> None:
         self._recent[blob] = value
