@@ -111,7 +111,10 @@ class SymbolIndex:
         except Exception as exc:  # a missing tree (shallow or partial clone): start over from the empty tree
             _log.warning("symbol_index_rebuilt", commit=pending.oid.hex(), error=f"{type(exc).__name__}: {exc}")
             self.index = NameIndex()
-            changes = self.repo.rust_tree_changes(None, target) if target is not None else []
+            try:
+                changes = self.repo.rust_tree_changes(None, target) if target is not None else []
+            except Exception:  # the parent itself is missing: its commit was diffed against the empty tree too
+                changes, target = [], None
         self._apply([(c.old_path, c.new_path, c.new_oid) for c in changes], pending)
         self.at = target
         return len(changes)

@@ -301,3 +301,21 @@ def test_the_daemon_after_a_restart_resolves_from_the_stored_index(tmp_path, iso
     assert record["cross_file_resolved"] == 1
     assert [b["path"] for b in run_examples(repo)[second]["cross_file"]] == ["src/net.rs"]
     assert json.loads(gitlora("stats", "--json", str(repo)).stdout)["cross_file"]["rate"] == 1.0
+
+
+def test_a_shallow_clone_parses_the_boundary_tree_once_for_its_definitions(tmp_path):
+    """The boundary commit is stored as skipped (its parents are cut off), so its files were never parsed: the
+    next commit's index is built from that tree, parsing its blobs once (in a spawned process)."""
+    origin = tmp_path / "origin"
+    oids = history(origin)
+    shallow = tmp_path / "shallow"
+    git(tmp_path, "clone", "-q", "--depth", "2", f"file://{origin}", str(shallow))
+    backfill(str(shallow), progress=False, workers=1)
+    commits = store_commits(shallow)
+    assert commits[oids["rename"]]["status"] == "skipped" and commits[oids["delete"]]["status"] == "ingested"
+    assert not any("symbol_index_error" in record for record in commits.values())
+    # The three files of the boundary tree: lib.rs parsed here, the two the commit changes by its worker.
+    assert commits[oids["delete"]]["symbol_index"] == {"moved_files": 3, "parsed": 1}
+    with Store(open_repo(shallow, Config()).paths.store, readonly=True) as store:
+        blob = git(shallow, "rev-parse", f"{oids['rename']}:src/lib.rs")
+        assert store.get_definitions([blob]) == {blob: b"[]"}  # stored: never parsed again (no items: none)
