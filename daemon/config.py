@@ -23,6 +23,7 @@ from gitlora.trainer.spec import RoundSettings
 
 from . import paths
 from .examples import CONTEXT_ABOVE_BYTES, CONTEXT_BELOW_BYTES, MIN_CONTEXT_BYTES
+from .symbols import CROSS_FILE_BYTES
 
 MINUTE = 60
 HOUR = 60 * MINUTE
@@ -54,6 +55,9 @@ class IngestConfig(_Section):
     context_below_bytes: int = Field(CONTEXT_BELOW_BYTES, ge=MIN_CONTEXT_BYTES, le=1_000_000,
                                      description="bytes of the new file below each changed item kept with its "
                                      "example (the fill-in-the-middle suffix)")
+    cross_file_bytes: int = Field(CROSS_FILE_BYTES, ge=0, le=1_000_000,
+                                  description="bytes of definitions from other files (signatures, type definitions) "
+                                  "kept with each example as its cross-file context; 0 = off")
     # Hygiene (daemon/hygiene.py) and deduplication (daemon/dedup.py, applied by the store): DESIGN.md, *Hygiene
     # and deduplication*. Like every [ingest] key, they apply to commits not ingested yet.
     generated_markers: list[Annotated[str, Field(min_length=1, max_length=200)]] = Field(

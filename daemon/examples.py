@@ -8,10 +8,13 @@ from .rust_items import FileItems, ItemChange, Span, diff_items, qualified_name,
 
 # The fields each store schema added to every example record (DESIGN.md, *Example record*, *Schema versions
 # and upgrade*): 2, what lets a reader rebuild the item's context from git (the file around it) without
-# re-parsing; 3, the new file's text around the item, for the trainer, which never reads git.
+# re-parsing; 3, the new file's text around the item, for the trainer, which never reads git; 4, the definitions
+# of other files the item references (added by ingest's symbol index, daemon/symbol_index.py, after the record
+# is composed here: it needs the repository at the commit, which only the process writing in order has).
 SCHEMA_FIELDS = {
     2: ("old_blob", "new_blob", "old_span", "new_span", "identifiers"),
     3: ("new_context",),
+    4: ("cross_file",),
 }
 CONTEXT_FIELDS = tuple(f for fields in SCHEMA_FIELDS.values() for f in fields)
 
@@ -123,4 +126,4 @@ def upgraded_record(record: dict[str, Any]) -> dict[str, Any]:
             "old_span": record.get("old_span"), "new_span": record.get("new_span"),
             "identifiers": record.get("identifiers") or referenced_identifiers(
                 record.get("after") or record.get("before") or ""),
-            "new_context": record.get("new_context")}
+            "new_context": record.get("new_context"), "cross_file": record.get("cross_file")}

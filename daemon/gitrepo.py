@@ -290,6 +290,17 @@ class GitRepo:
                         pass  # missing (a partial clone): it will be a recorded skip, at no parsing cost
         return files, size
 
+    def rust_tree_changes(self, old: str | None, new: str | None) -> list[FileChange]:
+        """The .rs files that differ between two commits' trees (None: the empty tree), classified as a
+        commit's diff is (exclusions, vendored crates, submodules left out), without rename detection or hunks:
+        what moves ingest's symbol index from the tree it reflects to another (a branch switch)."""
+        empty = self.repo.TreeBuilder().write()
+        trees = [self.repo[oid].peel(pygit2.Tree) if oid is not None else self.repo[empty] for oid in (old, new)]
+        diff = trees[0].diff_to_tree(trees[1], context_lines=0)
+        scratch = CommitDiff()
+        vendored = _VendoredCrates(trees[1], trees[0]) if self.skip_vendored else None
+        return [change for delta in diff.deltas if (change := self._classify(delta, scratch, vendored)) is not None]
+
     @staticmethod
     def _with_hunks(diff: pygit2.Diff, index: int, change: FileChange) -> FileChange:
         """Attach git's line hunks (zero context) so the parser can reparse only what changed."""

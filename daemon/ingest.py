@@ -37,6 +37,7 @@ from .examples import file_examples, path_fields
 from .gitrepo import BlobUnreadable, CommitDiff, CommitInfo, FileChange, GitRepo, SkippedFile
 from .rust_items import FileItems, extract_items, parse
 from .store import PendingCommit, Store, WriteResult
+from .symbol_index import NO_DEFINITIONS, SymbolIndex, encoded_definitions
 
 _log = log.get("gitlora.ingest")
 _MAX_RECORDED_SKIPS = 50
@@ -120,6 +121,9 @@ class CommitProcessor:
         # blobs with their source, so the next version of the same file reparses incrementally.
         self._cache = _ByteLRU(cache_bytes)
         self._trees = _ByteLRU(tree_bytes)
+        # Definitions of the blobs parsed since the last commit was composed: they travel with that commit to
+        # the process that keeps the symbol index (and into the store), so no blob is parsed twice for them.
+        self._fresh_definitions: dict[str, bytes] = {}
 
     def process(self, oids: list[str]) -> list[PendingCommit]:
         shallow = self.repo.shallow_boundary()
@@ -163,6 +167,8 @@ class CommitProcessor:
         cached = self._cache.get(blob)
         if cached is not None:
             return cached
+        if self.config.cross_file_bytes:  # off: nothing stored, so turning it on later parses what it needs
+            self._fresh_definitions[blob] = NO_DEFINITIONS  # unless it parses
         try:
             data = self.repo.read_text_blob(blob, self.config.max_file_bytes)
         except BlobUnreadable as exc:
@@ -175,10 +181,29 @@ class CommitProcessor:
             self._cache.put(blob, parsed, estimated_items_bytes(parsed))
             return parsed
         parsed, tree = parse_blob(data, self._trees.get(previous), hunks)
+        if tree is not None and self.config.cross_file_bytes:
+            try:
+                self._fresh_definitions[blob] = encoded_definitions(data, tree)
+            except Exception as exc:  # costs this blob's definitions, not its examples
+                _log.error("definitions_failed", blob=blob, reason=_clean(f"{type(exc).__name__}: {exc}"))
         self._cache.put(blob, parsed, estimated_items_bytes(parsed))
         if tree is not None:
             self._trees.put(blob, (data, tree), len(data) * _TREE_BYTES_PER_SOURCE_BYTE)
         return parsed
+
+    def definitions_of(self, blob: str) -> bytes:
+        """The encoded definitions of a blob no commit's parse gave (the symbol index asks, through a spawned
+        process: see `Ingestor.parse_definitions`); none for a blob that is unreadable, generated or unparsable."""
+        try:
+            data = self.repo.read_text_blob(blob, self.config.max_file_bytes)
+        except BlobUnreadable:
+            return NO_DEFINITIONS
+        if hygiene.generated_reason(data, self.config) is not None:
+            return NO_DEFINITIONS
+        try:
+            return encoded_definitions(data, parse(data))
+        except Exception:  # a parser bug costs this file's definitions
+            return NO_DEFINITIONS
 
     def _text(self, blob: str | None) -> bytes | None:
         """A parsed blob's bytes (for the examples' file context): kept beside its syntax tree when recently
@@ -193,6 +218,7 @@ class CommitProcessor:
     def _compose(self, oid: str, info: CommitInfo, diff: CommitDiff, base: dict[str, Any]) -> PendingCommit:
         examples: list[bytes] = []
         sketches: list[bytes | None] = []
+        references: list[tuple[str, list[str], list[str]] | None] = []
         item_skips: Counter[str] = Counter()
         skipped = list(diff.skipped)
         syntax_errors: list[dict[str, Any]] = []
@@ -202,9 +228,10 @@ class CommitProcessor:
             info = replace(info, message="")
         for change in diff.files:
             try:
-                encoded, sketched, skips = self._file(info, change, skipped, syntax_errors, omitted)
+                encoded, sketched, skips, refs = self._file(info, change, skipped, syntax_errors, omitted)
                 examples.extend(encoded)
                 sketches.extend(sketched)
+                references.extend(refs)
                 item_skips.update(skips)
             except Exception as exc:  # a bug on one file costs that file, not the commit
                 reason = _clean(f"error: {type(exc).__name__}: {exc}")
@@ -227,19 +254,24 @@ class CommitProcessor:
             record["message_omitted"] = omitted
         screen = dedup.Screen(tuple(sketches), message_key, self.config.near_duplicate_cap,
                               self.config.near_duplicate_threshold, self.config.repeated_message_limit)
-        return PendingCommit(bytes.fromhex(oid), record, examples, screen if self.config.dedup else None)
+        definitions, self._fresh_definitions = self._fresh_definitions, {}
+        changes = [(change.old_path, change.new_path, change.new_oid) for change in diff.files]
+        return PendingCommit(bytes.fromhex(oid), record, examples, screen if self.config.dedup else None,
+                             definitions, changes, references)
 
     def _file(self, info: CommitInfo, change: FileChange, skipped: list[SkippedFile],
               syntax_errors: list[dict[str, Any]],
-              message_omitted: str | None = None) -> tuple[list[bytes], list[bytes | None], Counter[str]]:
-        """One changed file's examples, encoded, with their targets' near-duplicate sketches and the items
-        hygiene left out; or its skip (appended to `skipped`) and none."""
+              message_omitted: str | None = None
+              ) -> tuple[list[bytes], list[bytes | None], Counter[str], list[tuple[str, list[str], list[str]] | None]]:
+        """One changed file's examples, encoded, with their targets' near-duplicate sketches, the items hygiene
+        left out and what resolving each one's cross-file context needs; or its skip (appended to `skipped`) and
+        none."""
         old = self._items(change.old_oid)
         new = self._items(change.new_oid, previous=change.old_oid, hunks=change.hunks)
         unreadable = next((s for s in (old, new) if isinstance(s, Unparsable)), None)
         if unreadable is not None:
             skipped.append(_skipped_file(change, unreadable.reason))
-            return [], [], Counter()
+            return [], [], Counter(), []
         assert not isinstance(old, Unparsable) and not isinstance(new, Unparsable)
         made, skips = hygiene.screen_file(
             file_examples(self.repo_name, info, change, old, new, self._text(change.new_oid),
@@ -251,7 +283,9 @@ class CommitProcessor:
         if new is not None and new.syntax_error:
             syntax_errors.append({**path_fields("path", change.new_path, change.new_raw),
                                   "broken_items": new.broken_items})
-        return encoded, sketches, skips
+        references = [None if e["change_kind"] == "deleted" else (e["path"], e["identifiers"], e["imports"])
+                      for e in made]
+        return encoded, sketches, skips, references
 
 
 def _skipped_file(change: FileChange, reason: str) -> SkippedFile:
@@ -295,6 +329,11 @@ def _worker_process(oids: list[str]) -> list[PendingCommit]:
     return _worker.process(oids)
 
 
+def _worker_definitions(blobs: list[str]) -> dict[str, bytes]:
+    assert _worker is not None
+    return {blob: _worker.definitions_of(blob) for blob in blobs}
+
+
 @dataclass
 class IngestSummary:
     commits: int = 0
@@ -330,6 +369,8 @@ class Ingestor:
         self.isolate_files = isolate_files
         self.isolate_bytes = isolate_bytes
         self._crash_guard = _CrashGuard(store.path.parent)
+        # The one place that sees this Ingestor's commits in order: it resolves their cross-file context.
+        self.symbols = SymbolIndex(repo, store, self.config, self.parse_definitions)
 
     @classmethod
     def for_daemon(cls, repo: GitRepo, store: Store, config: IngestConfig) -> "Ingestor":
@@ -352,6 +393,7 @@ class Ingestor:
         for batch in self._batches(oids, should_stop):
             if should_stop():
                 break
+            self.symbols.annotate(batch)
             if extra:
                 for item in batch:
                     item.record.update(extra)
@@ -375,7 +417,25 @@ class Ingestor:
         """The commits as ingest would store them, in order, without storing them (`gitlora upgrade`
         rewrites stored records with them): the same pool, isolation and crash handling as `run`."""
         for batch in self._batches(oids, should_stop):
+            self.symbols.annotate(batch)
             yield from batch
+
+    def parse_definitions(self, blobs: list[str]) -> dict[str, bytes]:
+        """Definitions of blobs that no commit's parse gave (the symbol index moving onto a tree parsed before),
+        parsed in a spawned process: they may be a whole tree, and one of them may crash its parser (the commit
+        that holds it was stored as `parser-died`), which must not take this process with it. When the process
+        dies, the blobs are split and retried; a blob whose parser dies alone has no definitions."""
+        if not blobs:
+            return {}
+        try:
+            with self._pool(1) as alone:
+                return alone.submit(_worker_definitions, blobs).result()
+        except BrokenProcessPool:
+            if len(blobs) == 1:
+                _log.warning("definitions_parser_died", blob=blobs[0])
+                return {blobs[0]: NO_DEFINITIONS}
+            half = len(blobs) // 2
+            return {**self.parse_definitions(blobs[:half]), **self.parse_definitions(blobs[half:])}
 
     def _heavy(self, oids: list[str]) -> bool:
         """Should a long-lived process parse these commits elsewhere?"""

@@ -32,6 +32,7 @@ from . import log
 from .config import Config
 from .gitrepo import GitRepo, GitRepoError
 from .ingest import CommitProcessor, Ingestor
+from .symbol_index import SymbolIndex
 from .repos import OpenedRepo
 from .shards import ShardVerification, ShardWriter, example_meta, read_manifest
 from .store import SCHEMA_VERSION, PendingCommit, Store, StoreDamaged, StoreError, example_key
@@ -179,6 +180,7 @@ def _rebuild(opened: OpenedRepo, config: Config, target: Path, report: RepairRep
                 progress(done, max(done, len(everything) + len(report.not_rederived)))
 
         processor = CommitProcessor(git, config.ingest, source="repair")
+        ingestor = Ingestor(git, store, config.ingest, source="repair")  # its symbol index sees every commit
         for group in manifest.get("groups", []):
             for entry in sorted((s for s in manifest.get("shards", []) if s.get("group") == group["id"]),
                                 key=lambda s: s["id"]):
@@ -191,15 +193,15 @@ def _rebuild(opened: OpenedRepo, config: Config, target: Path, report: RepairRep
                     if stop():
                         return False
                     part = commits[start:start + _BATCH]
-                    store.write([_from_shard(processor, git, oid, lines, report) for oid, lines in part])
+                    store.write([_from_shard(processor, ingestor.symbols, git, oid, lines, report)
+                                 for oid, lines in part])
                     report.from_shards += len(part)
                     advance(len(part))
             # Keep a lost shard's numbers free, so that later groups keep theirs.
             store.reserve_seqs(group["last_seq"] + 1)
         stored = store.known_commits(bytes.fromhex(oid) for oid in everything)
         remaining = [oid for oid in everything if bytes.fromhex(oid) not in stored]
-        summary = Ingestor(git, store, config.ingest, source="repair").run(remaining, on_batch=advance,
-                                                                          should_stop=stop)
+        summary = ingestor.run(remaining, on_batch=advance, should_stop=stop)
         # Examples taken from shards of an older schema keep its shape: the store says so (never mixed
         # silently), and `gitlora upgrade` re-derives them.
         oldest = min((int(g.get("schema_version", 1)) for g in manifest.get("groups", [])), default=SCHEMA_VERSION)
@@ -220,7 +222,7 @@ def _commits_in(body: bytes) -> list[tuple[str, list[bytes]]]:
     return commits
 
 
-def _from_shard(processor: CommitProcessor, git: GitRepo, oid: str, lines: list[bytes],
+def _from_shard(processor: CommitProcessor, symbols: SymbolIndex, git: GitRepo, oid: str, lines: list[bytes],
                 report: RepairReport) -> PendingCommit:
     """The commit re-derived from git, holding exactly the examples its shard has."""
     try:
@@ -231,6 +233,7 @@ def _from_shard(processor: CommitProcessor, git: GitRepo, oid: str, lines: list[
         return PendingCommit(bytes.fromhex(oid), {"source": "repair", "status": "ingested", "commit_time": commit_time,
                                                   "recovered_from": "shards", "stored_at": time.time()}, lines)
     pending = processor.process([oid])[0]
+    symbols.annotate([pending])  # the record's cross-file counts, as when it was first stored
     # The store screened the commit when it was first stored (duplicates and near-duplicates left out, a
     # repeated message left out): its shard lines are then the re-derived examples less some, and are stored
     # as they are, the screening state counted (enforce=False) for the commits ingested after them.

@@ -4,7 +4,9 @@ Named databases (DESIGN.md, *Store (LMDB) schema*): `commits` (20-byte binary oi
 big-endian sequence -> JSON example), `meta` (schema version, counters), `example_keys` (16-byte digest of an
 example's (path, qualified_name, after) -> the oid of the first commit that stored it: a commit
 whose every example is already there replays earlier commits, e.g. a merge of its branch, and its record says
-so with `duplicates`). A commit's record and all of its
+so with `duplicates`), `symbols` (20-byte blob oid -> JSON list of the blob's definitions: content-addressed,
+written put-if-absent in the transaction of the commit that first needed them; ingest's symbol index reads them
+instead of parsing again). A commit's record and all of its
 examples are written in one write transaction, and the transaction first checks that the commit is not
 already stored: LMDB's atomic commit makes that "exactly once" even if the process dies at any instant.
 """
@@ -28,10 +30,11 @@ from .dedup import Screen, band_keys, similarity
 
 #: What the example records of a store hold (DESIGN.md, *Store (LMDB) schema*): 1 = the item's texts and where
 #: it is (path, qualified name, imports); 2 = also its blob ids, byte/line spans and referenced identifiers;
-#: 3 = also the new file's text around the item (`new_context`, what the trainer's fill-in-the-middle needs).
+#: 3 = also the new file's text around the item (`new_context`, what the trainer's fill-in-the-middle needs);
+#: 4 = also the definitions of other files it references (`cross_file`, resolved by ingest's symbol index).
 #: A store whose version is older than this one is never written to by ingest (its records would mix two
 #: shapes): `gitlora upgrade` brings it here. One with a newer version is refused.
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 _SEQ = struct.Struct(">Q")
 _INITIAL_MAP_SIZE = 64 << 20
 _MAX_MAP_SIZE = 1 << 40
@@ -168,6 +171,13 @@ class PendingCommit:
     # Ingest's screening (duplicates, near-duplicates, repeated messages), applied in the commit's transaction;
     # None: every example is stored and duplicates only marked (issue 11's commit-level rule).
     screen: Screen | None = None
+    # Definitions of blobs (hex oid -> their encoded JSON list) first parsed for this commit, stored put-if-absent
+    # in its transaction (whether or not the commit itself was stored before).
+    definitions: dict[str, bytes] = field(default_factory=dict)
+    # Ingest's symbol index only (never stored): the .rs files the commit changed, (old path, new path, new
+    # blob), and per example what resolving it needs, (path, identifiers, imports); None for a skipped commit.
+    changes: list[tuple[str | None, str | None, str | None]] | None = None
+    references: list[tuple[str, list[str], list[str]] | None] | None = None
 
 
 @dataclass(frozen=True)
@@ -242,9 +252,16 @@ class Store:
         except _DAMAGE_ERRORS as exc:
             self.env.close()
             raise _unreadable(self.path, exc) from None
+        try:  # blob -> definitions (schema 4); added like example_keys
+            self._symbols = self.env.open_db(b"symbols", create=not self.readonly)
+        except lmdb.NotFoundError:
+            self._symbols = None
+        except _DAMAGE_ERRORS as exc:
+            self.env.close()
+            raise _unreadable(self.path, exc) from None
 
     @contextmanager
-    def _txn(self, db: Literal["commits", "examples", "meta"] | None = None,
+    def _txn(self, db: Literal["commits", "examples", "meta", "symbols"] | None = None,
              **kwargs: Any) -> Iterator[lmdb.Transaction]:
         """A transaction that survives the map growing, with LMDB's reports of damaged pages (on any read)
         turned into StoreDamaged. Another process (a backfill next to the daemon) may have grown the map,
@@ -343,6 +360,7 @@ class Store:
         for pending in batch:
             if len(pending.oid) != 20:
                 raise StoreError(f"commit key must be a 20-byte oid, got {len(pending.oid)} bytes")
+            self._put_definitions(txn, pending.definitions)
             if pending.oid in seen_in_batch or txn.get(pending.oid, db=self._commits) is not None:
                 present += 1
                 continue
@@ -383,6 +401,10 @@ class Store:
             txn.put(b"keys_indexed_upto", str(next_seq).encode(), db=self._meta)
         txn.put(b"counters", compact_json.encode(counters), db=self._meta)
         return WriteResult(stored, present, appended, written)
+
+    def _put_definitions(self, txn: lmdb.Transaction, definitions: dict[str, bytes]) -> None:
+        for blob, value in definitions.items():
+            txn.put(bytes.fromhex(blob), value, db=self._symbols, overwrite=False)
 
     def _mark_duplicates(self, txn: lmdb.Transaction, oid: bytes, keys: list[bytes]) -> dict[str, Any]:
         """Index one commit's example keys; the fields its record gets when some were stored before it."""
@@ -555,11 +577,12 @@ class Store:
                 txn.put(b"next_seq", str(upto).encode(), db=self._meta)
 
     def rewrite(self, examples: dict[int, bytes], commits: dict[bytes, dict[str, Any]],
-                meta: dict[str, Any]) -> None:
+                meta: dict[str, Any], definitions: dict[str, bytes] | None = None) -> None:
         """Replace stored examples (at their sequence numbers, which must exist) and commit records, and set
         `x:` meta keys, all in one transaction: how `upgrade` moves whole commits to a new schema, with its
         progress in the same transaction (killed at any instant, a commit is rewritten entirely or not at all).
-        Counters, sequence numbers and the example-key index do not change: an example's key does not."""
+        Counters, sequence numbers and the example-key index do not change: an example's key does not.
+        `definitions` (blob -> encoded definitions) are added put-if-absent, as `write` adds them."""
         if self.readonly:
             raise StoreError("store opened read-only")
         while True:
@@ -575,6 +598,7 @@ class Store:
                         txn.put(oid, compact_json.encode(record), db=self._commits)
                     for key, value in meta.items():
                         txn.put(b"x:" + key.encode(), compact_json.encode(value), db=self._meta)
+                    self._put_definitions(txn, definitions or {})
                 return
             except lmdb.MapFullError:
                 self._grow()
@@ -596,6 +620,18 @@ class Store:
         through them, so history fetched by `git fetch --unshallow` is still ingested."""
         with self._txn(db="meta") as txn:
             return set(_loads(txn.get(b"shallow_boundaries", b"[]"), self.path))
+
+    def get_definitions(self, blobs: Iterable[str]) -> dict[str, bytes]:
+        """The stored definitions (encoded) of those of `blobs` (hex oids) that have them, in one transaction."""
+        if self._symbols is None:
+            return {}
+        with self._txn(db="symbols") as txn:
+            found = {}
+            for blob in blobs:
+                raw = txn.get(bytes.fromhex(blob))
+                if raw is not None:
+                    found[blob] = bytes(raw)
+            return found
 
     def has_commit(self, oid: bytes) -> bool:
         with self._txn(db="commits", buffers=True) as txn:

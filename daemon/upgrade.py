@@ -176,6 +176,7 @@ def _rewrite(store: Store, part: list[tuple[str, list[int]]], missing: set[str],
     derivation stopped first (nothing of `part` is written then)."""
     examples: dict[int, bytes] = {}
     records: dict[bytes, dict[str, Any]] = {}
+    definitions: dict[str, bytes] = {}  # what the derivation parsed, stored as ingest stores it
     for oid, seqs in part:
         old = store.get_raw_examples(seqs)
         pending = None
@@ -185,6 +186,7 @@ def _rewrite(store: Store, part: list[tuple[str, list[int]]], missing: set[str],
                 return None
             if pending.oid.hex() != oid:
                 raise StoreError(f"upgrade re-derived {pending.oid.hex()} where {oid} was expected")
+            definitions.update(pending.definitions)
         new = _same_examples(old, pending.examples) if pending is not None else None
         if new is None:
             mark = "not-in-git" if pending is None else "differed"
@@ -195,7 +197,7 @@ def _rewrite(store: Store, part: list[tuple[str, list[int]]], missing: set[str],
             _log.warning("upgrade_kept_records", commit=oid, why=mark)
         examples.update(zip(seqs, new))
     state = {**state, "upto": part[-1][1][-1] + 1, "commits": state.get("commits", 0) + len(part)}
-    store.rewrite(examples, records, {"upgrade": state})
+    store.rewrite(examples, records, {"upgrade": state}, definitions)
     return state
 
 

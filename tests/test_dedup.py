@@ -207,7 +207,7 @@ def test_near_duplicates_beyond_the_cap_are_left_out_and_counted(tmp_path, isola
 
 def snapshot(opened: OpenedRepo) -> dict:
     with Store(opened.paths.store, readonly=True) as store:
-        drop = ("stored_at", "timings_ms", "source", "noticed_at")
+        drop = ("stored_at", "timings_ms", "source", "noticed_at", "symbol_index")
         return {"examples": dict(store.iter_raw_examples()),
                 "commits": {oid.hex(): {k: v for k, v in r.items() if k not in drop} for oid, r in store.iter_commits()},
                 "counters": store.counters(), "next_seq": store.next_seq(),

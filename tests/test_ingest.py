@@ -83,7 +83,7 @@ def test_example_records_carry_the_contract_fields(demo):
     parse = next(e for e in examples if e["qualified_name"] == "parse" and e["change_kind"] == "modified")
     assert set(parse) == {"repo", "commit", "parent", "author_time", "commit_time", "message", "path", "old_path",
                           "kind", "qualified_name", "change_kind", "before", "after", "imports", "old_blob",
-                          "new_blob", "old_span", "new_span", "identifiers", "new_context"}
+                          "new_blob", "old_span", "new_span", "identifiers", "new_context", "cross_file"}
     assert parse["repo"] == "demo"
     assert parse["message"].startswith("Skip comment lines")
     assert "starts_with('#')" in parse["after"] and "starts_with('#')" not in parse["before"]
@@ -91,6 +91,7 @@ def test_example_records_carry_the_contract_fields(demo):
     deleted = next(e for e in examples if e["change_kind"] == "deleted")
     assert deleted["after"] == "" and deleted["before"] and deleted["path"] == "src/render.rs"
     assert deleted["new_context"] is None and parse["new_context"]["above"].startswith("use std::")
+    assert deleted["cross_file"] == [] and isinstance(parse["cross_file"], list)
 
 
 def test_rerun_stores_nothing_twice(demo):

@@ -16,7 +16,7 @@ from gitlora.daemon.store import PendingCommit, Store
 from daemonutil import DaemonProcess, gitlora, wait_stored
 from gitutil import commit_files, git, init_repo
 
-_TIMING = {"source", "timings_ms", "stored_at", "noticed_at"}  # where and when, not what
+_TIMING = {"source", "timings_ms", "stored_at", "noticed_at", "symbol_index"}  # where and when, not what
 
 
 def name(raw: bytes) -> str:

@@ -23,7 +23,7 @@ from gitutil import commit_files, git, rust_module, synthetic_history
 
 SHARD_SIZE, EVAL_FRACTION = 40, 0.2
 # What a rebuild cannot reproduce: when and by whom a commit was stored, and how long it took.
-_STORING_FIELDS = ("stored_at", "timings_ms", "source", "noticed_at")
+_STORING_FIELDS = ("stored_at", "timings_ms", "source", "noticed_at", "symbol_index")
 
 
 def damage(store_dir: Path, how: str) -> None:

@@ -242,6 +242,101 @@ def test_an_over_long_middle_ends_at_a_scope_boundary_with_its_markers(tok):
     assert parts.prefix.endswith(prefix) and parts.suffix.startswith(suffix) and suffix  # the suffix survives
 
 
+CROSS_FILE = [{"path": "node/src/net.rs", "text": "pub struct Addr { host: String, port: u16 }\n"},
+              {"path": "node/src/util.rs", "text": "pub fn trim_all(s: &str) -> String;\n"}]
+
+
+def test_cross_file_blocks_go_before_the_file_in_starcoder2_layout():
+    """The record's cross-file context: one `<file_sep>path\nskeleton` block per file, most relevant first, before
+    the file's own header, in the FIM and the edit rendering alike."""
+    rec = in_file(PEER_V2, method(PEER_V2, "connect"), path="node/src/peer.rs", kind="method",
+                  before=method(PEER_V1, "connect"), cross_file=CROSS_FILE)
+    prompt, target = data.render(rec, edit_share=0.0, seed=0)
+    assert prompt == (
+        "<repo_name>the-block"
+        "<file_sep>node/src/net.rs\npub struct Addr { host: String, port: u16 }\n"
+        "<file_sep>node/src/util.rs\npub fn trim_all(s: &str) -> String;\n"
+        "<file_sep><fim_prefix>node/src/peer.rs\n"
+        "use std::fmt;\n\npub struct Peer { addr: String }\n\nimpl Peer {\n    pub fn connect(addr: &str) -> Peer {\n"
+        "<fim_suffix>"
+        "        Peer { addr: a.to_string() }\n    }\n\n    pub fn close(&self) {}\n}\n"
+        "<fim_middle>")
+    assert target == CHANGED_LINE + "<|endoftext|>"
+    edit, _ = data.render(rec, edit_share=1.0)
+    assert edit.startswith("<repo_name>the-block<file_sep>node/src/net.rs\npub struct Addr { host: String, port: u16 }"
+                           "\n<file_sep>node/src/util.rs\npub fn trim_all(s: &str) -> String;\n"
+                           "<file_sep>node/src/peer.rs\n// Fix overflow in f\n")
+    # Without the field, with it empty, or with the option off: exactly today's rendering.
+    bare = {k: v for k, v in rec.items() if k != "cross_file"}
+    for options in (data.RenderOptions(edit_share=0.0), data.RenderOptions(edit_share=1.0)):
+        plain = data.rendering(bare, options).prompt
+        assert "net.rs" not in plain
+        assert data.rendering({**rec, "cross_file": []}, options).prompt == plain
+        assert data.rendering({**rec, "cross_file": None}, options).prompt == plain
+        assert data.rendering(rec, data.RenderOptions(options.edit_share, cross_file=False)).prompt == plain
+    assert data.RenderOptions.from_settings({"edit_share": 0.2, "copied_token_weight": 0.1,
+                                             "cross_file_context": False}).cross_file is False
+
+
+def test_cross_file_blocks_keep_their_share_of_the_context_and_markers_survive(tok):
+    rec = in_file(PEER_V2, method(PEER_V2, "connect"), before=method(PEER_V1, "connect"), kind="method",
+                  cross_file=CROSS_FILE)
+    parts = fim(rec)
+    whole, cut = data.tokenize_fim(tok, parts, 10_000)
+    assert not cut
+    marks = [tok.convert_tokens_to_ids(m) for m in ("<repo_name>", "<fim_prefix>", "<fim_suffix>", "<fim_middle>")]
+    sep = tok.convert_tokens_to_ids("<file_sep>")
+    block_tokens = [len(tok(b, add_special_tokens=False)["input_ids"]) for b in data.cross_file_blocks(rec)]
+    bare, _ = data.tokenize_fim(tok, fim({k: v for k, v in rec.items() if k != "cross_file"}), 10_000)
+    assert len(whole.input_ids) == len(bare.input_ids) + sum(block_tokens)
+    # One token short of everything: the least relevant block goes, the file's prefix and suffix stay whole.
+    short, cut = data.tokenize_fim(tok, parts, len(whole.input_ids) - 1)
+    assert cut and len(short.input_ids) == len(whole.input_ids) - block_tokens[1]
+    assert tok.decode(short.input_ids).startswith("<repo_name>the-block<file_sep>node/src/net.rs\n")
+    assert "node/src/util.rs" not in tok.decode(short.input_ids)
+    repo_head = len(tok("<repo_name>the-block", add_special_tokens=False)["input_ids"])
+    file_part = bare.input_ids[repo_head:]
+    assert short.input_ids[-len(file_part):] == file_part  # the file's own part untouched
+    # Room for less than the first block, but the block is within its share of the context: it stays, and the
+    # file's prefix gives whole lines for it.
+    ctx = len(bare.input_ids) + 20
+    assert 20 < block_tokens[0] <= data.CROSS_FILE_SHARE * ctx  # the premise
+    shared, cut = data.tokenize_fim(tok, parts, ctx)
+    text = tok.decode(shared.input_ids)
+    assert cut and len(shared.input_ids) <= ctx and "node/src/net.rs" in text and "node/src/util.rs" not in text
+    assert [shared.input_ids.count(m) for m in marks] == [1, 1, 1, 1] and shared.input_ids.count(sep) == 2
+    kept_prefix = text.split("<fim_prefix>")[1].split("<fim_suffix>")[0].split("\n", 1)[1]  # after the path
+    kept_suffix = text.split("<fim_suffix>")[1].split("<fim_middle>")[0]
+    assert parts.prefix.endswith(kept_prefix) and parts.suffix.startswith(kept_suffix)  # the file gave room...
+    assert len(kept_prefix) + len(kept_suffix) < len(parts.prefix) + len(parts.suffix)
+    assert kept_prefix == parts.prefix or parts.prefix[len(parts.prefix) - len(kept_prefix) - 1] == "\n"
+    assert kept_suffix in (parts.suffix, "") or kept_suffix.endswith("\n")  # ... in whole lines
+    assert tok.decode([t for t in shared.labels if t != data.IGNORE]) == CHANGED_LINE + "<|endoftext|>"
+    # Shorter than the bare file and a share smaller than the first block: no block, then the prefix is cut, and
+    # every marker is still there.
+    tight, cut = data.tokenize_fim(tok, parts, len(bare.input_ids) - 10)
+    assert data.CROSS_FILE_SHARE * (len(bare.input_ids) - 10) < block_tokens[0]  # the premise: not even the first
+    assert cut and len(tight.input_ids) <= len(bare.input_ids) - 10
+    assert [tight.input_ids.count(m) for m in marks] == [1, 1, 1, 1] and tight.input_ids.count(sep) == 1
+    assert tok.decode([t for t in tight.labels if t != data.IGNORE]) == CHANGED_LINE + "<|endoftext|>"
+    assert data.blocks_within([5, 5, 5], 3, 40) == 2 and data.blocks_within([5, 5], 100, 40) == 2
+    assert data.blocks_within([20], 0, 40) == 0  # a block larger than the share is not kept
+    # An edit example keeps its blocks within the same share, and its own header whole.
+    edit = data.rendering(rec, data.RenderOptions(edit_share=1.0))
+    full, cut = data.tokenize_rendering(tok, edit, 10_000)
+    assert not cut and sum(block_tokens) <= data.CROSS_FILE_SHARE * (len(full.input_ids) - 1)
+    within, cut = data.tokenize_rendering(tok, edit, len(full.input_ids) - 1)
+    text = tok.decode(within.input_ids)
+    assert cut and len(within.input_ids) <= len(full.input_ids) - 1
+    assert text.startswith("<repo_name>the-block<file_sep>node/src/net.rs\n") and "node/src/util.rs" in text
+    ctx = 4 * block_tokens[0] + 4  # a share with room for the first block alone
+    dropped, cut = data.tokenize_rendering(tok, edit, ctx)
+    text = tok.decode(dropped.input_ids)
+    assert cut and len(dropped.input_ids) <= ctx and "node/src/util.rs" not in text
+    assert text.startswith("<repo_name>the-block<file_sep>node/src/net.rs\n")
+    assert "<file_sep>node/src/f.rs\n" in text  # the file's own header line whole
+
+
 def test_records_without_file_context_still_fill_in_the_middle():
     """Shards written before the new file's text was kept: the item under the synthetic header (commit message,
     what changed, use lines), in the same layout."""

@@ -26,7 +26,7 @@ from gitlora.daemon.store import SCHEMA_VERSION, Store, StoreError, StoreOutdate
 from gitlora.daemon.upgrade import upgrade_store
 
 from daemonutil import DaemonProcess, gitlora, wait_stored
-from gitutil import commit_files, git, rust_module, synthetic_history
+from gitutil import commit_files, git, init_repo, rust_module, synthetic_history
 
 SHARD_SIZE = 40
 
@@ -96,8 +96,8 @@ def build(repo: Path, commits: int = 60, version: int = 1) -> tuple[OpenedRepo, 
     commit_files(repo, {"README.md": "no rust here"}, "no examples")
     backfill(str(repo), progress=False, workers=1)
     expected = snapshot(opened)
-    assert expected["schema"] == SCHEMA_VERSION == 3
-    assert all(g["schema_version"] == 3 for g in expected["manifest"]["groups"])
+    assert expected["schema"] == SCHEMA_VERSION == 4
+    assert all(g["schema_version"] == 4 for g in expected["manifest"]["groups"])
     downgrade(opened, version)
     return opened, expected
 
@@ -126,14 +126,14 @@ def test_an_old_store_is_reported_and_never_written_to(world):
     before = snapshot(opened)
     assert before["schema"] == 1 and all(set(CONTEXT_FIELDS).isdisjoint(json.loads(raw))
                                          for raw in before["examples"].values())
-    with pytest.raises(StoreOutdated, match="schema 1, this gitlora writes schema 3"):
+    with pytest.raises(StoreOutdated, match="schema 1, this gitlora writes schema 4"):
         Store(opened.paths.store)
     new = commit_files(repo, {"src/mod1.rs": rust_module(1, 500)}, "while outdated")
     done = gitlora("backfill", "--no-progress", str(repo), check=False)
     assert done.returncode == 2
     assert done.stderr.strip().splitlines()[-1] == (
         f"gitlora: error: store at {opened.paths.store} needs an upgrade: its records have schema 1, this gitlora "
-        f"writes schema 3; re-derive it from git: gitlora upgrade {repo}")
+        f"writes schema 4; re-derive it from git: gitlora upgrade {repo}")
     assert snapshot(opened) == before and new not in before["commits"]
     repos.register(opened.git.common_dir)
     status = gitlora("status", "--json", check=False)
@@ -146,12 +146,12 @@ def test_upgrade_gives_exactly_what_a_fresh_backfill_gives(world):
     repo, opened, expected = world
     done = gitlora("upgrade", "--no-progress", str(repo))
     assert done.stdout.strip() == (
-        f"crate: store upgraded from schema 1 to 3: {len(expected['examples']) and _commits_with_examples(expected)} "
+        f"crate: store upgraded from schema 1 to 4: {len(expected['examples']) and _commits_with_examples(expected)} "
         f"commits re-derived from git, {expected['counters']['examples']} examples; "
         f"{len(expected['shards'])} shards, {len(expected['shards'])} rewritten")
     assert_upgraded(opened, expected)
     again = gitlora("upgrade", "--no-progress", str(repo))
-    assert again.stdout.strip() == "crate: store already has schema 3; nothing to upgrade"
+    assert again.stdout.strip() == "crate: store already has schema 4; nothing to upgrade"
     assert_upgraded(opened, expected)
     new = commit_files(repo, {"src/mod2.rs": rust_module(2, 700)}, "after the upgrade")
     backfill(str(repo), progress=False, workers=1)  # the store takes new commits again
@@ -171,6 +171,32 @@ def test_a_schema_2_store_upgrades_to_carry_the_file_context(tmp_path):
     assert_upgraded(opened, expected)
     contexts = [json.loads(raw)["new_context"] for raw in snapshot(opened)["examples"].values()]
     assert any(c and c["above"] for c in contexts)
+
+
+def test_a_schema_3_store_upgrades_to_carry_cross_file_context(tmp_path):
+    """Schema 3 records gain `cross_file`: the definitions of other files they use, resolved by the symbol index
+    ingest keeps (here moved by tree diffs between the commits that have examples), as a backfill gives them."""
+    repo = init_repo(tmp_path / "crate")
+    commit_files(repo, {"src/ledger.rs": "pub struct Ledger {\n    pub balance: u64,\n}\n"}, "ledger")
+    spend = "pub fn spend_{n}(ledger: &mut Ledger, amount: u64) -> u64 {{\n    ledger.balance -= amount + {n};\n}}\n"
+    for n in range(3):
+        commit_files(repo, {f"src/use{n}.rs": spend.format(n=n)}, f"user {n}")
+    commit_files(repo, {"README.md": "no rust"}, "no examples")
+    commit_files(repo, {"src/ledger.rs": "pub struct Ledger {\n    pub balance: u64,\n    pub owner: String,\n}\n",
+                        "src/use1.rs": spend.format(n=1).replace("amount + 1", "amount * 2")}, "owner")
+    backfill(str(repo), progress=False, workers=1)
+    opened = open_repo(repo, Config())
+    assert flush(opened)
+    expected = snapshot(opened)
+    downgrade(opened, 3)
+    assert all("cross_file" not in json.loads(raw) for raw in snapshot(opened)["examples"].values())
+    report = upgrade_store(opened, Config())
+    assert report.action == "upgraded" and report.from_version == 3 and not report.differed
+    assert_upgraded(opened, expected)
+    blocks = {json.loads(raw)["qualified_name"]: json.loads(raw)["cross_file"]
+              for raw in snapshot(opened)["examples"].values()}
+    assert [b["path"] for b in blocks["use1::spend_1"]] == ["src/ledger.rs"]
+    assert "pub owner: String" in blocks["use1::spend_1"][0]["text"]  # Ledger as it was at that commit
 
 
 def _commits_with_examples(snap: dict) -> int:
@@ -284,7 +310,7 @@ def test_upgrade_with_the_daemon_running(world, isolated_home):
         held = commit_files(repo, {"src/mod4.rs": rust_module(4, 800)}, "while the store is outdated")
         gitlora("ingest", str(repo))  # a nudge: the worker tries the store again, and still holds
         done = gitlora("upgrade", "--no-progress", str(repo))
-        assert "store upgraded from schema 1 to 3" in done.stdout
+        assert "store upgraded from schema 1 to 4" in done.stdout
         commits = wait_stored(repo, [held])  # the nudge at the end: the worker reopens and ingests what waited
         assert commits[held]["examples"] > 0 and commits[held]["source"] == "daemon"
         _wait_state(daemon, opened, "ok")

@@ -46,7 +46,20 @@ counts them as 0 tokens (so a round's budget selection counts only what trains) 
 draws replay among what is kept. Evaluation (trainer/evaluate.py) ignores the weight: the held-out window is
 scored on everything.
 
-Truncation keeps every FIM marker and cuts at line boundaries: the prefix loses whole lines from its top (the
+Cross-file context (store schema 4, the record's `cross_file`: definitions of other files the item references,
+most relevant first) goes before the file, in StarCoder2's repository layout, in both renderings:
+
+    <repo_name>{repo}<file_sep>{path_a}
+    {skeleton_a}<file_sep>{path_b}
+    {skeleton_b}<file_sep><fim_prefix>{path}
+    ...
+
+A record without it renders exactly as before; `RenderOptions.cross_file` (a round's `cross_file_context`)
+turns it off, so one store trains both ways.
+
+Truncation keeps every FIM marker and cuts at line boundaries. Cross-file blocks keep at most
+CROSS_FILE_SHARE of the context when the example is too long (whole blocks, the least relevant dropped first),
+so the file around the gap keeps most of it and the definitions it uses are not all lost; then the prefix loses whole lines from its top (the
 kept text starts at a line start, indentation kept), the suffix whole lines from its bottom, never
 `<fim_suffix>`/`<fim_middle>`. An edit example keeps its header lines and the last lines of its prompt. A
 target (an edit's after, a FIM middle) too long for its share of the context ends at the last syntactic scope
@@ -155,6 +168,7 @@ class RenderOptions:
 
     edit_share: float = 1.0
     copied_weight: float = 1.0
+    cross_file: bool = True  # render the record's cross-file context (when it has one)
 
     @classmethod
     def from_settings(cls, cfg: dict) -> "RenderOptions":
@@ -162,21 +176,25 @@ class RenderOptions:
         1 - fim_share, as it did."""
         fim_share = cfg.get("fim_share")
         edit_share = 1.0 - float(fim_share) if fim_share is not None else float(cfg["edit_share"])
-        return cls(edit_share=edit_share, copied_weight=float(cfg["copied_token_weight"]))
+        return cls(edit_share=edit_share, copied_weight=float(cfg["copied_token_weight"]),
+                   cross_file=bool(cfg.get("cross_file_context", True)))
 
 
 @dataclass(frozen=True)
 class FimParts:
     """One fill-in-the-middle task: prefix + middle + suffix is a contiguous text (the file's, or for an old
-    record the synthetic header and the item); `head` is the StarCoder2 header before the prefix."""
+    record the synthetic header and the item); `head` is the StarCoder2 header before the prefix; `context` the
+    cross-file blocks (`<file_sep>path\ntext`, most relevant first) that go into it, before the file's own
+    `<file_sep>`."""
 
     head: str
     prefix: str
     middle: str
     suffix: str
+    context: tuple[str, ...] = ()
 
     def prompt(self) -> str:
-        return f"{self.head}{self.prefix}{FIM_SUFFIX}{self.suffix}{FIM_MIDDLE}"
+        return f"{with_context(self.head, self.context)}{self.prefix}{FIM_SUFFIX}{self.suffix}{FIM_MIDDLE}"
 
 
 @dataclass(frozen=True)
@@ -186,6 +204,33 @@ class Rendering:
     target: str
     fim: FimParts | None = None
     before: str = ""  # an edit's before version in the target's shape (for the copied-token weights)
+    context: tuple[str, ...] = ()  # an edit's cross-file blocks (in `prompt`; truncation drops them first)
+
+
+FILE_SEP = "<file_sep>"
+
+
+def cross_file_blocks(ex: dict, enabled: bool = True) -> tuple[str, ...]:
+    """The record's cross-file context as StarCoder2 file blocks, `<file_sep>{path}\n{skeleton}`, most relevant
+    first; none for a record without it (written before store schema 4) or when `enabled` is off."""
+    blocks = ex.get("cross_file") if enabled else None
+    if not isinstance(blocks, list):
+        return ()
+    out = []
+    for block in blocks:
+        if isinstance(block, dict) and block.get("path") and block.get("text"):
+            text = str(block["text"])
+            out.append(f"{FILE_SEP}{block['path']}\n{text if text.endswith(chr(10)) else text + chr(10)}")
+    return tuple(out)
+
+
+def with_context(head: str, context: tuple[str, ...] | list[str]) -> str:
+    """`head` (`<repo_name>{repo}<file_sep>...`) with the cross-file blocks before its file's `<file_sep>`."""
+    if not context:
+        return head
+    cut = head.find(FILE_SEP)
+    cut = len(head) if cut == -1 else cut
+    return head[:cut] + "".join(context) + head[cut:]
 
 
 def fim_head(ex: dict) -> str:
@@ -198,13 +243,13 @@ def renderable(ex: dict) -> bool:
     return ex.get("change_kind") != "deleted" and bool((ex.get("after") or "").strip())
 
 
-def render_edit(ex: dict) -> tuple[str, str] | None:
+def render_edit(ex: dict, cross_file: bool = True) -> tuple[str, str] | None:
     """(prompt, target) of the edit example ("message + before -> after"), or None when there is nothing to
     learn."""
     if not renderable(ex):
         return None
     after, before = ex.get("after") or "", ex.get("before") or ""
-    prompt = header(ex) + context_lines(ex)
+    prompt = with_context(header(ex), cross_file_blocks(ex, cross_file)) + context_lines(ex)
     if before.strip():
         prompt += "// before:\n" + before.rstrip("\n") + "\n// after:\n"
     return prompt, after.rstrip("\n") + "\n" + EOS
@@ -216,11 +261,12 @@ def rendering(ex: dict, options: RenderOptions = RenderOptions(), seed: int = 0)
     if not renderable(ex):
         return None
     if options.edit_share < 1.0 and _example_rng(ex, seed).random() >= options.edit_share:
-        parts = fim_parts(ex, seed)
+        parts = fim_parts(ex, seed, options.cross_file)
         if parts is not None:
             return Rendering(FIM, parts.prompt(), parts.middle + EOS, parts)
-    prompt, target = render_edit(ex)
-    return Rendering(EDIT, prompt, target, before=before_text(ex))
+    prompt, target = render_edit(ex, options.cross_file)
+    return Rendering(EDIT, prompt, target, before=before_text(ex),
+                     context=cross_file_blocks(ex, options.cross_file))
 
 
 def render(ex: dict, fim_share: float | None = None, seed: int = 0, *, edit_share: float = 1.0
@@ -233,14 +279,14 @@ def render(ex: dict, fim_share: float | None = None, seed: int = 0, *, edit_shar
     return None if r is None else (r.prompt, r.target)
 
 
-def render_fim(ex: dict, seed: int = 0) -> tuple[str, str] | None:
+def render_fim(ex: dict, seed: int = 0, cross_file: bool = True) -> tuple[str, str] | None:
     """(prompt, middle) of the completion task for one record: the FIM rendering training uses, without EOS, its
     span chosen by (seed, item identity) alone; None when there is nothing to learn."""
-    parts = fim_parts(ex, seed)
+    parts = fim_parts(ex, seed, cross_file)
     return None if parts is None else (parts.prompt(), parts.middle)
 
 
-def fim_parts(ex: dict, seed: int = 0) -> FimParts | None:
+def fim_parts(ex: dict, seed: int = 0, cross_file: bool = True) -> FimParts | None:
     """The record's fill-in-the-middle task (see the module docstring), or None when there is nothing to learn
     (then training renders the edit)."""
     if not renderable(ex):
@@ -263,7 +309,8 @@ def fim_parts(ex: dict, seed: int = 0) -> FimParts | None:
     middle = "".join(lines[lo:hi])
     if not middle.strip():
         return None
-    return FimParts(fim_head(ex), above + "".join(lines[:lo]), middle, "".join(lines[hi:]) + below)
+    return FimParts(fim_head(ex), above + "".join(lines[:lo]), middle, "".join(lines[hi:]) + below,
+                    cross_file_blocks(ex, cross_file))
 
 
 def _changed_lines(before: str, after: str) -> list[int]:
@@ -469,18 +516,62 @@ def tokenize(tokenizer, prompt: str, target: str, context_length: int) -> tuple[
     return Tokenized(p + t, [IGNORE] * len(p) + list(t)), truncated
 
 
+CROSS_FILE_SHARE = 0.25  # of the context, what cross-file blocks may keep when an example is too long
+
+
+def blocks_within(sizes: list[int], room: int, context_length: int) -> int:
+    """How many of the cross-file blocks (token counts, most relevant first) an example keeps: all that fit in
+    `room` (the context less everything else); when that is less than CROSS_FILE_SHARE of the context, as many
+    as fit in that share (the file's own prefix and suffix are then cut for them)."""
+    allowance, used = max(room, int(CROSS_FILE_SHARE * context_length)), 0
+    for keep, size in enumerate(sizes):
+        if used + size > allowance:
+            return keep
+        used += size
+    return len(sizes)
+
+
+def tokenize_edit(tokenizer, prompt: str, target: str, context: tuple[str, ...], context_length: int
+                  ) -> tuple[Tokenized, bool]:
+    """An edit example whose prompt holds the cross-file blocks `context` (between the repository name and the
+    file's own header): when it is too long the blocks keep at most CROSS_FILE_SHARE of the context (the least
+    relevant dropped first, whole), and `tokenize` cuts the file's part in the rest. Returns (tokenized,
+    truncated?)."""
+    joined = "".join(context)
+    at = prompt.find(joined) if context else -1
+    if at == -1:
+        return tokenize(tokenizer, prompt, target, context_length)
+    repo_head, file_prompt = _ids(tokenizer, prompt[:at]), prompt[at + len(joined):]
+    blocks = [_ids(tokenizer, block) for block in context]
+    rest = len(repo_head) + len(_ids(tokenizer, file_prompt)) + len(_ids(tokenizer, target))
+    keep = blocks_within([len(b) for b in blocks], context_length - rest, context_length)
+    head = repo_head + [token for block in blocks[:keep] for token in block]
+    tok, cut = tokenize(tokenizer, file_prompt, target, context_length - len(head))
+    return Tokenized(head + tok.input_ids, [IGNORE] * len(head) + tok.labels), cut or keep < len(blocks)
+
+
 def tokenize_fim(tokenizer, parts: FimParts, context_length: int, with_target: bool = True
                  ) -> tuple[Tokenized, bool]:
-    """A FIM task tokenised piece by piece, so truncation never loses a marker: when it is too long the middle
-    keeps at most half the context (cut at a syntactic boundary, `cut_target`), the suffix keeps its first whole
-    lines within max(1/4 of what is left, what the prefix does not need) and the prefix its last whole lines
-    within the rest. Without target: the prompt alone (an evaluation task). Returns (tokenized, truncated?)."""
-    head, pre, suf = _ids(tokenizer, parts.head), _ids(tokenizer, parts.prefix), _ids(tokenizer, parts.suffix)
+    """A FIM task tokenised piece by piece, so truncation never loses a marker: when it is too long the
+    cross-file blocks keep at most `CROSS_FILE_SHARE` of the context (whole blocks, the least relevant dropped
+    first), the middle at most half of the rest (cut at a syntactic boundary, `cut_target`), the suffix its
+    first whole lines within max(1/4 of what is left, what the prefix does not need) and the prefix its last
+    whole lines within the rest. Without target: the prompt alone (an evaluation task). Returns (tokenized,
+    truncated?)."""
+    cut = parts.head.find(FILE_SEP)
+    cut = len(parts.head) if cut == -1 or not parts.context else cut
+    repo_head, file_head = _ids(tokenizer, parts.head[:cut]), _ids(tokenizer, parts.head[cut:])
+    blocks = [_ids(tokenizer, block) for block in parts.context]
+    pre, suf = _ids(tokenizer, parts.prefix), _ids(tokenizer, parts.suffix)
     s_mark, m_mark = _ids(tokenizer, FIM_SUFFIX), _ids(tokenizer, FIM_MIDDLE)
     t = _ids(tokenizer, parts.middle + EOS) if with_target else []
-    fixed = len(head) + len(s_mark) + len(m_mark)
-    truncated = fixed + len(pre) + len(suf) + len(t) > context_length
-    if truncated:
+    fixed = len(repo_head) + len(file_head) + len(s_mark) + len(m_mark)
+    rest = fixed + len(pre) + len(suf) + len(t)
+    truncated = rest + sum(map(len, blocks)) > context_length
+    blocks = blocks[:blocks_within(list(map(len, blocks)), context_length - rest, context_length)]
+    head = repo_head + [token for block in blocks for token in block] + file_head
+    fixed += len(head) - len(repo_head) - len(file_head)
+    if fixed + len(pre) + len(suf) + len(t) > context_length:
         if len(t) > (context_length - fixed) // 2:
             t = cut_target(tokenizer, parts.middle + EOS, max(1, (context_length - fixed) // 2))
         room = max(0, context_length - fixed - len(t))
@@ -499,7 +590,7 @@ def tokenize_rendering(tokenizer, r: Rendering, context_length: int, copied_weig
     `copied_weight` (changed ones 1); FIM targets weigh 1."""
     if r.kind == FIM and r.fim is not None:
         return tokenize_fim(tokenizer, r.fim, context_length)
-    tok, cut = tokenize(tokenizer, r.prompt, r.target, context_length)
+    tok, cut = tokenize_edit(tokenizer, r.prompt, r.target, r.context, context_length)
     if copied_weight != 1.0 and r.before:
         target = [t for t in tok.labels if t != IGNORE]
         mask = metrics.changed_mask(target, _ids(tokenizer, r.before))

@@ -122,15 +122,17 @@ def sample(records: list[dict], max_examples: int, seed: int) -> tuple[list[dict
 
 
 def prepare(records: list[dict], tokenizer, context_length: int, *, max_examples: int = 200,
-            fim_samples: int = 24, seed: int = 0) -> EvalSet:
+            fim_samples: int = 24, seed: int = 0, cross_file: bool = True) -> EvalSet:
     """Sample, render (the edit rendering, on which the changed-token loss is defined), tokenise, build each
     target's changed-token mask, pack; and the FIM completion tasks of the first `fim_samples` sampled items: the
     real-file fill-in-the-middle training uses, with the same span (seeded by the item's identity), the prompt
-    cut by the same marker-keeping truncation."""
+    cut by the same marker-keeping truncation. `cross_file`: with the records' cross-file context, as training
+    renders them (`RenderOptions.cross_file`)."""
     chosen, skipped = sample(records, max_examples, seed)
     toks, changed, truncated = [], [], 0
     for ex in chosen:
-        tok, cut = data.tokenize(tokenizer, *data.render_edit(ex), context_length)
+        tok, cut = data.tokenize_edit(tokenizer, *data.render_edit(ex, cross_file),
+                                      data.cross_file_blocks(ex, cross_file), context_length)
         truncated += cut
         target = [t for t in tok.labels if t != data.IGNORE]
         before = data.before_text(ex)
@@ -143,7 +145,7 @@ def prepare(records: list[dict], tokenizer, context_length: int, *, max_examples
     for ex in chosen:
         if len(fim) >= fim_samples:
             break
-        parts = data.fim_parts(ex, seed)
+        parts = data.fim_parts(ex, seed, cross_file)
         if parts is None:
             continue
         ref_ids = tokenizer(parts.middle, add_special_tokens=False)["input_ids"][:FIM_MAX_NEW_TOKENS]

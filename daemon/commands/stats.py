@@ -1,5 +1,6 @@
 """`gitlora stats [REPO]`: what the store holds, by commit status, item kind and skip reason, and what hygiene and
-deduplication left out (items by reason, messages left out of prompts by reason, test examples)."""
+deduplication left out (items by reason, messages left out of prompts by reason, test examples), and how often
+an example that references another file's definition got it as cross-file context."""
 from __future__ import annotations
 
 import argparse
@@ -27,6 +28,7 @@ def collect(store: Store) -> dict[str, Any]:
     messages_omitted: Counter[str] = Counter()
     duplicate_commits = 0
     notes = 0
+    cross = Counter()
     for _, record in store.iter_commits():
         by_status[record.get("status", "?")] += 1
         if record.get("status") == "skipped":
@@ -42,6 +44,8 @@ def collect(store: Store) -> dict[str, Any]:
         if record.get("message_omitted"):
             messages_omitted[record["message_omitted"]] += 1
         notes += len(record.get("notes", []))
+        for key in ("referencing", "resolved", "bytes"):
+            cross[key] += record.get(f"cross_file_{key}", 0)
     by_kind: Counter[str] = Counter()
     by_change: Counter[str] = Counter()
     tests = 0
@@ -55,6 +59,9 @@ def collect(store: Store) -> dict[str, Any]:
         "file_skip_reasons": dict(file_skips.most_common()), "item_skip_reasons": dict(item_skips.most_common()),
         "messages_omitted": dict(messages_omitted.most_common()), "test_examples": tests,
         "duplicate_commits": duplicate_commits, "notes": notes, "store_bytes": store.size_bytes(),
+        "cross_file": {"referencing": cross["referencing"], "resolved": cross["resolved"],
+                       "rate": round(cross["resolved"] / cross["referencing"], 4) if cross["referencing"] else None,
+                       "bytes_per_resolved": round(cross["bytes"] / cross["resolved"]) if cross["resolved"] else 0},
     }
 
 
@@ -73,6 +80,11 @@ def render(stats: dict[str, Any]) -> str:
             f"{k} {v}" for k, v in stats["messages_omitted"].items()))
     if stats["test_examples"]:
         lines.append(f"test examples:   {stats['test_examples']} (weighted by ingest.test_weight)")
+    cross = stats["cross_file"]
+    if cross["referencing"]:
+        lines.append(f"cross-file context: {cross['resolved']} of {cross['referencing']} examples that reference "
+                     f"another file's definitions got them ({cross['rate']:.0%}), {cross['bytes_per_resolved']} "
+                     "bytes each")
     lines.append(f"store:    {stats['store_bytes'] / 1e6:.1f} MB")
     return "\n".join(lines)
 
