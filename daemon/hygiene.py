@@ -27,9 +27,17 @@ from .rust_items import FileItems, qualified_name
 
 # Literals as a Rust lexer sees them, roughly: strings (raw ones too), byte strings, chars, numbers. Enough to
 # tell a table of literals from code; a lexer-exact count would need the syntax tree, which costs far more.
-# The lookahead lets the engine skip every other byte at once (several times faster on large files).
-_LITERALS = re.compile(rb'(?=[br"\'0-9])(?:b?r(#*)".*?"\1|b?"(?:\\.|[^"\\])*"|b?\'(?:\\.|[^\'\\])\'|\b\d[\w.]*)',
-                       re.DOTALL)
+# Written for the regex engine's speed, with the same matches as the plain
+# `b?r(#*)".*?"\1 | b?"(?:\\.|[^"\\])*" | b?'(?:\\.|[^'\\])' | \b\d[\w.]*`: it starts with a character set,
+# so the engine skips to a literal's possible first byte in C, then branches on that byte (a lookbehind); and
+# the string bodies are unrolled loops (a run of plain bytes at a time, not one alternation per byte).
+_LITERALS = re.compile(rb"""[br"'0-9](?:
+      (?<=b)(?: r(\#*)"[^"]*(?:"(?!\1)[^"]*)*"\1 | "[^"\\]*(?:\\.[^"\\]*)*" | '(?:\\.|[^'\\])' )
+    | (?<=r)(\#*)"[^"]*(?:"(?!\2)[^"]*)*"\2
+    | (?<=")[^"\\]*(?:\\.[^"\\]*)*"
+    | (?<=')(?:\\.|[^'\\])'
+    | (?<=[0-9])(?<!\w[0-9])[\w.]*
+)""", re.DOTALL | re.VERBOSE)
 _WHITESPACE = b" \t\n\r\x0b\x0c"
 _DOC_LINE = re.compile(r"^\s*//[^\n]*\n?", re.MULTILINE)
 _TEST_ATTRIBUTE = re.compile(r"#\[\s*(?:\w+\s*::\s*)*test\s*[\](]")
@@ -51,12 +59,13 @@ def generated_reason(data: bytes, config: IngestConfig) -> str | None:
 
 
 def literal_share(data: bytes) -> float:
-    """The share of a file's non-whitespace bytes that are literals."""
+    """The share of a file's non-whitespace bytes that are literals. The literals' share is what cutting them
+    out removes: one C-level `sub`, not a Python step per literal (a table has hundreds of thousands)."""
     solid = len(data.translate(None, _WHITESPACE))
     if not solid:
         return 0.0
-    literals = b"".join(m.group(0) for m in _LITERALS.finditer(data))
-    return len(literals.translate(None, _WHITESPACE)) / solid
+    rest = len(_LITERALS.sub(b"", data).translate(None, _WHITESPACE))
+    return (solid - rest) / solid
 
 
 def _leading_part(text: str) -> str:
