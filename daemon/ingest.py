@@ -158,27 +158,35 @@ class CommitProcessor:
                                                   "stored_at": time.time()})
 
     def _items(self, blob: str | None, previous: str | None = None, hunks=None) -> FileItems | Unparsable | None:
+        """A blob's items alone (see `_parsed`)."""
+        return self._parsed(blob, previous, hunks)[0]
+
+    def _parsed(self, blob: str | None, previous: str | None = None,
+                hunks=None) -> tuple[FileItems | Unparsable | None, tuple[bytes, Tree] | None]:
+        """A blob's items, and its bytes and syntax tree where at hand (just parsed, or still cached): the
+        examples read their identifiers from the tree instead of parsing each item again."""
         if blob is None:
-            return None
+            return None, None
         cached = self._cache.get(blob)
         if cached is not None:
-            return cached
+            return cached, self._trees.get(blob)
         try:
             data = self.repo.read_text_blob(blob, self.config.max_file_bytes)
         except BlobUnreadable as exc:
             parsed: FileItems | Unparsable = Unparsable(str(exc))
             self._cache.put(blob, parsed, estimated_items_bytes(parsed))
-            return parsed
+            return parsed, None
         generated = hygiene.generated_reason(data, self.config)
         if generated is not None:  # recorded as the file's skip, like an unreadable blob
             parsed = Unparsable(generated)
             self._cache.put(blob, parsed, estimated_items_bytes(parsed))
-            return parsed
+            return parsed, None
         parsed, tree = parse_blob(data, self._trees.get(previous), hunks)
         self._cache.put(blob, parsed, estimated_items_bytes(parsed))
-        if tree is not None:
-            self._trees.put(blob, (data, tree), len(data) * _TREE_BYTES_PER_SOURCE_BYTE)
-        return parsed
+        if tree is None:
+            return parsed, None
+        self._trees.put(blob, (data, tree), len(data) * _TREE_BYTES_PER_SOURCE_BYTE)
+        return parsed, (data, tree)
 
     def _text(self, blob: str | None) -> bytes | None:
         """A parsed blob's bytes (for the examples' file context): kept beside its syntax tree when recently
@@ -234,16 +242,18 @@ class CommitProcessor:
               message_omitted: str | None = None) -> tuple[list[bytes], list[bytes | None], Counter[str]]:
         """One changed file's examples, encoded, with their targets' near-duplicate sketches and the items
         hygiene left out; or its skip (appended to `skipped`) and none."""
-        old = self._items(change.old_oid)
-        new = self._items(change.new_oid, previous=change.old_oid, hunks=change.hunks)
+        old, old_file = self._parsed(change.old_oid)
+        new, new_file = self._parsed(change.new_oid, previous=change.old_oid, hunks=change.hunks)
         unreadable = next((s for s in (old, new) if isinstance(s, Unparsable)), None)
         if unreadable is not None:
             skipped.append(_skipped_file(change, unreadable.reason))
             return [], [], Counter()
         assert not isinstance(old, Unparsable) and not isinstance(new, Unparsable)
         made, skips = hygiene.screen_file(
-            file_examples(self.repo_name, info, change, old, new, self._text(change.new_oid),
-                          above=self.config.context_above_bytes, below=self.config.context_below_bytes),
+            file_examples(self.repo_name, info, change, old, new,
+                          new_file[0] if new_file else self._text(change.new_oid),
+                          above=self.config.context_above_bytes, below=self.config.context_below_bytes,
+                          new_tree=new_file[1] if new_file else None, old_file=old_file),
             change.new_path, new, change.old_path, old, self.config, message_omitted)
         encoded = [compact_json.encode(e) for e in made]
         sketches = [dedup.signature(e["after"]) if self.config.near_duplicate_cap and e["after"] else None

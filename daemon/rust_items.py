@@ -9,7 +9,6 @@ also an `impl` change; adding or deleting a whole impl yields the impl and each 
 from __future__ import annotations
 
 import bisect
-import re
 from itertools import accumulate, repeat
 from operator import add
 from dataclasses import dataclass, field
@@ -34,7 +33,6 @@ _LEAF_NODE_KINDS = {
 }
 _CONTAINERS = {"impl_item", "trait_item", "mod_item"}
 _DECORATIONS = {"attribute_item", "line_comment", "block_comment"}
-_WS = re.compile(r"\s+")
 
 
 @lru_cache(maxsize=1)
@@ -113,7 +111,7 @@ def _text(node: Node, source: bytes) -> str:
 
 
 def _norm(text: str) -> str:
-    return _WS.sub(" ", text).strip()
+    return " ".join(text.split())  # what re.sub(r"\s+", " ", text).strip() gives, without the regex engine
 
 
 def _is_doc_comment(node: Node) -> bool:
@@ -340,22 +338,59 @@ def _reference_query() -> Query:
 def referenced_identifiers(text: str, limit: int = MAX_IDENTIFIERS) -> list[str]:
     """The names an item's text refers to, in order of first use, deduplicated, at most `limit`: a cheap
     tree-sitter pass over the item alone (no resolution; that needs the other files). A path counts once, whole
-    (`crate::net::Peer::connect`, whitespace removed), not also its parts; the item's own name is left out."""
+    (`crate::net::Peer::connect`, whitespace removed), not also its parts; the item's own name is left out.
+
+    Ingest has the item's file parsed already and uses `item_identifiers` (the same names, without a parse)."""
     source = text.encode("utf-8")
     root = _ParserHolder.get().parse(source).root_node
     own = next((child.child_by_field_name("name") for child in root.named_children
                 if child.type in _LEAF_NODE_KINDS or child.type in _CONTAINERS), None)
-    captures = QueryCursor(_reference_query()).captures(root)
+    return _references(root, source, 0, len(source), own, limit)
+
+
+def item_identifiers(tree: Tree, source: bytes, span: Span, limit: int = MAX_IDENTIFIERS) -> list[str]:
+    """`referenced_identifiers(source[span])` for an item of the file `source` parsed as `tree`, read from the
+    item's own nodes in that tree instead of parsing its text again (an item parses alike alone and in its
+    file: tests/test_records.py checks that on real files)."""
+    item = _item_node(tree.root_node, span)
+    if item is None:  # not an item's span: the item alone, as the contract says
+        return referenced_identifiers(source[span.start_byte:span.end_byte].decode("utf-8"), limit)
+    return _references(tree.root_node, source, span.start_byte, span.end_byte,
+                       item.child_by_field_name("name"), limit)
+
+
+def _item_node(root: Node, span: Span) -> Node | None:
+    """The item node whose text `span` is: it ends where the span ends (at its own `}` or `;`, which no item
+    nested in it shares) and starts at or after the span's start (after its attributes and doc comments)."""
+    if span.end_byte <= span.start_byte:
+        return None
+    node = root.descendant_for_byte_range(span.end_byte - 1, span.end_byte)
+    while node is not None and node.end_byte == span.end_byte and node.start_byte >= span.start_byte:
+        if node.type in _LEAF_NODE_KINDS or node.type in _CONTAINERS:
+            return node
+        node = node.parent
+    return None
+
+
+def _references(root: Node, source: bytes, start_byte: int, end_byte: int, own: Node | None,
+                limit: int) -> list[str]:
+    """The names referenced in `source[start_byte:end_byte]`, a stretch of the tree under `root`."""
+    cursor = QueryCursor(_reference_query())
+    cursor.set_byte_range(start_byte, end_byte)
     found: list[tuple[int, int, str, Node]] = []
-    for label, nodes in captures.items():
-        found.extend((node.start_byte, -node.end_byte, label, node) for node in nodes)
+    for label, nodes in cursor.captures(root).items():
+        # The cursor also returns matches that only overlap the range; a reference of the item lies inside it.
+        found.extend((node.start_byte, -node.end_byte, label, node) for node in nodes
+                     if node.start_byte >= start_byte and node.end_byte <= end_byte)
     found.sort(key=lambda entry: entry[:2])  # by start; the outermost (longest) first
     names: dict[str, None] = {}
     covered_to = -1  # the end of the last path taken: its parts are not names of their own
     for start, neg_end, label, node in found:
         if start < covered_to or (own is not None and start == own.start_byte and -neg_end == own.end_byte):
             continue
-        name = _WS.sub("", source[start:-neg_end].decode("utf-8", "replace"))
+        if label == "ident" and source[start] < 0x80 and not 0x41 <= source[start] <= 0x5A:
+            continue  # an ASCII identifier that is not capitalised (most are): skipped before decoding it
+        name = "".join(source[start:-neg_end].decode("utf-8", "replace").split())  # whitespace removed
         if label == "path":
             covered_to = -neg_end
         elif label == "ident" and not name[:1].isupper():
