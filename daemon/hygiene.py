@@ -70,10 +70,20 @@ def literal_share(data: bytes) -> float:
 
 def _leading_part(text: str) -> str:
     """An item's attributes and signature: its text up to the first `{` or `;`, doc and line comments left out
-    (a doc comment may hold braces or the word test)."""
-    code = _DOC_LINE.sub("", text)
-    ends = [i for i in (code.find("{"), code.find(";")) if i >= 0]
-    return code[:min(ends)] if ends else code
+    (a doc comment may hold braces or the word test).
+
+    Comment lines are cut from the text's first lines only, up to the first line that holds a `{` or `;` after
+    the cut: a large `mod tests { .. }` is read a few lines deep, not whole (the cut is per line, so the lines
+    read give the same leading part as the whole text would)."""
+    read_to = 0
+    while True:
+        marks = [i for i in (text.find("{", read_to), text.find(";", read_to)) if i >= 0]
+        line_end = text.find("\n", min(marks)) if marks else -1
+        code = _DOC_LINE.sub("", text if line_end < 0 else text[:line_end + 1])
+        ends = [i for i in (code.find("{"), code.find(";")) if i >= 0]
+        if ends or line_end < 0:
+            return code[:min(ends)] if ends else code
+        read_to = line_end + 1
 
 
 def is_test_item_text(text: str) -> bool:

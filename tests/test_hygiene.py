@@ -100,6 +100,9 @@ def test_the_literal_pattern_matches_what_the_plain_one_does():
     ("/// Like #[test] but {braces}\nfn helper() {}", False),
     ("fn test() { let test = 1; }", False),
     ("pub fn f() {\n    #[test]\n    fn inner() {}\n}", False),  # an attribute in the body is not the item's
+    # comment lines holding `{` or `;` before the attributes: read past them
+    ("/// Doc { with ; marks\n  // plain { comment\n\n#[test]\nfn later() { x(); }", True),
+    ("/// Doc {\n#[inline]\nfn not_a_test() {\n    // #[test] {\n}\n#[test]\nfn next() {}", False),
 ])
 def test_test_items_by_their_own_attributes(text, expected):
     assert is_test_item_text(text) is expected
