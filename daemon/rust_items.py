@@ -372,34 +372,49 @@ def _item_node(root: Node, span: Span) -> Node | None:
     return None
 
 
+_FIRST_WINDOW_BYTES = 4096  # most items end within it; a large impl or module is read in doubling windows
+
+
 def _references(root: Node, source: bytes, start_byte: int, end_byte: int, own: Node | None,
                 limit: int) -> list[str]:
-    """The names referenced in `source[start_byte:end_byte]`, a stretch of the tree under `root`."""
+    """The names referenced in `source[start_byte:end_byte]`, a stretch of the tree under `root`.
+
+    The query runs over windows of the stretch in order, and stops once `limit` names are found: a large
+    container's first names come from its first lines, and querying all of it would capture thousands of
+    nodes to keep 64 names. Each window takes the captures that start in it, so the names come in the same
+    order as from one query over the whole stretch."""
     cursor = QueryCursor(_reference_query())
-    cursor.set_byte_range(start_byte, end_byte)
-    found: list[tuple[int, int, str, Node]] = []
-    for label, nodes in cursor.captures(root).items():
-        # The cursor also returns matches that only overlap the range; a reference of the item lies inside it.
-        found.extend((node.start_byte, -node.end_byte, label, node) for node in nodes
-                     if node.start_byte >= start_byte and node.end_byte <= end_byte)
-    found.sort(key=lambda entry: entry[:2])  # by start; the outermost (longest) first
     names: dict[str, None] = {}
     covered_to = -1  # the end of the last path taken: its parts are not names of their own
-    for start, neg_end, label, node in found:
-        if start < covered_to or (own is not None and start == own.start_byte and -neg_end == own.end_byte):
-            continue
-        if label == "ident" and source[start] < 0x80 and not 0x41 <= source[start] <= 0x5A:
-            continue  # an ASCII identifier that is not capitalised (most are): skipped before decoding it
-        name = "".join(source[start:-neg_end].decode("utf-8", "replace").split())  # whitespace removed
-        if label == "path":
-            covered_to = -neg_end
-        elif label == "ident" and not name[:1].isupper():
-            continue
-        if name in _NOT_REFERENCES or len(name) > _MAX_IDENTIFIER_CHARS:
-            continue
-        names.setdefault(name, None)
-        if len(names) >= limit:
-            break
+    low, window = start_byte, _FIRST_WINDOW_BYTES
+    while low < end_byte and len(names) < limit:
+        high = min(end_byte, low + window)
+        window *= 2
+        cursor.set_byte_range(low, high)
+        found: list[tuple[int, int, str, Node]] = []
+        for label, nodes in cursor.captures(root).items():
+            # The cursor also returns matches that only overlap the window; a reference of the item lies inside
+            # the stretch, and belongs to the window it starts in.
+            found.extend((node.start_byte, -node.end_byte, label, node) for node in nodes
+                         if low <= node.start_byte and (node.start_byte < high or high == end_byte)
+                         and node.end_byte <= end_byte)
+        low = high
+        found.sort(key=lambda entry: entry[:2])  # by start; the outermost (longest) first
+        for start, neg_end, label, node in found:
+            if start < covered_to or (own is not None and start == own.start_byte and -neg_end == own.end_byte):
+                continue
+            if label == "ident" and start < -neg_end and source[start] < 0x80 and not 0x41 <= source[start] <= 0x5A:
+                continue  # an ASCII identifier that is not capitalised (most are): skipped before decoding it
+            name = "".join(source[start:-neg_end].decode("utf-8", "replace").split())  # whitespace removed
+            if label == "path":
+                covered_to = -neg_end
+            elif label == "ident" and not name[:1].isupper():
+                continue
+            if name in _NOT_REFERENCES or len(name) > _MAX_IDENTIFIER_CHARS:
+                continue
+            names.setdefault(name, None)
+            if len(names) >= limit:
+                break
     return list(names)
 
 

@@ -284,6 +284,34 @@ def test_identifiers_from_the_files_tree_are_those_of_the_items_text(name):
                                                             "write", "Peer", "Ok"]
 
 
+@pytest.mark.parametrize("name", sorted(REAL_FILES))
+def test_identifiers_do_not_depend_on_the_query_window(name, monkeypatch):
+    """The reference query runs over windows of an item (rust_items._FIRST_WINDOW_BYTES, doubling): windows of a
+    few bytes, with captures and paths across every boundary, give the names one window over the item gives."""
+    from gitlora.daemon import rust_items
+    source = (_large_impl() + "\n" + REAL_FILES[name]).encode("utf-8")
+    tree = parse(source)
+    items = list(extract_items(source, tree).items.values())
+    assert max(item.span.end_byte - item.span.start_byte for item in items) > 3 * rust_items._FIRST_WINDOW_BYTES
+    results = []
+    for window in (1 << 40, rust_items._FIRST_WINDOW_BYTES, 5):
+        monkeypatch.setattr(rust_items, "_FIRST_WINDOW_BYTES", window)
+        results.append([(item_identifiers(tree, source, item.span), item_identifiers(tree, source, item.span, 3),
+                         referenced_identifiers(item.text, limit=500)) for item in items])
+    assert results[0] == results[1] == results[2]
+    assert max(len(names) for _, _, names in results[0]) > 64  # a container's names beyond the first window
+
+
+def _large_impl() -> str:
+    """An impl of some 20 KB whose names are spread through it (each method uses a few of its own)."""
+    methods = "".join(f"    pub fn step_{n}(&mut self, input: crate::io::Input{n}) -> Result<Out{n}, Error{n % 7}> {{\n"
+                      f"        let value = self.inner.compute(input, {n});\n"
+                      f"        tracing::debug!(\"{{}}\", value);\n"
+                      f"        Ok(Out{n}::from(value.checked_mul(KIND_{n % 5}).unwrap_or_default()))\n    }}\n"
+                      for n in range(90))
+    return f"pub struct Engine {{ inner: Inner }}\n\nimpl Engine {{\n{methods}}}\n"
+
+
 def test_examples_are_the_same_with_or_without_syntax_trees_at_hand(history):
     """A blob whose items are cached but whose tree was evicted (or never fitted the tree cache) gets its items'
     identifiers by parsing them: the same examples as from the tree. The history has deleted items (read from
