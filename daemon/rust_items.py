@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import bisect
 from itertools import accumulate, repeat
-from operator import add
+from operator import add, itemgetter
 from dataclasses import dataclass, field
 from functools import lru_cache
 
@@ -373,6 +373,7 @@ def _item_node(root: Node, span: Span) -> Node | None:
 
 
 _FIRST_WINDOW_BYTES = 4096  # most items end within it; a large impl or module is read in doubling windows
+_NOT_CAPITAL = frozenset(range(0x80)) - frozenset(range(0x41, 0x5B))  # first bytes of an ASCII name not capitalised
 
 
 def _references(root: Node, source: bytes, start_byte: int, end_byte: int, own: Node | None,
@@ -391,20 +392,21 @@ def _references(root: Node, source: bytes, start_byte: int, end_byte: int, own: 
         high = min(end_byte, low + window)
         window *= 2
         cursor.set_byte_range(low, high)
-        found: list[tuple[int, int, str, Node]] = []
+        found: list[tuple[int, int, str]] = []
+        last = end_byte if high == end_byte else high - 1
         for label, nodes in cursor.captures(root).items():
             # The cursor also returns matches that only overlap the window; a reference of the item lies inside
-            # the stretch, and belongs to the window it starts in.
-            found.extend((node.start_byte, -node.end_byte, label, node) for node in nodes
-                         if low <= node.start_byte and (node.start_byte < high or high == end_byte)
-                         and node.end_byte <= end_byte)
+            # the stretch, and belongs to the window it starts in. A plain identifier only counts capitalised,
+            # and most are not: those that start with an ASCII lower-case letter, digit or `_` are dropped here.
+            spans = ((node.start_byte, node.end_byte) for node in nodes)
+            found.extend((start, -end, label) for start, end in spans
+                         if low <= start <= last and end <= end_byte
+                         and not (label == "ident" and start < end and source[start] in _NOT_CAPITAL))
         low = high
-        found.sort(key=lambda entry: entry[:2])  # by start; the outermost (longest) first
-        for start, neg_end, label, node in found:
+        found.sort(key=itemgetter(0, 1))  # by start; the outermost (longest) first
+        for start, neg_end, label in found:
             if start < covered_to or (own is not None and start == own.start_byte and -neg_end == own.end_byte):
                 continue
-            if label == "ident" and start < -neg_end and source[start] < 0x80 and not 0x41 <= source[start] <= 0x5A:
-                continue  # an ASCII identifier that is not capitalised (most are): skipped before decoding it
             name = "".join(source[start:-neg_end].decode("utf-8", "replace").split())  # whitespace removed
             if label == "path":
                 covered_to = -neg_end
