@@ -15,6 +15,7 @@ import re
 from array import array
 from dataclasses import dataclass
 from functools import lru_cache
+from operator import methodcaller
 from typing import Any
 
 NUM_PERM = 64
@@ -27,6 +28,8 @@ SHINGLE_TOKENS = 3
 _TOKEN = re.compile(r"\w+|[^\w\s]")
 _MERSENNE_PRIME = (1 << 61) - 1
 _MAX_HASH = (1 << 32) - 1
+_SHA1_WORDS = 5  # a SHA-1 digest is five 32-bit words
+_DIGEST = methodcaller("digest")
 
 
 @dataclass(frozen=True)
@@ -47,9 +50,13 @@ class Screen:
 
 def shingles(text: str) -> set[bytes]:
     """The target's token 3-grams (identifiers, numbers, single punctuation), whitespace-blind."""
+    return {shingle.encode("utf-8", "surrogatepass") for shingle in _shingle_texts(text)}
+
+
+def _shingle_texts(text: str) -> set[str]:
+    """`shingles`, not yet encoded; built by C-level map/zip rather than a slice per token."""
     tokens = _TOKEN.findall(text)
-    return {" ".join(tokens[i:i + SHINGLE_TOKENS]).encode("utf-8", "surrogatepass")
-            for i in range(len(tokens) - SHINGLE_TOKENS + 1)}
+    return set(map(" ".join, zip(*(tokens[i:] for i in range(SHINGLE_TOKENS)))))
 
 
 @lru_cache(maxsize=1)
@@ -66,13 +73,18 @@ def _permutations() -> tuple[Any, Any]:
 def signature(text: str) -> bytes | None:
     """The MinHash signature of a target (NUM_PERM little-endian uint32), or None when it has too few tokens
     to have a shingle."""
-    found = shingles(text)
+    found = _shingle_texts(text)
     if not found:
         return None
     import numpy as np
 
     a, b = _permutations()
-    hashes = np.array([int.from_bytes(hashlib.sha1(s).digest()[:4], "little") for s in found], dtype=np.uint64)
+    # datasketch's hash of a shingle is the first 4 bytes of its SHA-1, little-endian. One encode for all the
+    # shingles (a token holds no whitespace, so "\n" separates them), and the digests read by numpy, leave only
+    # the SHA-1 calls per shingle in Python.
+    encoded = "\n".join(found).encode("utf-8", "surrogatepass").split(b"\n")
+    digests = b"".join(map(_DIGEST, map(hashlib.sha1, encoded)))
+    hashes = np.frombuffer(digests, "<u4")[::_SHA1_WORDS].astype(np.uint64)
     with np.errstate(over="ignore"):  # uint64 wraps around, as in datasketch's legacy scheme
         values = (np.outer(hashes, a) + b) % np.uint64(_MERSENNE_PRIME) & np.uint64(_MAX_HASH)
     return values.min(axis=0).astype("<u4").tobytes()

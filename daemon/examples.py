@@ -1,10 +1,14 @@
 """A commit's changed items -> example records (pure: DESIGN.md's *Example record* contract, nothing else)."""
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .gitrepo import CommitInfo, FileChange
-from .rust_items import FileItems, ItemChange, Span, diff_items, qualified_name, referenced_identifiers
+from .rust_items import (FileItems, ItemChange, Span, diff_items, item_identifiers, qualified_name,
+                         referenced_identifiers)
+
+if TYPE_CHECKING:
+    from tree_sitter import Tree
 
 # The fields each store schema added to every example record (DESIGN.md, *Example record*, *Schema versions
 # and upgrade*): 2, what lets a reader rebuild the item's context from git (the file around it) without
@@ -34,25 +38,43 @@ def path_fields(key: str, path: str | None, raw: bytes | None) -> dict[str, Any]
 
 def file_examples(repo_name: str, info: CommitInfo, change: FileChange,
                   old: FileItems | None, new: FileItems | None, new_text: bytes | None = None, *,
-                  above: int = CONTEXT_ABOVE_BYTES, below: int = CONTEXT_BELOW_BYTES) -> list[dict[str, Any]]:
+                  above: int = CONTEXT_ABOVE_BYTES, below: int = CONTEXT_BELOW_BYTES, new_tree: Tree | None = None,
+                  old_file: tuple[bytes, Tree] | None = None) -> list[dict[str, Any]]:
     """One example per changed item of one file; items that only moved produce nothing. `new_text` is the new
-    blob's bytes (the items' `new_context` comes from it: up to `above` / `below` bytes around each item)."""
+    blob's bytes (the items' `new_context` comes from it: up to `above` / `below` bytes around each item).
+    `new_tree` (the syntax tree of `new_text`) and `old_file` (the old blob's bytes and tree), where the caller
+    has them, give the items' identifiers without parsing each item again."""
     path, raw = (change.new_path, change.new_raw) if change.new_path else (change.old_path or "", change.old_raw)
     imports = (new or old or FileItems()).imports
+    new_file = (new_text, new_tree) if new_text is not None and new_tree is not None else None
     records = []
     for item in diff_items(old, new):
         context = around(new_text, item.new_span, above, below)
+        names = identifiers(item, new_file, old_file)
         if item.change_kind == "deleted" and change.old_path:
             records.append(example_record(repo_name, info, change, item, change.old_path, imports, change.old_raw,
-                                          context))
+                                          context, names))
         else:
-            records.append(example_record(repo_name, info, change, item, path, imports, raw, context))
+            records.append(example_record(repo_name, info, change, item, path, imports, raw, context, names))
     return records
+
+
+def identifiers(item: ItemChange, new_file: tuple[bytes, Tree] | None = None,
+                old_file: tuple[bytes, Tree] | None = None) -> list[str]:
+    """The names the item uses: of its new text, or of its old text for a deleted item; from the file's syntax
+    tree where given (the side the text comes from), else by parsing the text."""
+    if item.after:
+        if new_file is not None and item.new_span is not None:
+            return item_identifiers(new_file[1], new_file[0], item.new_span)
+        return referenced_identifiers(item.after)
+    if old_file is not None and item.old_span is not None:
+        return item_identifiers(old_file[1], old_file[0], item.old_span)
+    return referenced_identifiers(item.before)
 
 
 def example_record(repo_name: str, info: CommitInfo, change: FileChange, item: ItemChange,
                    path: str, imports: list[str], raw_path: bytes | None = None,
-                   new_context: dict[str, str] | None = None) -> dict[str, Any]:
+                   new_context: dict[str, str] | None = None, names: list[str] | None = None) -> dict[str, Any]:
     renamed = change.status == "renamed"
     return {
         "repo": repo_name,
@@ -69,20 +91,20 @@ def example_record(repo_name: str, info: CommitInfo, change: FileChange, item: I
         "before": item.before,
         "after": item.after,
         "imports": list(imports),
-        **context_fields(change, item),
+        **context_fields(change, item, names),
         "new_context": new_context,
     }
 
 
-def context_fields(change: FileChange, item: ItemChange) -> dict[str, Any]:
-    """Where the item lies in the file's old and new blob, and the names it uses (of its new text; of its old
-    text for a deleted item)."""
+def context_fields(change: FileChange, item: ItemChange, names: list[str] | None = None) -> dict[str, Any]:
+    """Where the item lies in the file's old and new blob, and the names it uses (`names`, else `identifiers`
+    of its text)."""
     return {
         "old_blob": change.old_oid,
         "new_blob": change.new_oid,
         "old_span": _span(item.old_span),
         "new_span": _span(item.new_span),
-        "identifiers": referenced_identifiers(item.after or item.before),
+        "identifiers": names if names is not None else identifiers(item),
     }
 
 

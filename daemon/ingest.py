@@ -161,12 +161,15 @@ class CommitProcessor:
         return PendingCommit(bytes.fromhex(oid), {**base, "status": "skipped", "reason": reason,
                                                   "stored_at": time.time()})
 
-    def _items(self, blob: str | None, previous: str | None = None, hunks=None) -> FileItems | Unparsable | None:
+    def _parsed(self, blob: str | None, previous: str | None = None,
+                hunks=None) -> tuple[FileItems | Unparsable | None, tuple[bytes, Tree] | None]:
+        """A blob's items, and its bytes and syntax tree where at hand (just parsed, or still cached): the
+        examples read their identifiers from the tree instead of parsing each item again."""
         if blob is None:
-            return None
+            return None, None
         cached = self._cache.get(blob)
         if cached is not None:
-            return cached
+            return cached, self._trees.get(blob)
         if self.config.cross_file_bytes:  # off: nothing stored, so turning it on later parses what it needs
             self._fresh_definitions[blob] = NO_DEFINITIONS  # unless it parses
         try:
@@ -174,12 +177,12 @@ class CommitProcessor:
         except BlobUnreadable as exc:
             parsed: FileItems | Unparsable = Unparsable(str(exc))
             self._cache.put(blob, parsed, estimated_items_bytes(parsed))
-            return parsed
+            return parsed, None
         generated = hygiene.generated_reason(data, self.config)
         if generated is not None:  # recorded as the file's skip, like an unreadable blob
             parsed = Unparsable(generated)
             self._cache.put(blob, parsed, estimated_items_bytes(parsed))
-            return parsed
+            return parsed, None
         parsed, tree = parse_blob(data, self._trees.get(previous), hunks)
         if tree is not None and self.config.cross_file_bytes:
             try:
@@ -187,9 +190,10 @@ class CommitProcessor:
             except Exception as exc:  # costs this blob's definitions, not its examples
                 _log.error("definitions_failed", blob=blob, reason=_clean(f"{type(exc).__name__}: {exc}"))
         self._cache.put(blob, parsed, estimated_items_bytes(parsed))
-        if tree is not None:
-            self._trees.put(blob, (data, tree), len(data) * _TREE_BYTES_PER_SOURCE_BYTE)
-        return parsed
+        if tree is None:
+            return parsed, None
+        self._trees.put(blob, (data, tree), len(data) * _TREE_BYTES_PER_SOURCE_BYTE)
+        return parsed, (data, tree)
 
     def definitions_of(self, blob: str) -> bytes:
         """The encoded definitions of a blob no commit's parse gave (the symbol index asks, through a spawned
@@ -266,16 +270,18 @@ class CommitProcessor:
         """One changed file's examples, encoded, with their targets' near-duplicate sketches, the items hygiene
         left out and what resolving each one's cross-file context needs; or its skip (appended to `skipped`) and
         none."""
-        old = self._items(change.old_oid)
-        new = self._items(change.new_oid, previous=change.old_oid, hunks=change.hunks)
+        old, old_file = self._parsed(change.old_oid)
+        new, new_file = self._parsed(change.new_oid, previous=change.old_oid, hunks=change.hunks)
         unreadable = next((s for s in (old, new) if isinstance(s, Unparsable)), None)
         if unreadable is not None:
             skipped.append(_skipped_file(change, unreadable.reason))
             return [], [], Counter(), []
         assert not isinstance(old, Unparsable) and not isinstance(new, Unparsable)
         made, skips = hygiene.screen_file(
-            file_examples(self.repo_name, info, change, old, new, self._text(change.new_oid),
-                          above=self.config.context_above_bytes, below=self.config.context_below_bytes),
+            file_examples(self.repo_name, info, change, old, new,
+                          new_file[0] if new_file else self._text(change.new_oid),
+                          above=self.config.context_above_bytes, below=self.config.context_below_bytes,
+                          new_tree=new_file[1] if new_file else None, old_file=old_file),
             change.new_path, new, change.old_path, old, self.config, message_omitted)
         encoded = [compact_json.encode(e) for e in made]
         sketches = [dedup.signature(e["after"]) if self.config.near_duplicate_cap and e["after"] else None

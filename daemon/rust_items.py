@@ -9,9 +9,8 @@ also an `impl` change; adding or deleting a whole impl yields the impl and each 
 from __future__ import annotations
 
 import bisect
-import re
 from itertools import accumulate, repeat
-from operator import add
+from operator import add, itemgetter
 from dataclasses import dataclass, field
 from functools import lru_cache
 
@@ -34,7 +33,6 @@ _LEAF_NODE_KINDS = {
 }
 _CONTAINERS = {"impl_item", "trait_item", "mod_item"}
 _DECORATIONS = {"attribute_item", "line_comment", "block_comment"}
-_WS = re.compile(r"\s+")
 
 
 @lru_cache(maxsize=1)
@@ -113,7 +111,7 @@ def _text(node: Node, source: bytes) -> str:
 
 
 def _norm(text: str) -> str:
-    return _WS.sub(" ", text).strip()
+    return " ".join(text.split())  # what re.sub(r"\s+", " ", text).strip() gives, without the regex engine
 
 
 def _is_doc_comment(node: Node) -> bool:
@@ -340,31 +338,85 @@ def _reference_query() -> Query:
 def referenced_identifiers(text: str, limit: int = MAX_IDENTIFIERS) -> list[str]:
     """The names an item's text refers to, in order of first use, deduplicated, at most `limit`: a cheap
     tree-sitter pass over the item alone (no resolution; that needs the other files). A path counts once, whole
-    (`crate::net::Peer::connect`, whitespace removed), not also its parts; the item's own name is left out."""
+    (`crate::net::Peer::connect`, whitespace removed), not also its parts; the item's own name is left out.
+
+    Ingest has the item's file parsed already and uses `item_identifiers` (the same names, without a parse)."""
     source = text.encode("utf-8")
     root = _ParserHolder.get().parse(source).root_node
     own = next((child.child_by_field_name("name") for child in root.named_children
                 if child.type in _LEAF_NODE_KINDS or child.type in _CONTAINERS), None)
-    captures = QueryCursor(_reference_query()).captures(root)
-    found: list[tuple[int, int, str, Node]] = []
-    for label, nodes in captures.items():
-        found.extend((node.start_byte, -node.end_byte, label, node) for node in nodes)
-    found.sort(key=lambda entry: entry[:2])  # by start; the outermost (longest) first
+    return _references(root, source, 0, len(source), own, limit)
+
+
+def item_identifiers(tree: Tree, source: bytes, span: Span, limit: int = MAX_IDENTIFIERS) -> list[str]:
+    """`referenced_identifiers(source[span])` for an item of the file `source` parsed as `tree`, read from the
+    item's own nodes in that tree instead of parsing its text again (an item parses alike alone and in its
+    file: tests/test_records.py checks that on real files)."""
+    item = _item_node(tree.root_node, span)
+    if item is None:  # not an item's span: the item alone, as the contract says
+        return referenced_identifiers(source[span.start_byte:span.end_byte].decode("utf-8"), limit)
+    return _references(tree.root_node, source, span.start_byte, span.end_byte,
+                       item.child_by_field_name("name"), limit)
+
+
+def _item_node(root: Node, span: Span) -> Node | None:
+    """The item node whose text `span` is: it ends where the span ends (at its own `}` or `;`, which no item
+    nested in it shares) and starts at or after the span's start (after its attributes and doc comments)."""
+    if span.end_byte <= span.start_byte:
+        return None
+    node = root.descendant_for_byte_range(span.end_byte - 1, span.end_byte)
+    while node is not None and node.end_byte == span.end_byte and node.start_byte >= span.start_byte:
+        if node.type in _LEAF_NODE_KINDS or node.type in _CONTAINERS:
+            return node
+        node = node.parent
+    return None
+
+
+_FIRST_WINDOW_BYTES = 4096  # most items end within it; a large impl or module is read in doubling windows
+_NOT_CAPITAL = frozenset(range(0x80)) - frozenset(range(0x41, 0x5B))  # first bytes of an ASCII name not capitalised
+
+
+def _references(root: Node, source: bytes, start_byte: int, end_byte: int, own: Node | None,
+                limit: int) -> list[str]:
+    """The names referenced in `source[start_byte:end_byte]`, a stretch of the tree under `root`.
+
+    The query runs over windows of the stretch in order, and stops once `limit` names are found: a large
+    container's first names come from its first lines, and querying all of it would capture thousands of
+    nodes to keep 64 names. Each window takes the captures that start in it, so the names come in the same
+    order as from one query over the whole stretch."""
+    cursor = QueryCursor(_reference_query())
     names: dict[str, None] = {}
     covered_to = -1  # the end of the last path taken: its parts are not names of their own
-    for start, neg_end, label, node in found:
-        if start < covered_to or (own is not None and start == own.start_byte and -neg_end == own.end_byte):
-            continue
-        name = _WS.sub("", source[start:-neg_end].decode("utf-8", "replace"))
-        if label == "path":
-            covered_to = -neg_end
-        elif label == "ident" and not name[:1].isupper():
-            continue
-        if name in _NOT_REFERENCES or len(name) > _MAX_IDENTIFIER_CHARS:
-            continue
-        names.setdefault(name, None)
-        if len(names) >= limit:
-            break
+    low, window = start_byte, _FIRST_WINDOW_BYTES
+    while low < end_byte and len(names) < limit:
+        high = min(end_byte, low + window)
+        window *= 2
+        cursor.set_byte_range(low, high)
+        found: list[tuple[int, int, str]] = []
+        last = end_byte if high == end_byte else high - 1
+        for label, nodes in cursor.captures(root).items():
+            # The cursor also returns matches that only overlap the window; a reference of the item lies inside
+            # the stretch, and belongs to the window it starts in. A plain identifier only counts capitalised,
+            # and most are not: those that start with an ASCII lower-case letter, digit or `_` are dropped here.
+            spans = ((node.start_byte, node.end_byte) for node in nodes)
+            found.extend((start, -end, label) for start, end in spans
+                         if low <= start <= last and end <= end_byte
+                         and not (label == "ident" and start < end and source[start] in _NOT_CAPITAL))
+        low = high
+        found.sort(key=itemgetter(0, 1))  # by start; the outermost (longest) first
+        for start, neg_end, label in found:
+            if start < covered_to or (own is not None and start == own.start_byte and -neg_end == own.end_byte):
+                continue
+            name = "".join(source[start:-neg_end].decode("utf-8", "replace").split())  # whitespace removed
+            if label == "path":
+                covered_to = -neg_end
+            elif label == "ident" and not name[:1].isupper():
+                continue
+            if name in _NOT_REFERENCES or len(name) > _MAX_IDENTIFIER_CHARS:
+                continue
+            names.setdefault(name, None)
+            if len(names) >= limit:
+                break
     return list(names)
 
 

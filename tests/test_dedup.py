@@ -37,7 +37,8 @@ def distinct(name: str, seed: int) -> str:
 
 # -- signatures ------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("text", [function("a"), distinct("b", 3), "fn f() { let s = \"héllo ✓\"; }",
-                                  "struct S { a: u8, b: u16, c: u32 }"])
+                                  "struct S { a: u8, b: u16, c: u32 }",
+                                  function("r", " + ".join(["x.rotate_left(1)"] * 20 + ["\"🦀\".len() as u64"]))])
 def test_signature_is_datasketchs_minhash_bit_for_bit(text):
     datasketch = pytest.importorskip("datasketch")
     reference = datasketch.MinHash(num_perm=NUM_PERM, seed=1, scheme="legacy")
@@ -46,6 +47,13 @@ def test_signature_is_datasketchs_minhash_bit_for_bit(text):
     other = datasketch.MinHash(num_perm=NUM_PERM, seed=1, scheme="legacy")
     other.update_batch(list(shingles(function("zzz"))))
     assert similarity(signature(text), signature(function("zzz"))) == pytest.approx(reference.jaccard(other))
+
+
+def test_shingles_are_the_token_trigrams_whitespace_blind():
+    assert shingles("let x =\n  a.b(é);") == {b"let x =", b"x = a", b"= a .", b"a . b", b". b (", b"b ( \xc3\xa9",
+                                               "( é )".encode(), "é ) ;".encode()}
+    assert shingles("f ( )") == {b"f ( )"} and shingles("f ()") == {b"f ( )"}
+    assert shingles("a b") == set() == shingles("")
 
 
 def test_similar_targets_share_bands_and_unrelated_ones_do_not():

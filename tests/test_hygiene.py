@@ -67,6 +67,30 @@ def test_data_only_files_are_mostly_literals():
     assert generated_reason(strings.encode(), DEFAULTS).startswith("data-only: ")
 
 
+def test_literal_share_counts_the_solid_bytes_of_each_literal():
+    # literals: "a b" (4 solid bytes: its space is whitespace), r#"x"y"# (8: a quote inside a raw string), 0x1f (4);
+    # solid bytes: 10 + 14 + 10
+    data = b'let s = "a b";\nlet r = r#"x"y"#;\nlet n = 0x1f;'
+    assert literal_share(data) == 16 / 34
+    assert literal_share(b" \n\t") == 0.0 and literal_share(b"") == 0.0
+
+
+def test_the_literal_pattern_matches_what_the_plain_one_does():
+    """hygiene._LITERALS is written for speed; it must find exactly the literals of the plain pattern it stands
+    for, on every input (random ones over the bytes that matter, with a fixed seed)."""
+    import random
+    import re
+
+    from gitlora.daemon.hygiene import _LITERALS
+    plain = re.compile(rb'b?r(#*)".*?"\1|b?"(?:\\.|[^"\\])*"|b?\'(?:\\.|[^\'\\])\'|\b\d[\w.]*', re.DOTALL)
+    rng = random.Random(12)
+    alphabet = [b"b", b"r", b'"', b"'", b"#", b"0", b"7", b"a", b"_", b".", b"\\", b" ", b"\n", b"\xc3\xa9"]
+    samples = [b"".join(rng.choice(alphabet) for _ in range(rng.randint(0, 24))) for _ in range(20_000)]
+    samples += [b'br##"a"#"##', b'r"x" 1.5e3 b\'\\n\' x1 _2 "\\"" \'a', table(8).encode()]
+    for data in samples:
+        assert [m.span() for m in _LITERALS.finditer(data)] == [m.span() for m in plain.finditer(data)], data
+
+
 @pytest.mark.parametrize("text,expected", [
     ("#[test]\nfn adds() { assert_eq!(1 + 1, 2); }", True),
     ("#[tokio::test(flavor = \"multi_thread\")]\nasync fn runs() {}", True),
@@ -76,6 +100,9 @@ def test_data_only_files_are_mostly_literals():
     ("/// Like #[test] but {braces}\nfn helper() {}", False),
     ("fn test() { let test = 1; }", False),
     ("pub fn f() {\n    #[test]\n    fn inner() {}\n}", False),  # an attribute in the body is not the item's
+    # comment lines holding `{` or `;` before the attributes: read past them
+    ("/// Doc { with ; marks\n  // plain { comment\n\n#[test]\nfn later() { x(); }", True),
+    ("/// Doc {\n#[inline]\nfn not_a_test() {\n    // #[test] {\n}\n#[test]\nfn next() {}", False),
 ])
 def test_test_items_by_their_own_attributes(text, expected):
     assert is_test_item_text(text) is expected

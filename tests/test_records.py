@@ -12,7 +12,10 @@ from gitlora.daemon.commands.backfill import backfill
 from gitlora.daemon.config import Config
 from gitlora.daemon.examples import CONTEXT_FIELDS
 from gitlora.daemon.repos import open_repo
-from gitlora.daemon.rust_items import referenced_identifiers
+from gitlora.daemon import demo_repo
+from gitlora.daemon.gitrepo import GitRepo
+from gitlora.daemon.ingest import CommitProcessor
+from gitlora.daemon.rust_items import extract_items, item_identifiers, parse, referenced_identifiers
 from gitlora.daemon.store import Store
 
 from gitutil import commit_files, init_repo
@@ -217,6 +220,111 @@ def test_identifiers_are_deduplicated_in_order_of_use_and_bounded():
     assert referenced_identifiers(many, limit=3) == ["call0", "call1", "call2"]
     # Its own name is not a reference; a recursive call is one of its names only through a path.
     assert referenced_identifiers("struct Own { next: Option<Box<Own>> }") == ["Option", "Box", "Own"]
+
+
+# Rust that exercises what the reference query and the item spans meet: attributes and doc comments before an
+# item, generics and where clauses, paths with spaces, non-ASCII capitals, nested modules, trait signatures, a
+# trailing comment on an item's last line, a broken item beside clean ones, and a last item ending at EOF.
+TRICKY = """//! Crate docs mention Ignored::Path.
+use std::{collections::HashMap, fmt};
+
+/// Docs with `Ignored` and braces { }.
+#[derive(Debug, Clone, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub struct Wrapper<T: fmt::Debug + Send>(pub HashMap<String, T>);
+
+impl<T> fmt::Display for Wrapper<T> where T: fmt::Debug + Send {
+    #[inline(always)]
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let Ñandú = Self::EMPTY; // a capital that is not ASCII
+        write!(f, "{:?}", crate :: net :: Peer :: connect(Ñandú))?;
+        Ok(())
+    } // trailing comment on the last line
+}
+
+pub trait Store { type Key: Ord; const LIMIT: usize; fn get(&self, k: &Self::Key) -> Option<Vec<u8>>; }
+
+pub mod outer {
+    pub mod inner {
+        pub fn deep<const N: usize>(xs: [u8; N]) -> super::super::Wrapper<u8> {
+            let f = |x: u8| -> Option<u8> { Some(x) };
+            xs.iter().copied().filter_map(f).map(Into::into).collect::<Vec<_>>();
+            todo!()
+        }
+    }
+    unsafe impl Send for crate::Wrapper<Box<dyn Fn() + 'static>> {}
+}
+
+macro_rules! table { ($($k:ident => $v:expr),*) => { HashMap::from([$((stringify!($k), $v)),*]) }; }
+pub fn broken( -> u8 { 1 }
+pub static MAP: std::sync::OnceLock<HashMap<&str, u8>> = std::sync::OnceLock::new();
+pub fn last() -> Wrapper<u8> { Wrapper(HashMap::new()) }"""
+
+
+REAL_FILES = {"tricky": TRICKY, "records-v1": LIB_V1, "records-v2": LIB_V2,
+              **{f"demo-{n.lower()}": getattr(demo_repo, n) for n in ("LIB_V1", "LIB_V2", "LIB_V3", "UTIL", "RENDER",
+                                                                      "NET", "BROKEN")}}
+
+
+@pytest.mark.parametrize("name", sorted(REAL_FILES))
+def test_identifiers_from_the_files_tree_are_those_of_the_items_text(name):
+    """Ingest reads an item's identifiers from its file's syntax tree (no parse per item): the same names, in the
+    same order, as parsing the item's text alone, for every item of the file."""
+    source = REAL_FILES[name].encode("utf-8")
+    tree = parse(source)
+    items = list(extract_items(source, tree).items.values())
+    assert items
+    for item in items:
+        from_text = referenced_identifiers(item.text)
+        assert item_identifiers(tree, source, item.span) == from_text, item.name
+        assert item_identifiers(tree, source, item.span, limit=2) == from_text[:2], item.name
+    if name == "tricky":  # the comparisons above are of real lists of names
+        fmt = next(item for item in items if item.name == "<Wrapper as fmt::Display>::fmt")
+        assert item_identifiers(tree, source, fmt.span) == ["fmt::Formatter", "fmt::Result", "Ñandú", "Self::EMPTY",
+                                                            "write", "Peer", "Ok"]
+
+
+@pytest.mark.parametrize("name", sorted(REAL_FILES))
+def test_identifiers_do_not_depend_on_the_query_window(name, monkeypatch):
+    """The reference query runs over windows of an item (rust_items._FIRST_WINDOW_BYTES, doubling): windows of a
+    few bytes, with captures and paths across every boundary, give the names one window over the item gives."""
+    from gitlora.daemon import rust_items
+    source = (_large_impl() + "\n" + REAL_FILES[name]).encode("utf-8")
+    tree = parse(source)
+    items = list(extract_items(source, tree).items.values())
+    assert max(item.span.end_byte - item.span.start_byte for item in items) > 3 * rust_items._FIRST_WINDOW_BYTES
+    results = []
+    for window in (1 << 40, rust_items._FIRST_WINDOW_BYTES, 5):
+        monkeypatch.setattr(rust_items, "_FIRST_WINDOW_BYTES", window)
+        results.append([(item_identifiers(tree, source, item.span), item_identifiers(tree, source, item.span, 3),
+                         referenced_identifiers(item.text, limit=500)) for item in items])
+    assert results[0] == results[1] == results[2]
+    assert max(len(names) for _, _, names in results[0]) > 64  # a container's names beyond the first window
+
+
+def _large_impl() -> str:
+    """An impl of some 20 KB whose names are spread through it (each method uses a few of its own)."""
+    methods = "".join(f"    pub fn step_{n}(&mut self, input: crate::io::Input{n}) -> Result<Out{n}, Error{n % 7}> {{\n"
+                      f"        let value = self.inner.compute(input, {n});\n"
+                      f"        tracing::debug!(\"{{}}\", value);\n"
+                      f"        Ok(Out{n}::from(value.checked_mul(KIND_{n % 5}).unwrap_or_default()))\n    }}\n"
+                      for n in range(90))
+    return f"pub struct Engine {{ inner: Inner }}\n\nimpl Engine {{\n{methods}}}\n"
+
+
+def test_examples_are_the_same_with_or_without_syntax_trees_at_hand(history):
+    """A blob whose items are cached but whose tree was evicted (or never fitted the tree cache) gets its items'
+    identifiers by parsing them: the same examples as from the tree. The history has deleted items (read from
+    the old blob, parsed a commit earlier) and modified ones."""
+    repo, oids = history
+    config = Config().ingest
+    outputs = []
+    for cache_bytes, tree_bytes in ((192 << 20, 256 << 20), (192 << 20, 0), (0, 0)):
+        processor = CommitProcessor(GitRepo(repo), config, source="test", cache_bytes=cache_bytes,
+                                    tree_bytes=tree_bytes)
+        outputs.append([example for pending in processor.process(oids) for example in pending.examples])
+    assert outputs[0] == outputs[1] == outputs[2]
+    assert b'"change_kind":"deleted"' in b"".join(outputs[0]) and b'"identifiers":["Frame::SIZE"' in b"".join(outputs[0])
 
 
 def test_new_context_is_the_new_file_around_the_item(history):
