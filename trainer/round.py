@@ -229,8 +229,6 @@ def _round(spec: dict, progress: Progress, cfg: dict, base_model: str, adapters_
     tokenizer = AutoTokenizer.from_pretrained(base_model)
     ctx = plan.context_length
     new = keep_commits(data.read_shards(spec.get("train_shards") or []), spec.get("new_commits"))
-    if not any(data.renderable(r) for r in new):
-        raise SpecError("no trainable examples in train_shards")
 
     # ---- model + adapter
     model = load_base(base_model, plan, torch)
