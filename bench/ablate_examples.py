@@ -65,7 +65,6 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_learning as bl  # noqa: E402
-import pretrain_tiny  # noqa: E402
 
 PY = sys.executable
 # fim_share before issue 12 (trainer/spec.py at adf13d8): the share of examples rendered as fill-in-the-middle.
@@ -402,24 +401,13 @@ def main(argv=None) -> int:
 
     t_wall, t_cpu = time.time(), bl.cpu_seconds()
     phases: dict[str, dict] = {}
-
-    def phase(name: str, since: tuple[float, float]) -> tuple[float, float]:
-        now = (time.time(), bl.cpu_seconds())
-        phases[name] = {"wall_s": round(now[0] - since[0], 1), "cpu_s": round(now[1] - since[1], 1)}
-        log(f"{name}: {phases[name]['wall_s']} s wall, {phases[name]['cpu_s']} CPU-s")
-        return now
+    phase = bl.phase_timer(phases)
 
     import torch
 
     torch.set_num_threads(args.threads)
     mark = (t_wall, t_cpu)
-    base_meta = None
-    if args.base_model:
-        base_dir = args.base_model
-    else:
-        path, base_meta = pretrain_tiny.pretrain(args.corpus, cache_dir=args.cache_dir,
-                                                 cpu_budget_s=args.pretrain_cpu_s, threads=args.threads, log=log)
-        base_dir = str(path)
+    base_dir, base_meta = bl.base_model_dir(args)
     mark = phase("pretrain", mark)
 
     root = Path(tempfile.mkdtemp(prefix="glA-", dir="/tmp"))

@@ -390,6 +390,26 @@ def cpu_seconds() -> float:
     return me.ru_utime + me.ru_stime + kids.ru_utime + kids.ru_stime
 
 
+def phase_timer(phases: dict):
+    """`phase(name, since) -> now`: records and logs the wall and CPU seconds of a phase that began at `since`
+    (a (wall, cpu) pair) into `phases`."""
+    def phase(name: str, since: tuple[float, float]) -> tuple[float, float]:
+        now = (time.time(), cpu_seconds())
+        phases[name] = {"wall_s": round(now[0] - since[0], 1), "cpu_s": round(now[1] - since[1], 1)}
+        log(f"{name}: {phases[name]['wall_s']} s wall, {phases[name]['cpu_s']} CPU-s")
+        return now
+    return phase
+
+
+def base_model_dir(args) -> tuple[str, dict | None]:
+    """The base: `--base-model DIR`, else the tiny one pretrained on `--corpus` (cached). (dir, its metadata)."""
+    if args.base_model:
+        return args.base_model, None
+    path, meta = pretrain_tiny.pretrain(args.corpus, cache_dir=args.cache_dir, cpu_budget_s=args.pretrain_cpu_s,
+                                        threads=args.threads, log=log)
+    return str(path), meta
+
+
 def train_snapshot(root: Path, env, base_dir: str, records: list[dict], steps: int, seed: int, args) -> Path:
     """The snapshot recipe through gitlora's own trainer: same LoRA settings, `steps` optimizer steps."""
     work = root / f"snapshot-s{seed}"
@@ -463,24 +483,13 @@ def main(argv=None) -> int:
 
     t_wall, t_cpu = time.time(), cpu_seconds()
     phases: dict[str, dict] = {}
-
-    def phase(name: str, since: tuple[float, float]) -> tuple[float, float]:
-        now = (time.time(), cpu_seconds())
-        phases[name] = {"wall_s": round(now[0] - since[0], 1), "cpu_s": round(now[1] - since[1], 1)}
-        log(f"{name}: {phases[name]['wall_s']} s wall, {phases[name]['cpu_s']} CPU-s")
-        return now
+    phase = phase_timer(phases)
 
     import torch
 
     torch.set_num_threads(args.threads)
     mark = (t_wall, t_cpu)
-    base_meta = None
-    if args.base_model:
-        base_dir = args.base_model
-    else:
-        path, base_meta = pretrain_tiny.pretrain(args.corpus, cache_dir=args.cache_dir,
-                                                 cpu_budget_s=args.pretrain_cpu_s, threads=args.threads, log=log)
-        base_dir = str(path)
+    base_dir, base_meta = base_model_dir(args)
     mark = phase("pretrain", mark)
 
     root = Path(tempfile.mkdtemp(prefix="glL-", dir="/tmp"))  # short: the socket path must fit AF_UNIX
