@@ -351,7 +351,8 @@ def main(argv=None) -> int:
     ap.add_argument("--corpus", type=Path, nargs="+", default=[], help="Rust repositories to pretrain on")
     ap.add_argument("--base-model", default=None, help="a base model dir (skips pretraining)")
     ap.add_argument("--cache-dir", type=Path, default=None)
-    ap.add_argument("--pretrain-cpu-s", type=float, default=1200.0, help="pretraining budget in CPU seconds")
+    ap.add_argument("--pretrain-cpu-s", type=float, default=600.0, help="pretraining budget in CPU seconds "
+                    "(bench_learning.py's default: the same cached base)")
     ap.add_argument("--json", action="store_true")
     ap.add_argument("--seed", type=int, default=0, help="training seed, evaluation sampling")
     ap.add_argument("--threads", type=int, default=2)

@@ -159,6 +159,15 @@ def stored(store_dir: Path, oid: str) -> bool:
         return False
 
 
+def commits_with_examples(store_dir: Path, oids) -> set[str]:
+    """Which of these stored commits hold examples (a commit without Rust changes has none, and no round will
+    ever train it: the drain must not wait for it)."""
+    from gitlora.daemon.store import Store
+
+    with Store(store_dir, readonly=True) as store:
+        return {oid for oid in oids if ((store.get_commit(bytes.fromhex(oid)) or {}).get("examples") or 0) > 0}
+
+
 def wait_for(pred, timeout: float, what: str, poll: float = 0.25) -> float:
     t0 = time.monotonic()
     while not pred():
@@ -439,9 +448,11 @@ def main(argv=None) -> int:
     ap.add_argument("--base-model", default=None, help="a real base model dir (skips pretraining)")
     ap.add_argument("--json", action="store_true")
     ap.add_argument("--seed", type=int, default=0, help="evaluation sampling and the first snapshot seed")
-    ap.add_argument("--snapshot-seeds", type=int, default=2, help="training seeds of the snapshot recipe")
+    ap.add_argument("--snapshot-seeds", type=int, default=1, help="training seeds of the snapshot recipe (each costs "
+                    "as many steps as the lineage; 2 shows the recipe's own seed noise)")
     ap.add_argument("--cache-dir", type=Path, default=None)
-    ap.add_argument("--pretrain-cpu-s", type=float, default=1200.0, help="pretraining budget in CPU seconds")
+    ap.add_argument("--pretrain-cpu-s", type=float, default=600.0, help="pretraining budget in CPU seconds (the "
+                    "base bench/README.md's runs use; cached by corpus and settings)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--test-share", type=float, default=0.10, help="newest share of first-parent commits: test")
     ap.add_argument("--middle-share", type=float, default=0.10, help="share committed one by one, live")
@@ -458,7 +469,7 @@ def main(argv=None) -> int:
     ap.add_argument("--learning-rate", type=float, default=None, help="[train] learning_rate (default: "
                     f"{TINY_LEARNING_RATE} for the pretrained tiny base, the product's default for --base-model)")
     ap.add_argument("--min-new-examples", type=int, default=100, help="[train] min_new_examples: a round is due")
-    ap.add_argument("--window-commits", type=int, default=6, help="[train] window_commits (held out)")
+    ap.add_argument("--window-commits", type=int, default=8, help="[train] window_commits (held out)")
     ap.add_argument("--window-examples", type=int, default=60, help="[train] window_examples (held out)")
     ap.add_argument("--older-slice-commits", type=int, default=8, help="[train] older_slice_commits")
     ap.add_argument("--context", type=int, default=512)
@@ -467,9 +478,9 @@ def main(argv=None) -> int:
     ap.add_argument("--drain-timeout-s", type=float, default=900.0, help="wait this long for rounds after the "
                     "last live commit")
     ap.add_argument("--eval-per-commit", type=int, default=8)
-    ap.add_argument("--eval-max", type=int, default=240)
-    ap.add_argument("--fim-samples", type=int, default=32)
-    ap.add_argument("--round-eval-max", type=int, default=64, help="[train] eval_max_examples: the rounds' own "
+    ap.add_argument("--eval-max", type=int, default=160)
+    ap.add_argument("--fim-samples", type=int, default=24)
+    ap.add_argument("--round-eval-max", type=int, default=128, help="[train] eval_max_examples: the rounds' own "
                     "window and older-slice samples (their gate); --eval-max is the test set's")
     ap.add_argument("--round-fim-samples", type=int, default=8, help="[train] fim_samples of the rounds")
     ap.add_argument("--keep", action="store_true", help="keep the work directory")
@@ -559,6 +570,7 @@ def main(argv=None) -> int:
         # has gone idle (what is left is below min_new_examples). Older backlog (history deferred by the rounds'
         # step cap, newest first) may still be training then: it is not what this benchmark waits for.
         live = set(git(clone, "rev-list", f"{backfill_end}..{middle_end}").split())  # commits of the middle part
+        live_trainable = commits_with_examples(rp.store, live)  # every live commit is stored by now
 
         def latest_spec() -> dict:
             specs = sorted(rp.rounds.glob("[0-9]*/spec.json")) if rp.rounds.is_dir() else []
@@ -573,7 +585,7 @@ def main(argv=None) -> int:
             facts = [c for sh in (read_json(rp.root / "manifest.json", {}) or {}).get("shards", [])
                      for c in sh.get("commits") or []]
             done = set(s.get("trained") or {}) | set(latest_spec().get("window_commits") or [])
-            return live - done - {c["commit"] for c in facts if c.get("duplicate")}
+            return live_trainable - done - {c["commit"] for c in facts if c.get("duplicate")}
 
         stable_since, last_rounds, t0 = None, None, time.monotonic()
         while time.monotonic() - t0 < args.drain_timeout_s:
@@ -597,8 +609,9 @@ def main(argv=None) -> int:
         repo_view = next(iter((json.loads(status or "{}").get("repos") or [{}])), {})
         shard_facts = {"train": len(manifest.get("shards", [])),
                        "live_commits": len(live),
+                       "live_commits_without_examples": len(live - live_trainable),
                        "live_commits_trained": len(live & trained),
-                       "live_commits_never_trained": len(live - trained - duplicates),
+                       "live_commits_never_trained": len(live_trainable - trained - duplicates),
                        "live_duplicates": len(live & duplicates),
                        "window_commits": ((repo_view.get("training") or {}).get("next_round") or {}).get(
                            "window_commits"),
@@ -757,7 +770,8 @@ def print_table(r: dict) -> None:
     sh = r["shards"]
     print(f"live commits: {sh['live_commits']}, trained: {sh['live_commits_trained']}, not trained: "
           f"{sh['live_commits_never_trained']} (the window holds out {sh['window_commits']} commits; "
-          f"{sh['live_duplicates']} duplicates are never trained; {sh['examples_never_trained']} examples "
+          f"{sh['live_duplicates']} duplicates are never trained; {sh.get('live_commits_without_examples', 0)} "
+          f"hold no examples; {sh['examples_never_trained']} examples "
           f"not trained in all; {sh['groups']} flush groups)")
     print(f"wall {r['wall_s']:.0f} s, CPU {r['cpu_s']:.0f} s (this process and its children), load avg "
           f"{', '.join(f'{x:.1f}' for x in r['load_avg'])} on {r['cores']} cores")
