@@ -229,8 +229,11 @@ def round_summary(result: dict | None, error: str | None, wall_s: float) -> dict
 
 def run(args) -> int:
     import torch
+    from transformers.utils import logging as hf_logging
 
     from gitlora.trainer import evaluate, metrics, round as rnd
+
+    hf_logging.disable_progress_bar()  # "Loading weights" bars would fill the device's output tail
 
     import bench_learning as bl
 

@@ -277,6 +277,7 @@ def pretrain(corpus_dirs: list[Path], *, cache_dir: Path | None = None, cpu_budg
         if step % 100 == 0:
             log(f"  step {step}: loss {sum(losses[-100:]) / 100:.3f}, {seen / 1e6:.2f}M tokens, "
                 f"{used:.0%} of the budget")
+    train_s = clock() - train_clock0
     best_step = None
     if best is not None:
         model.load_state_dict(best[2])
@@ -290,7 +291,8 @@ def pretrain(corpus_dirs: list[Path], *, cache_dir: Path | None = None, cpu_budg
                 val_loss=val_loss, cpu_s=round(time.process_time() - t_cpu, 1), wall_s=round(time.time() - t_wall, 1),
                 settings=settings)
     if val_checks:
-        meta.update(val_curve=val_curve, best_step=best_step, epochs=round(seen / max(1, len(train) * seq_len), 2))
+        meta.update(val_curve=val_curve, best_step=best_step, epochs=round(seen / max(1, len(train) * seq_len), 2),
+                    train_s=round(train_s, 1), tokens_per_s=round(seen / max(train_s, 1e-9)))
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=dest.parent))
     try:
