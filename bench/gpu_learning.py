@@ -28,6 +28,12 @@ samples it, and the snapshot recipe's records. Everything it writes is gzipped J
 4. the snapshot recipe through the same trainer at the adapter's number of steps (fim_share 1.0), then evaluated
    the same way (last: a run cut short by its time limit still has the base and the adapter).
 gpu_learning.json is rewritten after every phase, so a run cut short still reports what it did.
+
+On a GPU machine without network that has torch, transformers and peft but not rapidfuzz or pydantic, with
+prepare's output (wheels included, `--wheels`) in the repository's .gpul/:
+
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
+        .gpul/whl/*.whl && export PYTHONPATH=/tmp/site && python3 bench/gpu_learning.py run --data .gpul --out $OUT
 """
 from __future__ import annotations
 
@@ -162,8 +168,8 @@ def prepare(args) -> int:
     records, commits = newest_train_records(state_root, int(args.train_mb * 1e6), set(test_commits))
     older = commits[-args.older_commits:] if len(commits) > 2 * args.older_commits else []
     meta["files"]["train.jsonl.gz"] = write_jsonl_gz(out / "train.jsonl.gz", records)
-    meta["train"] = {"records": len(records), "commits": len(commits), "new_commits": commits[:len(commits) - len(older)],
-                     "older_commits": older, "cap_mb": args.train_mb}
+    meta["train"] = {"records": len(records), "commits": len(commits), "older_commits": older,
+                     "new_commits": commits[:len(commits) - len(older)], "cap_mb": args.train_mb}
     log(f"train: {len(records)} records of the {len(commits)} newest commits "
         f"({meta['files']['train.jsonl.gz'] / 1e6:.1f} MB gzipped); older slice {len(older)} commits")
 
@@ -239,6 +245,8 @@ def run(args) -> int:
 
     smoke = args.smoke
     device = "cpu" if smoke else "cuda"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("no CUDA device here: `run --smoke` tries the script on a CPU")
     data_dir, out = args.data, args.out
     out.mkdir(parents=True, exist_ok=True)
     work = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="gpul-"))
@@ -254,8 +262,6 @@ def run(args) -> int:
     completions_path = out / "completions.jsonl"
 
     def save() -> None:
-        if device == "cuda":
-            report["cuda_peak_allocated_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
         report["wall_s"] = round(time.time() - t0, 1)
         tmp = out / ".gpu_learning.json.tmp"
         tmp.write_text(json.dumps(report, indent=1, default=str))
@@ -264,6 +270,10 @@ def run(args) -> int:
     def phase(name: str, since: float) -> float:
         now = time.time()
         report["phases"][name] = round(now - since, 1)
+        if device == "cuda":  # each phase's own CUDA peak
+            peak = torch.cuda.max_memory_allocated() / 2**30
+            report.setdefault("cuda_peak_allocated_gib", {})[name] = round(peak, 2)
+            torch.cuda.reset_peak_memory_stats()
         log(f"{name}: {now - since:.1f} s")
         save()
         return now
@@ -312,8 +322,6 @@ def run(args) -> int:
         progress = work / f"{name}.progress.jsonl"
         progress.unlink(missing_ok=True)
         spec = {**spec, "progress_file": str(progress)}
-        if device == "cuda":
-            torch.cuda.reset_peak_memory_stats()
         t, result, error = time.time(), None, None
         try:
             result = rnd.run_round(spec, rnd.Progress(str(progress)))
@@ -321,8 +329,6 @@ def run(args) -> int:
             error = f"{type(e).__name__}: {e}"
             log(f"{name} failed: {error}")
         report[name] = round_summary(result, error, time.time() - t)
-        if device == "cuda":
-            report[name]["cuda_peak_allocated_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
         return result
 
     adapters = work / "adapters"

@@ -226,7 +226,8 @@ def pretrain(corpus_dirs: list[Path], *, cache_dir: Path | None = None, cpu_budg
     model = AutoModelForCausalLM.from_config(config).to(device)
     params = sum(p.numel() for p in model.parameters())
     cuda = torch.device(device).type == "cuda"
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.1, fused=True if cuda else None)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.1,
+                            fused=True if cuda else None)
 
     def autocast():
         return torch.autocast("cuda", dtype=torch.bfloat16) if cuda else contextlib.nullcontext()
