@@ -13,6 +13,11 @@ for a fixed budget of CPU seconds (process CPU time, so a loaded machine trains 
 result lands in `<cache>/base-<hash of corpus contents and settings>/` (temp dir + rename), so reruns skip it.
 
     python bench/pretrain_tiny.py --corpus DIR... [--cpu-budget-s 1200] [--cache-dir DIR]
+
+On a GPU (bench/gpu_learning.py) the same function trains a bigger base (`size=GPU_SIZE`) under a wall-clock
+budget with bf16 autocast, optionally with a given tokenizer and dropout, keeping the checkpoint with the best
+held-out loss (many epochs of a small corpus overfit). Those options enter the cache key only when used, so the
+CPU benchmark's base and its key are unchanged.
 """
 from __future__ import annotations
 
@@ -144,17 +149,39 @@ def settings_key(corpus: list[tuple[str, str, str]], settings: dict) -> str:
 
 SIZE = dict(hidden_size=256, intermediate_size=1024, num_hidden_layers=4, num_attention_heads=4,
             num_key_value_heads=2, max_position_embeddings=2048)
+# GPT-2-small-like depth and width (~85M parameters with the 8k vocabulary): for a GPU with minutes to train
+GPU_SIZE = dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
+                num_key_value_heads=4, max_position_embeddings=4096)
+DROPOUT_KEYS = ("attention_dropout", "residual_dropout", "embedding_dropout")
+
+
+def file_digest(path: Path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16]
 
 
 def pretrain(corpus_dirs: list[Path], *, cache_dir: Path | None = None, cpu_budget_s: float = 1200.0,
              seq_len: int = 512, batch: int = 8, lr: float = 1.5e-3, vocab_size: int = 8192, fim_rate: float = 0.5,
-             seed: int = 0, threads: int = 2, log=print) -> tuple[Path, dict]:
-    """The cached base model directory for this corpus and these settings (built when absent) and its meta."""
-    corpus = load_corpus(corpus_dirs)
+             seed: int = 0, threads: int = 2, log=print, corpus: list[tuple[str, str, str]] | None = None,
+             device: str = "cpu", wall_budget_s: float | None = None, size: dict | None = None,
+             tokenizer_dir: Path | None = None, dropout: float = 0.0, warmup_steps: int = 30,
+             val_checks: int = 0) -> tuple[Path, dict]:
+    """The cached base model directory for this corpus and these settings (built when absent) and its meta.
+
+    `corpus`: (repo, path, text) already loaded (instead of reading `corpus_dirs`). GPU options: `device`,
+    `wall_budget_s` (wall seconds of training instead of CPU seconds; bf16 autocast on CUDA), `size` (config
+    overrides, e.g. GPU_SIZE), `tokenizer_dir` (use this tokenizer instead of training one), `dropout` (while
+    pretraining; the saved config has none), `val_checks` (held-out loss this many times over the budget; the
+    best checkpoint is kept)."""
+    corpus = load_corpus(corpus_dirs) if corpus is None else corpus
     if not corpus:
         raise SystemExit("the corpus holds no readable .rs files")
     settings = dict(cpu_budget_s=cpu_budget_s, seq_len=seq_len, batch=batch, lr=lr, vocab_size=vocab_size,
-                    fim_rate=fim_rate, seed=seed, size=SIZE, version=1)
+                    fim_rate=fim_rate, seed=seed, size=size or SIZE, version=1)
+    extra = dict(device=device if device != "cpu" else None, wall_budget_s=wall_budget_s,
+                 tokenizer=file_digest(Path(tokenizer_dir) / "tokenizer.json") if tokenizer_dir else None,
+                 dropout=dropout or None, warmup_steps=warmup_steps if warmup_steps != 30 else None,
+                 val_checks=val_checks or None)
+    settings.update({k: v for k, v in extra.items() if v is not None})  # absent when unused: the CPU key stays
     cache_dir = Path(cache_dir or default_cache_dir())
     dest = cache_dir / f"base-{settings_key(corpus, settings)}"
     if (dest / "bench-base.json").exists():
@@ -163,13 +190,18 @@ def pretrain(corpus_dirs: list[Path], *, cache_dir: Path | None = None, cpu_budg
             f"tokens, final loss {meta['final_loss']:.3f})")
         return dest, {**meta, "cached": True}
 
+    import contextlib
+
     import torch
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     torch.set_num_threads(threads)
     t_wall, t_cpu = time.time(), time.process_time()
     docs = documents(corpus, fim_rate, seed)
-    tokenizer = train_tokenizer([text for _, _, text in corpus], vocab_size)
+    if tokenizer_dir:
+        tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    else:
+        tokenizer = train_tokenizer([text for _, _, text in corpus], vocab_size)
     ids: list[int] = []
     order = list(range(len(docs)))
     random.Random(seed).shuffle(order)
@@ -182,28 +214,60 @@ def pretrain(corpus_dirs: list[Path], *, cache_dir: Path | None = None, cpu_budg
     n_val = max(4, len(blocks) // 50)
     val, train = blocks[:n_val], blocks[n_val:]
     prep_cpu = time.process_time() - t_cpu
+    # the budget: process CPU seconds (a loaded machine trains as far, only slower), or wall seconds on a GPU
+    clock, budget = (time.time, wall_budget_s) if wall_budget_s else (time.process_time, cpu_budget_s)
     log(f"pretraining: {len(corpus)} files, {len(ids) / 1e6:.2f}M tokens, {len(train)} blocks of {seq_len}; "
-        f"budget {cpu_budget_s:.0f} CPU-s (tokenizer + encoding took {prep_cpu:.0f} CPU-s)")
+        f"budget {budget:.0f} {'wall ' if wall_budget_s else 'CPU-'}s on {device} "
+        f"(tokenizer + encoding took {prep_cpu:.0f} CPU-s)")
 
     torch.manual_seed(seed)
-    config = tiny.tiny_config(len(tokenizer), **SIZE)
-    model = AutoModelForCausalLM.from_config(config)
+    dropouts = {k: dropout for k in DROPOUT_KEYS} if dropout else {}
+    config = tiny.tiny_config(len(tokenizer), **(size or SIZE), **dropouts)
+    model = AutoModelForCausalLM.from_config(config).to(device)
     params = sum(p.numel() for p in model.parameters())
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.1)
+    cuda = torch.device(device).type == "cuda"
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.1,
+                            fused=True if cuda else None)
+
+    def autocast():
+        return torch.autocast("cuda", dtype=torch.bfloat16) if cuda else contextlib.nullcontext()
+
+    def val_loss_now() -> float:
+        model.eval()
+        with torch.no_grad(), autocast():
+            if not cuda:  # the CPU benchmark's measure, block by block
+                v = sum(float(model(input_ids=torch.tensor([b]), labels=torch.tensor([b])).loss) for b in val)
+            else:
+                v = sum(float(model(input_ids=val_t[k:k + batch], labels=val_t[k:k + batch]).loss) *
+                        len(val_t[k:k + batch]) for k in range(0, len(val_t), batch))
+        model.train()
+        return v / len(val)
+
+    train_t = torch.tensor(train, device=device)
+    val_t = torch.tensor(val, device=device)
     rng = random.Random(seed)
-    step, seen, losses, warm = 0, 0, [], 30
-    train_cpu0 = time.process_time()
+    step, seen, losses, warm = 0, 0, [], warmup_steps
+    val_curve, best, next_check = [], None, 1
+    train_clock0 = clock()
     model.train()
     while True:
-        used = (time.process_time() - train_cpu0) / cpu_budget_s
+        used = (clock() - train_clock0) / budget
+        if val_checks and used >= next_check / val_checks:
+            v = val_loss_now()
+            val_curve.append({"step": step, "tokens": seen, "used": round(used, 3), "val_loss": round(v, 4)})
+            log(f"  step {step}: held-out loss {v:.3f}")
+            if best is None or v < best[0]:
+                best = (v, step, {k: t.detach().clone() for k, t in model.state_dict().items()})
+            next_check += 1
         if used >= 1.0:
             break
-        # warm-up, then cosine over the CPU budget (the number of steps it buys is not known in advance)
+        # warm-up, then cosine over the budget (the number of steps it buys is not known in advance)
         f = (step + 1) / warm if step < warm else 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, used)))
         for g in opt.param_groups:
             g["lr"] = lr * f
-        x = torch.tensor([train[rng.randrange(len(train))] for _ in range(batch)])
-        loss = model(input_ids=x, labels=x).loss
+        x = train_t[torch.tensor([rng.randrange(len(train)) for _ in range(batch)], device=device)]
+        with autocast():
+            loss = model(input_ids=x, labels=x).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
@@ -213,14 +277,23 @@ def pretrain(corpus_dirs: list[Path], *, cache_dir: Path | None = None, cpu_budg
         seen += x.numel()
         if step % 100 == 0:
             log(f"  step {step}: loss {sum(losses[-100:]) / 100:.3f}, {seen / 1e6:.2f}M tokens, "
-                f"{used:.0%} of the CPU budget")
+                f"{used:.0%} of the budget")
+    train_s = clock() - train_clock0
+    best_step = None
+    if best is not None:
+        model.load_state_dict(best[2])
+        best_step = best[1]
+    for k in dropouts:  # dropout was for pretraining: the base as saved has none
+        setattr(model.config, k, 0.0)
     model.eval()
-    with torch.no_grad():
-        val_loss = sum(float(model(input_ids=torch.tensor([b]), labels=torch.tensor([b])).loss) for b in val) / len(val)
+    val_loss = val_loss_now()
     meta = dict(params=params, tokens_seen=seen, corpus_tokens=len(ids), steps=step, files=len(corpus),
                 repos=sorted({r for r, _, _ in corpus}), final_loss=sum(losses[-50:]) / max(1, len(losses[-50:])),
                 val_loss=val_loss, cpu_s=round(time.process_time() - t_cpu, 1), wall_s=round(time.time() - t_wall, 1),
                 settings=settings)
+    if val_checks:
+        meta.update(val_curve=val_curve, best_step=best_step, epochs=round(seen / max(1, len(train) * seq_len), 2),
+                    train_s=round(train_s, 1), tokens_per_s=round(seen / max(train_s, 1e-9)))
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=dest.parent))
     try:
