@@ -110,6 +110,8 @@ def main(argv=None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--eval-per-commit", type=int, default=8)
     ap.add_argument("--eval-max", type=int, default=160)
+    ap.add_argument("--reuse", type=Path, default=None, help="a previous sweep's --json output: score its variants "
+                    "again (e.g. with paired comparisons added) without training them again")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args(argv)
 
@@ -133,7 +135,10 @@ def main(argv=None) -> int:
 
     common = parse_variant("common=" + ",".join(args.set))[1]
     results = {}
-    for text in args.variant or ["default="]:
+    if args.reuse:
+        previous = json.loads(args.reuse.read_text().strip().splitlines()[-1])
+        results, common, args.rounds = previous["variants"], previous["common"], previous["rounds_replayed"]
+    for text in [] if args.reuse else args.variant or ["default="]:
         name, settings = parse_variant(text)
         results[name] = {"settings": settings, **replay_rounds(rp, args.work, name, {**common, **settings}, env,
                                                                first, args.rounds)}
@@ -156,22 +161,31 @@ def main(argv=None) -> int:
                   **{name: r["current"] for name, r in results.items()},
                   **{f"{name} (last)": r["last"] for name, r in results.items()
                      if Path(r["last"]).resolve() != Path(r["current"]).resolve()}}
+    # Variants differ by less than each one's interval against the base: only a paired comparison with the
+    # reference variant (the first one given; its last candidate) on the same items says which setting is better.
+    reference = next(iter(results), None)
+    reference_path = results[reference]["last"] if reference else None
+    reference_losses = models.scores(reference_path, test_set, tokenizer).losses if reference_path else None
     table = {}
     for name, path in candidates.items():
         losses = models.scores(path, test_set, tokenizer).losses
         table[name] = {"vs_base": bl.rel(metrics.paired_loss(base, losses)),
+                       "vs_reference": (bl.rel(metrics.paired_loss(reference_losses, losses))
+                                        if reference_losses is not None and path != reference_path else None),
                        "forgetting": bl.rel(metrics.paired_loss(older_first,
                                                                 models.scores(path, older_set, tokenizer).losses)),
                        "changed_loss": metrics.summarize(losses, [])["changed_loss"],
                        "promoted": (sum(r["promoted"] for r in results[name]["rounds"]) if name in results else None),
                        "settings": results.get(name, {}).get("settings")}
-    print(f"{'variant':<22}{'changed loss':>13}{'vs base':>9}{'95% CI':>20}{'forgetting':>11}{'promoted':>9}")
+    print(f"{'variant':<22}{'changed loss':>13}{'vs base':>9}{'95% CI':>20}{'forgetting':>11}{'promoted':>9}"
+          f"{'vs ' + str(reference) + ' (last), 95% CI':>36}")
     for name, row in table.items():
-        v, f = row["vs_base"], row["forgetting"]
+        v, f, r = row["vs_base"], row["forgetting"], row["vs_reference"]
         ci = f"{v['ci95_low']:+.1%} .. {v['ci95_high']:+.1%}"
         promoted = "" if row["promoted"] is None else str(row["promoted"])
+        paired = (f"{r['changed_loss_rel']:+.2%} ({r['ci95_low']:+.2%} .. {r['ci95_high']:+.2%})" if r else "")
         print(f"{name:<22}{row['changed_loss']:>13.4f}{v['changed_loss_rel']:>+9.1%}{ci:>20}"
-              f"{f['changed_loss_rel']:>+11.1%}{promoted:>9}")
+              f"{f['changed_loss_rel']:>+11.1%}{promoted:>9}{paired:>36}")
     if args.json:
         print(json.dumps({"date": time.strftime("%Y-%m-%d"), "work": str(args.work), "first": first,
                           "common": common, "rounds_replayed": args.rounds,
