@@ -28,6 +28,8 @@ from itertools import chain
 from operator import methodcaller
 from typing import Any
 
+from .memo import TextMemo
+
 NUM_PERM = 64
 SEED = 1
 # 12 bands of 5 rows (60 of the 64 values): a pair with Jaccard similarity s shares a band with probability
@@ -122,6 +124,8 @@ class _TokenHashes(dict):
 
 
 _token_hashes = _TokenHashes()
+_memo: TextMemo[bytes | None] = TextMemo(32 << 20)  # (scheme, text) -> signature
+_NOT_MEMOISED = object()
 
 
 def signature(text: str, scheme: str = SCHEME) -> bytes | None:
@@ -132,16 +136,21 @@ def signature(text: str, scheme: str = SCHEME) -> bytes | None:
 
 def signatures(texts: list[str], scheme: str = SCHEME) -> list[bytes | None]:
     """`signature` of each text, computed together: numpy's fixed cost per call, paid once for all of a file's
-    targets, was most of a small target's cost."""
+    targets, was most of a small target's cost. A text sketched recently is not sketched again (about half of a
+    history's targets repeat one: merges replay their branches)."""
     if scheme == TOKEN_SCHEME:
         hashes = _token_shingle_hashes
     elif scheme == SHA1_SCHEME:
         hashes = _sha1_shingle_hashes
     else:
         raise ValueError(f"unknown sketch scheme {scheme!r} (known: {', '.join(SCHEMES)})")
-    out: list[bytes | None] = []
-    for start in range(0, len(texts), _GROUP_TEXTS):
-        out.extend(_min_hashes(*hashes(texts[start:start + _GROUP_TEXTS])))
+    out: list[bytes | None] = [_memo.get((scheme, text), _NOT_MEMOISED) for text in texts]  # type: ignore[misc]
+    todo = [i for i, found in enumerate(out) if found is _NOT_MEMOISED]
+    for start in range(0, len(todo), _GROUP_TEXTS):
+        group = todo[start:start + _GROUP_TEXTS]
+        for i, sketch in zip(group, _min_hashes(*hashes([texts[i] for i in group]))):
+            out[i] = sketch
+            _memo.put((scheme, texts[i]), len(texts[i]), sketch)
     return out
 
 
