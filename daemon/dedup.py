@@ -11,9 +11,11 @@ sketch scheme:
   shingle's hash mixed from its three tokens' hashes, for all shingles at once in numpy.
 
 Signatures of two schemes are unrelated numbers, so a store keeps the scheme it started with (store meta
-`sketch_scheme`; the store refuses a commit sketched with another) and new stores use `TOKEN_SCHEME`. It is
-computed here with numpy rather than by importing datasketch, because importing datasketch imports scipy (its LSH parameter search), some 50 MB of
-resident memory the daemon would keep for good after its first commit, beyond its idle memory bound. The
+`sketch_scheme`; the store refuses a commit sketched with another) and new stores use `TOKEN_SCHEME`.
+
+It is computed here with numpy rather than by importing datasketch, because importing datasketch imports scipy
+(its LSH parameter search), some 50 MB of resident memory the daemon would keep for good after its first
+commit, beyond its idle memory bound. The
 layout of the bands is fixed (not derived from the threshold), so a changed threshold applies to the clusters
 already stored: the bands only propose candidates, the signature's estimated similarity decides.
 """
@@ -70,6 +72,9 @@ class Screen:
     # re-derives them), so the rebuilt record counts them again by reason.
     left_out: tuple[bytes, ...] = ()
     scheme: str = SCHEME  # how `sketches` were computed (the store refuses sketches of a scheme it does not hold)
+    # Per example: its `store.example_key`, computed where the example was made (the store would otherwise decode
+    # every encoded example again); used only when there is one per example.
+    keys: tuple[bytes, ...] = ()
 
 
 def shingles(text: str) -> set[bytes]:

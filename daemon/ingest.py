@@ -36,7 +36,7 @@ from .config import IngestConfig
 from .examples import file_examples, path_fields
 from .gitrepo import BlobUnreadable, CommitDiff, CommitInfo, FileChange, GitRepo, SkippedFile
 from .rust_items import FileItems, extract_items, parse
-from .store import PendingCommit, Store, WriteResult
+from .store import PendingCommit, Store, WriteResult, example_key
 from .symbol_index import NO_DEFINITIONS, SymbolIndex, encoded_definitions
 
 _log = log.get("gitlora.ingest")
@@ -223,6 +223,7 @@ class CommitProcessor:
 
     def _compose(self, oid: str, info: CommitInfo, diff: CommitDiff, base: dict[str, Any]) -> PendingCommit:
         examples: list[bytes] = []
+        keys: list[bytes] = []
         sketches: list[bytes | None] = []
         references: list[tuple[str, list[str], list[str]] | None] = []
         item_skips: Counter[str] = Counter()
@@ -234,8 +235,9 @@ class CommitProcessor:
             info = replace(info, message="")
         for change in diff.files:
             try:
-                encoded, sketched, skips, refs = self._file(info, change, skipped, syntax_errors, omitted)
+                encoded, made_keys, sketched, skips, refs = self._file(info, change, skipped, syntax_errors, omitted)
                 examples.extend(encoded)
+                keys.extend(made_keys)
                 sketches.extend(sketched)
                 references.extend(refs)
                 item_skips.update(skips)
@@ -260,7 +262,7 @@ class CommitProcessor:
             record["message_omitted"] = omitted
         screen = dedup.Screen(tuple(sketches), message_key, self.config.near_duplicate_cap,
                               self.config.near_duplicate_threshold, self.config.repeated_message_limit,
-                              scheme=self.sketch_scheme)
+                              scheme=self.sketch_scheme, keys=tuple(keys))
         definitions, self._fresh_definitions = self._fresh_definitions, {}
         changes = [(change.old_path, change.new_path, change.new_oid) for change in diff.files]
         return PendingCommit(bytes.fromhex(oid), record, examples, screen if self.config.dedup else None,
@@ -269,16 +271,17 @@ class CommitProcessor:
     def _file(self, info: CommitInfo, change: FileChange, skipped: list[SkippedFile],
               syntax_errors: list[dict[str, Any]],
               message_omitted: str | None = None
-              ) -> tuple[list[bytes], list[bytes | None], Counter[str], list[tuple[str, list[str], list[str]] | None]]:
-        """One changed file's examples, encoded, with their targets' near-duplicate sketches, the items hygiene
-        left out and what resolving each one's cross-file context needs; or its skip (appended to `skipped`) and
-        none."""
+              ) -> tuple[list[bytes], list[bytes], list[bytes | None], Counter[str],
+                         list[tuple[str, list[str], list[str]] | None]]:
+        """One changed file's examples, encoded, with their keys (`store.example_key`) and their targets'
+        near-duplicate sketches, the items hygiene left out and what resolving each one's cross-file context needs;
+        or its skip (appended to `skipped`) and none."""
         old, old_file = self._parsed(change.old_oid)
         new, new_file = self._parsed(change.new_oid, previous=change.old_oid, hunks=change.hunks)
         unreadable = next((s for s in (old, new) if isinstance(s, Unparsable)), None)
         if unreadable is not None:
             skipped.append(_skipped_file(change, unreadable.reason))
-            return [], [], Counter(), []
+            return [], [], [], Counter(), []
         assert not isinstance(old, Unparsable) and not isinstance(new, Unparsable)
         made, skips = hygiene.screen_file(
             file_examples(self.repo_name, info, change, old, new,
@@ -296,7 +299,7 @@ class CommitProcessor:
                                   "broken_items": new.broken_items})
         references = [None if e["change_kind"] == "deleted" else (e["path"], e["identifiers"], e["imports"])
                       for e in made]
-        return encoded, sketches, skips, references
+        return encoded, [example_key(e) for e in made], sketches, skips, references
 
 
 def _skipped_file(change: FileChange, reason: str) -> SkippedFile:

@@ -461,8 +461,8 @@ class Store:
         skips: dict[str, int] = dict(record.get("skipped_items") or {})
         originals: set[str] = set()
         taken: set[bytes] = set()
-        for index, example in enumerate(examples):
-            key = example_key(example)
+        keys = screen.keys if len(screen.keys) == len(examples) else [example_key(e) for e in examples]
+        for index, (example, key) in enumerate(zip(examples, keys)):
             found = txn.get(key, db=self._keys)
             if found is not None or key in taken:
                 skips["duplicate"] = skips.get("duplicate", 0) + 1

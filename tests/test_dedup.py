@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from dataclasses import replace
 from pathlib import Path
 
 import lmdb
@@ -15,10 +16,12 @@ from gitlora.daemon.commands.backfill import backfill
 from gitlora.daemon.config import Config
 from gitlora.daemon.dedup import (BANDS, NUM_PERM, SCHEME, SHA1_SCHEME, TOKEN_SCHEME, Screen, band_keys,
                                   shingle_hash, shingles, signature, signatures, similarity)
+from gitlora.daemon.gitrepo import GitRepo
+from gitlora.daemon.ingest import CommitProcessor
 from gitlora.daemon.repair import repair_store
 from gitlora.daemon.repos import OpenedRepo, open_repo
 from gitlora.daemon.shards import ShardWriter
-from gitlora.daemon.store import PendingCommit, Store, StoreError
+from gitlora.daemon.store import PendingCommit, Store, StoreError, example_key
 
 from daemonutil import gitlora
 from gitutil import commit_files, git, init_repo
@@ -83,7 +86,8 @@ def test_similar_targets_share_bands_and_unrelated_ones_do_not(scheme):
         return signature(text, scheme)
 
     base = signature_(function("a"))
-    assert similarity(base, signature_(function("a"))) == 1.0 and band_keys(base) == band_keys(signature_(function("a")))
+    assert similarity(base, signature_(function("a"))) == 1.0
+    assert band_keys(base) == band_keys(signature_(function("a")))
     assert len(band_keys(base)) == BANDS and len(set(band_keys(base))) == BANDS
     # whitespace does not matter; one changed name among a long body matters little; another body a lot
     assert signature_(function("a").replace("    ", "\t")) == base
@@ -174,6 +178,29 @@ def test_the_store_keeps_the_sketch_scheme_it_started_with(tmp_path):
         assert not store.has_commit(other.oid) and store.next_seq() == 1
         store.write([pending(3, [example("", "c", function("c", long_body))], cap=1)])
         assert store.get_commit(bytes.fromhex(f"{3:040x}"))["skipped_items"] == {"near-duplicate": 1}
+
+
+def test_the_store_screens_by_the_keys_ingest_computed(tmp_path):
+    """Ingest sends each example's key with it (the store would decode every example again for it): the store
+    screens by those keys, and by its own where they do not match the examples one for one."""
+    with Store(tmp_path / "store") as store:
+        store.write([pending(1, [example("", "a", function("a"))])])
+        given = pending(2, [example("", "b", function("b")), example("", "c", function("c"))])
+        first_key = example_key(example(f"{1:040x}", "a", function("a")))
+        store.write([replace(given, screen=replace(given.screen, keys=(first_key, example_key(given.examples[1]))))])
+        assert store.get_commit(given.oid)["skipped_items"] == {"duplicate": 1}
+        unmatched = pending(3, [example("", "a", function("a")), example("", "d", function("d"))])
+        store.write([replace(unmatched, screen=replace(unmatched.screen, keys=(first_key,)))])
+        assert store.get_commit(unmatched.oid)["skipped_items"] == {"duplicate": 1}
+        assert [e["qualified_name"] for _, e in store.iter_examples()] == ["a", "c", "d"]
+
+
+def test_ingest_sends_each_examples_key(tmp_path):
+    repo = init_repo(tmp_path / "repo")
+    commit_files(repo, {"src/lib.rs": function("a") + function("b"), "src/x.rs": distinct("x", 1)}, "two files")
+    head = commit_files(repo, {"src/lib.rs": function("a", "x + 2") + function("c")}, "edit")
+    made = CommitProcessor(GitRepo(repo), Config().ingest, source="test").process([head])[0]
+    assert len(made.examples) == 3 and made.screen.keys == tuple(example_key(e) for e in made.examples)
 
 
 def test_a_store_sketched_before_the_scheme_was_recorded_keeps_sha1(tmp_path, isolated_home, monkeypatch):
