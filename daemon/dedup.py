@@ -54,7 +54,7 @@ _MIX = (0x9E3779B97F4A7C15, 0xC2B2AE3D27D4EB4F)
 _FMIX = (0xFF51AFD7ED558CCD, 0xC4CEB9FE1A85EC53)
 _MASK64 = (1 << 64) - 1
 _GROUP_TEXTS = 256  # texts sketched together: bounds the (shingles x NUM_PERM) array
-_MAX_CACHED_TOKENS = 1 << 18  # the token-hash cache is cleared when full (a few tens of MB at most)
+_MAX_CACHED_TOKENS = 1 << 16  # the token-hash cache is emptied when full (a few MB at most)
 
 
 @dataclass(frozen=True)
@@ -129,7 +129,7 @@ class _TokenHashes(dict):
 
 
 _token_hashes = _TokenHashes()
-_memo: TextMemo[bytes | None] = TextMemo(32 << 20)  # (scheme, text) -> signature
+sketch_memo: TextMemo[bytes | None] = TextMemo(32 << 20)  # (scheme, text) -> signature (ingest sizes it)
 _NOT_MEMOISED = object()
 
 
@@ -149,13 +149,13 @@ def signatures(texts: list[str], scheme: str = SCHEME) -> list[bytes | None]:
         hashes = _sha1_shingle_hashes
     else:
         raise ValueError(f"unknown sketch scheme {scheme!r} (known: {', '.join(SCHEMES)})")
-    out: list[bytes | None] = [_memo.get((scheme, text), _NOT_MEMOISED) for text in texts]  # type: ignore[misc]
+    out: list[bytes | None] = [sketch_memo.get((scheme, text), _NOT_MEMOISED) for text in texts]  # type: ignore[misc]
     todo = [i for i, found in enumerate(out) if found is _NOT_MEMOISED]
     for start in range(0, len(todo), _GROUP_TEXTS):
         group = todo[start:start + _GROUP_TEXTS]
         for i, sketch in zip(group, _min_hashes(*hashes([texts[i] for i in group]))):
             out[i] = sketch
-            _memo.put((scheme, texts[i]), len(texts[i]), sketch)
+            sketch_memo.put((scheme, texts[i]), len(texts[i]), sketch)
     return out
 
 

@@ -31,7 +31,7 @@ from typing import Any
 
 from tree_sitter import Tree
 
-from . import compact_json, dedup, hygiene, log
+from . import compact_json, dedup, hygiene, log, rust_items
 from .config import IngestConfig
 from .examples import file_examples, path_fields
 from .gitrepo import BlobUnreadable, CommitDiff, CommitInfo, FileChange, GitRepo, SkippedFile
@@ -119,6 +119,10 @@ class CommitProcessor:
         self.source = source
         self.sketch_scheme = sketch_scheme
         self.repo_name = repo.name
+        # What is computed from an item's text alone is memoised per process (a merge replays its branch's
+        # items): sized like this processor's item cache, so the daemon's stays small.
+        for memo in (dedup.sketch_memo, rust_items.identifier_memo):
+            memo.resize(cache_bytes // 8)
         # Item maps of parsed blobs by oid (each blob is parsed once), and the syntax trees of recently parsed
         # blobs with their source, so the next version of the same file reparses incrementally.
         self._cache = _ByteLRU(cache_bytes)

@@ -19,6 +19,12 @@ class TextMemo(Generic[V]):
         self.chars = 0
         self._values: dict[Hashable, V] = {}
 
+    def resize(self, max_chars: int) -> None:
+        self.max_chars = max_chars
+        if self.chars > max_chars:
+            self._values.clear()
+            self.chars = 0
+
     def get(self, key: Hashable, default: D) -> V | D:
         return self._values.get(key, default)
 

@@ -344,14 +344,14 @@ def referenced_identifiers(text: str, limit: int = MAX_IDENTIFIERS) -> list[str]
 
     Ingest has the item's file parsed already and uses `item_identifiers` (the same names, without a parse)."""
     source = text.encode("utf-8")
-    found = _identifier_memo.get((source, limit), None)
+    found = identifier_memo.get((source, limit), None)
     if found is not None:
         return list(found)
     root = _ParserHolder.get().parse(source).root_node
     own = next((child.child_by_field_name("name") for child in root.named_children
                 if child.type in _LEAF_NODE_KINDS or child.type in _CONTAINERS), None)
     names = _references(root, source, 0, len(source), own, limit)
-    _identifier_memo.put((source, limit), len(source), tuple(names))
+    identifier_memo.put((source, limit), len(source), tuple(names))
     return names
 
 
@@ -362,7 +362,7 @@ def item_identifiers(tree: Tree, source: bytes, span: Span, limit: int = MAX_IDE
     text = source[span.start_byte:span.end_byte]
     # The names are a function of the item's text (the contract above), so a text met before (a merge
     # replaying its branch) is not queried again.
-    found = _identifier_memo.get((text, limit), None)
+    found = identifier_memo.get((text, limit), None)
     if found is not None:
         return list(found)
     item = _item_node(tree.root_node, span)
@@ -370,12 +370,12 @@ def item_identifiers(tree: Tree, source: bytes, span: Span, limit: int = MAX_IDE
         return referenced_identifiers(text.decode("utf-8"), limit)
     names = _references(tree.root_node, source, span.start_byte, span.end_byte, item.child_by_field_name("name"),
                         limit)
-    _identifier_memo.put((text, limit), len(text), tuple(names))
+    identifier_memo.put((text, limit), len(text), tuple(names))
     return names
 
 
 # (item bytes, limit) -> the names it references: one memo for both ways of finding them, which give the same
-_identifier_memo: TextMemo[tuple[str, ...]] = TextMemo(32 << 20)
+identifier_memo: TextMemo[tuple[str, ...]] = TextMemo(32 << 20)  # ingest sizes it
 
 
 def _item_node(root: Node, span: Span) -> Node | None:
