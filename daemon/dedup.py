@@ -27,7 +27,7 @@ from array import array
 from dataclasses import dataclass
 from functools import lru_cache
 from itertools import chain
-from operator import methodcaller
+from operator import eq, methodcaller
 from typing import Any
 
 from .memo import TextMemo
@@ -241,4 +241,4 @@ def similarity(sig_a: bytes, sig_b: bytes) -> float:
     second.frombytes(sig_b)
     if len(first) != len(second) or not first:
         return 0.0
-    return sum(x == y for x, y in zip(first, second)) / len(first)
+    return sum(map(eq, first, second)) / len(first)  # the rows that agree; map(eq) compares in C
