@@ -1,10 +1,21 @@
 """Near-duplicate targets: MinHash signatures of a target's token shingles, and LSH band keys that find the
 cluster a new target belongs to (DESIGN.md, *Hygiene and deduplication*). Pure; the store applies them.
 
-The signature is datasketch's `MinHash(num_perm=64, seed=1, scheme="legacy")` of the target's shingles, bit
-for bit (tests/test_dedup.py checks it against datasketch). It is computed here with numpy rather than by
-importing datasketch, because importing datasketch imports scipy (its LSH parameter search), some 50 MB of
-resident memory the daemon would keep for good after its first commit, beyond its idle memory bound. The
+The signature is datasketch's `MinHash(num_perm=64, seed=1, scheme="legacy", hashfunc=...)` of the target's
+shingles, bit for bit (tests/test_dedup.py checks it against datasketch), with the shingle hash of the store's
+sketch scheme:
+
+- `SHA1_SCHEME` (datasketch's default hash: the first 4 bytes of a shingle's SHA-1): what stores written before
+  the schemes existed hold. One SHA-1 per shingle, called from Python, made MinHash the largest cost of backfill.
+- `TOKEN_SCHEME` (`shingle_hash`): each token hashed once (blake2b, cached per process, as tokens repeat), and a
+  shingle's hash mixed from its three tokens' hashes, for all shingles at once in numpy.
+
+Signatures of two schemes are unrelated numbers, so a store keeps the scheme it started with (store meta
+`sketch_scheme`; the store refuses a commit sketched with another) and new stores use `TOKEN_SCHEME`.
+
+It is computed here with numpy rather than by importing datasketch, because importing datasketch imports scipy
+(its LSH parameter search), some 50 MB of resident memory the daemon would keep for good after its first
+commit, beyond its idle memory bound. The
 layout of the bands is fixed (not derived from the threshold), so a changed threshold applies to the clusters
 already stored: the bands only propose candidates, the signature's estimated similarity decides.
 """
@@ -15,8 +26,11 @@ import re
 from array import array
 from dataclasses import dataclass
 from functools import lru_cache
-from operator import methodcaller
+from itertools import chain
+from operator import eq, methodcaller
 from typing import Any
+
+from .memo import TextMemo
 
 NUM_PERM = 64
 SEED = 1
@@ -30,6 +44,17 @@ _MERSENNE_PRIME = (1 << 61) - 1
 _MAX_HASH = (1 << 32) - 1
 _SHA1_WORDS = 5  # a SHA-1 digest is five 32-bit words
 _DIGEST = methodcaller("digest")
+SHA1_SCHEME = "sha1"
+TOKEN_SCHEME = "token-blake2b-mix64"
+SCHEMES = (SHA1_SCHEME, TOKEN_SCHEME)
+SCHEME = TOKEN_SCHEME  # what a store without sketches starts with
+# Odd 64-bit multipliers for the three token positions and murmur3's 64-bit finaliser (full avalanche: every bit
+# of the three token hashes moves about half the bits of the shingle hash).
+_MIX = (0x9E3779B97F4A7C15, 0xC2B2AE3D27D4EB4F)
+_FMIX = (0xFF51AFD7ED558CCD, 0xC4CEB9FE1A85EC53)
+_MASK64 = (1 << 64) - 1
+_GROUP_TEXTS = 256  # texts sketched together: bounds the (shingles x NUM_PERM) array
+_MAX_CACHED_TOKENS = 1 << 16  # the token-hash cache is emptied when full (a few MB at most)
 
 
 @dataclass(frozen=True)
@@ -46,6 +71,10 @@ class Screen:
     # With enforce False: the example keys of what the store left out when it first stored the commit (repair
     # re-derives them), so the rebuilt record counts them again by reason.
     left_out: tuple[bytes, ...] = ()
+    scheme: str = SCHEME  # how `sketches` were computed (the store refuses sketches of a scheme it does not hold)
+    # Per example: its `store.example_key`, computed where the example was made (the store would otherwise decode
+    # every encoded example again); used only when there is one per example.
+    keys: tuple[bytes, ...] = ()
 
 
 def shingles(text: str) -> set[bytes]:
@@ -70,24 +99,132 @@ def _permutations() -> tuple[Any, Any]:
     return pairs[0], pairs[1]
 
 
-def signature(text: str) -> bytes | None:
-    """The MinHash signature of a target (NUM_PERM little-endian uint32), or None when it has too few tokens
-    to have a shingle."""
-    found = _shingle_texts(text)
-    if not found:
-        return None
+def token_hash(token: str) -> int:
+    """A token's 32-bit hash in `TOKEN_SCHEME`: the first 4 bytes of its blake2b, little-endian."""
+    return int.from_bytes(hashlib.blake2b(token.encode("utf-8", "surrogatepass"), digest_size=4).digest(), "little")
+
+
+def shingle_hash(shingle: bytes) -> int:
+    """`TOKEN_SCHEME`'s hash of one shingle (its tokens joined by a space, as `shingles` gives them): the hashfunc
+    that makes datasketch's MinHash equal `signature(text, TOKEN_SCHEME)`. Plain Python, for that check; ingest
+    computes the same numbers for all of a target's shingles at once."""
+    first, second, third = (token_hash(t.decode("utf-8", "surrogatepass")) for t in shingle.split(b" "))
+    x = (first * _MIX[0] + second * _MIX[1] + third) & _MASK64
+    x ^= x >> 33
+    x = (x * _FMIX[0]) & _MASK64
+    x ^= x >> 33
+    x = (x * _FMIX[1]) & _MASK64
+    x ^= x >> 33
+    return x >> 32
+
+
+class _TokenHashes(dict):
+    """token -> token_hash(token), filled on a miss (a dict lookup per token, in C, for the tokens seen before)."""
+
+    def __missing__(self, token: str) -> int:
+        if len(self) >= _MAX_CACHED_TOKENS:
+            self.clear()
+        value = self[token] = token_hash(token)
+        return value
+
+
+_token_hashes = _TokenHashes()
+sketch_memo: TextMemo[bytes | None] = TextMemo(32 << 20)  # (scheme, text) -> signature (ingest sizes it)
+_NOT_MEMOISED = object()
+
+
+def signature(text: str, scheme: str = SCHEME) -> bytes | None:
+    """The MinHash signature of a target (NUM_PERM little-endian uint32) in `scheme`, or None when it has too
+    few tokens to have a shingle."""
+    return signatures([text], scheme)[0]
+
+
+def signatures(texts: list[str], scheme: str = SCHEME) -> list[bytes | None]:
+    """`signature` of each text, computed together: numpy's fixed cost per call, paid once for all of a file's
+    targets, was most of a small target's cost. A text sketched recently is not sketched again (about half of a
+    history's targets repeat one: merges replay their branches)."""
+    if scheme == TOKEN_SCHEME:
+        hashes = _token_shingle_hashes
+    elif scheme == SHA1_SCHEME:
+        hashes = _sha1_shingle_hashes
+    else:
+        raise ValueError(f"unknown sketch scheme {scheme!r} (known: {', '.join(SCHEMES)})")
+    out: list[bytes | None] = [sketch_memo.get((scheme, text), _NOT_MEMOISED) for text in texts]  # type: ignore[misc]
+    todo = [i for i, found in enumerate(out) if found is _NOT_MEMOISED]
+    for start in range(0, len(todo), _GROUP_TEXTS):
+        group = todo[start:start + _GROUP_TEXTS]
+        for i, sketch in zip(group, _min_hashes(*hashes([texts[i] for i in group]))):
+            out[i] = sketch
+            sketch_memo.put((scheme, texts[i]), len(texts[i]), sketch)
+    return out
+
+
+def _token_shingle_hashes(texts: list[str]) -> tuple[Any, Any, int]:
+    """`TOKEN_SCHEME`'s shingle hashes of the texts: (hashes, the text each belongs to, how many texts)."""
     import numpy as np
 
-    a, b = _permutations()
-    # datasketch's hash of a shingle is the first 4 bytes of its SHA-1, little-endian. One encode for all the
-    # shingles (a token holds no whitespace, so "\n" separates them), and the digests read by numpy, leave only
-    # the SHA-1 calls per shingle in Python.
-    encoded = "\n".join(found).encode("utf-8", "surrogatepass").split(b"\n")
+    tokens = list(map(_TOKEN.findall, texts))
+    counts = np.fromiter(map(len, tokens), np.int64, len(tokens))
+    t = np.fromiter(map(_token_hashes.__getitem__, chain.from_iterable(tokens)), np.uint64, int(counts.sum()))
+    owner = np.repeat(np.arange(len(texts), dtype=np.uint64), counts)
+    # A shingle is three consecutive tokens of one text: those that span two texts are dropped.
+    whole = owner[:-2] == owner[2:]
+    with np.errstate(over="ignore"):  # uint64 wraps around: arithmetic modulo 2**64, as in `shingle_hash`
+        x = t[:-2] * np.uint64(_MIX[0]) + t[1:-1] * np.uint64(_MIX[1]) + t[2:]
+        x ^= x >> np.uint64(33)
+        x *= np.uint64(_FMIX[0])
+        x ^= x >> np.uint64(33)
+        x *= np.uint64(_FMIX[1])
+        x ^= x >> np.uint64(33)
+    return x[whole] >> np.uint64(32), owner[:-2][whole], len(texts)
+
+
+def _sha1_shingle_hashes(texts: list[str]) -> tuple[Any, Any, int]:
+    """`SHA1_SCHEME`'s shingle hashes: the first 4 bytes of each shingle's SHA-1, little-endian. One encode for
+    all the shingles (a token holds no whitespace, so "\n" separates them), and the digests read by numpy,
+    leave only the SHA-1 calls per shingle in Python."""
+    import numpy as np
+
+    found = [_shingle_texts(text) for text in texts]
+    counts = np.fromiter(map(len, found), np.int64, len(found))
+    if not counts.sum():
+        return np.zeros(0, np.uint64), np.zeros(0, np.uint64), len(texts)
+    encoded = "\n".join(chain.from_iterable(found)).encode("utf-8", "surrogatepass").split(b"\n")
     digests = b"".join(map(_DIGEST, map(hashlib.sha1, encoded)))
     hashes = np.frombuffer(digests, "<u4")[::_SHA1_WORDS].astype(np.uint64)
-    with np.errstate(over="ignore"):  # uint64 wraps around, as in datasketch's legacy scheme
-        values = (np.outer(hashes, a) + b) % np.uint64(_MERSENNE_PRIME) & np.uint64(_MAX_HASH)
-    return values.min(axis=0).astype("<u4").tobytes()
+    return hashes, np.repeat(np.arange(len(texts), dtype=np.uint64), counts), len(texts)
+
+
+def _min_hashes(hashes: Any, owner: Any, texts: int) -> list[bytes | None]:
+    """Each text's signature: datasketch's legacy permutations, `(a * h + b) % (2**61 - 1) & (2**32 - 1)` in
+    wrapping uint64, of its shingles' 32-bit hashes (`hashes[owner == text]`), minimised; None for a text with
+    no shingle. Each distinct (text, hash) once (a repeat cannot change a minimum), and the remainder by the
+    Mersenne prime taken with shifts and masks, not a division."""
+    import numpy as np
+
+    out: list[bytes | None] = [None] * texts
+    if not len(hashes):
+        return out
+    keys = np.sort((owner << np.uint64(32)) | hashes)  # by text, then hash
+    keys = keys[np.concatenate(([True], keys[1:] != keys[:-1]))]
+    owners = keys >> np.uint64(32)
+    a, b = _permutations()
+    prime = np.uint64(_MERSENNE_PRIME)
+    with np.errstate(over="ignore"):
+        values = np.multiply.outer(keys & np.uint64(_MAX_HASH), a)
+        values += b
+    # x mod (2**61 - 1) for any uint64 x: (x & p) + (x >> 61) is congruent to x and at most p + 7, so one
+    # subtraction of p where it is still >= p finishes it.
+    reduced = values & prime
+    values >>= np.uint64(61)
+    reduced += values
+    reduced[reduced >= prime] -= prime
+    reduced &= np.uint64(_MAX_HASH)
+    starts = np.flatnonzero(np.concatenate(([True], owners[1:] != owners[:-1])))
+    minima = np.minimum.reduceat(reduced, starts, axis=0).astype("<u4")
+    for index, row in zip(owners[starts].tolist(), minima):
+        out[index] = row.tobytes()
+    return out
 
 
 def band_keys(sig: bytes) -> list[bytes]:
@@ -104,4 +241,4 @@ def similarity(sig_a: bytes, sig_b: bytes) -> float:
     second.frombytes(sig_b)
     if len(first) != len(second) or not first:
         return 0.0
-    return sum(x == y for x, y in zip(first, second)) / len(first)
+    return sum(map(eq, first, second)) / len(first)  # the rows that agree; map(eq) compares in C

@@ -31,12 +31,12 @@ from typing import Any
 
 from tree_sitter import Tree
 
-from . import compact_json, dedup, hygiene, log
+from . import compact_json, dedup, hygiene, log, rust_items
 from .config import IngestConfig
 from .examples import file_examples, path_fields
 from .gitrepo import BlobUnreadable, CommitDiff, CommitInfo, FileChange, GitRepo, SkippedFile
 from .rust_items import FileItems, extract_items, parse
-from .store import PendingCommit, Store, WriteResult
+from .store import PendingCommit, Store, WriteResult, example_key
 from .symbol_index import NO_DEFINITIONS, SymbolIndex, encoded_definitions
 
 _log = log.get("gitlora.ingest")
@@ -112,11 +112,17 @@ class CommitProcessor:
     """Turns commits into PendingCommits (git read, cached parse, compose, JSON). One per process."""
 
     def __init__(self, repo: GitRepo, config: IngestConfig, *, source: str, cache_bytes: int = 192 << 20,
-                 tree_bytes: int = 256 << 20):
+                 tree_bytes: int = 256 << 20, sketch_scheme: str = dedup.SCHEME):
+        """`sketch_scheme`: how near-duplicate sketches are computed: the store's (`Store.sketch_scheme`)."""
         self.repo = repo
         self.config = config
         self.source = source
+        self.sketch_scheme = sketch_scheme
         self.repo_name = repo.name
+        # What is computed from an item's text alone is memoised per process (a merge replays its branch's
+        # items): sized like this processor's item cache, so the daemon's stays small.
+        for memo in (dedup.sketch_memo, rust_items.identifier_memo):
+            memo.resize(cache_bytes // 8)
         # Item maps of parsed blobs by oid (each blob is parsed once), and the syntax trees of recently parsed
         # blobs with their source, so the next version of the same file reparses incrementally.
         self._cache = _ByteLRU(cache_bytes)
@@ -221,6 +227,7 @@ class CommitProcessor:
 
     def _compose(self, oid: str, info: CommitInfo, diff: CommitDiff, base: dict[str, Any]) -> PendingCommit:
         examples: list[bytes] = []
+        keys: list[bytes] = []
         sketches: list[bytes | None] = []
         references: list[tuple[str, list[str], list[str]] | None] = []
         item_skips: Counter[str] = Counter()
@@ -232,8 +239,9 @@ class CommitProcessor:
             info = replace(info, message="")
         for change in diff.files:
             try:
-                encoded, sketched, skips, refs = self._file(info, change, skipped, syntax_errors, omitted)
+                encoded, made_keys, sketched, skips, refs = self._file(info, change, skipped, syntax_errors, omitted)
                 examples.extend(encoded)
+                keys.extend(made_keys)
                 sketches.extend(sketched)
                 references.extend(refs)
                 item_skips.update(skips)
@@ -257,7 +265,8 @@ class CommitProcessor:
         if omitted:
             record["message_omitted"] = omitted
         screen = dedup.Screen(tuple(sketches), message_key, self.config.near_duplicate_cap,
-                              self.config.near_duplicate_threshold, self.config.repeated_message_limit)
+                              self.config.near_duplicate_threshold, self.config.repeated_message_limit,
+                              scheme=self.sketch_scheme, keys=tuple(keys))
         definitions, self._fresh_definitions = self._fresh_definitions, {}
         changes = [(change.old_path, change.new_path, change.new_oid) for change in diff.files]
         return PendingCommit(bytes.fromhex(oid), record, examples, screen if self.config.dedup else None,
@@ -266,16 +275,17 @@ class CommitProcessor:
     def _file(self, info: CommitInfo, change: FileChange, skipped: list[SkippedFile],
               syntax_errors: list[dict[str, Any]],
               message_omitted: str | None = None
-              ) -> tuple[list[bytes], list[bytes | None], Counter[str], list[tuple[str, list[str], list[str]] | None]]:
-        """One changed file's examples, encoded, with their targets' near-duplicate sketches, the items hygiene
-        left out and what resolving each one's cross-file context needs; or its skip (appended to `skipped`) and
-        none."""
+              ) -> tuple[list[bytes], list[bytes], list[bytes | None], Counter[str],
+                         list[tuple[str, list[str], list[str]] | None]]:
+        """One changed file's examples, encoded, with their keys (`store.example_key`) and their targets'
+        near-duplicate sketches, the items hygiene left out and what resolving each one's cross-file context needs;
+        or its skip (appended to `skipped`) and none."""
         old, old_file = self._parsed(change.old_oid)
         new, new_file = self._parsed(change.new_oid, previous=change.old_oid, hunks=change.hunks)
         unreadable = next((s for s in (old, new) if isinstance(s, Unparsable)), None)
         if unreadable is not None:
             skipped.append(_skipped_file(change, unreadable.reason))
-            return [], [], Counter(), []
+            return [], [], [], Counter(), []
         assert not isinstance(old, Unparsable) and not isinstance(new, Unparsable)
         made, skips = hygiene.screen_file(
             file_examples(self.repo_name, info, change, old, new,
@@ -284,14 +294,16 @@ class CommitProcessor:
                           new_tree=new_file[1] if new_file else None, old_file=old_file),
             change.new_path, new, change.old_path, old, self.config, message_omitted)
         encoded = [compact_json.encode(e) for e in made]
-        sketches = [dedup.signature(e["after"]) if self.config.near_duplicate_cap and e["after"] else None
-                    for e in made]
+        sketched = [i for i, e in enumerate(made) if e["after"]] if self.config.near_duplicate_cap else []
+        sketches: list[bytes | None] = [None] * len(made)
+        for i, sketch in zip(sketched, dedup.signatures([made[i]["after"] for i in sketched], self.sketch_scheme)):
+            sketches[i] = sketch
         if new is not None and new.syntax_error:
             syntax_errors.append({**path_fields("path", change.new_path, change.new_raw),
                                   "broken_items": new.broken_items})
         references = [None if e["change_kind"] == "deleted" else (e["path"], e["identifiers"], e["imports"])
                       for e in made]
-        return encoded, sketches, skips, references
+        return encoded, [example_key(e) for e in made], sketches, skips, references
 
 
 def _skipped_file(change: FileChange, reason: str) -> SkippedFile:
@@ -320,14 +332,14 @@ def _die_with_parent(parent_pid: int) -> None:
         os._exit(1)
 
 
-def _worker_init(repo_path: str, config_json: str, source: str, parent_pid: int) -> None:
+def _worker_init(repo_path: str, config_json: str, source: str, parent_pid: int, sketch_scheme: str) -> None:
     global _worker
     _die_with_parent(parent_pid)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
     config = IngestConfig.model_validate_json(config_json)
     repo = GitRepo(repo_path, exclude=config.exclude, include_remotes=config.include_remotes,
                    skip_vendored=config.skip_vendored_crates)
-    _worker = CommitProcessor(repo, config, source=source)
+    _worker = CommitProcessor(repo, config, source=source, sketch_scheme=sketch_scheme)
 
 
 def _worker_process(oids: list[str]) -> list[PendingCommit]:
@@ -366,8 +378,10 @@ class Ingestor:
             workers = self.config.workers or (os.cpu_count() or 1)
         self.workers = max(1, workers)
         self.source = source
+        # Near-duplicate sketches are computed in the store's scheme (a new store takes the current one).
+        self.sketch_scheme = store.sketch_scheme() or dedup.SCHEME
         self.processor = CommitProcessor(repo, self.config, source=source, cache_bytes=cache_bytes,
-                                         tree_bytes=tree_bytes)
+                                         tree_bytes=tree_bytes, sketch_scheme=self.sketch_scheme)
         # A long-lived process (the daemon) sends a run of commits touching more .rs files, or more .rs bytes
         # (old and new blobs), than these to a spawned process: parsing holds the GIL (the control thread would
         # stall), a syntax tree costs tens of times its source, and a whole crate's parse leaves a fragmented
@@ -458,7 +472,7 @@ class Ingestor:
         # spawn, not fork: the daemon has threads, and a forked LMDB env or libgit2 handle is unsafe.
         return ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"), initializer=_worker_init,
                                    initargs=(str(self.repo.common_dir), self.config.model_dump_json(), self.source,
-                                             os.getpid()))
+                                             os.getpid(), self.sketch_scheme))
 
     def _batches(self, oids: list[str], should_stop: Callable[[], bool]) -> Iterator[list[PendingCommit]]:
         chunk = max(1, min(self.config.batch_commits, _CHUNK_COMMITS))

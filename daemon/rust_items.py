@@ -17,6 +17,8 @@ from functools import lru_cache
 import tree_sitter_rust
 from tree_sitter import Language, Node, Parser, Query, QueryCursor, Tree
 
+from .memo import TextMemo
+
 ITEM_KINDS = ("fn", "method", "struct", "enum", "union", "trait", "impl", "mod", "macro", "const", "static", "type")
 
 _LEAF_NODE_KINDS = {
@@ -342,21 +344,38 @@ def referenced_identifiers(text: str, limit: int = MAX_IDENTIFIERS) -> list[str]
 
     Ingest has the item's file parsed already and uses `item_identifiers` (the same names, without a parse)."""
     source = text.encode("utf-8")
+    found = identifier_memo.get((source, limit), None)
+    if found is not None:
+        return list(found)
     root = _ParserHolder.get().parse(source).root_node
     own = next((child.child_by_field_name("name") for child in root.named_children
                 if child.type in _LEAF_NODE_KINDS or child.type in _CONTAINERS), None)
-    return _references(root, source, 0, len(source), own, limit)
+    names = _references(root, source, 0, len(source), own, limit)
+    identifier_memo.put((source, limit), len(source), tuple(names))
+    return names
 
 
 def item_identifiers(tree: Tree, source: bytes, span: Span, limit: int = MAX_IDENTIFIERS) -> list[str]:
     """`referenced_identifiers(source[span])` for an item of the file `source` parsed as `tree`, read from the
     item's own nodes in that tree instead of parsing its text again (an item parses alike alone and in its
     file: tests/test_records.py checks that on real files)."""
+    text = source[span.start_byte:span.end_byte]
+    # The names are a function of the item's text (the contract above), so a text met before (a merge
+    # replaying its branch) is not queried again.
+    found = identifier_memo.get((text, limit), None)
+    if found is not None:
+        return list(found)
     item = _item_node(tree.root_node, span)
     if item is None:  # not an item's span: the item alone, as the contract says
-        return referenced_identifiers(source[span.start_byte:span.end_byte].decode("utf-8"), limit)
-    return _references(tree.root_node, source, span.start_byte, span.end_byte,
-                       item.child_by_field_name("name"), limit)
+        return referenced_identifiers(text.decode("utf-8"), limit)
+    names = _references(tree.root_node, source, span.start_byte, span.end_byte, item.child_by_field_name("name"),
+                        limit)
+    identifier_memo.put((text, limit), len(text), tuple(names))
+    return names
+
+
+# (item bytes, limit) -> the names it references: one memo for both ways of finding them, which give the same
+identifier_memo: TextMemo[tuple[str, ...]] = TextMemo(32 << 20)  # ingest sizes it
 
 
 def _item_node(root: Node, span: Span) -> Node | None:

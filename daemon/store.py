@@ -26,7 +26,7 @@ from typing import Any, Literal
 import lmdb
 
 from . import compact_json
-from .dedup import Screen, band_keys, similarity
+from .dedup import SHA1_SCHEME, Screen, band_keys, similarity
 
 #: What the example records of a store hold (DESIGN.md, *Store (LMDB) schema*): 1 = the item's texts and where
 #: it is (path, qualified name, imports); 2 = also its blob ids, byte/line spans and referenced identifiers;
@@ -36,6 +36,7 @@ from .dedup import Screen, band_keys, similarity
 #: shapes): `gitlora upgrade` brings it here. One with a newer version is refused.
 SCHEMA_VERSION = 4
 _SEQ = struct.Struct(">Q")
+_SKETCH_SCHEME = b"sketch_scheme"  # meta: the scheme of the store's near-duplicate sketches (dedup.SCHEMES)
 _INITIAL_MAP_SIZE = 64 << 20
 _MAX_MAP_SIZE = 1 << 40
 
@@ -357,6 +358,7 @@ class Store:
         counters = self._counters(txn)
         stored = present = appended = written = 0
         seen_in_batch: set[bytes] = set()
+        self._check_sketch_scheme(txn, batch)
         for pending in batch:
             if len(pending.oid) != 20:
                 raise StoreError(f"commit key must be a 20-byte oid, got {len(pending.oid)} bytes")
@@ -402,6 +404,37 @@ class Store:
         txn.put(b"counters", compact_json.encode(counters), db=self._meta)
         return WriteResult(stored, present, appended, written)
 
+    def _check_sketch_scheme(self, txn: lmdb.Transaction, batch: list[PendingCommit]) -> None:
+        """Sketches of two schemes are unrelated numbers: the store records the scheme of its first sketches and
+        refuses a batch sketched with another (ingest sketches with `sketch_scheme()`, so this is a bug's stop)."""
+        schemes = {p.screen.scheme for p in batch
+                   if p.screen is not None and any(sketch is not None for sketch in p.screen.sketches)}
+        if not schemes:
+            return
+        held = self._sketch_scheme(txn)
+        if held is None and len(schemes) == 1:
+            txn.put(_SKETCH_SCHEME, schemes.pop().encode(), db=self._meta)
+            return
+        if held is None or schemes != {held}:
+            raise StoreError(f"store at {self.path} holds near-duplicate sketches of scheme {held!r}; refusing "
+                             f"sketches of scheme {', '.join(sorted(schemes - {held}))} (never compared silently)")
+
+    def _sketch_scheme(self, txn: lmdb.Transaction) -> str | None:
+        raw = txn.get(_SKETCH_SCHEME, db=self._meta)
+        if raw is not None:
+            return bytes(raw).decode()
+        if self._screening is None:
+            return None
+        cursor = txn.cursor(db=self._screening)
+        # Clusters stored before the scheme was recorded were sketched with datasketch's default hash.
+        return SHA1_SCHEME if cursor.set_range(b"c") and bytes(cursor.key()).startswith(b"c") else None
+
+    def sketch_scheme(self) -> str | None:
+        """The scheme of the near-duplicate sketches this store holds (dedup.SCHEMES); None while it holds none
+        (its first sketches then set it)."""
+        with self._txn() as txn:
+            return self._sketch_scheme(txn)
+
     def _put_definitions(self, txn: lmdb.Transaction, definitions: dict[str, bytes]) -> None:
         for blob, value in definitions.items():
             txn.put(bytes.fromhex(blob), value, db=self._symbols, overwrite=False)
@@ -428,8 +461,8 @@ class Store:
         skips: dict[str, int] = dict(record.get("skipped_items") or {})
         originals: set[str] = set()
         taken: set[bytes] = set()
-        for index, example in enumerate(examples):
-            key = example_key(example)
+        keys = screen.keys if len(screen.keys) == len(examples) else [example_key(e) for e in examples]
+        for index, (example, key) in enumerate(zip(examples, keys)):
             found = txn.get(key, db=self._keys)
             if found is not None or key in taken:
                 skips["duplicate"] = skips.get("duplicate", 0) + 1

@@ -20,7 +20,7 @@ from . import compact_json, log
 from .config import IngestConfig
 from .gitrepo import GitRepo
 from .store import PendingCommit, Store
-from .symbols import Definition, NameIndex, definitions, resolve
+from .symbols import Definition, LookupMemo, NameIndex, definitions, resolve
 
 _log = log.get("gitlora.symbols")
 _RECENT_BLOBS = 1024  # definitions kept for blobs not in the index's tree (a branch switch back finds them)
@@ -45,6 +45,7 @@ class SymbolIndex:
         self.config = config
         self.parse_definitions = parse_definitions
         self.index = NameIndex()
+        self.lookups = LookupMemo()  # what identifiers name in `index`, kept while the names they read are unchanged
         self.at: str | None = None  # the commit whose tree the index reflects; None: the empty tree
         self.parsed = 0  # blobs this index had to parse itself (none after a restart: the store has them)
         self._recent: OrderedDict[str, bytes] = OrderedDict()
@@ -81,13 +82,13 @@ class SymbolIndex:
         self.at = oid
         blocks: list[list[dict[str, str]]] = []
         referencing = resolved = used = 0
-        memo: dict = {}
+        self.lookups.forget(self.index.take_changed())
         for reference in pending.references or []:
             if reference is None:
                 blocks.append([])
                 continue
             path, identifiers, imports = reference
-            found = resolve(self.index, path, identifiers, imports, budget, memo)
+            found = resolve(self.index, path, identifiers, imports, budget, self.lookups)
             blocks.append(found.blocks)
             referencing += found.referencing
             resolved += found.referencing and bool(found.blocks)
@@ -104,13 +105,13 @@ class SymbolIndex:
         """Make the index reflect `target`'s tree (None: the empty tree); returns the files it changed."""
         start = self.at
         if start == _STALE:
-            self.index = NameIndex()
+            self._new_index()
             start = None
         try:
             changes = self.repo.rust_tree_changes(start, target)
         except Exception as exc:  # a missing tree (shallow or partial clone): start over from the empty tree
             _log.warning("symbol_index_rebuilt", commit=pending.oid.hex(), error=f"{type(exc).__name__}: {exc}")
-            self.index = NameIndex()
+            self._new_index()
             try:
                 changes = self.repo.rust_tree_changes(None, target) if target is not None else []
             except Exception:  # the parent itself is missing: its commit was diffed against the empty tree too
@@ -118,6 +119,10 @@ class SymbolIndex:
         self._apply([(c.old_path, c.new_path, c.new_oid) for c in changes], pending)
         self.at = target
         return len(changes)
+
+    def _new_index(self) -> None:
+        self.index = NameIndex()
+        self.lookups.clear()  # they describe the index replaced
 
     def _apply(self, changes: list[tuple[str | None, str | None, str | None]], pending: PendingCommit) -> None:
         for old, _, _ in changes:

@@ -13,6 +13,7 @@ import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from functools import lru_cache
+from typing import Any
 
 from tree_sitter import Node, Tree
 
@@ -298,6 +299,12 @@ class NameIndex:
         self._by_blob: dict[str, dict[str, list[Definition]]] = {}
         self._blob_users: dict[str, int] = {}
         self._by_name: dict[str, dict[str, None]] = {}
+        self.changed: set[str] = set()  # names whose entries changed since `take_changed` last ran
+
+    def take_changed(self) -> set[str]:
+        """The names whose definitions or places changed since the last call (what a LookupMemo must forget)."""
+        changed, self.changed = self.changed, set()
+        return changed
 
     def __len__(self) -> int:
         return len(self.files)
@@ -312,6 +319,7 @@ class NameIndex:
         blob = self.files.pop(path, None)
         if blob is None:
             return
+        self.changed.update(self._by_blob.get(blob, ()))
         for name in self._by_blob.get(blob, {}):
             paths = self._by_name.get(name)
             if paths is not None:
@@ -334,6 +342,7 @@ class NameIndex:
             self._by_blob[blob] = by_name
         self.files[path] = blob
         self._blob_users[blob] = self._blob_users.get(blob, 0) + 1
+        self.changed.update(self._by_blob[blob])
         for name in self._by_blob[blob]:
             self._by_name.setdefault(name, {})[path] = None
 
@@ -352,24 +361,69 @@ class Resolution:
     referencing: bool  # the item names something defined in another file of the repository
 
 
+_MISSING = object()
+
+
+class LookupMemo:
+    """What each (path, imports, identifier) names, kept from commit to commit for one NameIndex: a lookup reads
+    only the index's entries for the names its identifier's segments hold, so when those change (`forget` with
+    the index's `take_changed`) the lookups that read them are dropped, and every other one still holds."""
+
+    def __init__(self, max_entries: int = 1 << 14) -> None:
+        self.max_entries = max_entries  # emptied when full: a long backfill's lookups would not all fit
+        self._values: dict[tuple, Any] = {}
+        self._by_name: dict[str, list[tuple]] = {}
+        self._imports: dict[tuple[str, ...], tuple[str, ...]] = {}  # one copy of each file's imports for the keys
+
+    def __len__(self) -> int:
+        return len(self._values)
+
+    def imports(self, imports: tuple[str, ...]) -> tuple[str, ...]:
+        return self._imports.setdefault(imports, imports)
+
+    def get(self, key: tuple) -> Any:
+        return self._values.get(key, _MISSING)
+
+    def put(self, key: tuple, names: Iterable[str], value: Any) -> None:
+        if len(self._values) >= self.max_entries:
+            self.clear()
+        self._values[key] = value
+        for name in names:
+            self._by_name.setdefault(name, []).append(key)
+
+    def forget(self, names: Iterable[str]) -> None:
+        for name in names:
+            for key in self._by_name.pop(name, ()):
+                self._values.pop(key, None)
+
+    def clear(self) -> None:
+        self._values.clear()
+        self._by_name.clear()
+        self._imports.clear()
+
+
 def resolve(index: NameIndex, path: str, identifiers: Sequence[str], imports: Sequence[str],
-            budget: int = CROSS_FILE_BYTES, memo: dict | None = None) -> Resolution:
+            budget: int = CROSS_FILE_BYTES, memo: LookupMemo | None = None) -> Resolution:
     """The definitions in other files that the item at `path` references (its `identifiers`, read through its
     file's `imports`), as one block per file within `budget` bytes (each block's path and text count): imported
     names first, then in order of first use; per name the best-placed definitions (the module its path names,
     then its crate, then anywhere), skipped when more than MAX_AMBIGUOUS_FILES files tie. `memo`: lookups
-    kept for the next examples of the same index state (a commit's examples share files and names)."""
-    imports = tuple(imports)
-    uses = parse_uses(imports)
-    memo = {} if memo is None else memo
+    kept for the next examples, and commits, of the same index (see LookupMemo)."""
+    memo = LookupMemo() if memo is None else memo
+    imports = memo.imports(tuple(imports))
+    uses: Uses | None = None  # parsed when a lookup needs them
     crate, module = crate_and_module(path)
     ranked: list[tuple[int, int, str, Definition]] = []  # (imported first, order of use, path, definition)
     referencing = False
     taken: set[tuple[str, str]] = set()
     for order, identifier in enumerate(identifiers):
         key = (path, imports, identifier)
-        found = memo[key] if key in memo else memo.setdefault(key, _lookup(index, path, identifier, uses, crate,
-                                                                           module))
+        found = memo.get(key)
+        if found is _MISSING:
+            uses = uses if uses is not None else parse_uses(imports)
+            segments = _segments(identifier, uses)
+            found = _lookup(index, path, segments, uses, crate, module) if segments else None
+            memo.put(key, segments[1] if segments else (), found)
         if found is None:
             continue
         imported, places = found
@@ -398,16 +452,23 @@ def resolve(index: NameIndex, path: str, identifiers: Sequence[str], imports: Se
     return Resolution([{"path": p, "text": "\n".join(t) + "\n"} for p, t in texts.items()], referencing)
 
 
-def _lookup(index: NameIndex, path: str, identifier: str, uses: Uses, crate: str, module: tuple[str, ...]
-            ) -> tuple[bool, list[tuple[str, str]]] | None:
-    """(imported?, the best places [(path, name)]) of what `identifier` names in other files, or None when it
-    names nothing there (or something of its own file, or outside the repository)."""
+def _segments(identifier: str, uses: Uses) -> tuple[bool, list[str]] | None:
+    """(imported?, the path's segments, its imported alias expanded) of an identifier; None when it has none."""
     segments = [s.removeprefix("r#") for s in identifier.split("::") if _IDENT.fullmatch(s)]
     if not segments:
         return None
     imported = segments[0] in uses.aliases
     if imported:
         segments = [*uses.aliases[segments[0]], *segments[1:]]
+    return imported, segments
+
+
+def _lookup(index: NameIndex, path: str, found: tuple[bool, list[str]], uses: Uses, crate: str,
+            module: tuple[str, ...]) -> tuple[bool, list[tuple[str, str]]] | None:
+    """(imported?, the best places [(path, name)]) of what an identifier (its `_segments`) names in other files,
+    or None when it names nothing there (or something of its own file, or outside the repository). Reads the
+    index's entries for those segments' names only (what LookupMemo relies on)."""
+    imported, segments = found
     if segments[0] in _EXTERNAL_CRATES:
         return None
     # The rightmost capitalised segment names a type, trait or constant (`Peer::new` -> Peer; an enum

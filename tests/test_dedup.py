@@ -5,18 +5,23 @@ from __future__ import annotations
 
 import json
 import shutil
+from dataclasses import replace
 from pathlib import Path
 
+import lmdb
 import numpy as np
 import pytest
 
 from gitlora.daemon.commands.backfill import backfill
 from gitlora.daemon.config import Config
-from gitlora.daemon.dedup import BANDS, NUM_PERM, Screen, band_keys, shingles, signature, similarity
+from gitlora.daemon.dedup import (BANDS, NUM_PERM, SCHEME, SHA1_SCHEME, TOKEN_SCHEME, Screen, band_keys,
+                                  shingle_hash, shingles, signature, signatures, similarity)
+from gitlora.daemon.gitrepo import GitRepo
+from gitlora.daemon.ingest import CommitProcessor
 from gitlora.daemon.repair import repair_store
 from gitlora.daemon.repos import OpenedRepo, open_repo
 from gitlora.daemon.shards import ShardWriter
-from gitlora.daemon.store import PendingCommit, Store
+from gitlora.daemon.store import PendingCommit, Store, StoreError, example_key
 
 from daemonutil import gitlora
 from gitutil import commit_files, git, init_repo
@@ -35,18 +40,37 @@ def distinct(name: str, seed: int) -> str:
     return f"pub fn {name}(x: u64) -> u64 {{\n{calls}\n    v5 ^ {seed * 977}\n}}\n"
 
 
-# -- signatures ------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("text", [function("a"), distinct("b", 3), "fn f() { let s = \"héllo ✓\"; }",
-                                  "struct S { a: u8, b: u16, c: u32 }",
-                                  function("r", " + ".join(["x.rotate_left(1)"] * 20 + ["\"🦀\".len() as u64"]))])
-def test_signature_is_datasketchs_minhash_bit_for_bit(text):
+# -- signatures ---------------------------------------------------------------------------------------------
+SIGNED = [function("a"), distinct("b", 3), "fn f() { let s = \"héllo ✓\"; }", "struct S { a: u8, b: u16, c: u32 }",
+          function("r", " + ".join(["x.rotate_left(1)"] * 20 + ["\"🦀\".len() as u64"])), "a b c a b c a b c",
+          "let bad = \"\udcff\"; x y"]
+
+
+@pytest.mark.parametrize("scheme", [SHA1_SCHEME, TOKEN_SCHEME])
+@pytest.mark.parametrize("text", SIGNED)
+def test_signature_is_datasketchs_minhash_bit_for_bit(text, scheme):
+    """Each scheme is datasketch's MinHash with that scheme's shingle hash: SHA-1 (its default) or
+    `shingle_hash`."""
     datasketch = pytest.importorskip("datasketch")
-    reference = datasketch.MinHash(num_perm=NUM_PERM, seed=1, scheme="legacy")
+    hashfunc = {} if scheme == SHA1_SCHEME else {"hashfunc": shingle_hash}
+    reference = datasketch.MinHash(num_perm=NUM_PERM, seed=1, scheme="legacy", **hashfunc)
     reference.update_batch(list(shingles(text)))
-    assert np.array_equal(np.frombuffer(signature(text), "<u4").astype(np.uint64), reference.hashvalues)
-    other = datasketch.MinHash(num_perm=NUM_PERM, seed=1, scheme="legacy")
+    assert np.array_equal(np.frombuffer(signature(text, scheme), "<u4").astype(np.uint64), reference.hashvalues)
+    other = datasketch.MinHash(num_perm=NUM_PERM, seed=1, scheme="legacy", **hashfunc)
     other.update_batch(list(shingles(function("zzz"))))
-    assert similarity(signature(text), signature(function("zzz"))) == pytest.approx(reference.jaccard(other))
+    assert similarity(signature(text, scheme), signature(function("zzz"), scheme)) == \
+        pytest.approx(reference.jaccard(other))
+
+
+@pytest.mark.parametrize("scheme", [SHA1_SCHEME, TOKEN_SCHEME])
+def test_signatures_of_many_texts_are_each_ones_alone(scheme):
+    texts = SIGNED + ["", "a b", function("a")] + [distinct(f"d{n}", n) for n in range(300)]  # > one group
+    assert signatures(texts, scheme) == [signature(text, scheme) for text in texts]
+    assert signatures(texts, scheme)[len(SIGNED):len(SIGNED) + 2] == [None, None]
+    assert signatures([], scheme) == []
+    assert signature(function("a"), SHA1_SCHEME) != signature(function("a"), TOKEN_SCHEME)
+    with pytest.raises(ValueError, match="unknown sketch scheme"):
+        signatures(["a b c"], "md5")
 
 
 def test_shingles_are_the_token_trigrams_whitespace_blind():
@@ -56,17 +80,22 @@ def test_shingles_are_the_token_trigrams_whitespace_blind():
     assert shingles("a b") == set() == shingles("")
 
 
-def test_similar_targets_share_bands_and_unrelated_ones_do_not():
-    base = signature(function("a"))
-    assert similarity(base, signature(function("a"))) == 1.0 and band_keys(base) == band_keys(signature(function("a")))
+@pytest.mark.parametrize("scheme", [SHA1_SCHEME, TOKEN_SCHEME])
+def test_similar_targets_share_bands_and_unrelated_ones_do_not(scheme):
+    def signature_(text: str) -> bytes | None:
+        return signature(text, scheme)
+
+    base = signature_(function("a"))
+    assert similarity(base, signature_(function("a"))) == 1.0
+    assert band_keys(base) == band_keys(signature_(function("a")))
     assert len(band_keys(base)) == BANDS and len(set(band_keys(base))) == BANDS
     # whitespace does not matter; one changed name among a long body matters little; another body a lot
-    assert signature(function("a").replace("    ", "\t")) == base
+    assert signature_(function("a").replace("    ", "\t")) == base
     long_body = " + ".join(f"x.rotate_left({n})" for n in range(30))
-    assert similarity(signature(function("a", long_body)), signature(function("b", long_body))) > 0.85
-    assert similarity(base, signature(distinct("a", 1))) < 0.3
-    assert not set(band_keys(base)) & set(band_keys(signature(distinct("a", 1))))
-    assert signature("a b") is None and signature("") is None
+    assert similarity(signature_(function("a", long_body)), signature_(function("b", long_body))) > 0.85
+    assert similarity(base, signature_(distinct("a", 1))) < 0.3
+    assert not set(band_keys(base)) & set(band_keys(signature_(distinct("a", 1))))
+    assert signature_("a b") is None and signature_("") is None
 
 
 # -- the store's screening -------------------------------------------------------------------------------
@@ -75,12 +104,12 @@ def example(commit: str, name: str, after: str, message: str = "m") -> dict:
 
 
 def pending(n: int, examples: list[dict], *, cap: int = 0, threshold: float = 0.9, message: str | None = None,
-            limit: int = 0, enforce: bool = True) -> PendingCommit:
+            limit: int = 0, enforce: bool = True, scheme: str = SCHEME) -> PendingCommit:
     oid = f"{n:040x}"
     for e in examples:
         e["commit"] = oid
-    screen = Screen(tuple(signature(e["after"]) for e in examples),
-                    message.encode() if message else None, cap, threshold, limit, enforce)
+    screen = Screen(tuple(signature(e["after"], scheme) for e in examples),
+                    message.encode() if message else None, cap, threshold, limit, enforce, scheme=scheme)
     return PendingCommit(bytes.fromhex(oid), {"status": "ingested"}, examples, screen)
 
 
@@ -134,6 +163,75 @@ def test_without_enforcement_the_store_keeps_every_byte_and_still_counts(tmp_pat
         assert store.next_seq() == 2
         store.write([pending(3, [example("", "b", function("b"))], message="same", limit=1)])
         assert [e.get("message_omitted") for _, e in store.iter_examples()] == [None, None, "repeated"]
+
+
+def test_the_store_keeps_the_sketch_scheme_it_started_with(tmp_path):
+    long_body = " + ".join(f"x.rotate_left({n})" for n in range(30))
+    with Store(tmp_path / "store") as store:
+        assert store.sketch_scheme() is None
+        store.write([pending(1, [example("", "a", function("a", long_body))], cap=1)])
+        assert store.sketch_scheme() == SCHEME == TOKEN_SCHEME
+        # a target sketched with another scheme would be compared with unrelated numbers: refused, nothing stored
+        other = pending(2, [example("", "b", function("b", long_body))], cap=1, scheme=SHA1_SCHEME)
+        with pytest.raises(StoreError, match="never compared silently"):
+            store.write([other])
+        assert not store.has_commit(other.oid) and store.next_seq() == 1
+        store.write([pending(3, [example("", "c", function("c", long_body))], cap=1)])
+        assert store.get_commit(bytes.fromhex(f"{3:040x}"))["skipped_items"] == {"near-duplicate": 1}
+
+
+def test_the_store_screens_by_the_keys_ingest_computed(tmp_path):
+    """Ingest sends each example's key with it (the store would decode every example again for it): the store
+    screens by those keys, and by its own where they do not match the examples one for one."""
+    with Store(tmp_path / "store") as store:
+        store.write([pending(1, [example("", "a", function("a"))])])
+        given = pending(2, [example("", "b", function("b")), example("", "c", function("c"))])
+        first_key = example_key(example(f"{1:040x}", "a", function("a")))
+        store.write([replace(given, screen=replace(given.screen, keys=(first_key, example_key(given.examples[1]))))])
+        assert store.get_commit(given.oid)["skipped_items"] == {"duplicate": 1}
+        unmatched = pending(3, [example("", "a", function("a")), example("", "d", function("d"))])
+        store.write([replace(unmatched, screen=replace(unmatched.screen, keys=(first_key,)))])
+        assert store.get_commit(unmatched.oid)["skipped_items"] == {"duplicate": 1}
+        assert [e["qualified_name"] for _, e in store.iter_examples()] == ["a", "c", "d"]
+
+
+def test_ingest_sends_each_examples_key(tmp_path):
+    repo = init_repo(tmp_path / "repo")
+    commit_files(repo, {"src/lib.rs": function("a") + function("b"), "src/x.rs": distinct("x", 1)}, "two files")
+    head = commit_files(repo, {"src/lib.rs": function("a", "x + 2") + function("c")}, "edit")
+    made = CommitProcessor(GitRepo(repo), Config().ingest, source="test").process([head])[0]
+    assert len(made.examples) == 3 and made.screen.keys == tuple(example_key(e) for e in made.examples)
+
+
+def test_a_store_sketched_before_the_scheme_was_recorded_keeps_sha1(tmp_path, isolated_home, monkeypatch):
+    """Stores written before sketch schemes existed hold datasketch-default (SHA-1) sketches and no record of
+    it: ingest keeps sketching them with SHA-1, so a new target meets its near-duplicates there."""
+    from gitlora.daemon import dedup
+
+    config = isolated_home / ".config/gitlora/config.toml"
+    config.parent.mkdir(parents=True, exist_ok=True)
+    config.write_text("[ingest]\nnear_duplicate_cap = 1\n")
+    long_body = " + ".join(f"x.rotate_left({n})" for n in range(30))
+    repo = init_repo(tmp_path / "repo")
+    commit_files(repo, {"src/h0.rs": function("handler_0", long_body)}, "first handler")
+    with monkeypatch.context() as patched:
+        patched.setattr(dedup, "SCHEME", SHA1_SCHEME)  # the gitlora that wrote the store
+        backfill(str(repo), progress=False, workers=1)
+    opened = open_repo(repo, Config())
+    env = lmdb.open(str(opened.paths.store), max_dbs=10)
+    meta = env.open_db(b"meta")
+    with env.begin(write=True) as txn:
+        assert txn.pop(b"sketch_scheme", db=meta) == SHA1_SCHEME.encode()  # as a store from before the record has it
+    env.close()
+    with Store(opened.paths.store) as store:
+        assert store.sketch_scheme() == SHA1_SCHEME
+
+    later = commit_files(repo, {"src/h1.rs": function("handler_1", long_body)}, "second handler")
+    backfill(str(repo), progress=False, workers=1)
+    commits, examples = stored(repo)
+    assert commits[later]["skipped_items"] == {"near-duplicate": 1} and commits[later]["examples"] == 0
+    with Store(opened.paths.store, readonly=True) as store:
+        assert store.sketch_scheme() == SHA1_SCHEME
 
 
 # -- real histories through the real ingest path -------------------------------------------------------------

@@ -12,7 +12,7 @@ from gitlora.daemon.ingest import Ingestor
 from gitlora.daemon.repos import open_repo
 from gitlora.daemon.rust_items import parse
 from gitlora.daemon.store import Store
-from gitlora.daemon.symbols import MAX_DEF_BYTES, NameIndex, definitions, resolve
+from gitlora.daemon.symbols import MAX_DEF_BYTES, LookupMemo, NameIndex, definitions, resolve
 from gitlora.trainer import data
 
 from daemonutil import DaemonProcess, gitlora, store_commits, store_examples, wait_stored
@@ -141,6 +141,28 @@ def test_use_paths_decide_then_the_crate_and_ambiguous_names_are_skipped():
     assert paths_of(aliased) == ["wallet/src/config.rs"]
     assert not resolve(index, "node/src/main.rs", ["HashMap", "String::new"], ["use std::collections::HashMap;"]
                        ).referencing
+
+
+def test_lookups_kept_across_commits_follow_the_names_that_changed():
+    """The symbol index keeps what identifiers name from commit to commit and forgets the lookups that read a
+    name whose definitions changed: every resolution equals a fresh one."""
+    index = index_of(FILES)
+    memo = LookupMemo()
+    item, imports = "node/src/main.rs", ["use wallet::config::Config;"]
+    names = ["Config", "helper", "Conn", "Common"]
+    assert resolve(index, item, names, imports, memo=memo) == resolve(index, item, names, imports)
+    assert len(memo) == 4
+    index.take_changed()
+    # Conn now also defined in the item's own file (local: no block); helper moved to another file; the rest kept.
+    index.put(item, "b-main", defs_of("pub struct Conn { x: u8 }\n"))
+    index.remove("node/src/util.rs")
+    index.put("node/src/helpers.rs", "b-helpers", defs_of("pub fn helper(y: u64) -> u64 { y }\n"))
+    stale = resolve(index, item, names, imports, memo=memo)
+    memo.forget(index.take_changed())
+    assert len(memo) == 2  # Config's and Common's lookups read no changed name
+    fresh = resolve(index, item, names, imports)
+    assert resolve(index, item, names, imports, memo=memo) == fresh != stale
+    assert paths_of(fresh) == ["wallet/src/config.rs", "node/src/helpers.rs"]
 
 
 def test_a_definition_of_the_items_own_file_is_not_a_cross_file_block():
