@@ -111,7 +111,7 @@ def main(argv=None) -> int:
     ap.add_argument("--eval-per-commit", type=int, default=8)
     ap.add_argument("--eval-max", type=int, default=160)
     ap.add_argument("--reuse", type=Path, default=None, help="a previous sweep's --json output: score its variants "
-                    "again (e.g. with paired comparisons added) without training them again")
+                    "again without training them again (and train only the --variant's given, added to them)")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args(argv)
 
@@ -138,7 +138,7 @@ def main(argv=None) -> int:
     if args.reuse:
         previous = json.loads(args.reuse.read_text().strip().splitlines()[-1])
         results, common, args.rounds = previous["variants"], previous["common"], previous["rounds_replayed"]
-    for text in [] if args.reuse else args.variant or ["default="]:
+    for text in args.variant or ([] if args.reuse else ["default="]):  # with --reuse: variants added to its ones
         name, settings = parse_variant(text)
         results[name] = {"settings": settings, **replay_rounds(rp, args.work, name, {**common, **settings}, env,
                                                                first, args.rounds)}
