@@ -30,7 +30,7 @@ from itertools import chain
 from operator import eq, methodcaller
 from typing import Any
 
-from .memo import TextMemo
+from .memo import ByteLRU
 
 NUM_PERM = 64
 SEED = 1
@@ -129,7 +129,7 @@ class _TokenHashes(dict):
 
 
 _token_hashes = _TokenHashes()
-sketch_memo: TextMemo[bytes | None] = TextMemo(32 << 20)  # (scheme, text) -> signature (ingest sizes it)
+sketch_memo = ByteLRU(32 << 20)  # (scheme, text) -> signature (ingest sizes it)
 _NOT_MEMOISED = object()
 
 
@@ -155,7 +155,7 @@ def signatures(texts: list[str], scheme: str = SCHEME) -> list[bytes | None]:
         group = todo[start:start + _GROUP_TEXTS]
         for i, sketch in zip(group, _min_hashes(*hashes([texts[i] for i in group]))):
             out[i] = sketch
-            sketch_memo.put((scheme, texts[i]), len(texts[i]), sketch)
+            sketch_memo.put((scheme, texts[i]), sketch, len(texts[i]))
     return out
 
 

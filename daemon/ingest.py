@@ -19,7 +19,7 @@ import signal
 import sys
 import time
 import traceback
-from collections import Counter, OrderedDict, deque
+from collections import Counter, deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
@@ -34,6 +34,7 @@ from tree_sitter import Tree
 from . import compact_json, dedup, hygiene, log, rust_items
 from .config import IngestConfig
 from .examples import file_examples, path_fields
+from .memo import ByteLRU
 from .gitrepo import BlobUnreadable, CommitDiff, CommitInfo, FileChange, GitRepo, SkippedFile
 from .rust_items import FileItems, extract_items, parse
 from .store import PendingCommit, Store, WriteResult, example_key
@@ -74,35 +75,6 @@ def estimated_items_bytes(items: FileItems | Unparsable) -> int:
     return size
 
 
-class _ByteLRU:
-    """LRU bounded by the (estimated) bytes of its values. A value larger than the whole budget is not kept:
-    it would evict everything else and then stay resident in an idle process."""
-
-    def __init__(self, max_bytes: int) -> None:
-        self.max_bytes = max_bytes
-        self.size = 0
-        self._entries: OrderedDict[str, tuple[Any, int]] = OrderedDict()
-
-    def __len__(self) -> int:
-        return len(self._entries)
-
-    def get(self, key: str | None) -> Any:
-        entry = self._entries.get(key) if key is not None else None
-        if entry is None:
-            return None
-        self._entries.move_to_end(key)
-        return entry[0]
-
-    def put(self, key: str, value: Any, size: int) -> None:
-        if key in self._entries or size > self.max_bytes:
-            return
-        self._entries[key] = (value, size)
-        self.size += size
-        while self.size > self.max_bytes:
-            _, (_, evicted) = self._entries.popitem(last=False)
-            self.size -= evicted
-
-
 def _clean(text: str) -> str:
     """Text that any UTF-8 encoder accepts: an exception's message may quote a surrogate-escaped name."""
     return text.encode("utf-8", "backslashreplace").decode("utf-8")
@@ -125,8 +97,8 @@ class CommitProcessor:
             memo.resize(cache_bytes // 8)
         # Item maps of parsed blobs by oid (each blob is parsed once), and the syntax trees of recently parsed
         # blobs with their source, so the next version of the same file reparses incrementally.
-        self._cache = _ByteLRU(cache_bytes)
-        self._trees = _ByteLRU(tree_bytes)
+        self._cache = ByteLRU(cache_bytes)
+        self._trees = ByteLRU(tree_bytes)
         # Definitions of the blobs parsed since the last commit was composed: they travel with that commit to
         # the process that keeps the symbol index (and into the store), so no blob is parsed twice for them.
         self._fresh_definitions: dict[str, bytes] = {}

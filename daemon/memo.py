@@ -1,38 +1,52 @@
-"""A memo of a pure function of a text, bounded by the text it holds: ingest meets the same item text many times
-(a merge replays its branch's items; a cherry-pick or a revert repeats them), and what it computes from an
-item's text alone (its near-duplicate sketch, the names it references) need not be computed again."""
+"""One bounded cache for ingest: a least-recently-used map bounded by the (estimated) bytes of what it holds.
+
+Ingest keeps parsed blobs and trees in it (per `CommitProcessor`), and the results of pure functions of an item's
+text (its near-duplicate sketch, the names it references), which it meets many times: a merge replays its
+branch's items, a cherry-pick or a revert repeats them. Written here rather than taken from a library because
+it needs a byte bound with a per-entry size the caller estimates, and a refusal of entries larger than the
+whole bound; `functools.lru_cache` bounds only the count, and cachetools would be a dependency for twenty lines.
+"""
 from __future__ import annotations
 
+from collections import OrderedDict
 from collections.abc import Hashable
-from typing import Generic, TypeVar
-
-V = TypeVar("V")
-D = TypeVar("D")
+from typing import Any
 
 
-class TextMemo(Generic[V]):
-    """key -> value, holding keys of at most `max_chars` characters (or bytes) in all; emptied when full, which
-    costs only recomputation (its values are pure functions of their keys)."""
+class ByteLRU:
+    """key -> value, at most `max_bytes` of the sizes given to `put` in all; the least recently used entry goes
+    first. A value larger than the whole budget is not kept: it would evict everything else and then stay
+    resident in an idle process."""
 
-    def __init__(self, max_chars: int) -> None:
-        self.max_chars = max_chars
-        self.chars = 0
-        self._values: dict[Hashable, V] = {}
+    def __init__(self, max_bytes: int) -> None:
+        self.max_bytes = max_bytes
+        self.size = 0
+        self._entries: OrderedDict[Hashable, tuple[Any, int]] = OrderedDict()
 
-    def resize(self, max_chars: int) -> None:
-        self.max_chars = max_chars
-        if self.chars > max_chars:
-            self._values.clear()
-            self.chars = 0
+    def __len__(self) -> int:
+        return len(self._entries)
 
-    def get(self, key: Hashable, default: D) -> V | D:
-        return self._values.get(key, default)
+    def get(self, key: Hashable | None, default: Any = None) -> Any:
+        """The value stored under `key` (now the most recently used), else `default` (a stored None is a value:
+        pass a sentinel to tell it from a miss)."""
+        entry = self._entries.get(key) if key is not None else None
+        if entry is None:
+            return default
+        self._entries.move_to_end(key)
+        return entry[0]
 
-    def put(self, key: Hashable, size: int, value: V) -> None:
-        if key in self._values or size > self.max_chars:
-            return  # the value of a key stored before is the same: a pure function of it
-        if self.chars + size > self.max_chars:
-            self._values.clear()
-            self.chars = 0
-        self.chars += size
-        self._values[key] = value
+    def put(self, key: Hashable, value: Any, size: int) -> None:
+        if key in self._entries or size > self.max_bytes:
+            return  # a key stored before keeps its value: callers store what a pure function gives for it
+        self._entries[key] = (value, size)
+        self.size += size
+        self._evict()
+
+    def resize(self, max_bytes: int) -> None:
+        self.max_bytes = max_bytes
+        self._evict()
+
+    def _evict(self) -> None:
+        while self.size > self.max_bytes:
+            _, (_, evicted) = self._entries.popitem(last=False)
+            self.size -= evicted

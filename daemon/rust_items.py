@@ -17,7 +17,7 @@ from functools import lru_cache
 import tree_sitter_rust
 from tree_sitter import Language, Node, Parser, Query, QueryCursor, Tree
 
-from .memo import TextMemo
+from .memo import ByteLRU
 
 ITEM_KINDS = ("fn", "method", "struct", "enum", "union", "trait", "impl", "mod", "macro", "const", "static", "type")
 
@@ -351,7 +351,7 @@ def referenced_identifiers(text: str, limit: int = MAX_IDENTIFIERS) -> list[str]
     own = next((child.child_by_field_name("name") for child in root.named_children
                 if child.type in _LEAF_NODE_KINDS or child.type in _CONTAINERS), None)
     names = _references(root, source, 0, len(source), own, limit)
-    identifier_memo.put((source, limit), len(source), tuple(names))
+    identifier_memo.put((source, limit), tuple(names), len(source))
     return names
 
 
@@ -370,12 +370,12 @@ def item_identifiers(tree: Tree, source: bytes, span: Span, limit: int = MAX_IDE
         return referenced_identifiers(text.decode("utf-8"), limit)
     names = _references(tree.root_node, source, span.start_byte, span.end_byte, item.child_by_field_name("name"),
                         limit)
-    identifier_memo.put((text, limit), len(text), tuple(names))
+    identifier_memo.put((text, limit), tuple(names), len(text))
     return names
 
 
 # (item bytes, limit) -> the names it references: one memo for both ways of finding them, which give the same
-identifier_memo: TextMemo[tuple[str, ...]] = TextMemo(32 << 20)  # ingest sizes it
+identifier_memo = ByteLRU(32 << 20)  # ingest sizes it
 
 
 def _item_node(root: Node, span: Span) -> Node | None:

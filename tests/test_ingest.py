@@ -304,7 +304,8 @@ def test_a_large_commit_is_parsed_in_a_spawned_process_with_the_same_result(tmp_
 
 
 def test_parse_caches_are_bounded_by_estimated_bytes():
-    from gitlora.daemon.ingest import _ByteLRU, estimated_items_bytes
+    from gitlora.daemon.ingest import estimated_items_bytes
+    from gitlora.daemon.memo import ByteLRU
     from gitlora.daemon.rust_items import extract_items
 
     from gitutil import rust_module
@@ -312,7 +313,7 @@ def test_parse_caches_are_bounded_by_estimated_bytes():
     small, large = (extract_items(rust_module(0, 0, n).encode()) for n in (4, 400))
     assert estimated_items_bytes(large) > 50 * estimated_items_bytes(small) > 0
     assert estimated_items_bytes(large) > len(rust_module(0, 0, 400))  # an item map costs more than its source
-    cache = _ByteLRU(3 * estimated_items_bytes(small))
+    cache = ByteLRU(3 * estimated_items_bytes(small))
     cache.put("huge", large, estimated_items_bytes(large))
     assert cache.get("huge") is None and cache.size == 0  # larger than the whole budget: never kept
     for key in "abcd":

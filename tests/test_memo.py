@@ -2,22 +2,25 @@
 from __future__ import annotations
 
 from gitlora.daemon.dedup import SHA1_SCHEME, TOKEN_SCHEME, signature, signatures
-from gitlora.daemon.memo import TextMemo
+from gitlora.daemon.memo import ByteLRU
 from gitlora.daemon.rust_items import extract_items, item_identifiers, parse, referenced_identifiers
 
 
 def test_memo_holds_at_most_its_bound_and_tells_a_stored_none_from_a_miss():
-    memo: TextMemo[bytes | None] = TextMemo(10)
+    memo = ByteLRU(10)
     missing = object()
-    memo.put("abcd", 4, None)
-    memo.put("efgh", 4, b"x")
+    memo.put("abcd", None, 4)
+    memo.put("efgh", b"x", 4)
     assert memo.get("abcd", missing) is None and memo.get("efgh", missing) == b"x"
-    memo.put("efgh", 4, b"x")  # a key stored again does not count twice
-    assert memo.chars == 8
-    memo.put("ijkl", 4, b"z")  # over the bound: emptied, then holds the new key
-    assert memo.get("abcd", missing) is missing and memo.get("ijkl", missing) == b"z" and memo.chars == 4
-    memo.put("x" * 11, 11, b"big")  # larger than the whole bound: not kept, nothing evicted
+    memo.put("efgh", b"x", 4)  # a key stored again does not count twice
+    assert memo.size == 8
+    memo.put("ijkl", b"z", 4)  # over the bound: the least recently used ("abcd") goes
+    assert memo.get("abcd", missing) is missing and memo.get("efgh", missing) == b"x"
+    assert memo.get("ijkl", missing) == b"z" and memo.size == 8
+    memo.put("x" * 11, b"big", 11)  # larger than the whole bound: not kept, nothing evicted
     assert memo.get("x" * 11, missing) is missing and memo.get("ijkl", missing) == b"z"
+    memo.resize(4)  # a smaller bound evicts down to it, oldest first
+    assert memo.get("efgh", missing) is missing and memo.get("ijkl", missing) == b"z" and memo.size == 4
 
 
 def test_a_text_met_again_gets_the_same_sketch_and_names():
