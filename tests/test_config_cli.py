@@ -18,7 +18,7 @@ def gitlora(*args: str) -> subprocess.CompletedProcess:
 
 def test_defaults_and_round_trip():
     config = config_mod.load()
-    assert config.train.replay_share == 0.5
+    assert config.train.replay_share == 0.3
     again = config_mod.from_dict(__import__("tomllib").loads(config_mod.to_toml(config)))
     assert again == config
 
@@ -55,7 +55,7 @@ def test_config_prints_the_effective_config():
     path.write_text("[train]\nmin_new_shards = 7\n")
     done = gitlora("config")
     assert done.returncode == 0
-    assert "min_new_shards = 7" in done.stdout and "replay_share = 0.5" in done.stdout
+    assert "min_new_shards = 7" in done.stdout and "replay_share = 0.3" in done.stdout
 
 
 def test_backfill_stats_examples_from_the_command_line(tmp_path):

@@ -33,7 +33,7 @@ class RoundSettings(_Strict):
     seed: int = Field(0, ge=0, le=2**31 - 1, description="a round's seed is this plus its round number")
     # A round that resumes the current adapter continues training it rather than starting one: it gets its own
     # learning rate (a share of learning_rate) and warm-up, chosen by the learning benchmark (bench/README.md).
-    continuation_lr_ratio: float = Field(0.5, gt=0, le=10,
+    continuation_lr_ratio: float = Field(1.0, gt=0, le=10,
                                          description="learning rate of a round that resumes an adapter, as a "
                                                      "share of learning_rate")
     continuation_warmup_steps: int = Field(10, ge=0, le=10_000_000,
@@ -43,7 +43,7 @@ class RoundSettings(_Strict):
     lora_alpha: int = Field(32, ge=1, le=65_536)
     lora_dropout: float = Field(0.05, ge=0, lt=1)
     # -- data
-    replay_share: float = Field(0.5, ge=0, lt=1,
+    replay_share: float = Field(0.3, ge=0, lt=1,
                                 description="share of a round's examples replayed from trained commits")
     replay_halflife_commits: float = Field(0.0, ge=0, le=1e9,
                                            description="replay favours recent commits: a commit this many commits "
