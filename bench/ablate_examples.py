@@ -2,6 +2,7 @@
 
     python bench/ablate_examples.py --repo PATH --corpus DIR... [--steps 200] [--json]
     python bench/ablate_examples.py --repo PATH --base-model DIR [--variant half=edit_share=0.5] [--json]
+    python bench/ablate_examples.py --repo PATH --corpus DIR... --reuse WORKDIR [--json]   # score a kept run again
 
 1. Base: bench_learning's (a tiny StarCoder2 pretrained on `--corpus`, cached by bench/pretrain_tiny.py), or
    `--base-model DIR`.
@@ -35,8 +36,10 @@
    adapter's metrics.json). A variant whose examples are fewer (screened) runs more epochs over them.
 5. Evaluation on the test commits that are not merges (at most `--eval-per-commit` examples each, `--eval-max`
    in all), paired on the same items with the product's evaluation (trainer/evaluate.py, trainer/metrics.py):
-   changed-token loss (the edit rendering) and the real-file FIM completion (greedy, exact match and edit
-   similarity) of `--fim-samples` items; a variant trained with cross-file blocks is scored on prompts that
+   changed-token loss in two renderings, the edit one (the before version shown, the whole item asked for) and
+   the FIM one (the item's real-file fill-in-the-middle task, its middle the target: what an editor asks;
+   evaluate.prepare_fim_losses), and the real-file FIM completion (greedy, exact match and edit similarity) of
+   `--fim-samples` items; a variant trained with cross-file blocks is scored on prompts that
    hold them (and the base on the same prompts), the others on prompts without. Each variant against the
    base and against the previous variant, with 95 % intervals by bootstrap over commits; copying the old
    version as a FIM baseline.
@@ -44,8 +47,10 @@
    tokens of each part (header, cross-file blocks, file prefix, suffix, FIM middle, edit prompt, edit target)
    and its mean share of the context length.
 
-Everything runs under a temporary directory. Prints a table; with --json, one JSON object last on stdout. Wall
-and CPU seconds (this process and its children) per phase.
+Everything runs under a temporary directory (`--keep` keeps it). `--reuse WORKDIR` scores a kept run's adapters
+again (new metrics, other evaluation sizes) without ingesting or training: its stores, shards and variants are
+read as they are, the cut is taken again from `--repo` (which must not have moved). Prints a table; with --json,
+one JSON object last on stdout. Wall and CPU seconds (this process and its children) per phase.
 """
 from __future__ import annotations
 
@@ -294,6 +299,14 @@ def ingest(clone: Path, store_dir: Path, shards_dir: Path, manifest: Path, confi
                      "examples": summary.examples, "seconds": round(summary.seconds, 1), "counters": counters}
 
 
+def kept_entries(manifest: Path, test_commits: set[str]) -> tuple[list[dict], list[dict]]:
+    """A kept store's shard entries, split into the trained part's and the test commits' (each was its own
+    flush, so no shard holds both)."""
+    entries = bl.read_json(manifest, {}).get("shards") or []
+    test = [e for e in entries if any(f["commit"] in test_commits for f in e.get("commits") or [])]
+    return [e for e in entries if e not in test], test
+
+
 def cross_file_rate(store_dir: Path, commits: set[str]) -> dict | None:
     """The store's cross-file resolution counts over these commits (records' `cross_file_referencing` and
     `cross_file_resolved`, where ingest records them): issue 12's target is >= 50 %."""
@@ -329,7 +342,11 @@ def train_variant(root: Path, env: dict, base_dir: str, name: str, records: list
                               stderr=subprocess.STDOUT, env=env, cwd=work).returncode
     if code != 0:
         raise SystemExit(f"training {name} failed (exit {code}): {(work / 'trainer.log').read_text()[-2000:]}")
-    current = work / "adapters" / "current"
+    return trained_facts(work / "adapters" / "current")
+
+
+def trained_facts(current: Path) -> tuple[Path, dict]:
+    """A trained variant's adapter and what its round reports."""
     metrics = bl.read_json(current / "metrics.json", {}) or {}
     budget = metrics.get("budget") or {}
     return current, {"steps": metrics.get("steps"), "examples": metrics.get("examples"),
@@ -376,6 +393,8 @@ def main(argv=None) -> int:
     ap.add_argument("--budget-sample", type=int, default=1000, help="training examples per variant measured for "
                     "the context budget's shares (0: all)")
     ap.add_argument("--keep", action="store_true", help="keep the work directory")
+    ap.add_argument("--reuse", type=Path, default=None, metavar="WORKDIR",
+                    help="a work directory kept by an earlier run: score its trained variants again")
     args = ap.parse_args(argv)
     if not args.base_model and not args.corpus:
         ap.error("give --corpus DIR... to pretrain a base, or --base-model DIR")
@@ -411,7 +430,9 @@ def main(argv=None) -> int:
     base_dir, base_meta = bl.base_model_dir(args)
     mark = phase("pretrain", mark)
 
-    root = Path(tempfile.mkdtemp(prefix="glA-", dir="/tmp"))
+    if args.reuse and not (args.reuse / "plain" / "manifest.json").is_file():
+        ap.error(f"--reuse {args.reuse}: not a kept work directory (no plain/manifest.json)")
+    root = args.reuse or Path(tempfile.mkdtemp(prefix="glA-", dir="/tmp"))
     env = bl.isolated_env(root, args.threads)
     try:
         from gitlora.daemon import log as daemon_log
@@ -420,9 +441,12 @@ def main(argv=None) -> int:
         daemon_log.configure(root / "ingest.log", console=False, journal=False)  # not onto stdout
         # ---- the clone and its cut
         clone = root / "repo.git"
-        subprocess.run(["git", "clone", "-q", "--bare", "--no-tags", "--single-branch", str(args.repo), str(clone)],
-                       check=True, capture_output=True, env=env)
-        head = bl.git(clone, "rev-parse", "HEAD")
+        if args.reuse:  # the kept clone's HEAD was moved to the cut; the repository's is the head
+            head = bl.git(args.repo, "rev-parse", "HEAD")
+        else:
+            subprocess.run(["git", "clone", "-q", "--bare", "--no-tags", "--single-branch", str(args.repo),
+                            str(clone)], check=True, capture_output=True, env=env)
+            head = bl.git(clone, "rev-parse", "HEAD")
         fp = bl.git(clone, "rev-list", "--first-parent", "--reverse", head).split()
         n = len(fp)
         n_test = max(1, round(args.test_share * n))
@@ -431,7 +455,8 @@ def main(argv=None) -> int:
         train_end = fp[n - n_test - 1]
         test_commits = bl.git(clone, "rev-list", "--no-merges", f"{train_end}..{head}").split()
         test_oids = bl.git(clone, "rev-list", "--reverse", "--topo-order", f"{train_end}..{head}").split()
-        bl.git(clone, "update-ref", "HEAD", train_end, env=env)  # only the trained part is reachable
+        if not args.reuse:
+            bl.git(clone, "update-ref", "HEAD", train_end, env=env)  # only the trained part is reachable
         cut = {"first_parent": n, "test_first_parent": n_test, "test_commits_non_merge": len(test_commits),
                "train_end": train_end, "head": head,
                "dates": {k: bl.git(clone, "log", "-1", "--format=%cI", v) for k, v in
@@ -451,15 +476,23 @@ def main(argv=None) -> int:
         stores, ingest_facts = {}, {}
         for key in ("plain", "screened") if any(v.store == "screened" for v in variants) else ("plain",):
             d = root / key
-            entries, ingest_facts[key] = ingest(clone, d / "store", d / "shards", d / "manifest.json", configs[key],
-                                                oids, args.threads)
+            if args.reuse:
+                entries, _ = kept_entries(d / "manifest.json", set(test_oids))
+                ingest_facts[key] = {"reused": str(d)}
+            else:
+                entries, ingest_facts[key] = ingest(clone, d / "store", d / "shards", d / "manifest.json",
+                                                    configs[key], oids, args.threads)
+                log(f"{key} store: {ingest_facts[key]['ingested']} commits, {ingest_facts[key]['examples']} "
+                    f"examples ({ingest_facts[key]['seconds']} s)")
             stores[key] = Shards(d / "shards", entries)
-            log(f"{key} store: {ingest_facts[key]['ingested']} commits, {ingest_facts[key]['examples']} examples "
-                f"({ingest_facts[key]['seconds']} s)")
             mark = phase(f"ingest_{key}", mark)
         d = root / "plain"
-        test_entries, ingest_facts["test"] = ingest(clone, d / "store", d / "shards", d / "manifest.json",
-                                                    configs["plain"], test_oids, args.threads)
+        if args.reuse:
+            test_entries = kept_entries(d / "manifest.json", set(test_oids))[1]
+            ingest_facts["test"] = {"reused": str(d)}
+        else:
+            test_entries, ingest_facts["test"] = ingest(clone, d / "store", d / "shards", d / "manifest.json",
+                                                        configs["plain"], test_oids, args.threads)
         test_shards = Shards(d / "shards", test_entries)
         mark = phase("ingest_test", mark)
 
@@ -521,9 +554,20 @@ def main(argv=None) -> int:
             budgets[v.name] = context_budget(records, tokenizer, plan.context_length, cfg, args.budget_sample,
                                              args.seed)
             budgets[v.name]["train_tokens"] = sum(tokens(v.name, c) for c in chosen)
-            log(f"variant {v.name}: {len(records)} examples of {k} commits, training {args.steps} steps")
-            adapters[v.name], trained[v.name] = train_variant(root, env, base_dir, v.name, records, chosen,
-                                                             train_cfg[v.name])
+            if args.reuse:
+                current = root / "variants" / v.name / "adapters" / "current"
+                if not (current / "metrics.json").is_file():
+                    raise SystemExit(f"--reuse: {root} holds no trained variant {v.name!r}")
+                adapters[v.name], trained[v.name] = trained_facts(current)
+                if trained[v.name]["commits"] != k or trained[v.name]["steps"] != args.steps:
+                    raise SystemExit(f"--reuse: variant {v.name} trained {trained[v.name]['steps']} steps on "
+                                     f"{trained[v.name]['commits']} commits, this run's selection is {args.steps} "
+                                     f"steps on {k}: not the same run")
+                log(f"variant {v.name}: reused {adapters[v.name]}")
+            else:
+                log(f"variant {v.name}: {len(records)} examples of {k} commits, training {args.steps} steps")
+                adapters[v.name], trained[v.name] = train_variant(root, env, base_dir, v.name, records, chosen,
+                                                                 train_cfg[v.name])
             if trained[v.name]["deferred_commits"]:
                 log(f"variant {v.name}: the round deferred {trained[v.name]['deferred_commits']} of the commits "
                     f"(its token count differs from this script's): the budget is not equal")
@@ -547,12 +591,18 @@ def main(argv=None) -> int:
         if with_xf:
             sets["cross_file"] = evaluate.prepare(sample, tokenizer, args.context, max_examples=0,
                                                   fim_samples=args.fim_samples, seed=args.seed)
+        fim_sets = {key: evaluate.prepare_fim_losses(s.records, tokenizer, args.context, max_examples=0,
+                                                     seed=args.seed, cross_file=key == "cross_file")
+                    for key, s in sets.items()}
         set_of = {v.name: "cross_file" if with_xf and v.cross_file else "plain" for v in runs}
         log(f"test set: {len(by_commit)} commits with examples, {len(sets['plain'].records)} loss items, "
             f"{len(sets['plain'].fim)} FIM items" + (" (also with cross-file blocks)" if with_xf else ""))
         models = bl.Models(base_dir, args.device, args.context)
         base_scores = {key: models.scores(None, s, tokenizer) for key, s in sets.items()}
         scores = {v.name: models.scores(str(adapters[v.name]), sets[set_of[v.name]], tokenizer) for v in runs}
+        base_fim = {key: models.scores(None, s, tokenizer) for key, s in fim_sets.items()}
+        fim_scores = {v.name: models.scores(str(adapters[v.name]), fim_sets[set_of[v.name]], tokenizer)
+                      for v in runs}
         copy = bl.copy_baseline(sets["plain"], args.seed)
         mark = phase("evaluate", mark)
 
@@ -575,6 +625,9 @@ def main(argv=None) -> int:
                 "settings_left_out": left_out[v.name], "eval_set": set_of[v.name],
                 "scores": summary(scores[v.name]), "vs_base": compare(base_scores[set_of[v.name]], scores[v.name]),
                 "previous": ref, "vs_previous": compare(scores[ref], scores[v.name]) if ref else None,
+                "fim_format": {"scores": summary(fim_scores[v.name]),
+                               "vs_base": compare(base_fim[set_of[v.name]], fim_scores[v.name]),
+                               "vs_previous": compare(fim_scores[ref], fim_scores[v.name]) if ref else None},
                 "training": trained[v.name], "context_budget": budgets[v.name]})
         test_xf = sum(1 for r in sample if r.get("cross_file"))
         report = {
@@ -584,12 +637,15 @@ def main(argv=None) -> int:
             "commits_trained": k, "commits_available": len(order), "chosen_commits": chosen,
             "ingest": ingest_facts, "skipped_variants": skipped,
             "base": {key: summary(s) for key, s in base_scores.items()},
+            "base_fim_format": {key: summary(s) for key, s in base_fim.items()},
             "copy_old": {k: v for k, v in metrics.summarize([], copy).items() if k in ("fim_exact", "fim_edit_sim")},
             "variants": results,
             "cross_file": {"train_rate": cross_file_rate(root / "plain" / "store", set(order)),
                            "test_items_with_blocks": test_xf, "test_items": len(sample)},
             "eval_sizes": {"test_commits": len(by_commit), "loss_items": len(sets["plain"].records),
                            "changed_tokens": sum(x.changed_n for x in base_scores["plain"].losses),
+                           "fim_loss_items": len(fim_sets["plain"].records),
+                           "fim_changed_tokens": sum(x.changed_n for x in base_fim["plain"].losses),
                            "fim_items": len(sets["plain"].fim)},
             "phases": phases, "wall_s": round(time.time() - t_wall, 1), "cpu_s": round(bl.cpu_seconds() - t_cpu, 1),
             "load_avg": os.getloadavg(), "cores": os.cpu_count(),
@@ -599,7 +655,7 @@ def main(argv=None) -> int:
             print(json.dumps(report, default=str))
         return 0
     finally:
-        if args.keep:
+        if args.keep or args.reuse:
             log(f"work directory kept: {root}")
         else:
             shutil.rmtree(root, ignore_errors=True)
@@ -630,14 +686,24 @@ def print_table(r: dict) -> None:
     c = r["copy_old"]
     print(f"{'copy old':<14}{'-':>14}{'-':>13}{_num(c.get('fim_exact'), '{:.3f}'):>11}"
           f"{_num(c.get('fim_edit_sim'), '{:.3f}'):>14}")
+    if r.get("base_fim_format"):
+        print("\nchanged-token loss in the FIM rendering (the middle of each item's real-file task)")
+        rows = [(f"base ({key})" if key != "plain" else "base", s) for key, s in r["base_fim_format"].items()]
+        rows += [(v["name"], v["fim_format"]["scores"]) for v in r["variants"]]
+        for name, s in rows:
+            print(f"{name:<14}{_num(s.get('changed_loss')):>14}{_num(s.get('target_loss')):>13}")
     print("\npaired, 95 % intervals over commits (loss: relative, negative = better; edit similarity: difference,"
           " positive = better)")
     for v in r["variants"]:
-        for ref, cmp in (("base", v["vs_base"]), (v["previous"], v["vs_previous"])):
+        fim = v.get("fim_format") or {}
+        for ref, cmp, fcmp in (("base", v["vs_base"], fim.get("vs_base")),
+                               (v["previous"], v["vs_previous"], fim.get("vs_previous"))):
             if cmp is None:
                 continue
+            fim_text = ("" if not fcmp or "error" in fcmp else
+                        f"; FIM-format changed loss {_est(fcmp['changed_loss_rel'], True)}")
             print(f"{v['name']} vs {ref}: " + (f"not paired: {cmp['error']}" if "error" in cmp else
-                  f"changed loss {_est(cmp['changed_loss_rel'], True)}; edit sim "
+                  f"changed loss {_est(cmp['changed_loss_rel'], True)}{fim_text}; edit sim "
                   f"{_est(cmp['fim_edit_sim_diff'], False)}; exact {_est(cmp['fim_exact_diff'], False)}"))
     print("\nshare of the context length per part of the training examples (mean tokens)")
     print(f"{'variant':<14}" + "".join(f"{p:>12}" for p in PARTS) + f"{'filled':>9}{'FIM':>7}")
@@ -659,7 +725,8 @@ def print_table(r: dict) -> None:
               f"{xf['train_rate']['referencing']} referencing examples ({xf['train_rate']['rate']:.0%})")
     print(f"{r['commits_trained']} commits trained by every variant ({r['commits_available']} available), "
           f"{r['steps']} steps each; test: {r['eval_sizes']['test_commits']} commits, {r['eval_sizes']['loss_items']} "
-          f"loss items, {r['eval_sizes']['fim_items']} FIM items")
+          f"loss items ({r['eval_sizes'].get('fim_loss_items', '-')} in the FIM rendering), "
+          f"{r['eval_sizes']['fim_items']} FIM items")
     print("wall / CPU s: " + ", ".join(f"{k} {v['wall_s']:.0f}/{v['cpu_s']:.0f}" for k, v in r["phases"].items())
           + f"; total {r['wall_s']:.0f}/{r['cpu_s']:.0f}, load avg "
           f"{', '.join(f'{x:.1f}' for x in r['load_avg'])} on {r['cores']} cores")

@@ -21,8 +21,10 @@
    own CommitProcessor), paired on the same examples: base, base again (A/A: the noise floor of evaluation),
    the final `current` adapter, the snapshot recipe (per seed), and copying the old version. Metrics:
    target-token loss, changed-token loss (target tokens not copied from the `before` version, found by aligning
-   token ids), and fill-in-the-middle completion (greedy, up to 64 tokens) scored by exact match and
-   normalised edit similarity; 95 % intervals by bootstrap over commits. Forgetting: the final adapter against
+   token ids) in the edit rendering and in the FIM one (the same items' real-file fill-in-the-middle tasks,
+   the middle the target: what an editor asks; evaluate.prepare_fim_losses), and fill-in-the-middle completion
+   (greedy, up to 64 tokens) scored by exact match and normalised edit similarity; 95 % intervals by bootstrap
+   over commits. Forgetting: the final adapter against
    the first promoted one on an older slice (commits of the backfilled part).
 
 Everything runs under a temporary directory; the user's own gitlora state is never touched. Prints a table;
@@ -654,14 +656,24 @@ def main(argv=None) -> int:
         older = commit_examples(clone, older_oids[:30])
         older_set = evaluate.prepare(sample_examples(older, 6, 90, args.seed), tokenizer, args.context,
                                      max_examples=0, fim_samples=0, seed=args.seed)
-        log(f"test set: {len(test)} commits with examples, {len(test_set.records)} loss items, "
-            f"{len(test_set.fim)} FIM items; older slice {len(older_set.records)} items")
+        fim_set = evaluate.prepare_fim_losses(test_set.records, tokenizer, args.context, max_examples=0,
+                                              seed=args.seed)
+        log(f"test set: {len(test)} commits with examples, {len(test_set.records)} loss items "
+            f"({len(fim_set.records)} in the FIM rendering), {len(test_set.fim)} FIM items; older slice "
+            f"{len(older_set.records)} items")
         models = Models(base_dir, args.device, args.context)
         ev = {"base": models.scores(None, test_set, tokenizer), "base_again": models.scores(None, test_set, tokenizer)}
         if current:
             ev["adapter"] = models.scores(current, test_set, tokenizer)
         for k, s in enumerate(snaps):
             ev[f"snapshot_s{args.seed + k}"] = models.scores(s, test_set, tokenizer)
+        # The same items in the rendering an editor asks for (the middle of the real-file FIM task): the edit
+        # rendering above favours edit-trained models, this one FIM-trained ones (the snapshot recipe's kind).
+        fim_ev = {"base": models.scores(None, fim_set, tokenizer)}
+        if current:
+            fim_ev["adapter"] = models.scores(current, fim_set, tokenizer)
+        for k, s in enumerate(snaps):
+            fim_ev[f"snapshot_s{args.seed + k}"] = models.scores(s, fim_set, tokenizer)
         copy = copy_baseline(test_set, args.seed)
         forgetting = old_base = None
         if current:
@@ -708,6 +720,14 @@ def main(argv=None) -> int:
             "snapshot_vs_base": {k: rel(metrics.paired_loss(base.losses, ev[k].losses)) for k in snap_keys},
             "adapter_vs_snapshot": ({k: rel(metrics.paired_loss(ev[k].losses, ev["adapter"].losses))
                                      for k in snap_keys} if current else {}),
+            "fim_format": {
+                **{k: {m: v.summary()[m] for m in ("changed_loss", "target_loss")} for k, v in fim_ev.items()},
+                "adapter_vs_base": (rel(metrics.paired_loss(fim_ev["base"].losses, fim_ev["adapter"].losses))
+                                    if current else None),
+                "snapshot_vs_base": {k: rel(metrics.paired_loss(fim_ev["base"].losses, fim_ev[k].losses))
+                                     for k in snap_keys},
+                "adapter_vs_snapshot": ({k: rel(metrics.paired_loss(fim_ev[k].losses, fim_ev["adapter"].losses))
+                                         for k in snap_keys} if current else {})},
             "forgetting_rel": forgetting["changed_loss_rel"] if forgetting else 0.0,
             "forgetting": forgetting, "older_adapter_vs_base": old_base,
             "rounds": len(rounds), "rounds_live": sum(r["phase"] == "middle" for r in rounds),
@@ -717,7 +737,8 @@ def main(argv=None) -> int:
             "drained": drained,
             "eval_sizes": {"test_commits": len(test), "loss_items": len(test_set.records),
                            "changed_tokens": sum(x.changed_n for x in base.losses), "fim_items": len(test_set.fim),
-                           "older_items": len(older_set.records)},
+                           "older_items": len(older_set.records), "fim_loss_items": len(fim_set.records),
+                           "fim_changed_tokens": sum(x.changed_n for x in fim_ev["base"].losses)},
             "phases": phases, "wall_s": round(time.time() - t_wall, 1), "cpu_s": round(cpu_seconds() - t_cpu, 1),
             "load_avg": os.getloadavg(), "cores": os.cpu_count(),
             "daemon_status": (json.loads(status) if status.strip().startswith("{") else status[-2000:]),
@@ -760,6 +781,12 @@ def print_table(r: dict) -> None:
     for k, v in r["adapter_vs_snapshot"].items():
         print(f"adapter vs {k}, changed-token loss: {_fmt(v['changed_loss_rel'], True)} "
               f"(95% CI {_fmt(v['ci95_low'], True)} .. {_fmt(v['ci95_high'], True)})")
+    ff = r.get("fim_format") or {}
+    for name, est in ([("adapter vs base", ff["adapter_vs_base"])] if ff.get("adapter_vs_base") else []) + \
+            [(f"{k} vs base", v) for k, v in ff.get("snapshot_vs_base", {}).items()] + \
+            [(f"adapter vs {k}", v) for k, v in ff.get("adapter_vs_snapshot", {}).items()]:
+        print(f"{name}, changed-token loss in the FIM rendering: {_fmt(est['changed_loss_rel'], True)} "
+              f"(95% CI {_fmt(est['ci95_low'], True)} .. {_fmt(est['ci95_high'], True)})")
     aa = r["aa"]
     print(f"A/A (base twice): {_fmt(aa['changed_loss_rel'], True)}; unpaired split-half of the test commits: "
           f"{_fmt(aa['split_half_unpaired_rel'], True)}")

@@ -108,6 +108,16 @@ def test_shards_give_commits_newest_first_without_wholly_duplicate_ones(tmp_path
     assert shards.records("nope") == []
 
 
+
+def test_a_kept_manifest_splits_into_the_trained_part_and_the_test_commits(tmp_path):
+    entries = [{"file": "000001.jsonl", "commits": [{"commit": "a"}, {"commit": "b"}]},
+               {"file": "000002.jsonl", "commits": [{"commit": "c"}]},
+               {"file": "000003.jsonl", "commits": [{"commit": "t1"}, {"commit": "t2"}]}]
+    (tmp_path / "manifest.json").write_text(json.dumps({"shards": entries, "groups": []}))
+    trained, test = ab.kept_entries(tmp_path / "manifest.json", {"t1", "t2"})
+    assert [e["file"] for e in trained] == ["000001.jsonl", "000002.jsonl"]
+    assert [e["file"] for e in test] == ["000003.jsonl"]
+
 # -- the context budget ----------------------------------------------------------------------------------------
 FILE = ("use std::fmt;\n\npub struct Peer { addr: String }\n\nimpl Peer {\n    pub fn connect(addr: &str) -> Peer {\n"
         "        let a = addr.trim();\n        Peer { addr: a.to_string() }\n    }\n\n    pub fn close(&self) {}\n}\n")

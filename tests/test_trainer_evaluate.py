@@ -174,6 +174,47 @@ def test_fim_tasks_complete_inside_the_real_file(setup):
     assert es.packed.input_ids[0][:len(prompt_ids)] == prompt_ids  # the loss set: the edit rendering
 
 
+def test_fim_loss_set_targets_the_middle_and_masks_what_the_old_version_had(setup):
+    """The FIM-format loss set: each item's real-file FIM task with the middle (+ EOS) as its only target, the
+    span the completion task uses; the changed mask leaves out the middle's tokens copied from the before
+    version; an added item's middle is all changed; per-example losses equal the item scored alone."""
+    import torch
+
+    model, tokenizer, _ = setup
+    rec = record(7, lines=8)
+    above = "use std::fmt;\n\n" + "".join(f"// context line {i}\n" for i in range(20)) + "\n"
+    rec["new_context"] = {"above": above, "below": "\n// after the item\n"}
+    added = {**record(9, added=True), "new_context": {"above": "mod m;\n", "below": ""}}
+    deleted = {**record(11), "change_kind": "deleted", "after": ""}
+    es = evaluate.prepare_fim_losses([rec, added, deleted], tokenizer, 1024)
+    assert es.skipped == 1 and {r["qualified_name"] for r in es.records} == {"m::item_7", "m::item_9"}
+    assert es.fim == []
+    by_name = {r["qualified_name"]: k for k, r in enumerate(es.records)}
+    k = by_name["m::item_7"]
+    tok = es.tokens[k]
+    parts = data.fim_parts(rec, seed=0)
+    target = [t for t in tok.labels if t != data.IGNORE]
+    assert tokenizer.decode(target) == parts.middle + data.EOS
+    prompt = tok.input_ids[:len(tok.input_ids) - len(target)]
+    assert tokenizer.decode(prompt) == parts.prompt()
+    mask = es.changed[k]
+    changed_text = tokenizer.decode([t for t, c in zip(target, mask) if c])
+    copied_text = tokenizer.decode([t for t, c in zip(target, mask) if not c])
+    assert "expect" in changed_text and "unwrap" not in changed_text
+    assert "expect" not in copied_text and 0 < sum(mask) < len(mask)
+    assert all(es.changed[by_name["m::item_9"]])
+    fim_prompt = evaluate.prepare([rec], tokenizer, 1024, fim_samples=1).fim[0].prompt_ids
+    assert prompt == fim_prompt  # the same task the completion scores
+
+    losses = evaluate.score_losses(model, es, 2, torch, torch.device("cpu"))
+    assert [e.target_n for e in losses] == [len(es.changed[i]) for i in range(2)]
+    assert [e.changed_n for e in losses] == [sum(es.changed[i]) for i in range(2)]
+    alone = evaluate.score_losses(model, evaluate.prepare_fim_losses([rec], tokenizer, 1024), 1, torch,
+                                  torch.device("cpu"))[0]
+    assert alone.target_sum == pytest.approx(losses[k].target_sum, rel=1e-4)
+    assert alone.changed_sum == pytest.approx(losses[k].changed_sum, rel=1e-4)
+
+
 # ------------------------------------------------------------------------------------------- score cache
 def test_score_cache_reuses_scores_and_scores_only_what_it_lacks(setup, tmp_path):
     import torch

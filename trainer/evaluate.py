@@ -4,6 +4,7 @@ Used by the round (base, current and candidate on the window and the older slice
 torch is passed in, as in round.py, so importing this module costs nothing.
 
     sets = {name: prepare(records, tokenizer, context_length, max_examples=200, fim_samples=24, seed=0)}
+    fim_losses = prepare_fim_losses(records, tokenizer, context_length, max_examples=200, seed=0)
     scores = evaluate(model, tokenizer, sets["window"], micro_batch, torch, device, autocast)
     metrics.summarize(scores.losses, scores.fim)          # the numbers metrics.json records
     metrics.paired_loss(current.losses, candidate.losses)  # relative change with its interval over commits
@@ -153,6 +154,39 @@ def prepare(records: list[dict], tokenizer, context_length: int, *, max_examples
                                        with_target=False)[0].input_ids
         fim.append(FimItem(str(ex.get("commit")), prompt_ids, tokenizer.decode(ref_ids)))
     return EvalSet(chosen, packed, changed, fim, skipped, truncated, tokens=toks, context_length=context_length,
+                   pad_id=pad_id, seed=seed)
+
+
+def prepare_fim_losses(records: list[dict], tokenizer, context_length: int, *, max_examples: int = 200,
+                       seed: int = 0, cross_file: bool = True) -> EvalSet:
+    """The changed-token loss as a completion model is asked for it: the items `prepare` samples, each as its
+    real-file fill-in-the-middle task (the span `prepare`'s completions use, the prompt cut by the same
+    marker-keeping truncation) with the middle and EOS as the target. `changed` marks the middle's tokens not
+    copied from the before version (metrics.changed_mask), as the edit rendering's mask does; the model never
+    sees that version here, but a copied line is still the easy part of a span. Scored by `score_losses`
+    like any set. Records without a FIM task are left out (counted in `skipped`).
+
+    Why a second rendering: the edit rendering shows the before version and asks for the whole item, which
+    favours a model trained on edits; this one is what an editor asks, which favours one trained on FIM. A
+    recipe is judged on both."""
+    chosen, skipped = sample(records, max_examples, seed)
+    kept, toks, changed, truncated = [], [], [], 0
+    for ex in chosen:
+        parts = data.fim_parts(ex, seed, cross_file)
+        if parts is None:
+            skipped += 1
+            continue
+        tok, cut = data.tokenize_fim(tokenizer, parts, context_length)
+        truncated += cut
+        target = [t for t in tok.labels if t != data.IGNORE]
+        before = data.before_text(ex)
+        before_ids = tokenizer(before, add_special_tokens=False)["input_ids"] if before else []
+        kept.append(ex)
+        toks.append(tok)
+        changed.append(metrics.changed_mask(target, before_ids))
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    packed = data.pack(toks, context_length, pad_id, seed=seed)
+    return EvalSet(kept, packed, changed, [], skipped, truncated, tokens=toks, context_length=context_length,
                    pad_id=pad_id, seed=seed)
 
 
