@@ -404,6 +404,42 @@ def test_example_tokens_is_what_build_packs(tok):
     assert sum(data.example_tokens(r, tok, 512, options, 2) for r in recs) == ds.packed.real_tokens
 
 
+class CountingTokenizer:
+    """The real tokenizer, counting the texts it encodes."""
+
+    def __init__(self, tokenizer):
+        self.inner, self.calls = tokenizer, 0
+
+    def __call__(self, *args, **kw):
+        self.calls += 1
+        return self.inner(*args, **kw)
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+
+def test_a_round_counts_and_packs_each_record_once(tok):
+    """The budget selection's counts and build share one Tokenizations: the same packed data as a build from
+    scratch, and no record rendered or tokenised twice."""
+    recs = realistic_records(40) + [in_file(PEER_V2, method(PEER_V2, "connect"), before=method(PEER_V1, "connect"))]
+    options = data.RenderOptions(edit_share=0.3, copied_weight=0.1)
+    counting = CountingTokenizer(tok)
+    fresh = data.build(recs, counting, 512, options=options, seed=2)
+    build_alone = counting.calls
+    counting.calls = 0
+    made = data.Tokenizations(counting, 512, options, 2)
+    counted = sum(made.tokens(r) for r in recs[:25])  # a selection reaches some of the records
+    shared = data.build(recs, counting, 512, options=options, seed=2, made=made)
+    assert counting.calls == build_alone
+    assert counted == sum(data.example_tokens(r, tok, 512, options, 2) for r in recs[:25])
+    for key in ("input_ids", "labels", "position_ids", "weights"):
+        assert getattr(shared.packed, key) == getattr(fresh.packed, key)
+    assert (shared.examples, shared.skipped, shared.truncated, shared.fim) == \
+        (fresh.examples, fresh.skipped, fresh.truncated, fresh.fim)
+    with pytest.raises(ValueError):
+        data.build(recs, counting, 1024, options=options, seed=2, made=made)  # made for another length
+
+
 def test_labels_mask_prompt_and_keep_target(tok):
     prompt, target = data.render(record())
     t, cut = data.tokenize(tok, prompt, target, 512)

@@ -601,10 +601,38 @@ def tokenize_rendering(tokenizer, r: Rendering, context_length: int, copied_weig
 def example_tokens(record: dict, tokenizer, context_length: int, options: RenderOptions, seed: int) -> int:
     """Tokens the training loop reads for one record, rendered and cut exactly as `build` does (0 if skipped or
     left out by its sample weight, so a round's budget counts only what trains)."""
-    if not sampled(record, seed):
-        return 0
-    r = rendering(record, options, seed)
-    return 0 if r is None else len(tokenize_rendering(tokenizer, r, context_length)[0].input_ids)
+    return Tokenizations(tokenizer, context_length, options, seed).tokens(record)
+
+
+class Tokenizations:
+    """Each record's training example (rendering, tokens, truncated?) made once: a round's budget selection
+    counts the tokens of the records it reaches and `build` then packs the same examples, so neither renders
+    nor tokenises a record twice. Held for one round; keyed by the record object (kept alive with its entry,
+    so a key is never reused)."""
+
+    def __init__(self, tokenizer, context_length: int, options: RenderOptions, seed: int):
+        self.tokenizer, self.context_length, self.options, self.seed = tokenizer, context_length, options, seed
+        self._made: dict[int, tuple[dict, tuple[str, Tokenized, bool] | None]] = {}
+
+    def example(self, record: dict) -> tuple[str, Tokenized, bool] | None:
+        """(kind, tokens, truncated?) of the record as training sees it, or None when it has nothing to learn.
+        Sample weights are the caller's (`sampled`)."""
+        made = self._made.get(id(record))
+        if made is None or made[0] is not record:
+            r = rendering(record, self.options, self.seed)
+            out = None
+            if r is not None:
+                tok, cut = tokenize_rendering(self.tokenizer, r, self.context_length, self.options.copied_weight)
+                out = (r.kind, tok, cut)
+            made = self._made[id(record)] = (record, out)
+        return made[1]
+
+    def tokens(self, record: dict) -> int:
+        """Tokens the loop reads for the record (0 if left out by its sample weight or skipped)."""
+        if not sampled(record, self.seed):
+            return 0
+        made = self.example(record)
+        return 0 if made is None else len(made[1].input_ids)
 
 
 def _utf8(*texts: str) -> int:
@@ -766,23 +794,29 @@ class Dataset:
 
 
 def build(records: list[dict], tokenizer, context_length: int, *, options: RenderOptions | None = None,
-          seed: int = 0, fim_share: float | None = None) -> Dataset:
+          seed: int = 0, fim_share: float | None = None, made: Tokenizations | None = None) -> Dataset:
     """Render, tokenise, weight and pack a list of example records, less those their sample weight leaves out
-    (`fim_share`: the deprecated spelling of options' 1 - edit_share)."""
+    (`fim_share`: the deprecated spelling of options' 1 - edit_share). `made`: the examples already made for
+    some of the records (a round's budget selection), with the same tokenizer, length, options and seed."""
     if options is None:
         options = RenderOptions(edit_share=1.0 - fim_share) if fim_share is not None else RenderOptions()
+    if made is None:
+        made = Tokenizations(tokenizer, context_length, options, seed)
+    elif (made.tokenizer, made.context_length, made.options, made.seed) != (tokenizer, context_length, options,
+                                                                            seed):
+        raise ValueError("build: the examples made beforehand used other settings")
     toks, commits, skipped, truncated, fim, left_out = [], [], 0, 0, 0, 0
     for ex in records:
         if not sampled(ex, seed):
             left_out += 1
             continue
-        r = rendering(ex, options, seed)
-        if r is None:
+        example = made.example(ex)
+        if example is None:
             skipped += 1
             continue
-        tok, cut = tokenize_rendering(tokenizer, r, context_length, options.copied_weight)
+        kind, tok, cut = example
         truncated += cut
-        fim += r.kind == FIM
+        fim += kind == FIM
         toks.append(tok)
         commits.append(ex.get("commit"))
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id

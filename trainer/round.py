@@ -245,14 +245,17 @@ def _round(spec: dict, progress: Progress, cfg: dict, base_model: str, adapters_
         rate, rate_source = planlib.prior_tokens_per_s(
             plan, cores=os.cpu_count(), compute_capability=gpu.compute_capability if gpu else None), "prior"
     step_tokens = int(cfg["max_steps"]) * micro_batch * grad_accum * ctx  # what a max_steps round reads (0: none)
+    options = data.RenderOptions.from_settings(cfg)
+    made = data.Tokenizations(tokenizer, ctx, options, int(cfg["seed"]))  # counted here, packed by build
     new, budget_report = planlib.select_by_budget(
-        new, lambda r: read_tokens_of(r, tokenizer, ctx, cfg), spec.get("budget"), rate,
-        float(cfg["replay_share"]), float(cfg["epochs"]), step_tokens=step_tokens)
+        new, made.tokens, spec.get("budget"), rate, float(cfg["replay_share"]), float(cfg["epochs"]),
+        step_tokens=step_tokens)
     old = keep_commits(data.read_shards(spec.get("replay_shards") or []), spec.get("replay_commits"))
     mixed, replayed = data.mix_replay(new, old, float(cfg["replay_share"]), int(cfg["seed"]),
                                       newest_first=spec.get("replay_commits"),
                                       halflife_commits=float(cfg["replay_halflife_commits"]))
-    train = data.build(mixed, tokenizer, ctx, options=data.RenderOptions.from_settings(cfg), seed=int(cfg["seed"]))
+    train = data.build(mixed, tokenizer, ctx, options=options, seed=int(cfg["seed"]), made=made)
+    del made  # the tokens of deferred records: not needed by the loop
     # Completions are scored on the window alone: the older slice is there for forgetting, which its losses
     # measure, and greedy decoding (token by token, three models) is most of a round's evaluation time.
     evalsets = {name: evaluate.prepare(records, tokenizer, ctx, max_examples=int(cfg["eval_max_examples"]),
