@@ -127,9 +127,34 @@ def test_newest_commits_within_the_budget_whole_commits_newest_first():
     commits = [("a", 100.0, 40), ("c", 300.0, 30), ("b", 200.0, 50), ("d", 400.0, 20)]
     assert P.newest_within(commits, 0) == (["d", "c", "b", "a"], [])
     assert P.newest_within(commits, 50) == (["d", "c"], ["b", "a"])
-    assert P.newest_within(commits, 99) == (["d", "c"], ["b", "a"])  # b (50) does not fit in the 49 left
+    assert P.newest_within(commits, 99) == (["d", "c", "a"], ["b"])  # b (50) does not fit in the 49 left: a does
     assert P.newest_within(commits, 100) == (["d", "c", "b"], ["a"])
+    assert P.newest_within(commits, 120) == (["d", "c", "b"], ["a"])
     assert P.newest_within([("big", 1.0, 10_000), ("old", 0.0, 1)], 5) == (["big"], ["old"])  # always progress
+
+
+def test_a_large_commit_is_passed_over_and_the_search_is_bounded():
+    # newest first: 10 tokens, then a 1,000-token commit, then twenty of 10: the big one waits, the budget fills
+    commits = [("new", 100.0, 10), ("big", 99.0, 1000)] + [(f"o{i}", 98.0 - i, 10) for i in range(20)]
+    taken, deferred = P.newest_within(commits, 100)
+    assert taken == ["new"] + [f"o{i}" for i in range(9)] and deferred[0] == "big"
+    assert sorted(taken + deferred) == sorted(c for c, _, _ in commits)
+    looked = []
+
+    def lazy(commit, n):
+        def count():
+            looked.append(commit)
+            return n
+        return count
+
+    many_big = [("new", 100.0, 10)] + [(f"b{i}", 99.0 - i, 1000) for i in range(40)] + [("old", 1.0, 10)]
+    taken, deferred = P.newest_within([(c, t, lazy(c, n)) for c, t, n in many_big], 100, max_skipped=4)
+    assert taken == ["new"] and looked == ["new", "b0", "b1", "b2", "b3"]  # stops looking after 4 passed over
+    assert deferred == [c for c, _, _ in many_big[1:]]  # newest first, nothing lost
+    looked.clear()
+    full = [("a", 3.0, 50), ("b", 2.0, 50), ("c", 1.0, 10)]
+    assert P.newest_within([(c, t, lazy(c, n)) for c, t, n in full], 100) == (["a", "b"], ["c"])
+    assert looked == ["a", "b"]  # a full budget tokenises no further
 
 
 def test_select_by_budget_keeps_records_of_the_newest_commits_and_reports_the_rest():
@@ -195,7 +220,9 @@ def test_a_round_trains_the_newest_commits_that_fit_its_token_budget(tmp_path, t
     budget = done["budget"]
     covered, deferred = budget["covered_commits"], budget["deferred_commits"]
     assert 0 < len(covered) < len(newest_first)
-    assert covered + deferred == newest_first  # the newest whole commits, the rest left for later rounds
+    assert sorted(covered + deferred) == sorted(newest_first)  # whole commits; the rest left for later rounds
+    assert covered[0] == newest_first[0] and covered == [c for c in newest_first if c in covered]
+    assert deferred == [c for c in newest_first if c in deferred]  # newest first
     assert start["examples"] == len(covered) and budget["cap_tokens"] == 1500
     assert budget["planned_tokens"] <= 1500 and budget["stopped_by"] is None
     assert budget["read_tokens"] <= 1500 * 1.1 and budget["read_tokens_per_s"] > 0
@@ -241,7 +268,7 @@ def test_a_step_capped_round_keeps_only_the_commits_its_steps_reach_and_counts_n
     kept, report = P.select_by_budget(records, count, None, 5.0, 1 / 3, 3.0, step_tokens=60)
     assert report["covered_commits"] == ["c99", "c98", "c97", "c96"] and len(report["deferred_commits"]) == 96
     assert [r["commit"] for r in kept] == ["c96", "c97", "c98", "c99"]
-    assert counted == ["c99", "c98", "c97", "c96", "c95"]  # the first commit that does not fit ends the count
+    assert counted == ["c99", "c98", "c97", "c96"]  # a full budget ends the count
     assert report["planned_tokens"] == 60 and report["step_tokens"] == 60
     # the smaller of the two bounds wins
     _, report = P.select_by_budget(records, count, {"max_tokens": 30, "max_seconds": 0}, 5.0, 0.0, 1.0,

@@ -379,25 +379,36 @@ def budget_cap(budget: dict | None, tokens_per_s: float) -> int:
     return min(caps, default=0)
 
 
-def newest_within(commits: list[tuple[str, float, Any]], max_tokens: int) -> tuple[list[str], list[str]]:
+FIT_MAX_SKIPPED = 16  # commits a selection passes over for being too big before it stops looking
+
+
+def newest_within(commits: list[tuple[str, float, Any]], max_tokens: int,
+                  max_skipped: int = FIT_MAX_SKIPPED) -> tuple[list[str], list[str]]:
     """Split (commit, commit_time, tokens) into the newest commits whose tokens fit in `max_tokens` and the rest.
 
     Newest first, whole commits only; the newest commit is always taken (a round must make progress even when
-    one commit exceeds the budget: the trainer's stop at the budget bounds that round). `max_tokens` 0 = all.
-    `tokens` may be a callable, called only for the commits the split reaches (counting means tokenising).
-    Returns (taken, deferred), each newest first.
+    one commit exceeds the budget: the trainer's stop at the budget bounds that round). A commit too big for
+    what is left is passed over and older ones that fit are taken (first fit), so one large commit does not
+    leave most of a round's budget unused; the search stops after `max_skipped` such commits or when the
+    budget is full, since each look means tokenising a commit. What is passed over stays newest among the
+    deferred, first in line for the next round. `max_tokens` 0 = all. `tokens` may be a callable, called only
+    for the commits the split reaches. Returns (taken, deferred), each newest first.
     """
     ordered = sorted(commits, key=lambda c: -c[1])
     if not max_tokens:
         return [c for c, _, _ in ordered], []
-    taken, used = [], 0
+    taken, deferred, used, skipped = [], [], 0, 0
     for i, (commit, _, tokens) in enumerate(ordered):
+        if used >= max_tokens or skipped >= max_skipped:
+            return taken, deferred + [c for c, _, _ in ordered[i:]]
         n = tokens() if callable(tokens) else tokens
         if taken and used + n > max_tokens:
-            return taken, [c for c, _, _ in ordered[i:]]
+            deferred.append(commit)
+            skipped += 1
+            continue
         taken.append(commit)
         used += n
-    return taken, []
+    return taken, deferred
 
 
 def budget_reached(read_tokens: int, elapsed_s: float, budget: dict | None) -> str | None:
