@@ -629,6 +629,15 @@ def main(argv=None) -> int:
                                "vs_base": compare(base_fim[set_of[v.name]], fim_scores[v.name]),
                                "vs_previous": compare(fim_scores[ref], fim_scores[v.name]) if ref else None},
                 "training": trained[v.name], "context_budget": budgets[v.name]})
+        # Issue 12's question itself: the product's examples (the last of the standard list that ran) against
+        # today's (the first), paired, in both renderings.
+        standard = [v.name for v in standard_variants(DEFAULTS) if v.name in scores]
+        overall = None
+        if len(standard) > 1:
+            first, last = standard[0], standard[-1]
+            overall = {"variant": last, "against": first,
+                       "edit_format": compare(scores[first], scores[last]),
+                       "fim_format": compare(fim_scores[first], fim_scores[last])}
         test_xf = sum(1 for r in sample if r.get("cross_file"))
         report = {
             "date": time.strftime("%Y-%m-%d"), "repo": str(args.repo), "base_model": base_dir, "base_meta": base_meta,
@@ -639,7 +648,7 @@ def main(argv=None) -> int:
             "base": {key: summary(s) for key, s in base_scores.items()},
             "base_fim_format": {key: summary(s) for key, s in base_fim.items()},
             "copy_old": {k: v for k, v in metrics.summarize([], copy).items() if k in ("fim_exact", "fim_edit_sim")},
-            "variants": results,
+            "variants": results, "product_vs_today": overall,
             "cross_file": {"train_rate": cross_file_rate(root / "plain" / "store", set(order)),
                            "test_items_with_blocks": test_xf, "test_items": len(sample)},
             "eval_sizes": {"test_commits": len(by_commit), "loss_items": len(sets["plain"].records),
@@ -705,6 +714,12 @@ def print_table(r: dict) -> None:
             print(f"{v['name']} vs {ref}: " + (f"not paired: {cmp['error']}" if "error" in cmp else
                   f"changed loss {_est(cmp['changed_loss_rel'], True)}{fim_text}; edit sim "
                   f"{_est(cmp['fim_edit_sim_diff'], False)}; exact {_est(cmp['fim_exact_diff'], False)}"))
+    o = r.get("product_vs_today")
+    if o and "error" not in o["edit_format"] and "error" not in o["fim_format"]:
+        print(f"{o['variant']} vs {o['against']} (the product's examples vs today's): changed loss "
+              f"{_est(o['edit_format']['changed_loss_rel'], True)}; FIM-format changed loss "
+              f"{_est(o['fim_format']['changed_loss_rel'], True)}; edit sim "
+              f"{_est(o['edit_format']['fim_edit_sim_diff'], False)}")
     print("\nshare of the context length per part of the training examples (mean tokens)")
     print(f"{'variant':<14}" + "".join(f"{p:>12}" for p in PARTS) + f"{'filled':>9}{'FIM':>7}")
     for v in r["variants"]:
