@@ -612,10 +612,14 @@ def main(argv=None) -> int:
                                                                  "fim_edit_sim", "fim_n", "examples", "commits")}
 
         def compare(a, b) -> dict:
+            """Paired on the items whose target tokens both renderings kept alike (with cross-file blocks a
+            prompt is longer and truncation may cut a target shorter: a loss over fewer tokens is no gain)."""
+            la, lb = metrics.common_tokens(a.losses, b.losses)
             try:
-                return metrics.compare(a.losses, a.fim, b.losses, b.fim, seed=args.seed)
+                out = metrics.compare(la, a.fim, lb, b.fim, seed=args.seed)
             except ValueError as e:  # the two sets' items differ: nothing to pair
                 return {"error": str(e)}
+            return {**out, "loss_items": len(la), "loss_items_cut_differently": len(a.losses) - len(la)}
 
         results = []
         for i, v in enumerate(runs):
@@ -710,7 +714,10 @@ def print_table(r: dict) -> None:
             if cmp is None:
                 continue
             fim_text = ("" if not fcmp or "error" in fcmp else
-                        f"; FIM-format changed loss {_est(fcmp['changed_loss_rel'], True)}")
+                        f"; FIM-format changed loss {_est(fcmp['changed_loss_rel'], True)}"
+                        + (f" on {fcmp['loss_items']} items" if fcmp.get("loss_items_cut_differently") else ""))
+            if cmp.get("loss_items_cut_differently"):
+                fim_text = f" on {cmp['loss_items']} items cut alike" + fim_text
             print(f"{v['name']} vs {ref}: " + (f"not paired: {cmp['error']}" if "error" in cmp else
                   f"changed loss {_est(cmp['changed_loss_rel'], True)}{fim_text}; edit sim "
                   f"{_est(cmp['fim_edit_sim_diff'], False)}; exact {_est(cmp['fim_exact_diff'], False)}"))
@@ -719,7 +726,8 @@ def print_table(r: dict) -> None:
         print(f"{o['variant']} vs {o['against']} (the product's examples vs today's): changed loss "
               f"{_est(o['edit_format']['changed_loss_rel'], True)}; FIM-format changed loss "
               f"{_est(o['fim_format']['changed_loss_rel'], True)}; edit sim "
-              f"{_est(o['edit_format']['fim_edit_sim_diff'], False)}")
+              f"{_est(o['edit_format']['fim_edit_sim_diff'], False)} (losses on {o['edit_format']['loss_items']} and "
+              f"{o['fim_format']['loss_items']} items cut alike)")
     print("\nshare of the context length per part of the training examples (mean tokens)")
     print(f"{'variant':<14}" + "".join(f"{p:>12}" for p in PARTS) + f"{'filled':>9}{'FIM':>7}")
     for v in r["variants"]:

@@ -119,6 +119,18 @@ def test_paired_difference_cancels_what_both_models_share():
     assert diff.value == 0.0
 
 
+def test_paired_loss_refuses_different_target_tokens_and_common_tokens_keeps_the_shared_ones():
+    # the same items, the second rendering cut one target shorter: a ratio of sums would call that a 25 % gain
+    a = [ExampleLoss("x", 8.0, 4, 8.0, 4), ExampleLoss("y", 4.0, 2, 4.0, 2)]
+    b = [ExampleLoss("x", 6.0, 3, 6.0, 3), ExampleLoss("y", 4.0, 2, 4.0, 2)]
+    with pytest.raises(ValueError, match="same target tokens"):
+        metrics.paired_loss(a, b)
+    ka, kb = metrics.common_tokens(a, b)
+    assert ka == [a[1]] and kb == [b[1]]
+    assert metrics.paired_loss(ka, kb).value == pytest.approx(0.0)
+    assert metrics.common_tokens(a, a) == (a, a)
+
+
 def test_paired_loss_needs_the_same_examples():
     a = [ExampleLoss("x", 1, 1, 1, 1), ExampleLoss("y", 1, 1, 1, 1)]
     with pytest.raises(ValueError, match="same examples"):

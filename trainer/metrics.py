@@ -158,8 +158,21 @@ def paired_loss(a: Sequence[ExampleLoss], b: Sequence[ExampleLoss], *, changed: 
     if [e.commit for e in a] != [e.commit for e in b]:
         raise ValueError("paired comparison needs the same examples in the same order")
     pick = (lambda e: (e.changed_sum, e.changed_n)) if changed else (lambda e: (e.target_sum, e.target_n))
+    if any(pick(x)[1] != pick(y)[1] for x, y in zip(a, b)):
+        raise ValueError("paired comparison needs the same target tokens (two renderings cut them differently: "
+                         "compare their common_tokens)")
     return bootstrap_paired([e.commit for e in a], [pick(e)[0] for e in a], [pick(e)[0] for e in b],
                             [pick(e)[1] for e in a], seed=seed)
+
+
+def common_tokens(a: Sequence[ExampleLoss], b: Sequence[ExampleLoss]
+                  ) -> tuple[list[ExampleLoss], list[ExampleLoss]]:
+    """The examples of two scorings of the same items whose target and changed-token counts agree. Two
+    renderings of an item (with cross-file blocks and without) may be truncated differently, and a ratio of loss
+    sums over different tokens says more about the cut than the model: a shorter target alone lowers the sum."""
+    keep = [k for k, (x, y) in enumerate(zip(a, b))
+            if x.commit == y.commit and (x.target_n, x.changed_n) == (y.target_n, y.changed_n)]
+    return [a[k] for k in keep], [b[k] for k in keep]
 
 
 def loss_estimate(losses: Sequence[ExampleLoss], *, changed: bool = True, seed: int = 0) -> Estimate:
