@@ -241,8 +241,9 @@ class GitRepo:
         )
 
     # -- diffs and blobs -------------------------------------------------------------------------
-    def changed_rust_files(self, oid: str) -> CommitDiff:
-        """The .rs files a commit changed against its first parent (the empty tree for a root commit)."""
+    def changed_rust_files(self, oid: str, hunks: bool = True) -> CommitDiff:
+        """The .rs files a commit changed against its first parent (the empty tree for a root commit); with each
+        modified file's line hunks unless `hunks` is False (only which files and blobs changed)."""
         commit = self.repo[oid]
         result = CommitDiff()
         parent_tree = None
@@ -262,7 +263,7 @@ class GitRepo:
         vendored = _VendoredCrates(commit.tree, parent_tree) if self.skip_vendored else None
         for index, delta in enumerate(diff.deltas):
             change = self._classify(delta, result, vendored)
-            if change is not None and change.old_oid and change.new_oid:
+            if hunks and change is not None and change.old_oid and change.new_oid:
                 change = self._with_hunks(diff, index, change)
             if change is not None:
                 result.files.append(change)
