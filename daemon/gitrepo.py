@@ -313,6 +313,16 @@ class GitRepo:
         return FileChange(change.status, change.old_path, change.new_path, change.old_oid, change.new_oid, hunks,
                           change.old_raw, change.new_raw)
 
+    def line_hunks(self, old_oid: str, new_oid: str) -> tuple[tuple[int, int, int, int], ...] | None:
+        """git's line hunks (zero context) between two blobs, as a commit's diff gives them (`FileChange.hunks`);
+        None when a blob cannot be read. Asked for only where a reparse can use them: most parses can not (the
+        new blob was parsed before, or the old one's tree is not at hand)."""
+        try:
+            patch = self.repo[old_oid].peel(pygit2.Blob).diff(self.repo[new_oid].peel(pygit2.Blob), context_lines=0)
+            return tuple((h.old_start, h.old_lines, h.new_start, h.new_lines) for h in patch.hunks)
+        except (pygit2.GitError, KeyError, ValueError, OSError):
+            return None
+
     @staticmethod
     def _diff(old_tree: pygit2.Tree | None, new_tree: pygit2.Tree) -> pygit2.Diff:
         if old_tree is None:

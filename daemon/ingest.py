@@ -165,7 +165,7 @@ class CommitProcessor:
                                             "(git fetch --unshallow)")
         try:
             info = self.repo.commit_info(oid)
-            diff = self.repo.changed_rust_files(oid)
+            diff = self.repo.changed_rust_files(oid, hunks=False)  # a parse that can use them asks (`_parsed`)
         except Exception as exc:
             return self._skipped(oid, base, f"unreadable commit: {type(exc).__name__}: {exc}")
         diff_done = time.perf_counter()
@@ -188,10 +188,11 @@ class CommitProcessor:
         return PendingCommit(bytes.fromhex(oid), {**base, "status": "skipped", "reason": reason,
                                                   "stored_at": time.time()})
 
-    def _parsed(self, blob: str | None, previous: str | None = None,
-                hunks=None) -> tuple[FileItems | Unparsable | None, tuple[bytes, Tree] | None]:
+    def _parsed(self, blob: str | None,
+                previous: str | None = None) -> tuple[FileItems | Unparsable | None, tuple[bytes, Tree] | None]:
         """A blob's items, and its bytes and syntax tree where at hand (just parsed, or still cached): the
-        examples read their identifiers from the tree instead of parsing each item again."""
+        examples read their identifiers from the tree instead of parsing each item again. Parsed incrementally
+        from the `previous` version's tree when that is at hand, with git's line hunks between the two."""
         if blob is None:
             return None, None
         cached = self._cache.get(blob)
@@ -210,7 +211,9 @@ class CommitProcessor:
             parsed = Unparsable(generated)
             self._cache.put(blob, parsed, estimated_items_bytes(parsed))
             return parsed, None
-        parsed, tree = parse_blob(data, self._trees.get(previous), hunks)
+        prior = self._trees.get(previous) if previous is not None else None
+        hunks = self.repo.line_hunks(previous, blob) if prior is not None else None
+        parsed, tree = parse_blob(data, prior, list(hunks) if hunks else None)
         if tree is not None and self.config.cross_file_bytes:
             try:
                 self._fresh_definitions[blob] = encoded_definitions(data, tree)
@@ -313,7 +316,7 @@ class CommitProcessor:
         near-duplicate sketches, the items hygiene left out and what resolving each one's cross-file context needs;
         or its skip (appended to `skipped`) and none."""
         old, old_file = self._parsed(change.old_oid)
-        new, new_file = self._parsed(change.new_oid, previous=change.old_oid, hunks=change.hunks)
+        new, new_file = self._parsed(change.new_oid, previous=change.old_oid)
         unreadable = next((s for s in (old, new) if isinstance(s, Unparsable)), None)
         if unreadable is not None:
             skipped.append(_skipped_file(change, unreadable.reason))
