@@ -241,9 +241,10 @@ class GitRepo:
         )
 
     # -- diffs and blobs -------------------------------------------------------------------------
-    def changed_rust_files(self, oid: str, hunks: bool = True) -> CommitDiff:
+    def changed_rust_files(self, oid: str, hunks: bool = True, renames: bool = True) -> CommitDiff:
         """The .rs files a commit changed against its first parent (the empty tree for a root commit); with each
-        modified file's line hunks unless `hunks` is False (only which files and blobs changed)."""
+        modified file's line hunks unless `hunks` is False (only which files and blobs changed); a renamed file
+        as a deletion and an addition when `renames` is False (rename detection reads blobs)."""
         commit = self.repo[oid]
         result = CommitDiff()
         parent_tree = None
@@ -255,7 +256,8 @@ class GitRepo:
                 parent_tree = self.repo[parent_id].tree
         diff = self._diff(parent_tree, commit.tree)
         try:
-            diff.find_similar(flags=pygit2.enums.DiffFind.FIND_RENAMES, rename_threshold=50)
+            if renames:
+                diff.find_similar(flags=pygit2.enums.DiffFind.FIND_RENAMES, rename_threshold=50)
         except (pygit2.GitError, KeyError, OSError) as exc:
             # Rename detection reads blobs; in a partial clone some are missing. Fall back to add+delete.
             diff = self._diff(parent_tree, commit.tree)

@@ -633,7 +633,8 @@ class Ingestor:
 class ReplayPlanner:
     """Which file changes of each commit were met earlier in one run, or stored before it: the parent's view, in
     commit order, of what the workers may leave out. Ahead of the workers, it walks each commit's diff without
-    hunks (which files and blobs changed). A hint, not the authority: the store decides in its transaction
+    hunks or rename detection (which files and blobs changed; a renamed file's keys then match no worker's, and
+    it is built). A hint, not the authority: the store decides in its transaction
     (`store.FileOutcome`), and a replay whose first occurrence was not stored built is built after all. Each
     chunk is planned once (a chunk retried after a worker died is planned as it first was)."""
 
@@ -649,7 +650,7 @@ class ReplayPlanner:
         keys_of: dict[str, list[bytes]] = {}
         for oid in fresh:
             try:
-                files = self.repo.changed_rust_files(oid, hunks=False).files
+                files = self.repo.changed_rust_files(oid, hunks=False, renames=False).files
             except Exception:  # a commit git cannot diff is a recorded skip: there is nothing to leave out
                 files = []
             keys_of[oid] = [file_change_key(change, self.fingerprint) for change in files]
