@@ -276,10 +276,12 @@ class CommitProcessor:
                 sketches.extend(sketched)
                 references.extend(refs)
                 item_skips.update(skips)
+                skip = skipped[files_skipped] if len(skipped) > files_skipped else None
                 outcomes.append(FileOutcome(
-                    key, len(encoded), dict(skips),
-                    _skip_entry(skipped[files_skipped]) if len(skipped) > files_skipped else None,
-                    syntax_errors[files_broken] if len(syntax_errors) > files_broken else None))
+                    key, len(encoded), dict(skips), _skip_entry(skip) if skip is not None else None,
+                    syntax_errors[files_broken] if len(syntax_errors) > files_broken else None,
+                    # a blob missing from a partial clone may be fetched by the time the change is met again
+                    indexable=skip is None or not skip.reason.startswith("missing-object")))
             except Exception as exc:  # a bug on one file costs that file, not the commit
                 reason = _clean(f"error: {type(exc).__name__}: {exc}")
                 _log.error("file_failed", commit=oid, path=change.new_path or change.old_path, reason=reason,
