@@ -183,7 +183,11 @@ class FileOutcome:
     (a merge replaying its branch, a cherry-pick onto the same base) is an exact duplicate of the first's. The
     store indexes each first occurrence (`file_changes`) and stores a later one as a *replay*: none of its
     examples, each counted as a duplicate, and its hygiene skips, file skip and syntax errors counted again as
-    the first occurrence recorded them; so ingest need not build it at all (`built` False)."""
+    the first occurrence recorded them; so ingest need not build it at all (`built` False). `gitlora stats` thus
+    counts by reason what building the replay and screening it would: its examples as duplicates (also one its
+    first occurrence left out as a near-duplicate: it is an exact copy of an example already screened), and
+    neither its examples nor their cross-file lookups appear in the record's cross-file counts. A replay built
+    anyway (one the parent could not foresee, a store without the index) is stored the same way."""
 
     key: bytes  # ingest's file_change_key
     examples: int = 0  # examples built for it (0 when not built)
