@@ -187,7 +187,7 @@ class FileOutcome:
     counts by reason what building the replay and screening it would: its examples as duplicates (also one its
     first occurrence left out as a near-duplicate: it is an exact copy of an example already screened), and
     neither its examples nor their cross-file lookups appear in the record's cross-file counts. A replay built
-    anyway (one the parent could not foresee, a store without the index) is stored the same way."""
+    anyway (one the parent could not foresee: a renamed file) is stored the same way."""
 
     key: bytes  # ingest's file_change_key
     examples: int = 0  # examples built for it (0 when not built)
