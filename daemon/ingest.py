@@ -58,6 +58,9 @@ _CHUNK_COMMITS = 16
 # What a tree-sitter-rust syntax tree costs in memory per byte of its source (tens of bytes: one node per
 # token or so, each larger than the token), plus the source kept beside it for incremental reparsing.
 _TREE_BYTES_PER_SOURCE_BYTE = 48
+# The syntax trees a pool worker keeps (by that estimate): a tree kept turns the next version of its file into an
+# incremental reparse, and a worker sees only some of the chunks, so it keeps more than an in-process parse does.
+_WORKER_TREE_BYTES = 768 << 20
 # Bump when a change to item extraction, example making or hygiene changes what a file change yields: file changes
 # indexed by an older gitlora are then built again rather than taken as replays of a different outcome.
 _OUTCOME_VERSION = 1
@@ -381,7 +384,7 @@ def _worker_init(repo_path: str, config_json: str, source: str, parent_pid: int,
     config = IngestConfig.model_validate_json(config_json)
     repo = GitRepo(repo_path, exclude=config.exclude, include_remotes=config.include_remotes,
                    skip_vendored=config.skip_vendored_crates)
-    _worker = CommitProcessor(repo, config, source=source, sketch_scheme=sketch_scheme)
+    _worker = CommitProcessor(repo, config, source=source, sketch_scheme=sketch_scheme, tree_bytes=_WORKER_TREE_BYTES)
 
 
 def _worker_process(oids: list[str], replays: Replays | None = None) -> list[PendingCommit]:
