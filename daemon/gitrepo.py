@@ -241,8 +241,10 @@ class GitRepo:
         )
 
     # -- diffs and blobs -------------------------------------------------------------------------
-    def changed_rust_files(self, oid: str) -> CommitDiff:
-        """The .rs files a commit changed against its first parent (the empty tree for a root commit)."""
+    def changed_rust_files(self, oid: str, hunks: bool = True, renames: bool = True) -> CommitDiff:
+        """The .rs files a commit changed against its first parent (the empty tree for a root commit); with each
+        modified file's line hunks unless `hunks` is False (only which files and blobs changed); a renamed file
+        as a deletion and an addition when `renames` is False (rename detection reads blobs)."""
         commit = self.repo[oid]
         result = CommitDiff()
         parent_tree = None
@@ -254,7 +256,8 @@ class GitRepo:
                 parent_tree = self.repo[parent_id].tree
         diff = self._diff(parent_tree, commit.tree)
         try:
-            diff.find_similar(flags=pygit2.enums.DiffFind.FIND_RENAMES, rename_threshold=50)
+            if renames:
+                diff.find_similar(flags=pygit2.enums.DiffFind.FIND_RENAMES, rename_threshold=50)
         except (pygit2.GitError, KeyError, OSError) as exc:
             # Rename detection reads blobs; in a partial clone some are missing. Fall back to add+delete.
             diff = self._diff(parent_tree, commit.tree)
@@ -262,7 +265,7 @@ class GitRepo:
         vendored = _VendoredCrates(commit.tree, parent_tree) if self.skip_vendored else None
         for index, delta in enumerate(diff.deltas):
             change = self._classify(delta, result, vendored)
-            if change is not None and change.old_oid and change.new_oid:
+            if hunks and change is not None and change.old_oid and change.new_oid:
                 change = self._with_hunks(diff, index, change)
             if change is not None:
                 result.files.append(change)
@@ -311,6 +314,16 @@ class GitRepo:
             return change  # e.g. a missing blob: the file is parsed in full (or recorded as missing)
         return FileChange(change.status, change.old_path, change.new_path, change.old_oid, change.new_oid, hunks,
                           change.old_raw, change.new_raw)
+
+    def line_hunks(self, old_oid: str, new_oid: str) -> tuple[tuple[int, int, int, int], ...] | None:
+        """git's line hunks (zero context) between two blobs, as a commit's diff gives them (`FileChange.hunks`);
+        None when a blob cannot be read. Asked for only where a reparse can use them: most parses can not (the
+        new blob was parsed before, or the old one's tree is not at hand)."""
+        try:
+            patch = self.repo[old_oid].peel(pygit2.Blob).diff(self.repo[new_oid].peel(pygit2.Blob), context_lines=0)
+            return tuple((h.old_start, h.old_lines, h.new_start, h.new_lines) for h in patch.hunks)
+        except (pygit2.GitError, KeyError, ValueError, OSError):
+            return None
 
     @staticmethod
     def _diff(old_tree: pygit2.Tree | None, new_tree: pygit2.Tree) -> pygit2.Diff:

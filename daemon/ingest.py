@@ -6,6 +6,14 @@ commits over a process pool (tree-sitter holds the GIL); each worker reads git, 
 the parent only writes transactions, in order. Anything that goes wrong with one file becomes that file's
 recorded skip, with one commit that commit's recorded skip: ingest always moves on.
 
+A file change stored before (the same paths and blobs: a merge replaying its branch, a cherry-pick onto the same
+base) yields the same items again, every one an exact duplicate the store would drop, so it is not built at all:
+the parent walks the commits' diffs in order ahead of the workers (`ReplayPlanner`) and tells each worker which
+of its commits' file changes were met before; the store, which indexed each first occurrence with what it yielded,
+counts the replay's examples as duplicates of it (`store.FileOutcome`), and when a first occurrence was never
+stored built (its commit skipped) the replaying commit is built in full and written again (`ReplayUnconfirmed`).
+Stores with `[ingest] dedup = false` keep every example, so there everything is built.
+
 Memory is bounded by (estimated) bytes, not counts: a syntax tree costs tens of times its source. A long-lived
 process (the daemon) parses in-process only what is small; a batch with many or large .rs files goes to a
 spawned process, whose memory leaves with it, and which does not hold the daemon's GIL while it parses.
@@ -13,6 +21,9 @@ spawned process, whose memory leaves with it, and which does not hold the daemon
 from __future__ import annotations
 
 import ctypes
+import hashlib
+import importlib.metadata
+import json
 import multiprocessing
 import os
 import signal
@@ -20,7 +31,7 @@ import sys
 import time
 import traceback
 from collections import Counter, deque
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from contextlib import contextmanager
@@ -37,7 +48,7 @@ from .examples import file_examples, path_fields
 from .memo import ByteLRU
 from .gitrepo import BlobUnreadable, CommitDiff, CommitInfo, FileChange, GitRepo, SkippedFile
 from .rust_items import FileItems, extract_items, parse
-from .store import PendingCommit, Store, WriteResult, example_key
+from .store import FileOutcome, PendingCommit, ReplayUnconfirmed, Store, WriteResult, example_key
 from .symbol_index import NO_DEFINITIONS, SymbolIndex, encoded_definitions
 
 _log = log.get("gitlora.ingest")
@@ -47,6 +58,44 @@ _CHUNK_COMMITS = 16
 # What a tree-sitter-rust syntax tree costs in memory per byte of its source (tens of bytes: one node per
 # token or so, each larger than the token), plus the source kept beside it for incremental reparsing.
 _TREE_BYTES_PER_SOURCE_BYTE = 48
+# The syntax trees a pool worker keeps (by that estimate): a tree kept turns the next version of its file into an
+# incremental reparse, and a worker sees only some of the chunks, so it keeps more than an in-process parse does.
+_WORKER_TREE_BYTES = 768 << 20
+# Bump when a change to item extraction, example making or hygiene changes what a file change yields: file changes
+# indexed by an older gitlora are then built again rather than taken as replays of a different outcome.
+_OUTCOME_VERSION = 1
+# Ingest settings that do not change which items a file change yields, nor which are skipped (they shape the
+# examples' other fields, the diff, the screening or the run); every other setting is part of a file change's key.
+_NOT_OUTCOME_SETTINGS = frozenset({
+    "batch_commits", "workers", "exclude", "include_remotes", "skip_vendored_crates", "context_above_bytes",
+    "context_below_bytes", "cross_file_bytes", "test_weight", "bot_authors", "template_messages", "dedup",
+    "repeated_message_limit", "near_duplicate_cap", "near_duplicate_threshold"})
+Replays = Mapping[str, frozenset[bytes]]  # commit -> keys of its file changes to leave out as replays
+
+
+def outcome_fingerprint(config: IngestConfig) -> bytes:
+    """What besides a file change's paths and blobs decides the items it yields: the settings that do, this
+    module's outcome version and the parser's versions."""
+    settings = {k: v for k, v in config.model_dump(mode="json").items() if k not in _NOT_OUTCOME_SETTINGS}
+    versions = [_OUTCOME_VERSION]
+    for package in ("tree-sitter", "tree-sitter-rust"):
+        try:
+            versions.append(importlib.metadata.version(package))
+        except importlib.metadata.PackageNotFoundError:
+            versions.append(None)
+    return hashlib.blake2b(json.dumps([settings, versions], sort_keys=True).encode(), digest_size=16).digest()
+
+
+def file_change_key(change: FileChange, fingerprint: bytes) -> bytes:
+    """The key of a file change (`store.FileOutcome.key`): its paths (as bytes), its old and new blob, and the
+    `outcome_fingerprint`. Equal keys yield equal items."""
+    old = change.old_raw if change.old_raw is not None else (change.old_path or "").encode()
+    new = change.new_raw if change.new_raw is not None else (change.new_path or "").encode()
+    digest = hashlib.blake2b(fingerprint, digest_size=16)
+    for part in (old, new, (change.old_oid or "").encode(), (change.new_oid or "").encode()):
+        digest.update(len(part).to_bytes(4, "big") + part)
+    digest.update(bytes([change.old_path is None, change.new_path is None]))
+    return digest.digest()
 
 
 @dataclass(frozen=True, slots=True)
@@ -91,6 +140,7 @@ class CommitProcessor:
         self.source = source
         self.sketch_scheme = sketch_scheme
         self.repo_name = repo.name
+        self.fingerprint = outcome_fingerprint(config)
         # What is computed from an item's text alone is memoised per process (a merge replays its branch's
         # items): sized like this processor's item cache, so the daemon's stays small.
         for memo in (dedup.sketch_memo, rust_items.identifier_memo):
@@ -103,11 +153,13 @@ class CommitProcessor:
         # the process that keeps the symbol index (and into the store), so no blob is parsed twice for them.
         self._fresh_definitions: dict[str, bytes] = {}
 
-    def process(self, oids: list[str]) -> list[PendingCommit]:
+    def process(self, oids: list[str], replays: Replays | None = None) -> list[PendingCommit]:
+        """The commits' PendingCommits; `replays` names per commit the file changes to leave out (not built: the
+        store holds their first occurrence by then; see the module's docstring)."""
         shallow = self.repo.shallow_boundary()
-        return [self._one(oid, shallow) for oid in oids]
+        return [self._one(oid, shallow, (replays or {}).get(oid, frozenset())) for oid in oids]
 
-    def _one(self, oid: str, shallow: frozenset[str]) -> PendingCommit:
+    def _one(self, oid: str, shallow: frozenset[str], replays: frozenset[bytes] = frozenset()) -> PendingCommit:
         base: dict[str, Any] = {"source": self.source}
         started = time.perf_counter()
         if oid in shallow:
@@ -116,12 +168,12 @@ class CommitProcessor:
                                             "(git fetch --unshallow)")
         try:
             info = self.repo.commit_info(oid)
-            diff = self.repo.changed_rust_files(oid)
+            diff = self.repo.changed_rust_files(oid, hunks=False)  # a parse that can use them asks (`_parsed`)
         except Exception as exc:
             return self._skipped(oid, base, f"unreadable commit: {type(exc).__name__}: {exc}")
         diff_done = time.perf_counter()
         try:
-            pending = self._compose(oid, info, diff, base)
+            pending = self._compose(oid, info, diff, base, replays)
             compact_json.encode(pending.record)  # what the store will do: a record it cannot write is this commit's skip
         except Exception as exc:  # a bug on one commit is recorded, and the run goes on
             reason = f"error: {type(exc).__name__}: {exc}"
@@ -139,10 +191,11 @@ class CommitProcessor:
         return PendingCommit(bytes.fromhex(oid), {**base, "status": "skipped", "reason": reason,
                                                   "stored_at": time.time()})
 
-    def _parsed(self, blob: str | None, previous: str | None = None,
-                hunks=None) -> tuple[FileItems | Unparsable | None, tuple[bytes, Tree] | None]:
+    def _parsed(self, blob: str | None,
+                previous: str | None = None) -> tuple[FileItems | Unparsable | None, tuple[bytes, Tree] | None]:
         """A blob's items, and its bytes and syntax tree where at hand (just parsed, or still cached): the
-        examples read their identifiers from the tree instead of parsing each item again."""
+        examples read their identifiers from the tree instead of parsing each item again. Parsed incrementally
+        from the `previous` version's tree when that is at hand, with git's line hunks between the two."""
         if blob is None:
             return None, None
         cached = self._cache.get(blob)
@@ -161,7 +214,9 @@ class CommitProcessor:
             parsed = Unparsable(generated)
             self._cache.put(blob, parsed, estimated_items_bytes(parsed))
             return parsed, None
-        parsed, tree = parse_blob(data, self._trees.get(previous), hunks)
+        prior = self._trees.get(previous) if previous is not None else None
+        hunks = self.repo.line_hunks(previous, blob) if prior is not None else None
+        parsed, tree = parse_blob(data, prior, list(hunks) if hunks else None)
         if tree is not None and self.config.cross_file_bytes:
             try:
                 self._fresh_definitions[blob] = encoded_definitions(data, tree)
@@ -197,8 +252,10 @@ class CommitProcessor:
             return cached[0]
         return self.repo.read_text_blob(blob, self.config.max_file_bytes)
 
-    def _compose(self, oid: str, info: CommitInfo, diff: CommitDiff, base: dict[str, Any]) -> PendingCommit:
+    def _compose(self, oid: str, info: CommitInfo, diff: CommitDiff, base: dict[str, Any],
+                 replays: frozenset[bytes] = frozenset()) -> PendingCommit:
         examples: list[bytes] = []
+        outcomes: list[FileOutcome] = []
         keys: list[bytes] = []
         sketches: list[bytes | None] = []
         references: list[tuple[str, list[str], list[str]] | None] = []
@@ -210,6 +267,11 @@ class CommitProcessor:
         if omitted:
             info = replace(info, message="")
         for change in diff.files:
+            key = file_change_key(change, self.fingerprint) if self.config.dedup else b""
+            if key in replays:
+                outcomes.append(FileOutcome(key, built=False))
+                continue
+            files_skipped, files_broken = len(skipped), len(syntax_errors)
             try:
                 encoded, made_keys, sketched, skips, refs = self._file(info, change, skipped, syntax_errors, omitted)
                 examples.extend(encoded)
@@ -217,16 +279,22 @@ class CommitProcessor:
                 sketches.extend(sketched)
                 references.extend(refs)
                 item_skips.update(skips)
+                skip = skipped[files_skipped] if len(skipped) > files_skipped else None
+                outcomes.append(FileOutcome(
+                    key, len(encoded), dict(skips), _skip_entry(skip) if skip is not None else None,
+                    syntax_errors[files_broken] if len(syntax_errors) > files_broken else None,
+                    # a blob missing from a partial clone may be fetched by the time the change is met again
+                    indexable=skip is None or not skip.reason.startswith("missing-object")))
             except Exception as exc:  # a bug on one file costs that file, not the commit
                 reason = _clean(f"error: {type(exc).__name__}: {exc}")
                 _log.error("file_failed", commit=oid, path=change.new_path or change.old_path, reason=reason,
                            traceback=_clean(traceback.format_exc()))
                 skipped.append(_skipped_file(change, reason))
+                outcomes.append(FileOutcome(key, 0, indexable=False))
         record: dict[str, Any] = {**base, "status": "ingested", "parent": info.parent,
                                   "commit_time": info.commit_time, "rust_files": len(diff.files)}
         if skipped:
-            record["skipped_files"] = [{**path_fields("path", s.path, s.raw), "reason": _clean(s.reason)}
-                                       for s in skipped[:_MAX_RECORDED_SKIPS]]
+            record["skipped_files"] = [_skip_entry(s) for s in skipped[:_MAX_RECORDED_SKIPS]]
             record["skipped_files_total"] = len(skipped)
         if syntax_errors:
             record["syntax_errors"] = syntax_errors[:_MAX_RECORDED_SKIPS]
@@ -242,7 +310,7 @@ class CommitProcessor:
         definitions, self._fresh_definitions = self._fresh_definitions, {}
         changes = [(change.old_path, change.new_path, change.new_oid) for change in diff.files]
         return PendingCommit(bytes.fromhex(oid), record, examples, screen if self.config.dedup else None,
-                             definitions, changes, references)
+                             definitions, changes, references, outcomes if self.config.dedup else None)
 
     def _file(self, info: CommitInfo, change: FileChange, skipped: list[SkippedFile],
               syntax_errors: list[dict[str, Any]],
@@ -253,7 +321,7 @@ class CommitProcessor:
         near-duplicate sketches, the items hygiene left out and what resolving each one's cross-file context needs;
         or its skip (appended to `skipped`) and none."""
         old, old_file = self._parsed(change.old_oid)
-        new, new_file = self._parsed(change.new_oid, previous=change.old_oid, hunks=change.hunks)
+        new, new_file = self._parsed(change.new_oid, previous=change.old_oid)
         unreadable = next((s for s in (old, new) if isinstance(s, Unparsable)), None)
         if unreadable is not None:
             skipped.append(_skipped_file(change, unreadable.reason))
@@ -276,6 +344,11 @@ class CommitProcessor:
         references = [None if e["change_kind"] == "deleted" else (e["path"], e["identifiers"], e["imports"])
                       for e in made]
         return encoded, [example_key(e) for e in made], sketches, skips, references
+
+
+def _skip_entry(skipped: SkippedFile) -> dict[str, Any]:
+    """A skipped file as its commit's record lists it."""
+    return {**path_fields("path", skipped.path, skipped.raw), "reason": _clean(skipped.reason)}
 
 
 def _skipped_file(change: FileChange, reason: str) -> SkippedFile:
@@ -311,12 +384,12 @@ def _worker_init(repo_path: str, config_json: str, source: str, parent_pid: int,
     config = IngestConfig.model_validate_json(config_json)
     repo = GitRepo(repo_path, exclude=config.exclude, include_remotes=config.include_remotes,
                    skip_vendored=config.skip_vendored_crates)
-    _worker = CommitProcessor(repo, config, source=source, sketch_scheme=sketch_scheme)
+    _worker = CommitProcessor(repo, config, source=source, sketch_scheme=sketch_scheme, tree_bytes=_WORKER_TREE_BYTES)
 
 
-def _worker_process(oids: list[str]) -> list[PendingCommit]:
+def _worker_process(oids: list[str], replays: Replays | None = None) -> list[PendingCommit]:
     assert _worker is not None
-    return _worker.process(oids)
+    return _worker.process(oids, replays)
 
 
 def _worker_definitions(blobs: list[str]) -> dict[str, bytes]:
@@ -331,6 +404,7 @@ class IngestSummary:
     skipped: int = 0
     examples: int = 0
     already_present: int = 0
+    replayed_files: int = 0  # file changes stored as replays of their first occurrence (most not even built)
     seconds: float = 0.0
     last_commit: str | None = None
     errors: list[str] = field(default_factory=list)
@@ -361,6 +435,9 @@ class Ingestor:
         self.isolate_files = isolate_files
         self.isolate_bytes = isolate_bytes
         self._crash_guard = _CrashGuard(store.path.parent)
+        # Leave out file changes met before (when the store screens duplicates); False builds every one, as a
+        # reference that must store the same (tests, benchmarks).
+        self.leave_out_replays = True
         # The one place that sees this Ingestor's commits in order: it resolves their cross-file context.
         self.symbols = SymbolIndex(repo, store, self.config, self.parse_definitions)
 
@@ -382,16 +459,19 @@ class Ingestor:
         examples)` reports each committed transaction; `should_stop` is polled between them."""
         summary = IngestSummary()
         started = time.perf_counter()
-        for batch in self._batches(oids, should_stop):
+        planner = (ReplayPlanner(self.repo, self.store, self.processor.fingerprint)
+                   if self.config.dedup and self.leave_out_replays else None)
+        for batch in self._batches(oids, should_stop, planner):
             if should_stop():
                 break
             self.symbols.annotate(batch)
             if extra:
                 for item in batch:
                     item.record.update(extra)
-            result, batch = write_isolating(self.store, batch)
+            result, batch = self._write(batch, extra)
             summary.already_present += result.already_present
             summary.examples += result.examples
+            summary.replayed_files += result.replayed_files
             for item in batch:
                 summary.commits += 1
                 if item.record["status"] == "skipped":
@@ -404,6 +484,23 @@ class Ingestor:
                 on_batch(len(batch), result.examples)
         summary.seconds = time.perf_counter() - started
         return summary
+
+    def _write(self, batch: list[PendingCommit], extra: dict[str, Any] | None) -> tuple[WriteResult, list[PendingCommit]]:
+        """`write_isolating`, building in full each commit whose left-out file changes the store has not seen
+        built (their first occurrence's commit was skipped, or the file failed): its examples are not lost."""
+        while True:
+            try:
+                return write_isolating(self.store, batch)
+            except ReplayUnconfirmed as exc:
+                at = next(i for i, pending in enumerate(batch) if pending.oid == exc.oid)
+                _log.info("replay_rebuilt", commit=exc.oid.hex(),
+                          detail="a file change left out as a replay was never stored built: built in full")
+                # In a process of its own, as a retried chunk is: the first occurrence may have killed its parser.
+                rebuilt = self._one_by_one([exc.oid.hex()], lambda: False)
+                self.symbols.annotate(rebuilt)
+                for item in rebuilt:
+                    item.record.update(extra or {})
+                batch = [*batch[:at], *rebuilt, *batch[at + 1:]]
 
     def derive(self, oids: list[str], should_stop: Callable[[], bool] = lambda: False) -> Iterator[PendingCommit]:
         """The commits as ingest would store them, in order, without storing them (`gitlora upgrade`
@@ -446,33 +543,39 @@ class Ingestor:
                                    initargs=(str(self.repo.common_dir), self.config.model_dump_json(), self.source,
                                              os.getpid(), self.sketch_scheme))
 
-    def _batches(self, oids: list[str], should_stop: Callable[[], bool]) -> Iterator[list[PendingCommit]]:
+    def _batches(self, oids: list[str], should_stop: Callable[[], bool],
+                 planner: "ReplayPlanner | None" = None) -> Iterator[list[PendingCommit]]:
+        """The commits processed, a chunk at a time, in order; with `planner`, each commit's file changes met
+        before are left out (see the module's docstring); without, everything is built."""
         chunk = max(1, min(self.config.batch_commits, _CHUNK_COMMITS))
         chunks = [oids[i:i + chunk] for i in range(0, len(oids), chunk)]
+        plan: Callable[[list[str]], Replays] = planner.replays if planner is not None else (lambda _: {})
         if self.workers > 1 and len(chunks) >= 2:
-            yield from self._pooled(chunks, should_stop)
+            yield from self._pooled(chunks, should_stop, plan)
             return
         suspects = self._crash_guard.take_suspects()
         spawned: ProcessPoolExecutor | None = None  # started at the first heavy chunk, kept for this run
         try:
             for part in chunks:
+                replays = plan(part)
                 if not (self._heavy(part) or suspects.intersection(part)):
                     with self._crash_guard.parsing(part):
-                        done = self.processor.process(part)
+                        done = self.processor.process(part, replays)
                     yield done
                     continue
                 spawned = spawned or self._pool(1)
                 try:
-                    yield spawned.submit(_worker_process, part).result()
+                    yield spawned.submit(_worker_process, part, replays).result()
                 except BrokenProcessPool:
                     spawned.shutdown(wait=True)
                     spawned = None
-                    yield self._one_by_one(part, should_stop)
+                    yield self._one_by_one(part, should_stop, replays)
         finally:
             if spawned is not None:
                 spawned.shutdown(wait=True, cancel_futures=True)
 
-    def _pooled(self, chunks: list[list[str]], should_stop: Callable[[], bool]) -> Iterator[list[PendingCommit]]:
+    def _pooled(self, chunks: list[list[str]], should_stop: Callable[[], bool],
+                plan: Callable[[list[str]], Replays]) -> Iterator[list[PendingCommit]]:
         while chunks:
             pool = self._pool(min(self.workers, len(chunks)))
             broken_at: int | None = None
@@ -482,7 +585,8 @@ class Ingestor:
                 # keep the workers busy and the parent's peak, and the fragmented heap it leaves, small.
                 chunk_iter = enumerate(chunks)
                 in_flight: deque[tuple[int, Future[list[PendingCommit]]]] = deque(
-                    (i, pool.submit(_worker_process, chunk)) for i, chunk in islice(chunk_iter, 2 * self.workers))
+                    (i, pool.submit(_worker_process, chunk, plan(chunk)))
+                    for i, chunk in islice(chunk_iter, 2 * self.workers))
                 while in_flight:
                     index, future = in_flight[0]
                     try:
@@ -495,7 +599,8 @@ class Ingestor:
                     following = next(chunk_iter, None)
                     if following is not None:
                         try:
-                            in_flight.append((following[0], pool.submit(_worker_process, following[1])))
+                            in_flight.append((following[0], pool.submit(_worker_process, following[1],
+                                                                        plan(following[1]))))
                         except BrokenProcessPool:
                             broken_at = in_flight[0][0] if in_flight else following[0]
                             break
@@ -505,10 +610,11 @@ class Ingestor:
                 return
             # A worker died (a parser crash, the OOM killer): which chunk killed it is unknown, so the first
             # unfinished one is retried commit by commit, and a fresh pool takes the rest.
-            yield self._one_by_one(chunks[broken_at], should_stop)
+            yield self._one_by_one(chunks[broken_at], should_stop, plan(chunks[broken_at]))
             chunks = chunks[broken_at + 1:]
 
-    def _one_by_one(self, oids: list[str], should_stop: Callable[[], bool]) -> list[PendingCommit]:
+    def _one_by_one(self, oids: list[str], should_stop: Callable[[], bool],
+                    replays: Replays | None = None) -> list[PendingCommit]:
         """Each commit in a process of its own. One whose process dies again is recorded as skipped: a poison
         commit must cost itself, never the commits after it, and never be retried forever."""
         done: list[PendingCommit] = []
@@ -517,7 +623,7 @@ class Ingestor:
                 break  # e.g. the service stopping, which may be what killed the worker: retried on next start
             with self._pool(1) as alone:
                 try:
-                    done.extend(alone.submit(_worker_process, [oid]).result())
+                    done.extend(alone.submit(_worker_process, [oid], replays).result())
                 except BrokenProcessPool:
                     base: dict[str, Any] = {"source": self.source}
                     try:
@@ -527,6 +633,39 @@ class Ingestor:
                     done.append(CommitProcessor._skipped(oid, base, "parser-died: the process parsing this "
                                                                     "commit died (a parser crash, or out of memory)"))
         return done
+
+
+class ReplayPlanner:
+    """Which file changes of each commit were met earlier in one run, or stored before it: the parent's view, in
+    commit order, of what the workers may leave out. Ahead of the workers, it walks each commit's diff without
+    hunks or rename detection (which files and blobs changed; a renamed file's keys then match no worker's, and
+    it is built). A hint, not the authority: the store decides in its transaction
+    (`store.FileOutcome`), and a replay whose first occurrence was not stored built is built after all. Each
+    chunk is planned once (a chunk retried after a worker died is planned as it first was)."""
+
+    def __init__(self, repo: GitRepo, store: Store, fingerprint: bytes) -> None:
+        self.repo = repo
+        self.store = store
+        self.fingerprint = fingerprint
+        self.seen: set[bytes] = set()
+        self.planned: dict[str, frozenset[bytes]] = {}
+
+    def replays(self, oids: list[str]) -> Replays:
+        fresh = [oid for oid in oids if oid not in self.planned]
+        keys_of: dict[str, list[bytes]] = {}
+        for oid in fresh:
+            try:
+                files = self.repo.changed_rust_files(oid, hunks=False, renames=False).files
+            except Exception:  # a commit git cannot diff is a recorded skip: there is nothing to leave out
+                files = []
+            keys_of[oid] = [file_change_key(change, self.fingerprint) for change in files]
+        stored = self.store.known_file_changes(
+            {key for keys in keys_of.values() for key in keys if key not in self.seen})
+        for oid in fresh:
+            keys = keys_of[oid]
+            self.planned[oid] = frozenset(key for key in keys if key in self.seen or key in stored)
+            self.seen.update(keys)
+        return {oid: self.planned[oid] for oid in oids if self.planned.get(oid)}
 
 
 class _CrashGuard:
@@ -596,7 +735,7 @@ def write_isolating(store: Store, batch: list[PendingCommit]) -> tuple[WriteResu
         return store.write(batch), batch
     except (ValueError, TypeError) as exc:  # json.dumps: UnicodeEncodeError, unserialisable values
         _log.error("batch_unwritable", commits=len(batch), error=_clean(f"{type(exc).__name__}: {exc}"))
-    stored = already = examples = written = 0
+    stored = already = examples = written = replayed = 0
     outcome: list[PendingCommit] = []
     for item in batch:
         try:
@@ -607,5 +746,6 @@ def write_isolating(store: Store, batch: list[PendingCommit]) -> tuple[WriteResu
             result = store.write([item])  # a plain record: if this fails, the store is what is broken
         stored, already = stored + result.stored, already + result.already_present
         examples, written = examples + result.examples, written + result.bytes_written
+        replayed += result.replayed_files
         outcome.append(item)
-    return WriteResult(stored, already, examples, written), outcome
+    return WriteResult(stored, already, examples, written, replayed), outcome

@@ -6,7 +6,9 @@ example's (path, qualified_name, after) -> the oid of the first commit that stor
 whose every example is already there replays earlier commits, e.g. a merge of its branch, and its record says
 so with `duplicates`), `symbols` (20-byte blob oid -> JSON list of the blob's definitions: content-addressed,
 written put-if-absent in the transaction of the commit that first needed them; ingest's symbol index reads them
-instead of parsing again). A commit's record and all of its
+instead of parsing again), `file_changes` (16-byte key of a changed file, ingest's `file_change_key`: its paths,
+old and new blob and what decides its items -> what the file change yielded the first time it was stored: see
+`FileOutcome`). A commit's record and all of its
 examples are written in one write transaction, and the transaction first checks that the commit is not
 already stored: LMDB's atomic commit makes that "exactly once" even if the process dies at any instant.
 """
@@ -151,6 +153,7 @@ def seq_key(seq: int) -> bytes:
 
 
 _MAX_DUPLICATE_OF = 8  # a commit record names at most this many of the commits it duplicates
+_MAX_RECORDED_SKIPS = 50  # a commit record lists at most this many skipped files (ingest's limit too)
 
 
 def example_key(example: dict[str, Any] | bytes) -> bytes:
@@ -160,6 +163,46 @@ def example_key(example: dict[str, Any] | bytes) -> bytes:
     record = json.loads(example) if isinstance(example, (bytes, bytearray)) else example
     fields = [record.get("path"), record.get("path_hex"), record.get("qualified_name"), record.get("after")]
     return hashlib.blake2b(json.dumps(fields).encode(), digest_size=16).digest()
+
+
+class ReplayUnconfirmed(StoreError):
+    """A commit whose ingest left out a file change as a replay (`FileOutcome.built` False) that the store has not
+    indexed: its first occurrence was not stored as built (its commit skipped, the file failed). Nothing of the
+    batch is written; ingest builds that commit in full and writes again."""
+
+    def __init__(self, oid: bytes) -> None:
+        self.oid = oid
+        super().__init__(f"commit {oid.hex()} left out a file change the store has not seen built")
+
+
+@dataclass(frozen=True)
+class FileOutcome:
+    """What one changed file of a commit yielded, in the order of the commit's files (its examples are the next
+    `examples` of `PendingCommit.examples`). The same file change (paths, old and new blob, and the settings and
+    code that decide its items: `key`) yields the same items again, so every example of its second occurrence
+    (a merge replaying its branch, a cherry-pick onto the same base) is an exact duplicate of the first's. The
+    store indexes each first occurrence (`file_changes`) and stores a later one as a *replay*: none of its
+    examples, each counted as a duplicate, and its hygiene skips, file skip and syntax errors counted again as
+    the first occurrence recorded them; so ingest need not build it at all (`built` False). `gitlora stats` thus
+    counts by reason what building the replay and screening it would: its examples as duplicates (also one its
+    first occurrence left out as a near-duplicate: it is an exact copy of an example already screened), and
+    neither its examples nor their cross-file lookups appear in the record's cross-file counts. A replay built
+    anyway (one the parent could not foresee: a renamed file) is stored the same way."""
+
+    key: bytes  # ingest's file_change_key
+    examples: int = 0  # examples built for it (0 when not built)
+    skipped_items: dict[str, int] = field(default_factory=dict)  # hygiene's skips of its items
+    skipped_file: dict[str, Any] | None = None  # its recorded skip (path fields, reason), when it was skipped
+    syntax_error: dict[str, Any] | None = None  # its record's syntax_errors entry, when it has one
+    built: bool = True  # False: left out as a replay of an indexed file change (nothing above is filled)
+    indexable: bool = True  # False: its outcome is no property of the file change (a bug's error): not indexed
+
+    def encode(self, oid: bytes) -> bytes:
+        value: dict[str, Any] = {"commit": oid.hex(), "examples": self.examples}
+        for name in ("skipped_items", "skipped_file", "syntax_error"):
+            if getattr(self, name):
+                value[name] = getattr(self, name)
+        return compact_json.encode(value)
 
 
 @dataclass
@@ -179,6 +222,9 @@ class PendingCommit:
     # blob), and per example what resolving it needs, (path, identifiers, imports); None for a skipped commit.
     changes: list[tuple[str | None, str | None, str | None]] | None = None
     references: list[tuple[str, list[str], list[str]] | None] | None = None
+    # What each changed file yielded (`FileOutcome`), for the store's replay rule; None: no such rule (every
+    # example screened on its own, as a store written before the rule or `repair` re-storing shard lines).
+    files: list[FileOutcome] | None = None
 
 
 @dataclass(frozen=True)
@@ -187,6 +233,7 @@ class WriteResult:
     already_present: int  # commits skipped because an earlier writer stored them
     examples: int  # examples appended
     bytes_written: int = 0  # example bytes appended
+    replayed_files: int = 0  # file changes stored as replays of their first occurrence (`FileOutcome`)
 
 
 class Store:
@@ -260,9 +307,16 @@ class Store:
         except _DAMAGE_ERRORS as exc:
             self.env.close()
             raise _unreadable(self.path, exc) from None
+        try:  # file change -> its first outcome (the replay rule, `FileOutcome`); added like example_keys
+            self._files = self.env.open_db(b"file_changes", create=not self.readonly)
+        except lmdb.NotFoundError:
+            self._files = None
+        except _DAMAGE_ERRORS as exc:
+            self.env.close()
+            raise _unreadable(self.path, exc) from None
 
     @contextmanager
-    def _txn(self, db: Literal["commits", "examples", "meta", "symbols"] | None = None,
+    def _txn(self, db: Literal["commits", "examples", "meta", "symbols", "files"] | None = None,
              **kwargs: Any) -> Iterator[lmdb.Transaction]:
         """A transaction that survives the map growing, with LMDB's reports of damaged pages (on any read)
         turned into StoreDamaged. Another process (a backfill next to the daemon) may have grown the map,
@@ -356,7 +410,7 @@ class Store:
         indexed = txn.get(b"keys_indexed_upto", db=self._meta)
         index_complete = indexed is not None and int(indexed) >= next_seq
         counters = self._counters(txn)
-        stored = present = appended = written = 0
+        stored = present = appended = written = replayed = 0
         seen_in_batch: set[bytes] = set()
         self._check_sketch_scheme(txn, batch)
         for pending in batch:
@@ -370,7 +424,17 @@ class Store:
             record = dict(pending.record)
             examples = pending.examples
             if pending.screen is not None and pending.screen.enforce:
-                examples = self._screen(txn, pending.oid, examples, pending.screen, record, next_seq)
+                screen = pending.screen
+                if pending.files is not None:
+                    kept, replays = self._replays(txn, pending.oid, len(examples), pending.files, record)
+                    replayed += replays
+                    if len(kept) < len(examples):
+                        examples = [examples[i] for i in kept]
+                        screen = replace(screen, sketches=_at(screen.sketches, kept, None),
+                                         keys=tuple(_at(screen.keys, kept, b"")) if screen.keys else ())
+                examples = self._screen(txn, pending.oid, examples, screen, record, next_seq)
+            elif pending.files is not None and not all(f.built for f in pending.files):
+                raise StoreError(f"commit {pending.oid.hex()} left out file changes, but is not screened: a bug")
             elif pending.screen is not None:
                 self._register(txn, pending.oid, examples, pending.screen, record, next_seq)
             if examples:
@@ -402,7 +466,7 @@ class Store:
         if index_complete:  # else the next open catches up (a writer of an older gitlora wrote in between)
             txn.put(b"keys_indexed_upto", str(next_seq).encode(), db=self._meta)
         txn.put(b"counters", compact_json.encode(counters), db=self._meta)
-        return WriteResult(stored, present, appended, written)
+        return WriteResult(stored, present, appended, written, replayed)
 
     def _check_sketch_scheme(self, txn: lmdb.Transaction, batch: list[PendingCommit]) -> None:
         """Sketches of two schemes are unrelated numbers: the store records the scheme of its first sketches and
@@ -449,6 +513,58 @@ class Store:
         return {"duplicates": len(earlier),
                 "duplicate_of": sorted({o.hex() for o in earlier})[:_MAX_DUPLICATE_OF]}
 
+    def _replays(self, txn: lmdb.Transaction, oid: bytes, examples: int, files: list[FileOutcome],
+                 record: dict[str, Any]) -> tuple[list[int], int]:
+        """The positions of the commit's examples to screen, and how many of its file changes were replays: all
+        but the examples of file changes stored before (`FileOutcome`), each of those counted as a duplicate of the first occurrence's commit, with what the first occurrence recorded of the file
+        (hygiene's item skips, the file's skip, its syntax errors) recorded again where ingest did not build it;
+        every other file change is indexed with its outcome. Raises ReplayUnconfirmed (before anything is
+        written) for a file change ingest left out that is not indexed."""
+        if self._files is None:
+            raise StoreError(f"store at {self.path} has no file_changes database (opened read-only?)")
+        if sum(f.examples for f in files) != examples:
+            raise StoreError(f"commit {oid.hex()}: its file outcomes count {sum(f.examples for f in files)} "
+                             f"examples, it has {examples}")
+        kept: list[int] = []
+        skips: dict[str, int] = dict(record.get("skipped_items") or {})
+        originals: set[str] = set()
+        replayed = at = 0
+        for outcome in files:
+            mine = range(at, at + outcome.examples)
+            at += outcome.examples
+            found = txn.get(outcome.key, db=self._files)
+            if found is None:
+                if not outcome.built:
+                    raise ReplayUnconfirmed(oid)
+                if outcome.indexable:
+                    txn.put(outcome.key, outcome.encode(oid), db=self._files)
+                kept.extend(mine)
+                continue
+            first = _loads(found, self.path)
+            replayed += 1
+            if first["commit"] != oid.hex():
+                originals.add(first["commit"])
+            duplicates = len(mine) if outcome.built else int(first.get("examples", 0))
+            if duplicates:
+                skips["duplicate"] = skips.get("duplicate", 0) + duplicates
+            if outcome.built:
+                continue  # the file's skips, syntax errors and hygiene counts are in the record already
+            for reason, count in (first.get("skipped_items") or {}).items():
+                skips[reason] = skips.get(reason, 0) + int(count)
+            if first.get("skipped_file"):
+                total = record.get("skipped_files_total", len(record.get("skipped_files", [])))
+                if total < _MAX_RECORDED_SKIPS:
+                    record["skipped_files"] = [*record.get("skipped_files", []), first["skipped_file"]]
+                record["skipped_files_total"] = total + 1
+            if first.get("syntax_error") and len(record.get("syntax_errors", [])) < _MAX_RECORDED_SKIPS:
+                record["syntax_errors"] = [*record.get("syntax_errors", []), first["syntax_error"]]
+        if replayed:
+            if skips:
+                record["skipped_items"] = skips
+            if originals:
+                record["duplicate_of"] = sorted(originals)[:_MAX_DUPLICATE_OF]
+        return kept, replayed
+
     def _screen(self, txn: lmdb.Transaction, oid: bytes, examples: list[dict[str, Any] | bytes], screen: Screen,
                 record: dict[str, Any], next_seq: int) -> list[dict[str, Any] | bytes]:
         """The examples worth storing (DESIGN.md, *Hygiene and deduplication*): less those whose (path, item,
@@ -459,7 +575,7 @@ class Store:
         in commit order, whichever process ingests it."""
         kept: list[dict[str, Any] | bytes] = []
         skips: dict[str, int] = dict(record.get("skipped_items") or {})
-        originals: set[str] = set()
+        originals: set[str] = set(record.get("duplicate_of") or ())  # those of replayed file changes
         taken: set[bytes] = set()
         keys = screen.keys if len(screen.keys) == len(examples) else [example_key(e) for e in examples]
         for index, (example, key) in enumerate(zip(examples, keys)):
@@ -666,6 +782,13 @@ class Store:
                     found[blob] = bytes(raw)
             return found
 
+    def known_file_changes(self, keys: Iterable[bytes]) -> set[bytes]:
+        """Which file changes (`FileOutcome.key`) the store has indexed as built, in one read transaction."""
+        if self._files is None:
+            return set()
+        with self._txn(db="files", buffers=True) as txn:
+            return {key for key in keys if txn.get(key) is not None}
+
     def has_commit(self, oid: bytes) -> bool:
         with self._txn(db="commits", buffers=True) as txn:
             return txn.get(oid) is not None
@@ -746,6 +869,11 @@ class Store:
     def size_bytes(self) -> int:
         data = self.path / "data.mdb"
         return os.path.getsize(data) if data.exists() else 0
+
+
+def _at(values: tuple, positions: list[int], missing: Any) -> tuple:
+    """`values` at `positions` (`missing` past its end: a screen's per-example tuples may be shorter)."""
+    return tuple(values[i] if i < len(values) else missing for i in positions)
 
 
 def _without_message(example: dict[str, Any] | bytes) -> dict[str, Any]:

@@ -4,6 +4,8 @@ trainable examples, near-duplicates beyond the cap left out, and a repair giving
 from __future__ import annotations
 
 import json
+import random
+import re
 import shutil
 from dataclasses import replace
 from pathlib import Path
@@ -15,7 +17,7 @@ import pytest
 from gitlora.daemon.commands.backfill import backfill
 from gitlora.daemon.config import Config
 from gitlora.daemon.dedup import (BANDS, NUM_PERM, SCHEME, SHA1_SCHEME, TOKEN_SCHEME, Screen, band_keys,
-                                  shingle_hash, shingles, signature, signatures, similarity)
+                                  shingle_hash, shingles, signature, signatures, similarity, tokens)
 from gitlora.daemon.gitrepo import GitRepo
 from gitlora.daemon.ingest import CommitProcessor
 from gitlora.daemon.repair import repair_store
@@ -78,6 +80,17 @@ def test_shingles_are_the_token_trigrams_whitespace_blind():
                                                "( é )".encode(), "é ) ;".encode()}
     assert shingles("f ( )") == {b"f ( )"} and shingles("f ()") == {b"f ( )"}
     assert shingles("a b") == set() == shingles("")
+
+
+def test_tokens_are_the_token_patterns_whatever_the_characters():
+    """ASCII texts take a faster path than the regular expression that defines the tokens: the same tokens."""
+    rng = random.Random(11)
+    alphabet = [chr(c) for c in range(128)] + ["é", "ß", "\u00a0", "\u2028", "✓", "🦀", "\u0301", "٣"]
+    texts = SIGNED + [function("a") + "\x1c\x1f\x0b\x0c\x00 r#\"raw\"# 'c' 0x1F_u8 a::b<'a>"]
+    texts += ["".join(rng.choice(alphabet if n % 2 else alphabet[:128]) for _ in range(rng.randint(0, 60)))
+              for n in range(2000)]
+    for text in texts:
+        assert tokens(text) == re.findall(r"\w+|[^\w\s]", text), text
 
 
 @pytest.mark.parametrize("scheme", [SHA1_SCHEME, TOKEN_SCHEME])

@@ -322,3 +322,22 @@ def test_parse_caches_are_bounded_by_estimated_bytes():
     cache.put("e", small, estimated_items_bytes(small))
     assert [k for k in "abcde" if cache.get(k) is not None] == ["b", "d", "e"]
     assert cache.size <= cache.max_bytes
+
+
+def test_line_hunks_of_two_blobs_are_the_commits_own(tmp_path):
+    """Ingest asks for a modified file's hunks only when a reparse can use them (`GitRepo.line_hunks`): they must
+    be the hunks the commit's diff gives, a renamed and edited file's too."""
+    repo = init_repo(tmp_path / "repo")
+    lines = [f"pub fn f{n}(x: u64) -> u64 {{ x + {n} }}\n" for n in range(40)]
+    commit_files(repo, {"src/a.rs": "".join(lines), "src/b.rs": "".join(lines[:30])}, "base")
+    edited = lines[:3] + ["// new\n"] + lines[5:20] + [lines[20].replace("x +", "x -")] + lines[21:38]
+    commit_files(repo, {"src/a.rs": "".join(edited)}, "edit")
+    git(repo, "mv", "src/b.rs", "src/c.rs")
+    commit_files(repo, {"src/c.rs": "".join(lines[:29]) + "pub fn g() {}\n"}, "rename and edit")
+    git_repo = GitRepo(repo)
+    assert [c.status for c in git_repo.changed_rust_files(git(repo, "rev-parse", "HEAD")).files] == ["renamed"]
+    for oid in git(repo, "rev-list", "HEAD~2..HEAD").split():
+        changes = git_repo.changed_rust_files(oid).files
+        assert changes and all(c.hunks for c in changes)
+        assert [git_repo.line_hunks(c.old_oid, c.new_oid) for c in changes] == [c.hunks for c in changes]
+        assert [c.hunks for c in git_repo.changed_rust_files(oid, hunks=False).files] == [None] * len(changes)
