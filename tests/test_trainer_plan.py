@@ -168,10 +168,14 @@ def test_select_by_budget_keeps_records_of_the_newest_commits_and_reports_the_re
 
     kept, report = P.select_by_budget(records, count, {"max_tokens": 0, "max_seconds": 0}, 5.0, 0.0, 1.0)
     assert kept == records and report["deferred_commits"] == [] and counted == []  # no budget: no tokenising
+    # 10 s at 5 tokens/s, planned at TIME_BUDGET_FILL of the rate: 45 tokens
     kept, report = P.select_by_budget(records, count, {"max_tokens": 0, "max_seconds": 10}, 5.0, 0.0, 1.0)
-    assert report["cap_tokens"] == 50 and report["covered_commits"] == ["c9", "c8", "c7", "c6"]
-    assert [r["commit"] for r in kept] == ["c6", "c7", "c8", "c9", "c9"]  # their order kept
-    assert report["deferred_commits"] == ["c5", "c4", "c3", "c2", "c1", "c0"] and report["planned_tokens"] == 50
+    assert P.TIME_BUDGET_FILL == 0.9 and report["tokens_per_s"] == 5.0
+    assert report["cap_tokens"] == 45 and report["covered_commits"] == ["c9", "c8", "c7"]
+    assert [r["commit"] for r in kept] == ["c7", "c8", "c9", "c9"]  # their order kept
+    assert report["deferred_commits"] == ["c6", "c5", "c4", "c3", "c2", "c1", "c0"] and report["planned_tokens"] == 40
+    _, report = P.select_by_budget(records, count, {"max_tokens": 0, "max_seconds": 10}, 50 / 9, 0.0, 1.0)
+    assert report["covered_commits"] == ["c9", "c8", "c7", "c6"]  # a rate that plans 50 tokens takes 50
     _, report = P.select_by_budget(records, count, {"max_tokens": 120, "max_seconds": 0}, 5.0, 0.5, 2.0)
     assert report["covered_commits"] == ["c9", "c8"]  # 120 tokens = 30 new (c9: 20, c8: 10) x 2 replay x 2 epochs
     _, report = P.select_by_budget(records, count, {"max_tokens": 116, "max_seconds": 0}, 5.0, 0.5, 2.0)
