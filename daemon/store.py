@@ -286,31 +286,18 @@ class Store:
         except _DAMAGE_ERRORS as exc:
             self.env.close()
             raise _unreadable(self.path, exc) from None
-        try:  # added after schema 1's first stores: a reader of a store no writer has opened since has none
-            self._keys = self.env.open_db(b"example_keys", create=not self.readonly)
+        # Databases added after schema 1's first stores: a reader of a store no writer has opened since has none.
+        self._keys = self._optional_db(b"example_keys")
+        self._screening = self._optional_db(b"screening")  # near-duplicate clusters, message counts
+        self._symbols = self._optional_db(b"symbols")  # blob -> definitions (schema 4)
+        self._files = self._optional_db(b"file_changes")  # file change -> its first outcome (`FileOutcome`)
+
+    def _optional_db(self, name: bytes):
+        """A sub-database a writer creates on open; None for a reader of a store that lacks it."""
+        try:
+            return self.env.open_db(name, create=not self.readonly)
         except lmdb.NotFoundError:
-            self._keys = None
-        except _DAMAGE_ERRORS as exc:
-            self.env.close()
-            raise _unreadable(self.path, exc) from None
-        try:  # the screening state (near-duplicate clusters, message counts); added like example_keys
-            self._screening = self.env.open_db(b"screening", create=not self.readonly)
-        except lmdb.NotFoundError:
-            self._screening = None
-        except _DAMAGE_ERRORS as exc:
-            self.env.close()
-            raise _unreadable(self.path, exc) from None
-        try:  # blob -> definitions (schema 4); added like example_keys
-            self._symbols = self.env.open_db(b"symbols", create=not self.readonly)
-        except lmdb.NotFoundError:
-            self._symbols = None
-        except _DAMAGE_ERRORS as exc:
-            self.env.close()
-            raise _unreadable(self.path, exc) from None
-        try:  # file change -> its first outcome (the replay rule, `FileOutcome`); added like example_keys
-            self._files = self.env.open_db(b"file_changes", create=not self.readonly)
-        except lmdb.NotFoundError:
-            self._files = None
+            return None
         except _DAMAGE_ERRORS as exc:
             self.env.close()
             raise _unreadable(self.path, exc) from None
