@@ -142,7 +142,7 @@ def test_a_large_commit_is_passed_over_and_the_search_is_bounded():
     looked = []
 
     def lazy(commit, n):
-        def count():
+        def count(room):
             looked.append(commit)
             return n
         return count
@@ -182,6 +182,23 @@ def test_select_by_budget_keeps_records_of_the_newest_commits_and_reports_the_re
     assert report["covered_commits"] == ["c9"]
     _, report = P.select_by_budget(records, count, {"max_tokens": 1, "max_seconds": 0}, 5.0, 0.5, 2.0)
     assert report["covered_commits"] == ["c9"]  # a budget below one commit still trains the newest, never all
+
+
+def test_a_commit_too_big_for_the_budget_is_not_counted_whole():
+    # the newest commit takes 30 of 45 tokens; the next holds 100 records of 10: counting it stops past the
+    # 15 left (two records), and the older commit that fits is still taken
+    records = [{"commit": "new", "commit_time": 3, "n": 30}]
+    records += [{"commit": "big", "commit_time": 2, "n": 10} for _ in range(100)]
+    records += [{"commit": "old", "commit_time": 1, "n": 10}]
+    counted = []
+
+    def count(r):
+        counted.append(r["commit"])
+        return r["n"]
+
+    kept, report = P.select_by_budget(records, count, {"max_tokens": 45, "max_seconds": 0}, 5.0, 0.0, 1.0)
+    assert report["covered_commits"] == ["new", "old"] and report["deferred_commits"] == ["big"]
+    assert counted == ["new", "big", "big", "old"] and report["planned_tokens"] == 40
 
 
 def test_budget_reached_and_durations_for_people():

@@ -392,7 +392,9 @@ def newest_within(commits: list[tuple[str, float, Any]], max_tokens: int,
     leave most of a round's budget unused; the search stops after `max_skipped` such commits or when the
     budget is full, since each look means tokenising a commit. What is passed over stays newest among the
     deferred, first in line for the next round. `max_tokens` 0 = all. `tokens` may be a callable, called only
-    for the commits the split reaches. Returns (taken, deferred), each newest first.
+    for the commits the split reaches with the tokens left in the budget (it may stop counting past them: the
+    commit is then passed over, or taken as the round's first, and either way its exact size is not needed).
+    Returns (taken, deferred), each newest first.
     """
     ordered = sorted(commits, key=lambda c: -c[1])
     if not max_tokens:
@@ -401,7 +403,7 @@ def newest_within(commits: list[tuple[str, float, Any]], max_tokens: int,
     for i, (commit, _, tokens) in enumerate(ordered):
         if used >= max_tokens or skipped >= max_skipped:
             return taken, deferred + [c for c, _, _ in ordered[i:]]
-        n = tokens() if callable(tokens) else tokens
+        n = tokens(max_tokens - used) if callable(tokens) else tokens
         if taken and used + n > max_tokens:
             deferred.append(commit)
             skipped += 1
@@ -463,9 +465,14 @@ def select_by_budget(records: list[dict], count_tokens, budget: dict | None, tok
     counted: dict[str, int] = {}
 
     def tokens_of(commit: str):
-        def count() -> int:
-            counted[commit] = sum(count_tokens(r) for r in per_commit[commit][1])
-            return counted[commit]
+        def count(room: int) -> int:  # stops past `room`: a big commit passed over is not tokenised whole
+            n = 0
+            for r in per_commit[commit][1]:
+                n += count_tokens(r)
+                if n > room:
+                    break
+            counted[commit] = n
+            return n
         return count
 
     taken, deferred = newest_within([(c, t, tokens_of(c)) for c, (t, _) in per_commit.items()], new_cap)
