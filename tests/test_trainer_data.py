@@ -221,6 +221,63 @@ def test_fim_truncation_cuts_whole_lines_and_the_kept_bytes_are_the_files(tok):
             tok(suffix, add_special_tokens=False)["input_ids"])  # the prefix, nearer the gap's meaning, gets more
 
 
+class CountingTokenizer:
+    """The real tokenizer, counting the texts it encodes and their characters."""
+
+    def __init__(self, tokenizer):
+        self.inner, self.calls, self.chars, self.longest = tokenizer, 0, 0, 0
+
+    def __call__(self, text, *args, **kw):
+        self.calls, self.chars, self.longest = self.calls + 1, self.chars + len(text), max(self.longest, len(text))
+        return self.inner(text, *args, **kw)
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+
+def test_line_fits_are_the_most_whole_lines_within_the_budget(tok):
+    """fit_lines against the definition, tokenising every candidate: the most lines (from the start, from the
+    end, or only at the given cuts) whose text fits, with exactly that text's tokens; budgets from none to more
+    than the whole text (the window then grows to all of it)."""
+    rng = random.Random(5)
+    corpus = tiny.rust_corpus(60, seed=3)
+    ids = lambda t: tok(t, add_special_tokens=False)["input_ids"]  # noqa: E731
+    for trial in range(4):
+        text = "".join(rng.choice(corpus) for _ in range(rng.randint(3, 20)))
+        lines = data._lines(text)
+        cuts = sorted(rng.sample(range(1, len(lines) + 1), k=max(1, len(lines) // 3)))
+        for from_end in (False, True):
+            texts = {n: "".join(lines[len(lines) - n:] if from_end else lines[:n]) for n in range(len(lines) + 1)}
+            counts = {n: len(ids(t)) for n, t in texts.items()}
+            for budget in (0, 1, 17, 64, 200, counts[len(lines)] - 1, counts[len(lines)], counts[len(lines)] + 50):
+                for allowed in (None, cuts):
+                    want = max((n for n in (allowed or range(1, len(lines) + 1)) if counts[n] <= budget), default=0)
+                    n, got = data.fit_lines(tok, lines, budget, from_end=from_end, cuts=allowed)
+                    assert n == want, (trial, budget, from_end, allowed)
+                    assert got == (ids(texts[n]) if n else [])
+
+
+def test_an_item_in_a_huge_file_never_tokenises_the_whole_file(tok):
+    """The text around an item is cut to the context from windows near the item: a 200 KB file is never
+    tokenised whole, and the example is the one a full tokenisation gives."""
+    filler = many_methods(1200)
+    text = "use std::fmt;\n\nimpl Table {\n" + filler + "    " + method(PEER_V2, "connect") + "\n\n" + filler + "}\n"
+    assert len(text) > 200_000
+    rec = in_file(text, method(PEER_V2, "connect"), before=method(PEER_V1, "connect"), kind="method")
+    parts = fim(rec)
+    counting = CountingTokenizer(tok)
+    short, cut = data.tokenize_fim(counting, parts, 512)
+    assert cut and len(short.input_ids) <= 512
+    assert counting.longest < 20 * 512 and counting.chars < 40 * 512  # windows of a few thousand characters
+    prefix, suffix, target = fim_pieces(tok, short)
+    ids = lambda t: tok(t, add_special_tokens=False)["input_ids"]  # noqa: E731
+    assert short.input_ids[-len(ids(target)):] == ids(target) and parts.prefix.endswith(prefix)
+    # the most whole lines that fit, as tokenising each candidate would find
+    room = len(ids(prefix))
+    more = parts.prefix[:len(parts.prefix) - len(prefix)].rsplit("\n", 2)[-2] + "\n" + prefix
+    assert len(ids(more)) > room or len(short.input_ids) + len(ids(more)) - room > 512
+
+
 def test_an_over_long_middle_ends_at_a_scope_boundary_with_its_markers(tok):
     arms = "".join(f"            {i} => {{\n                let v{i} = compute_{i}(x);\n                v{i} + 1\n"
                    f"            }}\n" for i in range(8))
@@ -402,20 +459,6 @@ def test_example_tokens_is_what_build_packs(tok):
     options = data.RenderOptions(edit_share=0.3, copied_weight=0.1)
     ds = data.build(recs, tok, 512, options=options, seed=2)
     assert sum(data.example_tokens(r, tok, 512, options, 2) for r in recs) == ds.packed.real_tokens
-
-
-class CountingTokenizer:
-    """The real tokenizer, counting the texts it encodes."""
-
-    def __init__(self, tokenizer):
-        self.inner, self.calls = tokenizer, 0
-
-    def __call__(self, *args, **kw):
-        self.calls += 1
-        return self.inner(*args, **kw)
-
-    def __getattr__(self, name):
-        return getattr(self.inner, name)
 
 
 def test_a_round_counts_and_packs_each_record_once(tok):

@@ -414,6 +414,22 @@ def _ids(tokenizer, text: str) -> list[int]:
     return tokenizer(text, add_special_tokens=False)["input_ids"] if text else []
 
 
+def _ids_within(tokenizer, text: str, limit: int) -> list[int] | None:
+    """The text's tokens when they number at most `limit`, else None. A long text is judged by its last lines
+    first: when a window of them already holds more than `limit` tokens, so does the whole (token counts grow
+    with the text), and the whole is never tokenised."""
+    window = limit * WINDOW_CHARS_PER_TOKEN
+    while len(text) > window:
+        start = text.find("\n", len(text) - window)
+        if start == -1:
+            break
+        if len(_ids(tokenizer, text[start + 1:])) > limit:
+            return None
+        window *= 2
+    ids = _ids(tokenizer, text)
+    return ids if len(ids) <= limit else None
+
+
 def _lines(text: str) -> list[str]:
     """`text` as lines, each with its newline (only a newline ends one: a cut lands where an editor's line
     ends)."""
@@ -461,17 +477,106 @@ def _most_that_fits(tokenizer, text_of, count: int, budget: int) -> tuple[int, l
     return best
 
 
+WINDOW_CHARS_PER_TOKEN = 4  # a first window's characters per token: more than code's tokens usually hold
+# The estimate of a cut from a window's token offsets is off by the token that straddles the line start at
+# most: a cut whose estimate is over the budget by more is not tried.
+ESTIMATE_SLACK = 2
+
+
+def _token_starts(tokenizer, text: str) -> tuple[list[int], list[int]] | None:
+    """(ids, each token's start offset in `text`), or None from a tokenizer without offsets (a slow one)."""
+    try:
+        enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    except NotImplementedError:
+        return None
+    return enc["input_ids"], [start for start, _ in enc["offset_mapping"]]
+
+
+def fit_lines(tokenizer, lines: list[str], budget: int, from_end: bool = False,
+              cuts: list[int] | None = None) -> tuple[int, list[int]]:
+    """The most of `lines` that tokenise within `budget`: (n, tokens) for the first n lines (or, `from_end`, the
+    last n), n one of `cuts` (ascending line counts; default every count); (0, []) when none fits.
+
+    Reads only a window of the text a little larger than what fits, never the whole of a long file (a round
+    fits the text around thousands of items into its context; a bisection over the whole text tokenised each
+    several times): the window's token offsets estimate where the cut lies, and exact tokenisations of the
+    kept text (and of one more line, when the estimate says it might fit) settle it."""
+    cuts = list(cuts) if cuts is not None else list(range(1, len(lines) + 1))
+    if not cuts or budget <= 0:
+        return 0, []
+
+    def text_of(n: int) -> str:
+        return "".join(lines[len(lines) - n:] if from_end else lines[:n])
+
+    window = budget * WINDOW_CHARS_PER_TOKEN
+    while True:
+        chars, span = 0, 0  # `span`: the lines the window holds, whole
+        for line in (reversed(lines) if from_end else lines):
+            if chars >= window:
+                break
+            chars, span = chars + len(line), span + 1
+        text = text_of(span)
+        found = _token_starts(tokenizer, text)
+        if found is None:
+            return _most_that_fits(tokenizer, lambda i: text_of(cuts[i - 1]), len(cuts), budget)
+        ids, starts = found
+        if len(ids) <= budget and span == len(lines):
+            return (cuts[-1], ids) if cuts[-1] == len(lines) else _confirm(tokenizer, text_of, cuts, len(cuts) - 1,
+                                                                           budget)
+        if len(ids) > budget:
+            break
+        window *= 2  # the window fits whole: the cut lies further out
+    # where each line of the window starts, and so the tokens n lines hold (within a token at the cut)
+    begin, at = len(lines) - span, 0
+    line_start = {}
+    for k in range(span):
+        line_start[k] = at
+        at += len(lines[(begin if from_end else 0) + k])
+    line_start[span] = at
+
+    def estimate(n: int) -> int:
+        if from_end:
+            return len(ids) - bisect.bisect_left(starts, line_start[span - n])
+        return bisect.bisect_left(starts, line_start[n])
+
+    best = -1
+    for i, n in enumerate(cuts):
+        if n > span:
+            break
+        if estimate(n) <= budget:
+            best = i
+        else:
+            break
+    return _confirm(tokenizer, text_of, cuts, best, budget,
+                    lambda n: estimate(n) if n <= span else budget + ESTIMATE_SLACK + 1)
+
+
+def _confirm(tokenizer, text_of, cuts: list[int], guess: int, budget: int, estimate=None) -> tuple[int, list[int]]:
+    """The exact answer near an estimated cut (`cuts[guess]`, -1 for none): fewer lines while the guess is over
+    the budget, more while the next still fits (not tried when its `estimate` is over by more than the slack)."""
+    i, ids = guess, (_ids(tokenizer, text_of(cuts[guess])) if guess >= 0 else [])
+    while i >= 0 and len(ids) > budget:
+        i -= 1
+        ids = _ids(tokenizer, text_of(cuts[i])) if i >= 0 else []
+    while i + 1 < len(cuts):
+        if estimate is not None and estimate(cuts[i + 1]) > budget + ESTIMATE_SLACK:
+            break
+        more = _ids(tokenizer, text_of(cuts[i + 1]))
+        if len(more) > budget:
+            break
+        i, ids = i + 1, more
+    return (cuts[i], ids) if i >= 0 else (0, [])
+
+
 def head_lines(tokenizer, text: str, budget: int) -> list[int]:
     """The tokens of `text`'s first whole lines that fit in `budget` (a suffix cut ends at a line end)."""
-    lines = _lines(text)
-    return _most_that_fits(tokenizer, lambda n: "".join(lines[:n]), len(lines), budget)[1]
+    return fit_lines(tokenizer, _lines(text), budget)[1]
 
 
 def tail_lines(tokenizer, text: str, budget: int) -> list[int]:
     """The tokens of `text`'s last whole lines that fit in `budget` (a prefix cut drops the partial first line,
     so the kept text starts at a line start, its indentation kept)."""
-    lines = _lines(text)
-    return _most_that_fits(tokenizer, lambda n: "".join(lines[len(lines) - n:]), len(lines), budget)[1]
+    return fit_lines(tokenizer, _lines(text), budget, from_end=True)[1]
 
 
 def cut_target(tokenizer, target: str, budget: int) -> list[int]:
@@ -485,23 +590,23 @@ def cut_target(tokenizer, target: str, budget: int) -> list[int]:
     lines = _lines(body)
     for cuts in (scope_boundaries(lines), range(1, len(lines) + 1)):
         cuts = list(cuts)
-        n, kept = _most_that_fits(tokenizer, lambda i: "".join(lines[:cuts[i - 1]]), len(cuts), budget)
+        n, kept = fit_lines(tokenizer, lines, budget, cuts=cuts)
         if n:
             return kept
     return ids[:max(1, budget)]
 
 
-def tokenize(tokenizer, prompt: str, target: str, context_length: int) -> tuple[Tokenized, bool]:
+def tokenize(tokenizer, prompt: str, target: str, context_length: int,
+             ids: tuple[list[int], list[int]] | None = None) -> tuple[Tokenized, bool]:
     """Prompt and target tokenised separately (so the mask boundary is exact); over-long examples are cut at line
     boundaries.
 
     Truncation keeps the whole target when it fits in 3/4 of the context (else cuts it at a syntactic boundary,
     `cut_target`), then the prompt's first whole lines within 32 tokens (the repo/path header line always whole)
     and as many of its last whole lines (the `before` text nearest the target) as fit. Returns (tokenized,
-    truncated?).
+    truncated?). `ids`: the prompt's and the target's tokens when the caller has them.
     """
-    p = _ids(tokenizer, prompt)
-    t = _ids(tokenizer, target)
+    p, t = ids if ids is not None else (_ids(tokenizer, prompt), _ids(tokenizer, target))
     truncated = len(p) + len(t) > context_length
     if truncated:
         if len(t) > context_length * 3 // 4:
@@ -510,8 +615,7 @@ def tokenize(tokenizer, prompt: str, target: str, context_length: int) -> tuple[
         if len(p) > budget:
             lines = _lines(prompt)
             first = len(_ids(tokenizer, lines[0]))  # the header line whole, even when a long path makes it long
-            n, head = _most_that_fits(tokenizer, lambda k: "".join(lines[:k]), len(lines),
-                                      min(max(32, first), budget // 2))
+            n, head = fit_lines(tokenizer, lines, min(max(32, first), budget // 2))
             p = head + tail_lines(tokenizer, "".join(lines[n:]), budget - len(head))
     return Tokenized(p + t, [IGNORE] * len(p) + list(t)), truncated
 
@@ -543,10 +647,11 @@ def tokenize_edit(tokenizer, prompt: str, target: str, context: tuple[str, ...],
         return tokenize(tokenizer, prompt, target, context_length)
     repo_head, file_prompt = _ids(tokenizer, prompt[:at]), prompt[at + len(joined):]
     blocks = [_ids(tokenizer, block) for block in context]
-    rest = len(repo_head) + len(_ids(tokenizer, file_prompt)) + len(_ids(tokenizer, target))
+    file_ids = (_ids(tokenizer, file_prompt), _ids(tokenizer, target))
+    rest = len(repo_head) + len(file_ids[0]) + len(file_ids[1])
     keep = blocks_within([len(b) for b in blocks], context_length - rest, context_length)
     head = repo_head + [token for block in blocks[:keep] for token in block]
-    tok, cut = tokenize(tokenizer, file_prompt, target, context_length - len(head))
+    tok, cut = tokenize(tokenizer, file_prompt, target, context_length - len(head), ids=file_ids)
     return Tokenized(head + tok.input_ids, [IGNORE] * len(head) + tok.labels), cut or keep < len(blocks)
 
 
@@ -562,23 +667,27 @@ def tokenize_fim(tokenizer, parts: FimParts, context_length: int, with_target: b
     cut = len(parts.head) if cut == -1 or not parts.context else cut
     repo_head, file_head = _ids(tokenizer, parts.head[:cut]), _ids(tokenizer, parts.head[cut:])
     blocks = [_ids(tokenizer, block) for block in parts.context]
-    pre, suf = _ids(tokenizer, parts.prefix), _ids(tokenizer, parts.suffix)
+    # A prefix or suffix longer than the whole context counts as context_length + 1 tokens: every decision below
+    # comes out as with its full count (both cut), and a long file is never tokenised whole.
+    pre, suf = _ids_within(tokenizer, parts.prefix, context_length), _ids_within(tokenizer, parts.suffix,
+                                                                                 context_length)
+    n_pre, n_suf = (context_length + 1 if ids is None else len(ids) for ids in (pre, suf))
     s_mark, m_mark = _ids(tokenizer, FIM_SUFFIX), _ids(tokenizer, FIM_MIDDLE)
     t = _ids(tokenizer, parts.middle + EOS) if with_target else []
     fixed = len(repo_head) + len(file_head) + len(s_mark) + len(m_mark)
-    rest = fixed + len(pre) + len(suf) + len(t)
+    rest = fixed + n_pre + n_suf + len(t)
     truncated = rest + sum(map(len, blocks)) > context_length
     blocks = blocks[:blocks_within(list(map(len, blocks)), context_length - rest, context_length)]
     head = repo_head + [token for block in blocks for token in block] + file_head
     fixed += len(head) - len(repo_head) - len(file_head)
-    if fixed + len(pre) + len(suf) + len(t) > context_length:
+    if fixed + n_pre + n_suf + len(t) > context_length:
         if len(t) > (context_length - fixed) // 2:
             t = cut_target(tokenizer, parts.middle + EOS, max(1, (context_length - fixed) // 2))
         room = max(0, context_length - fixed - len(t))
-        keep_suf = min(len(suf), max(room // 4, room - len(pre)))
-        if keep_suf < len(suf):
+        keep_suf = min(n_suf, max(room // 4, room - n_pre))
+        if keep_suf < n_suf:
             suf = head_lines(tokenizer, parts.suffix, keep_suf)
-        if len(pre) > room - len(suf):
+        if n_pre > room - len(suf):
             pre = tail_lines(tokenizer, parts.prefix, room - len(suf))
     prompt = head + pre + s_mark + suf + m_mark
     return Tokenized(prompt + t, [IGNORE] * len(prompt) + list(t)), truncated
