@@ -211,7 +211,7 @@ class TrainingCoordinator:
             eval_shards=self._paths(worker, plan.eval_shards), new_commits=plan.new_commits,
             replay_commits=plan.replay_commits, window_commits=plan.window_commits, older_commits=plan.older_commits,
             budget=round_spec.Budget(**budget),
-            train=settings.model_copy(update={"seed": settings.seed + number}),
+            train=settings.model_copy(update={"seed": settings.seed + number}), eval_seed=settings.seed,
         ).model_dump()
         atomic_write_text(directory / "spec.json", json.dumps(spec, indent=1) + "\n")
         command = [sys.executable, "-m", "gitlora.trainer", "--spec", str(directory / "spec.json")]

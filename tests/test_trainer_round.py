@@ -54,11 +54,11 @@ def write_shard(path: Path, records: list[dict]) -> Path:
 
 
 def make_spec(tmp: Path, model: Path, adapters: Path, train, replay=(), eval_=(), *, window=None, older=None,
-              budget=None, **train_cfg) -> Path:
+              budget=None, eval_seed=None, **train_cfg) -> Path:
     """A round spec; `window` / `older` (commit lists) select the window and the older slice from eval_."""
     spec = dict(base_model=str(model), adapters_dir=str(adapters), train_shards=[str(p) for p in train],
                 replay_shards=[str(p) for p in replay], eval_shards=[str(p) for p in eval_],
-                progress_file=str(tmp / "progress.jsonl"), train={**FAST, **train_cfg})
+                progress_file=str(tmp / "progress.jsonl"), train={**FAST, **train_cfg}, eval_seed=eval_seed)
     if budget is not None:
         spec["budget"] = budget
     if window is not None:
@@ -107,7 +107,9 @@ def world(tmp_path_factory):
     r1 = root / "round1"
     r1.mkdir()
     # A time budget far above what the round needs: no rate measured yet, so the round measures one.
-    proc = run_cli(make_spec(r1, model, adapters, [old], [], [ev], budget={"max_seconds": 100_000}))
+    # Seeds as the daemon sets them: the round's own for training, the settings' for the held-out samples.
+    proc = run_cli(make_spec(r1, model, adapters, [old], [], [ev], budget={"max_seconds": 100_000}, seed=1,
+                             eval_seed=0))
     assert proc.returncode == 0, proc.stderr[-3000:]
     round1 = events(r1 / "progress.jsonl")
 
@@ -116,7 +118,7 @@ def world(tmp_path_factory):
     window = [r["commit"] for r in make_records(12, 200)]
     older = [r["commit"] for r in make_records(40, 0)][::4]
     round2 = run_inprocess(make_spec(r2, model, adapters, [new], [old], [ev, old], window=window, older=older,
-                                     replay_share=0.3))
+                                     replay_share=0.3, seed=2, eval_seed=0))
     return dict(root=root, model=model, adapters=adapters, old=old, new=new, eval=ev, round1=round1,
                 round2=round2, round2_events=events(r2 / "progress.jsonl"))
 
@@ -199,6 +201,10 @@ def test_the_next_round_reuses_the_base_and_current_scores_of_the_last(world):
     cached = world["round2"]["eval_cache"]
     assert cached["base"]["hits"] > 0 and cached["current"]["hits"] > 0
     assert cached["current"]["misses"] < cached["current"]["hits"]
+    # The rounds' seeds differ, their held-out samples and completion spans do not: every window score is
+    # reused, only the older slice (new in round 2) is scored.
+    older = len(make_records(40, 0)[::4])
+    assert cached["base"]["misses"] <= older and cached["current"]["misses"] <= older
     files = sorted(p.stem for p in (world["adapters"] / "eval-cache").glob("*.json"))
     current = registry.current_version(world["adapters"])
     assert files == sorted({"base", current})  # older versions' scores are pruned with each promotion

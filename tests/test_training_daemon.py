@@ -234,6 +234,8 @@ def test_a_rejected_round_keeps_its_data_for_the_next_and_status_says_why(tmp_pa
         wait_for(lambda: repo_status(daemon, "zeta")["training"]["last_round"]["round"] == 2, ROUNDS_S, "round 2")
         again = json.loads((state_dir.rounds / "0002" / "spec.json").read_text())
         assert again["new_commits"] == spec["new_commits"]  # the same data, tried again
+        # a fresh seed for training, the same held-out samples for the gate
+        assert again["train"]["seed"] != spec["train"]["seed"] and again["eval_seed"] == spec["eval_seed"]
         state = json.loads((state_dir.rounds / "state.json").read_text())
         # tried max_tries times: in the replay pool now, untried
         assert state["tries"] == {} and set(state["trained"]) == set(spec["new_commits"])

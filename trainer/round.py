@@ -258,9 +258,10 @@ def _round(spec: dict, progress: Progress, cfg: dict, base_model: str, adapters_
     del made  # the tokens of deferred records: not needed by the loop
     # Completions are scored on the window alone: the older slice is there for forgetting, which its losses
     # measure, and greedy decoding (token by token, three models) is most of a round's evaluation time.
+    eval_seed = int(cfg["seed"] if spec.get("eval_seed") is None else spec["eval_seed"])
     evalsets = {name: evaluate.prepare(records, tokenizer, ctx, max_examples=int(cfg["eval_max_examples"]),
                                        fim_samples=int(cfg["fim_samples"]) if name == "window" else 0,
-                                       seed=int(cfg["seed"]), cross_file=bool(cfg.get("cross_file_context", True)))
+                                       seed=eval_seed, cross_file=bool(cfg.get("cross_file_context", True)))
                 for name, records in eval_records(spec).items()}
     if not train.packed.input_ids:
         raise SpecError("no trainable examples in train_shards")

@@ -121,6 +121,10 @@ class RoundSpec(_Strict):
     older_commits: list[str] = []
     budget: Budget = Budget()
     train: RoundSettings = RoundSettings()
+    # The held-out samples and their completion spans are drawn with the settings' own seed, not the round's:
+    # every round (and `gitlora eval`) scores the same items, so the older slice measures the same examples
+    # each round and scores already computed for a model are reused. None: the round's seed (an older spec).
+    eval_seed: int | None = Field(None, ge=0, le=2**31 - 1)
 
 
 def keep_commits(records: list[dict[str, Any]], commits: list[str] | None) -> list[dict[str, Any]]:
