@@ -247,6 +247,8 @@ def test_a_round_trains_the_newest_commits_that_fit_its_token_budget(tmp_path, t
     assert start["examples"] == len(covered) and budget["cap_tokens"] == 1500
     assert budget["planned_tokens"] <= 1500 and budget["stopped_by"] is None
     assert budget["read_tokens"] <= 1500 * 1.1 and budget["read_tokens_per_s"] > 0
+    # nothing to replay (a first round): the new commits get the whole budget, not the 70 % replay leaves them
+    assert start["replayed"] == 0 and budget["read_tokens"] > 1500 * 0.8
     metrics = json.loads((tmp_path / "adapters" / done["version"] / "metrics.json").read_text())
     assert metrics["budget"] == budget and metrics["steps"] == start["total"]
 

@@ -247,10 +247,11 @@ def _round(spec: dict, progress: Progress, cfg: dict, base_model: str, adapters_
     step_tokens = int(cfg["max_steps"]) * micro_batch * grad_accum * ctx  # what a max_steps round reads (0: none)
     options = data.RenderOptions.from_settings(cfg)
     made = data.Tokenizations(tokenizer, ctx, options, int(cfg["seed"]))  # counted here, packed by build
-    new, budget_report = planlib.select_by_budget(
-        new, made.tokens, spec.get("budget"), rate, float(cfg["replay_share"]), float(cfg["epochs"]),
-        step_tokens=step_tokens)
     old = keep_commits(data.read_shards(spec.get("replay_shards") or []), spec.get("replay_commits"))
+    # Nothing to replay (a first round): the new examples get the whole budget, not what replay leaves them.
+    replay_share = float(cfg["replay_share"]) if old else 0.0
+    new, budget_report = planlib.select_by_budget(
+        new, made.tokens, spec.get("budget"), rate, replay_share, float(cfg["epochs"]), step_tokens=step_tokens)
     mixed, replayed = data.mix_replay(new, old, float(cfg["replay_share"]), int(cfg["seed"]),
                                       newest_first=spec.get("replay_commits"),
                                       halflife_commits=float(cfg["replay_halflife_commits"]))
