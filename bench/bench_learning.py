@@ -466,7 +466,7 @@ def main(argv=None) -> int:
     ap.add_argument("--eval-fraction", type=float, default=0.002, help="[shards] eval_fraction, where it exists")
     ap.add_argument("--round-steps", type=int, default=0, help="[train] max_steps per round (0: one epoch of the "
                     "round's data, bounded by --max-round-s)")
-    ap.add_argument("--max-round-s", type=float, default=240.0, help="[train] max_round_s: a round's time budget; "
+    ap.add_argument("--max-round-s", type=float, default=210.0, help="[train] max_round_s: a round's time budget; "
                     "a bigger backlog trains newest first over several rounds")
     ap.add_argument("--learning-rate", type=float, default=None, help="[train] learning_rate (default: "
                     f"{TINY_LEARNING_RATE} for the pretrained tiny base, the product's default for --base-model)")
