@@ -48,8 +48,9 @@
    and its mean share of the context length.
 
 Everything runs under a temporary directory (`--keep` keeps it). `--reuse WORKDIR` scores a kept run's adapters
-again (new metrics, other evaluation sizes) without ingesting or training: its stores, shards and variants are
-read as they are, the cut is taken again from `--repo` (which must not have moved). Prints a table; with --json,
+again (new metrics, other evaluation sizes) without ingesting, training only the variants it does not hold
+(`--variant` runs added later, on the same selection): its stores, shards and variants are read as they are,
+the cut is taken again from `--repo` (which must not have moved). Prints a table; with --json,
 one JSON object last on stdout. Wall and CPU seconds (this process and its children) per phase.
 """
 from __future__ import annotations
@@ -394,7 +395,8 @@ def main(argv=None) -> int:
                     "the context budget's shares (0: all)")
     ap.add_argument("--keep", action="store_true", help="keep the work directory")
     ap.add_argument("--reuse", type=Path, default=None, metavar="WORKDIR",
-                    help="a work directory kept by an earlier run: score its trained variants again")
+                    help="a work directory kept by an earlier run: score its trained variants again (and "
+                    "train the variants it does not hold, on the same selection)")
     args = ap.parse_args(argv)
     if not args.base_model and not args.corpus:
         ap.error("give --corpus DIR... to pretrain a base, or --base-model DIR")
@@ -554,10 +556,8 @@ def main(argv=None) -> int:
             budgets[v.name] = context_budget(records, tokenizer, plan.context_length, cfg, args.budget_sample,
                                              args.seed)
             budgets[v.name]["train_tokens"] = sum(tokens(v.name, c) for c in chosen)
-            if args.reuse:
-                current = root / "variants" / v.name / "adapters" / "current"
-                if not (current / "metrics.json").is_file():
-                    raise SystemExit(f"--reuse: {root} holds no trained variant {v.name!r}")
+            current = root / "variants" / v.name / "adapters" / "current"
+            if args.reuse and (current / "metrics.json").is_file():
                 adapters[v.name], trained[v.name] = trained_facts(current)
                 if trained[v.name]["commits"] != k or trained[v.name]["steps"] != args.steps:
                     raise SystemExit(f"--reuse: variant {v.name} trained {trained[v.name]['steps']} steps on "
@@ -633,6 +633,12 @@ def main(argv=None) -> int:
                                "vs_base": compare(base_fim[set_of[v.name]], fim_scores[v.name]),
                                "vs_previous": compare(fim_scores[ref], fim_scores[v.name]) if ref else None},
                 "training": trained[v.name], "context_budget": budgets[v.name]})
+        first_standard = next((v.name for v in standard_variants(DEFAULTS) if v.name in scores), None)
+        for result in results:  # every variant against today's rendering (the first standard one that ran)
+            if first_standard and result["name"] != first_standard:
+                result["vs_first"] = {"against": first_standard,
+                                      "edit_format": compare(scores[first_standard], scores[result["name"]]),
+                                      "fim_format": compare(fim_scores[first_standard], fim_scores[result["name"]])}
         # Issue 12's question itself: the product's examples (the last of the standard list that ran) against
         # today's (the first), paired, in both renderings.
         standard = [v.name for v in standard_variants(DEFAULTS) if v.name in scores]
@@ -721,6 +727,14 @@ def print_table(r: dict) -> None:
             print(f"{v['name']} vs {ref}: " + (f"not paired: {cmp['error']}" if "error" in cmp else
                   f"changed loss {_est(cmp['changed_loss_rel'], True)}{fim_text}; edit sim "
                   f"{_est(cmp['fim_edit_sim_diff'], False)}; exact {_est(cmp['fim_exact_diff'], False)}"))
+    for v in r["variants"]:
+        f = v.get("vs_first")
+        if f and v["name"] not in (r.get("product_vs_today") or {}).get("variant", "") and v["previous"] != f[
+                "against"] and "error" not in f["edit_format"] and "error" not in f["fim_format"]:
+            print(f"{v['name']} vs {f['against']}: changed loss {_est(f['edit_format']['changed_loss_rel'], True)}; "
+                  f"FIM-format changed loss {_est(f['fim_format']['changed_loss_rel'], True)}; edit sim "
+                  f"{_est(f['edit_format']['fim_edit_sim_diff'], False)} (losses on "
+                  f"{f['edit_format']['loss_items']} and {f['fim_format']['loss_items']} items cut alike)")
     o = r.get("product_vs_today")
     if o and "error" not in o["edit_format"] and "error" not in o["fim_format"]:
         print(f"{o['variant']} vs {o['against']} (the product's examples vs today's): changed loss "

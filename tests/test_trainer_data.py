@@ -278,6 +278,37 @@ def test_an_item_in_a_huge_file_never_tokenises_the_whole_file(tok):
     assert len(ids(more)) > room or len(short.input_ids) + len(ids(more)) - room > 512
 
 
+def test_the_file_around_a_gap_can_be_learned_at_a_lower_weight(tok):
+    """context_weight: the prefix and suffix kept are targets at that weight, the middle at 1; the repository
+    header, the markers and cross-file blocks never are; the tokens are the same as without it, cut or not."""
+    text = "use std::fmt;\n\nimpl Table {\n" + many_methods(6) + "    " + method(PEER_V2, "connect") + "\n\n"
+    text += many_methods(6).replace("get_", "put_") + "}\n"
+    rec = in_file(text, method(PEER_V2, "connect"), before=method(PEER_V1, "connect"), kind="method")
+    parts = fim(rec)
+    marks = [tok.convert_tokens_to_ids(m) for m in ("<repo_name>", "<fim_prefix>", "<fim_suffix>", "<fim_middle>")]
+    for context in (160, 4096):
+        plain, cut = data.tokenize_fim(tok, parts, context)
+        weighted, cut_too = data.tokenize_fim(tok, parts, context, context_weight=0.25)
+        assert weighted.input_ids == plain.input_ids and cut_too == cut == (context == 160)
+        ids, labels, weights = weighted.input_ids, weighted.labels, weighted.weights
+        s_at, m_at = ids.index(marks[2]), ids.index(marks[3])
+        prefix_at = next(i for i in range(s_at) if labels[i] != data.IGNORE)
+        # the repository line, <fim_prefix> and the file's path line are not targets
+        assert all(labels[i] == data.IGNORE and weights[i] == 0.0 for i in range(prefix_at))
+        assert marks[0] == ids[0] and marks[1] in ids[:prefix_at]
+        assert tok.decode(ids[prefix_at:s_at]) == parts.prefix[len(parts.prefix) - len(tok.decode(ids[prefix_at:s_at])):]
+        for lo, hi in ((prefix_at, s_at), (s_at + 1, m_at)):  # the prefix, the suffix
+            assert all(labels[i] == ids[i] and weights[i] == 0.25 for i in range(lo, hi))
+        assert [(labels[i], weights[i]) for i in (s_at, m_at)] == [(data.IGNORE, 0.0)] * 2
+        assert all(labels[i] == ids[i] and weights[i] == 1.0 for i in range(m_at + 1, len(ids)))  # the middle
+        assert [x for x in plain.labels if x != data.IGNORE] == ids[m_at + 1:]  # without it: the middle alone
+    options = data.RenderOptions(edit_share=0.0, context_weight=0.25)
+    assert data.RenderOptions.from_settings({"edit_share": 0.0, "copied_token_weight": 0.1,
+                                             "context_token_weight": 0.25}).context_weight == 0.25
+    packed = data.build([rec], tok, 4096, options=options, seed=0).packed
+    assert sorted(set(packed.weights[0])) == [0.0, 0.25, 1.0]
+
+
 def test_an_over_long_middle_ends_at_a_scope_boundary_with_its_markers(tok):
     arms = "".join(f"            {i} => {{\n                let v{i} = compute_{i}(x);\n                v{i} + 1\n"
                    f"            }}\n" for i in range(8))

@@ -169,6 +169,7 @@ class RenderOptions:
     edit_share: float = 1.0
     copied_weight: float = 1.0
     cross_file: bool = True  # render the record's cross-file context (when it has one)
+    context_weight: float = 0.0  # a FIM example's prefix and suffix tokens as targets at this weight (0: not)
 
     @classmethod
     def from_settings(cls, cfg: dict) -> "RenderOptions":
@@ -177,7 +178,8 @@ class RenderOptions:
         fim_share = cfg.get("fim_share")
         edit_share = 1.0 - float(fim_share) if fim_share is not None else float(cfg["edit_share"])
         return cls(edit_share=edit_share, copied_weight=float(cfg["copied_token_weight"]),
-                   cross_file=bool(cfg.get("cross_file_context", True)))
+                   cross_file=bool(cfg.get("cross_file_context", True)),
+                   context_weight=float(cfg.get("context_token_weight") or 0.0))
 
 
 @dataclass(frozen=True)
@@ -655,14 +657,15 @@ def tokenize_edit(tokenizer, prompt: str, target: str, context: tuple[str, ...],
     return Tokenized(head + tok.input_ids, [IGNORE] * len(head) + tok.labels), cut or keep < len(blocks)
 
 
-def tokenize_fim(tokenizer, parts: FimParts, context_length: int, with_target: bool = True
-                 ) -> tuple[Tokenized, bool]:
+def tokenize_fim(tokenizer, parts: FimParts, context_length: int, with_target: bool = True,
+                 context_weight: float = 0.0) -> tuple[Tokenized, bool]:
     """A FIM task tokenised piece by piece, so truncation never loses a marker: when it is too long the
     cross-file blocks keep at most `CROSS_FILE_SHARE` of the context (whole blocks, the least relevant dropped
     first), the middle at most half of the rest (cut at a syntactic boundary, `cut_target`), the suffix its
     first whole lines within max(1/4 of what is left, what the prefix does not need) and the prefix its last
-    whole lines within the rest. Without target: the prompt alone (an evaluation task). Returns (tokenized,
-    truncated?)."""
+    whole lines within the rest. Without target: the prompt alone (an evaluation task). `context_weight` > 0:
+    the prefix and suffix tokens kept are targets too, at that loss weight (the middle weighs 1; headers,
+    markers and cross-file blocks are never targets). Returns (tokenized, truncated?)."""
     cut = parts.head.find(FILE_SEP)
     cut = len(parts.head) if cut == -1 or not parts.context else cut
     repo_head, file_head = _ids(tokenizer, parts.head[:cut]), _ids(tokenizer, parts.head[cut:])
@@ -690,15 +693,20 @@ def tokenize_fim(tokenizer, parts: FimParts, context_length: int, with_target: b
         if n_pre > room - len(suf):
             pre = tail_lines(tokenizer, parts.prefix, room - len(suf))
     prompt = head + pre + s_mark + suf + m_mark
-    return Tokenized(prompt + t, [IGNORE] * len(prompt) + list(t)), truncated
+    if not context_weight:
+        return Tokenized(prompt + t, [IGNORE] * len(prompt) + list(t)), truncated
+    labels = [IGNORE] * len(head) + pre + [IGNORE] * len(s_mark) + suf + [IGNORE] * len(m_mark) + list(t)
+    weights = ([0.0] * len(head) + [context_weight] * len(pre) + [0.0] * len(s_mark) + [context_weight] * len(suf)
+               + [0.0] * len(m_mark) + [1.0] * len(t))
+    return Tokenized(prompt + t, labels, weights), truncated
 
 
-def tokenize_rendering(tokenizer, r: Rendering, context_length: int, copied_weight: float = 1.0
-                       ) -> tuple[Tokenized, bool]:
+def tokenize_rendering(tokenizer, r: Rendering, context_length: int, copied_weight: float = 1.0,
+                       context_weight: float = 0.0) -> tuple[Tokenized, bool]:
     """One training example's tokens. An edit's target tokens copied from its before version weigh
-    `copied_weight` (changed ones 1); FIM targets weigh 1."""
+    `copied_weight` (changed ones 1); a FIM middle weighs 1 and its prefix and suffix `context_weight`."""
     if r.kind == FIM and r.fim is not None:
-        return tokenize_fim(tokenizer, r.fim, context_length)
+        return tokenize_fim(tokenizer, r.fim, context_length, context_weight=context_weight)
     tok, cut = tokenize_edit(tokenizer, r.prompt, r.target, r.context, context_length)
     if copied_weight != 1.0 and r.before:
         target = [t for t in tok.labels if t != IGNORE]
@@ -731,7 +739,8 @@ class Tokenizations:
             r = rendering(record, self.options, self.seed)
             out = None
             if r is not None:
-                tok, cut = tokenize_rendering(self.tokenizer, r, self.context_length, self.options.copied_weight)
+                tok, cut = tokenize_rendering(self.tokenizer, r, self.context_length, self.options.copied_weight,
+                                              self.options.context_weight)
                 out = (r.kind, tok, cut)
             made = self._made[id(record)] = (record, out)
         return made[1]

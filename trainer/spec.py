@@ -57,6 +57,9 @@ class RoundSettings(_Strict):
     copied_token_weight: float = Field(0.1, ge=0, le=1, description="loss weight of an edit target's tokens "
                                        "copied from its before version (changed tokens weigh 1)")
     fim_share: float | None = Field(None, ge=0, le=1, description="deprecated: edit_share = 1 - fim_share")
+    context_token_weight: float = Field(0.0, ge=0, le=1, description="loss weight of the file's text around a "
+                                        "fill-in-the-middle gap (its prefix and suffix), learned beside the "
+                                        "middle (0 = the middle alone)")
     cross_file_context: bool = Field(True, description="render each example's cross-file context (definitions of "
                                      "other files it references) before its file; off: one store trains without it")
     context_length: int = Field(0, ge=0, le=1_048_576, description="0 = from the hardware plan")
