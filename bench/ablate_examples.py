@@ -25,7 +25,9 @@
      product's defaults); no screening.
    - cross_file: + the cross-file blocks ingest attaches (`cross_file` on the records, the `[train]
      cross_file_context` setting); skipped, with a line saying so, while the records carry none.
-   - dedup: + the store's screening (the product's defaults).
+   - dedup: + the store's screening.
+   - context: + the file text around each FIM gap as a weak target (`context_token_weight`, the product's
+     default; the variants before it set 0): the product's defaults.
    `--variant NAME=key=json,...` adds a run: the settings of `base=VARIANT` (default: the last of the list)
    with the given `[train]` keys changed, e.g. `--variant edit50=edit_share=0.5`.
 4. Equal budget, the same commits: every variant trains on the examples of the same newest K commits of the
@@ -99,15 +101,19 @@ class Variant:
 
 
 def standard_variants(defaults: dict) -> list[Variant]:
-    """Issue 12's ablation, cumulative: today's rendering, + real-file FIM, + cross-file context, + screening."""
-    new = {"edit_share": defaults["edit_share"], "copied_token_weight": defaults["copied_token_weight"]}
+    """Issue 12's ablation, cumulative: today's rendering, + real-file FIM, + cross-file context, + screening,
+    + the file around a FIM gap as a weak target (the last: the product's defaults)."""
+    new = {"edit_share": defaults["edit_share"], "copied_token_weight": defaults["copied_token_weight"],
+           "context_token_weight": 0.0}
     return [
         Variant("today", "plain", ("new_context", "cross_file"),
                 {"edit_share": round(1.0 - OLD_FIM_SHARE, 6), "copied_token_weight": 1.0,
-                 "cross_file_context": False}),
+                 "cross_file_context": False, "context_token_weight": 0.0}),
         Variant("fim", "plain", ("cross_file",), {**new, "cross_file_context": False}),
         Variant("cross_file", "plain", (), {**new, "cross_file_context": True}, needs="cross_file"),
         Variant("dedup", "screened", (), {**new, "cross_file_context": True}),
+        Variant("context", "screened", (), {**new, "cross_file_context": True,
+                                            "context_token_weight": defaults["context_token_weight"]}),
     ]
 
 
@@ -385,7 +391,7 @@ def main(argv=None) -> int:
     ap.add_argument("--train-set", action="append", metavar="KEY=JSON", help="a [train] setting for every "
                     "variant (repeatable)")
     ap.add_argument("--variants", default=None, help="comma-separated standard variants to run (default: all of "
-                    "today,fim,cross_file,dedup)")
+                    "today,fim,cross_file,dedup,context)")
     ap.add_argument("--variant", action="append", default=[], metavar="NAME=key=json,...",
                     help="an extra variant: base=VARIANT (default the last) with these [train] keys changed")
     ap.add_argument("--eval-per-commit", type=int, default=8)

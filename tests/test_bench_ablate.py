@@ -31,8 +31,12 @@ def n_tokens(tok, text: str) -> int:
 
 # -- variants --------------------------------------------------------------------------------------------------
 def test_standard_variants_are_issue_12s_cumulative_list():
-    today, fim, xf, dedup = ab.standard_variants(DEFAULTS)
-    assert [v.name for v in (today, fim, xf, dedup)] == ["today", "fim", "cross_file", "dedup"]
+    today, fim, xf, dedup, context = ab.standard_variants(DEFAULTS)
+    assert [v.name for v in (today, fim, xf, dedup, context)] == ["today", "fim", "cross_file", "dedup", "context"]
+    # the file around a gap as a weak target only in the last, which is the product's defaults
+    assert [v.settings["context_token_weight"] for v in (today, fim, xf, dedup)] == [0.0] * 4
+    assert context.settings == {**dedup.settings, "context_token_weight": DEFAULTS["context_token_weight"]}
+    assert DEFAULTS["context_token_weight"] > 0 and context.store == "screened"
     # today: the old FIM share under the synthetic header (no file context), unweighted edits, no screening
     assert today.strip == ("new_context", "cross_file") and today.store == "plain"
     assert today.settings["edit_share"] == pytest.approx(1 - ab.OLD_FIM_SHARE)
@@ -46,7 +50,7 @@ def test_standard_variants_are_issue_12s_cumulative_list():
 def test_a_variant_from_the_command_line_changes_its_base_settings():
     known = ab.standard_variants(DEFAULTS)
     half = ab.parse_variant("half=edit_share=0.5", known)
-    assert half.base == "dedup" and half.store == "screened"
+    assert half.base == "context" and half.store == "screened"
     assert half.settings == {**known[-1].settings, "edit_share": 0.5}
     old = ab.parse_variant("old2=base=today,edit_share=0.5,copied_token_weight=0.3,cross_file_context=false", known)
     assert old.base == "today" and old.strip == known[0].strip and not old.cross_file

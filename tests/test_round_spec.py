@@ -67,7 +67,8 @@ def test_fim_share_is_deprecated_for_edit_share():
     from gitlora.trainer import data
 
     assert data.RenderOptions.from_settings(spec.DEFAULTS) == data.RenderOptions(
-        edit_share=spec.DEFAULTS["edit_share"], copied_weight=spec.DEFAULTS["copied_token_weight"])
+        edit_share=spec.DEFAULTS["edit_share"], copied_weight=spec.DEFAULTS["copied_token_weight"],
+        context_weight=spec.DEFAULTS["context_token_weight"])
     legacy = config_mod.from_dict({"train": {"fim_share": 0.3}}, "f")  # an old config still loads, as it meant
     settings = legacy.train.round_settings().model_dump()
     assert data.RenderOptions.from_settings(settings).edit_share == pytest.approx(0.7)

@@ -57,7 +57,10 @@ class RoundSettings(_Strict):
     copied_token_weight: float = Field(0.1, ge=0, le=1, description="loss weight of an edit target's tokens "
                                        "copied from its before version (changed tokens weigh 1)")
     fim_share: float | None = Field(None, ge=0, le=1, description="deprecated: edit_share = 1 - fim_share")
-    context_token_weight: float = Field(0.0, ge=0, le=1, description="loss weight of the file's text around a "
+    # The file text around a FIM gap as a weak target: more of the repository's code learned per step than the
+    # middle alone; 0.1 chosen by the examples ablation (bench/README.md), a higher weight trades completions
+    # for loss.
+    context_token_weight: float = Field(0.1, ge=0, le=1, description="loss weight of the file's text around a "
                                         "fill-in-the-middle gap (its prefix and suffix), learned beside the "
                                         "middle (0 = the middle alone)")
     cross_file_context: bool = Field(True, description="render each example's cross-file context (definitions of "
