@@ -56,7 +56,7 @@ _MAX_RECORDED_SKIPS = 50
 _CHUNK_COMMITS = 16
 # Consecutive chunks one pool worker takes at a time (`Ingestor._pooled`): long enough that most of a commit's
 # old blobs were parsed by the same worker, short enough to balance the cores and bound the results held.
-_RUN_CHUNKS = 4
+_RUN_CHUNKS = 8
 # What a tree-sitter-rust syntax tree costs in memory per byte of its source (tens of bytes: one node per
 # token or so, each larger than the token), plus the source kept beside it for incremental reparsing.
 _TREE_BYTES_PER_SOURCE_BYTE = 48
@@ -584,13 +584,12 @@ class Ingestor:
         reparse incrementally), where the other would parse them again in full."""
         while chunks:
             lanes = [self._pool(1) for _ in range(min(self.workers, len(chunks)))]
-            run = max(1, min(_RUN_CHUNKS, len(chunks) // len(lanes)))
-            runs = iter(range(0, len(chunks), run))
+            runs = _runs(len(chunks), len(lanes))
             futures: dict[int, Future[list[PendingCommit]]] = {}
             working: list[list[Future[list[PendingCommit]]]] = [[] for _ in lanes]  # not done yet, per lane
             # Results not yet written stay under this many chunks: a lane that runs ahead of a slow one waits
             # rather than piling its results up in this process (the-block's whole history is ~150 MB).
-            ahead = 2 * run * len(lanes)
+            ahead = _RUN_CHUNKS * (len(lanes) + 1)
 
             def feed() -> None:
                 """A lane about to run out of work (on its last chunk) gets the next run."""
@@ -599,10 +598,10 @@ class Ingestor:
                 for lane, pool in enumerate(lanes):
                     if len(working[lane]) > 1 or len(futures) >= ahead:
                         continue
-                    start = next(runs, None)
-                    if start is None:
+                    taken = next(runs, None)
+                    if taken is None:
                         return
-                    for index in range(start, min(start + run, len(chunks))):
+                    for index in taken:
                         try:
                             future = pool.submit(_worker_process, chunks[index], plan(chunks[index]))
                         except BrokenProcessPool as exc:  # its process died: met in order below, as a result
@@ -654,6 +653,17 @@ class Ingestor:
                     done.append(CommitProcessor._skipped(oid, base, "parser-died: the process parsing this "
                                                                     "commit died (a parser crash, or out of memory)"))
         return done
+
+
+def _runs(chunks: int, lanes: int) -> Iterator[range]:
+    """The chunks' indices in runs for `lanes` pool workers (`Ingestor._pooled`): `_RUN_CHUNKS` long, shorter
+    towards the end (at most half the remaining chunks per lane), so that no worker is left with a long last run
+    while the others have nothing more to do."""
+    start = 0
+    while start < chunks:
+        length = max(1, min(_RUN_CHUNKS, (chunks - start) // (2 * lanes)))
+        yield range(start, min(start + length, chunks))
+        start += length
 
 
 class ReplayPlanner:
