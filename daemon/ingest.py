@@ -30,13 +30,12 @@ import signal
 import sys
 import time
 import traceback
-from collections import Counter, deque
+from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from concurrent.futures import Future, ProcessPoolExecutor
+from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
-from itertools import islice
 from pathlib import Path
 from typing import Any
 
@@ -53,8 +52,11 @@ from .symbol_index import NO_DEFINITIONS, SymbolIndex, encoded_definitions
 
 _log = log.get("gitlora.ingest")
 _MAX_RECORDED_SKIPS = 50
-# Commits per worker task: long enough runs that the blob cache hits, short enough to balance the cores.
+# Commits per worker task (and per write transaction).
 _CHUNK_COMMITS = 16
+# Consecutive chunks one pool worker takes at a time (`Ingestor._pooled`): long enough that most of a commit's
+# old blobs were parsed by the same worker, short enough to balance the cores and bound the results held.
+_RUN_CHUNKS = 8
 # What a tree-sitter-rust syntax tree costs in memory per byte of its source (tens of bytes: one node per
 # token or so, each larger than the token), plus the source kept beside it for incremental reparsing.
 _TREE_BYTES_PER_SOURCE_BYTE = 48
@@ -576,40 +578,58 @@ class Ingestor:
 
     def _pooled(self, chunks: list[list[str]], should_stop: Callable[[], bool],
                 plan: Callable[[list[str]], Replays]) -> Iterator[list[PendingCommit]]:
+        """The chunks processed by `self.workers` processes, yielded in order. Each process takes a run of
+        consecutive chunks (`_RUN_CHUNKS`) at a time, not whichever chunk is next: a commit's old blobs are mostly
+        the new blobs of the chunk before it, which the same process then has parsed (cached, or a kept tree to
+        reparse incrementally), where the other would parse them again in full."""
         while chunks:
-            pool = self._pool(min(self.workers, len(chunks)))
+            lanes = [self._pool(1) for _ in range(min(self.workers, len(chunks)))]
+            runs = _runs(len(chunks), len(lanes))
+            futures: dict[int, Future[list[PendingCommit]]] = {}
+            working: list[list[Future[list[PendingCommit]]]] = [[] for _ in lanes]  # not done yet, per lane
+            # Results not yet written stay under this many chunks: a lane that runs ahead of a slow one waits
+            # rather than piling its results up in this process (the-block's whole history is ~150 MB).
+            ahead = _RUN_CHUNKS * (len(lanes) + 1)
+
+            def feed() -> None:
+                """A lane about to run out of work (on its last chunk) gets the next run."""
+                for lane in range(len(lanes)):
+                    working[lane] = [f for f in working[lane] if not f.done()]
+                for lane, pool in enumerate(lanes):
+                    if len(working[lane]) > 1 or len(futures) >= ahead:
+                        continue
+                    taken = next(runs, None)
+                    if taken is None:
+                        return
+                    for index in taken:
+                        try:
+                            future = pool.submit(_worker_process, chunks[index], plan(chunks[index]))
+                        except BrokenProcessPool as exc:  # its process died: met in order below, as a result
+                            future = Future()
+                            future.set_exception(exc)
+                        futures[index] = future
+                        working[lane].append(future)
+
             broken_at: int | None = None
             try:
-                # Not pool.map: it submits every chunk at once, and results pile up in the parent faster than
-                # it writes them (the-block's whole history, ~150 MB, at once). A few chunks ahead per worker
-                # keep the workers busy and the parent's peak, and the fragmented heap it leaves, small.
-                chunk_iter = enumerate(chunks)
-                in_flight: deque[tuple[int, Future[list[PendingCommit]]]] = deque(
-                    (i, pool.submit(_worker_process, chunk, plan(chunk)))
-                    for i, chunk in islice(chunk_iter, 2 * self.workers))
-                while in_flight:
-                    index, future = in_flight[0]
+                for index in range(len(chunks)):
+                    feed()
+                    while not futures[index].done():
+                        wait([futures[index], *(lane[0] for lane in working if lane)], return_when=FIRST_COMPLETED)
+                        feed()
                     try:
-                        done = future.result()
+                        done = futures.pop(index).result()
                     except BrokenProcessPool:
                         broken_at = index
                         break
-                    in_flight.popleft()
                     yield done
-                    following = next(chunk_iter, None)
-                    if following is not None:
-                        try:
-                            in_flight.append((following[0], pool.submit(_worker_process, following[1],
-                                                                        plan(following[1]))))
-                        except BrokenProcessPool:
-                            broken_at = in_flight[0][0] if in_flight else following[0]
-                            break
             finally:
-                pool.shutdown(wait=True, cancel_futures=True)
+                for pool in lanes:
+                    pool.shutdown(wait=True, cancel_futures=True)
             if broken_at is None:
                 return
             # A worker died (a parser crash, the OOM killer): which chunk killed it is unknown, so the first
-            # unfinished one is retried commit by commit, and a fresh pool takes the rest.
+            # unfinished one is retried commit by commit, and fresh processes take the rest.
             yield self._one_by_one(chunks[broken_at], should_stop, plan(chunks[broken_at]))
             chunks = chunks[broken_at + 1:]
 
@@ -633,6 +653,17 @@ class Ingestor:
                     done.append(CommitProcessor._skipped(oid, base, "parser-died: the process parsing this "
                                                                     "commit died (a parser crash, or out of memory)"))
         return done
+
+
+def _runs(chunks: int, lanes: int) -> Iterator[range]:
+    """The chunks' indices in runs for `lanes` pool workers (`Ingestor._pooled`): `_RUN_CHUNKS` long, shorter
+    towards the end (at most half the remaining chunks per lane), so that no worker is left with a long last run
+    while the others have nothing more to do."""
+    start = 0
+    while start < chunks:
+        length = max(1, min(_RUN_CHUNKS, (chunks - start) // (2 * lanes)))
+        yield range(start, min(start + length, chunks))
+        start += length
 
 
 class ReplayPlanner:

@@ -135,3 +135,31 @@ def test_a_commit_that_crashes_an_in_process_parse_is_parsed_apart_on_the_next_r
     assert set(commits) == set(oids)
     assert commits[oids[1]]["status"] == "skipped" and commits[oids[1]]["reason"].startswith("parser-died")
     assert commits[oids[0]]["status"] == commits[oids[2]]["status"] == "ingested"
+
+
+def test_pool_workers_take_runs_of_consecutive_chunks_so_a_blob_is_parsed_about_once(tmp_path):
+    """A commit's old blobs are mostly the previous chunk's new ones: the worker that parsed them takes the next
+    chunk too, so a blob is parsed again by another worker only where a run of chunks starts (with chunks handed
+    to whichever worker is free, about every chunk boundary parses its files twice). Each commit carries the
+    definitions of the blobs its worker parsed for it, so a blob parsed twice shows up in two commits."""
+    from collections import Counter
+    from math import ceil
+
+    from gitlora.daemon import ingest
+    from gitlora.daemon.config import IngestConfig
+    from gitlora.daemon.gitrepo import GitRepo
+    from gitlora.daemon.ingest import Ingestor
+    from gitlora.daemon.store import Store
+
+    files = 4
+    repo = synthetic_history(tmp_path / "syn", commits=161, files=files)
+    with Store(tmp_path / "store") as store:
+        ingestor = Ingestor(GitRepo(repo), store, IngestConfig(batch_commits=2), workers=2)
+        oids = ingestor.pending()
+        built = list(ingestor.derive(oids))
+    assert [pending.oid.hex() for pending in built] == oids  # in order, each once
+    parsed = Counter(blob for pending in built for blob in pending.definitions)
+    parsed_again = sum(times - 1 for times in parsed.values())
+    runs = len(list(ingest._runs(ceil(len(oids) / 2), 2)))
+    assert runs < ceil(len(oids) / 2) / 2  # runs, not single chunks
+    assert parsed_again <= (runs - 1) * files, f"{parsed_again} blobs parsed twice in {runs} runs"
