@@ -639,21 +639,18 @@ def main(argv=None) -> int:
                                "vs_base": compare(base_fim[set_of[v.name]], fim_scores[v.name]),
                                "vs_previous": compare(fim_scores[ref], fim_scores[v.name]) if ref else None},
                 "training": trained[v.name], "context_budget": budgets[v.name]})
-        first_standard = next((v.name for v in standard_variants(DEFAULTS) if v.name in scores), None)
+        standard = [v.name for v in standard_variants(DEFAULTS) if v.name in scores]
         for result in results:  # every variant against today's rendering (the first standard one that ran)
-            if first_standard and result["name"] != first_standard:
-                result["vs_first"] = {"against": first_standard,
-                                      "edit_format": compare(scores[first_standard], scores[result["name"]]),
-                                      "fim_format": compare(fim_scores[first_standard], fim_scores[result["name"]])}
+            if standard and result["name"] != standard[0]:
+                result["vs_first"] = {"against": standard[0],
+                                      "edit_format": compare(scores[standard[0]], scores[result["name"]]),
+                                      "fim_format": compare(fim_scores[standard[0]], fim_scores[result["name"]])}
         # Issue 12's question itself: the product's examples (the last of the standard list that ran) against
         # today's (the first), paired, in both renderings.
-        standard = [v.name for v in standard_variants(DEFAULTS) if v.name in scores]
         overall = None
         if len(standard) > 1:
-            first, last = standard[0], standard[-1]
-            overall = {"variant": last, "against": first,
-                       "edit_format": compare(scores[first], scores[last]),
-                       "fim_format": compare(fim_scores[first], fim_scores[last])}
+            last = next(r for r in results if r["name"] == standard[-1])["vs_first"]
+            overall = {"variant": standard[-1], **last}
         test_xf = sum(1 for r in sample if r.get("cross_file"))
         report = {
             "date": time.strftime("%Y-%m-%d"), "repo": str(args.repo), "base_model": base_dir, "base_meta": base_meta,
@@ -733,21 +730,18 @@ def print_table(r: dict) -> None:
             print(f"{v['name']} vs {ref}: " + (f"not paired: {cmp['error']}" if "error" in cmp else
                   f"changed loss {_est(cmp['changed_loss_rel'], True)}{fim_text}; edit sim "
                   f"{_est(cmp['fim_edit_sim_diff'], False)}; exact {_est(cmp['fim_exact_diff'], False)}"))
-    for v in r["variants"]:
+    product = (r.get("product_vs_today") or {}).get("variant")
+    for v in r["variants"]:  # against today's rendering, where the lines above did not already say it
         f = v.get("vs_first")
-        if f and v["name"] not in (r.get("product_vs_today") or {}).get("variant", "") and v["previous"] != f[
-                "against"] and "error" not in f["edit_format"] and "error" not in f["fim_format"]:
-            print(f"{v['name']} vs {f['against']}: changed loss {_est(f['edit_format']['changed_loss_rel'], True)}; "
-                  f"FIM-format changed loss {_est(f['fim_format']['changed_loss_rel'], True)}; edit sim "
-                  f"{_est(f['edit_format']['fim_edit_sim_diff'], False)} (losses on "
-                  f"{f['edit_format']['loss_items']} and {f['fim_format']['loss_items']} items cut alike)")
-    o = r.get("product_vs_today")
-    if o and "error" not in o["edit_format"] and "error" not in o["fim_format"]:
-        print(f"{o['variant']} vs {o['against']} (the product's examples vs today's): changed loss "
-              f"{_est(o['edit_format']['changed_loss_rel'], True)}; FIM-format changed loss "
-              f"{_est(o['fim_format']['changed_loss_rel'], True)}; edit sim "
-              f"{_est(o['edit_format']['fim_edit_sim_diff'], False)} (losses on {o['edit_format']['loss_items']} and "
-              f"{o['fim_format']['loss_items']} items cut alike)")
+        if (not f or "error" in f["edit_format"] or "error" in f["fim_format"]
+                or (v["previous"] == f["against"] and v["name"] != product)):
+            continue
+        print(f"{v['name']} vs {f['against']}" + (" (the product's examples vs today's)" if v["name"] == product
+                                                  else "") +
+              f": changed loss {_est(f['edit_format']['changed_loss_rel'], True)}; FIM-format changed loss "
+              f"{_est(f['fim_format']['changed_loss_rel'], True)}; edit sim "
+              f"{_est(f['edit_format']['fim_edit_sim_diff'], False)} (losses on {f['edit_format']['loss_items']} "
+              f"and {f['fim_format']['loss_items']} items cut alike)")
     print("\nshare of the context length per part of the training examples (mean tokens)")
     print(f"{'variant':<14}" + "".join(f"{p:>12}" for p in PARTS) + f"{'filled':>9}{'FIM':>7}")
     for v in r["variants"]:

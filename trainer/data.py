@@ -75,6 +75,7 @@ from __future__ import annotations
 import bisect
 import difflib
 import hashlib
+import itertools
 import json
 import random
 from dataclasses import dataclass, field
@@ -416,6 +417,12 @@ def _ids(tokenizer, text: str) -> list[int]:
     return tokenizer(text, add_special_tokens=False)["input_ids"] if text else []
 
 
+WINDOW_CHARS_PER_TOKEN = 4  # a first window's characters per token: more than code's tokens usually hold
+# The estimate of a cut from a window's token offsets is off by the token that straddles the line start at
+# most: a cut whose estimate is over the budget by more is not tried.
+ESTIMATE_SLACK = 2
+
+
 def _ids_within(tokenizer, text: str, limit: int) -> list[int] | None:
     """The text's tokens when they number at most `limit`, else None. A long text is judged by its last lines
     first: when a window of them already holds more than `limit` tokens, so does the whole (token counts grow
@@ -479,12 +486,6 @@ def _most_that_fits(tokenizer, text_of, count: int, budget: int) -> tuple[int, l
     return best
 
 
-WINDOW_CHARS_PER_TOKEN = 4  # a first window's characters per token: more than code's tokens usually hold
-# The estimate of a cut from a window's token offsets is off by the token that straddles the line start at
-# most: a cut whose estimate is over the budget by more is not tried.
-ESTIMATE_SLACK = 2
-
-
 def _token_starts(tokenizer, text: str) -> tuple[list[int], list[int]] | None:
     """(ids, each token's start offset in `text`), or None from a tokenizer without offsets (a slow one)."""
     try:
@@ -529,12 +530,7 @@ def fit_lines(tokenizer, lines: list[str], budget: int, from_end: bool = False,
             break
         window *= 2  # the window fits whole: the cut lies further out
     # where each line of the window starts, and so the tokens n lines hold (within a token at the cut)
-    begin, at = len(lines) - span, 0
-    line_start = {}
-    for k in range(span):
-        line_start[k] = at
-        at += len(lines[(begin if from_end else 0) + k])
-    line_start[span] = at
+    line_start = [0, *itertools.accumulate(map(len, lines[len(lines) - span:] if from_end else lines[:span]))]
 
     def estimate(n: int) -> int:
         if from_end:
