@@ -151,6 +151,9 @@ class CommitProcessor:
         # blobs with their source, so the next version of the same file reparses incrementally.
         self._cache = ByteLRU(cache_bytes)
         self._trees = ByteLRU(tree_bytes)
+        # The blob of each path parsed last: when a version's predecessor has no tree here (another worker
+        # parsed it, or the history switched branches), the path's latest tree still makes the parse incremental.
+        self._latest_of_path: dict[str, str] = {}
         # Definitions of the blobs parsed since the last commit was composed: they travel with that commit to
         # the process that keeps the symbol index (and into the store), so no blob is parsed twice for them.
         self._fresh_definitions: dict[str, bytes] = {}
@@ -193,11 +196,12 @@ class CommitProcessor:
         return PendingCommit(bytes.fromhex(oid), {**base, "status": "skipped", "reason": reason,
                                                   "stored_at": time.time()})
 
-    def _parsed(self, blob: str | None,
+    def _parsed(self, blob: str | None, path: str | None = None,
                 previous: str | None = None) -> tuple[FileItems | Unparsable | None, tuple[bytes, Tree] | None]:
         """A blob's items, and its bytes and syntax tree where at hand (just parsed, or still cached): the
-        examples read their identifiers from the tree instead of parsing each item again. Parsed incrementally
-        from the `previous` version's tree when that is at hand, with git's line hunks between the two."""
+        examples read their identifiers from the tree instead of parsing each item again. Parsed incrementally,
+        with git's line hunks, from the `previous` version's tree when that is at hand, else from the tree of the
+        version of `path` parsed last (a parse from any version of the text gives the same tree)."""
         if blob is None:
             return None, None
         cached = self._cache.get(blob)
@@ -217,8 +221,11 @@ class CommitProcessor:
             self._cache.put(blob, parsed, estimated_items_bytes(parsed))
             return parsed, None
         prior = self._trees.get(previous) if previous is not None else None
-        hunks = self.repo.line_hunks(previous, blob) if prior is not None else None
-        parsed, tree = parse_blob(data, prior, list(hunks) if hunks else None)
+        if prior is None and path is not None:
+            previous = self._latest_of_path.get(path)
+            prior = self._trees.get(previous) if previous is not None else None
+        hunks = self.repo.line_hunks(previous, blob) if prior is not None and previous is not None else None
+        parsed, tree = parse_blob(data, prior, list(hunks) if hunks is not None else None)
         if tree is not None and self.config.cross_file_bytes:
             try:
                 self._fresh_definitions[blob] = encoded_definitions(data, tree)
@@ -228,6 +235,8 @@ class CommitProcessor:
         if tree is None:
             return parsed, None
         self._trees.put(blob, (data, tree), len(data) * _TREE_BYTES_PER_SOURCE_BYTE)
+        if path is not None:
+            self._latest_of_path[path] = blob
         return parsed, (data, tree)
 
     def definitions_of(self, blob: str) -> bytes:
@@ -322,8 +331,8 @@ class CommitProcessor:
         """One changed file's examples, encoded, with their keys (`store.example_key`) and their targets'
         near-duplicate sketches, the items hygiene left out and what resolving each one's cross-file context needs;
         or its skip (appended to `skipped`) and none."""
-        old, old_file = self._parsed(change.old_oid)
-        new, new_file = self._parsed(change.new_oid, previous=change.old_oid)
+        old, old_file = self._parsed(change.old_oid, change.old_path)
+        new, new_file = self._parsed(change.new_oid, change.new_path, previous=change.old_oid)
         unreadable = next((s for s in (old, new) if isinstance(s, Unparsable)), None)
         if unreadable is not None:
             skipped.append(_skipped_file(change, unreadable.reason))

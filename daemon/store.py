@@ -143,7 +143,7 @@ def _parse_meta(store_dir: Path, raw: bytes, number: int) -> tuple[int, int, int
 def _loads(raw: bytes | memoryview, path: Path) -> Any:
     """A stored JSON value; one that does not parse is damage, not a bug of the caller."""
     try:
-        return json.loads(bytes(raw))
+        return compact_json.loads(raw)
     except ValueError as exc:
         raise StoreDamaged(path, f"a stored record does not parse ({exc})") from None
 
@@ -160,7 +160,7 @@ def example_key(example: dict[str, Any] | bytes) -> bytes:
     """What makes two examples the same change: the item (path, qualified name) and its text after. Not its
     change kind: a branch that adds a file and then edits it is, in its merge, that file added with its final
     text (kind "added"), where the branch's last edit stored the same text as "modified"."""
-    record = json.loads(example) if isinstance(example, (bytes, bytearray)) else example
+    record = compact_json.loads(example) if isinstance(example, (bytes, bytearray)) else example
     fields = [record.get("path"), record.get("path_hex"), record.get("qualified_name"), record.get("after")]
     return hashlib.blake2b(json.dumps(fields).encode(), digest_size=16).digest()
 
@@ -864,7 +864,7 @@ def _at(values: tuple, positions: list[int], missing: Any) -> tuple:
 
 
 def _without_message(example: dict[str, Any] | bytes) -> dict[str, Any]:
-    record = json.loads(example) if isinstance(example, (bytes, bytearray)) else dict(example)
+    record = compact_json.loads(example) if isinstance(example, (bytes, bytearray)) else dict(example)
     return {**record, "message": "", "message_omitted": "repeated"}
 
 

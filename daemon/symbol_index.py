@@ -10,7 +10,6 @@ blob never parsed (unchanged since before the first ingested commit) is parsed h
 """
 from __future__ import annotations
 
-import json
 import time
 from collections import OrderedDict
 from collections.abc import Callable
@@ -159,7 +158,7 @@ class SymbolIndex:
         decoded: dict[str, list[Definition]] = {blob: [] for blob in blobs}
         for blob, value in raw.items():
             self._remember(blob, value)
-            decoded[blob] = [Definition.decode(d) for d in json.loads(value)]
+            decoded[blob] = [Definition.decode(d) for d in compact_json.loads(value)]
         return decoded
 
     def _remember(self, blob: str, value: bytes) -> None:

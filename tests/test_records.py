@@ -12,7 +12,7 @@ from gitlora.daemon.commands.backfill import backfill
 from gitlora.daemon.config import Config
 from gitlora.daemon.examples import CONTEXT_FIELDS
 from gitlora.daemon.repos import open_repo
-from gitlora.daemon import demo_repo
+from gitlora.daemon import demo_repo, ingest
 from gitlora.daemon.gitrepo import GitRepo
 from gitlora.daemon.ingest import CommitProcessor
 from gitlora.daemon.rust_items import extract_items, item_identifiers, parse, referenced_identifiers
@@ -371,3 +371,27 @@ def test_new_context_is_bounded_and_cut_at_lines():
     context = around(source, f.span, 301, 301)
     assert 301 <= len(context["above"].encode()) <= 304 and "\ufffd" not in context["above"] + context["below"]
     assert around(source, None, 100, 100) is None
+
+
+def test_a_version_whose_predecessor_was_parsed_elsewhere_reparses_from_the_paths_latest_tree(tmp_path, monkeypatch):
+    """A pool worker that skipped commits (another worker took them) holds an older tree of the file: both the
+    commit's old blob and its new one are parsed incrementally from it, and the examples are those of a
+    processor that parsed everything in full."""
+    repo = init_repo(tmp_path / "r")
+    versions = [_large_impl().replace("step_", f"v{n}_step_", n + 1) for n in range(3)]
+    oids = [commit_files(repo, {"src/engine.rs": text}, f"version {n}") for n, text in enumerate(versions)]
+    parses: list[bool] = []
+    real_parse_blob = ingest.parse_blob
+
+    def recording(data, previous=None, hunks=None):
+        parses.append(previous is not None and hunks is not None)
+        return real_parse_blob(data, previous, hunks)
+
+    config = Config().ingest
+    full = CommitProcessor(GitRepo(repo), config, source="test").process(oids[2:])[0].examples
+    monkeypatch.setattr(ingest, "parse_blob", recording)
+    worker = CommitProcessor(GitRepo(repo), config, source="test")
+    worker.process(oids[:1])
+    parses.clear()
+    assert worker.process(oids[2:])[0].examples == full
+    assert parses == [True, True]  # the old blob from version 0's tree, the new one from the old blob's

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 
-from gitlora.daemon.rust_items import diff_items, extract_items, module_path, qualified_name
+from gitlora.daemon.rust_items import _line_starts, diff_items, extract_items, module_path, qualified_name
 
 ALL_KINDS = b'''use std::fmt;
 use crate::net::{Peer, Pool};
@@ -158,3 +158,8 @@ def test_incremental_reparse_with_git_hunks_equals_a_full_parse(edit):
     assert str(incremental.root_node) == str(full.root_node)
     assert incremental.root_node.end_point == full.root_node.end_point
     assert extract_items(new, incremental).items == extract_items(new, full).items
+
+
+@pytest.mark.parametrize("data", [b"", b"\n", b"a", b"a\n", b"\n\n", b"fn a() {}\r\n// \xc3\xa9\nstruct S;", b"x\ny"])
+def test_line_starts_are_offset_zero_and_the_byte_after_each_newline(data):
+    assert _line_starts(data) == [0, *(i + 1 for i, byte in enumerate(data) if byte == 0x0A)]
