@@ -41,7 +41,7 @@ from typing import Any
 
 from tree_sitter import Tree
 
-from . import compact_json, dedup, hygiene, log, rust_items
+from . import compact_json, dedup, hygiene, log, memory, rust_items, symbols
 from .config import IngestConfig
 from .examples import file_examples, path_fields
 from .memo import ByteLRU
@@ -147,6 +147,9 @@ class CommitProcessor:
         # items): sized like this processor's item cache, so the daemon's stays small.
         for memo in (dedup.sketch_memo, rust_items.identifier_memo):
             memo.resize(cache_bytes // 8)
+        # Top-level items and definitions by their text: a file's next version repeats most of them.
+        for memo in (rust_items.group_memo, symbols.definitions_memo):
+            memo.resize(cache_bytes // 4)
         # Item maps of parsed blobs by oid (each blob is parsed once), and the syntax trees of recently parsed
         # blobs with their source, so the next version of the same file reparses incrementally.
         self._cache = ByteLRU(cache_bytes)
@@ -391,6 +394,7 @@ def _die_with_parent(parent_pid: int) -> None:
 def _worker_init(repo_path: str, config_json: str, source: str, parent_pid: int, sketch_scheme: str) -> None:
     global _worker
     _die_with_parent(parent_pid)
+    memory.collect_cycles_rarely()  # a parser process: short-lived, its heap mostly caches
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
     config = IngestConfig.model_validate_json(config_json)
     repo = GitRepo(repo_path, exclude=config.exclude, include_remotes=config.include_remotes,

@@ -40,6 +40,14 @@ def configure_malloc(arenas: int = 2, mmap_threshold: int = 256 << 10) -> None:
         pass
 
 
+def collect_cycles_rarely() -> None:
+    """For a batch process that builds a large heap of long-lived, acyclic objects (a backfill's writer, its parser
+    workers): at the default thresholds the cyclic collector runs every 700 net allocations and walks the growing
+    older generations again and again, a sizeable share of a backfill's CPU (bench/README.md), to free the few
+    cycles such code makes. Collections still happen, about a hundred times less often."""
+    gc.set_threshold(100_000, 50, 50)
+
+
 def release_memory() -> None:
     """Give freed heap back to the OS: CPython's allocator and glibc keep freed arenas otherwise."""
     gc.collect()

@@ -139,24 +139,57 @@ def _name(node: Node, source: bytes) -> str:
     return _text(name_node, source) if name_node is not None else "?"
 
 
+# What a top-level item adds, by its text and start column (an error-free file's item parses alike wherever it
+# stands): each item's kind, name, texts, and span and line relative to the group's start. A new version of a
+# file mostly repeats its predecessor's items, which then cost a lookup and new spans, not a walk of their
+# nodes, a decode of their text and a skeleton each.
+_Relative = tuple[str, str, str, str, int, int, int, int, int, int]
+group_memo = ByteLRU(64 << 20)  # ingest sizes it
+
+
 class _Extractor:
-    def __init__(self, source: bytes) -> None:
+    def __init__(self, source: bytes, memoise: bool = False) -> None:
+        """`memoise`: use and fill `group_memo` for top-level items (only for a tree without syntax errors,
+        where an item's parse does not depend on what stands around it)."""
         self.source = source
         self.result = FileItems()
+        self.memoise = memoise
         self._occurrences: dict[tuple[str, str], int] = {}
+        self._added: list[Item] = []
 
     def add(self, kind: str, name: str, first: Node, node: Node, compare_text: str | None = None) -> None:
         """Item `node`, whose text starts at `first` (its first attribute or doc comment, or itself)."""
         text = self.source[first.start_byte:node.end_byte].decode("utf-8")
-        occurrence = self._occurrences.get((kind, name), 0)
-        self._occurrences[(kind, name)] = occurrence + 1
         (start_row, start_col), (end_row, end_col) = first.start_point, node.end_point
         # A node that ends right after a newline (a trailing line comment) ends on the line before.
         end_line = end_row if end_col == 0 and end_row > start_row else end_row + 1
         span = Span(first.start_byte, node.end_byte, start_row + 1, end_line, start_col)
-        self.result.items[(kind, name, occurrence)] = Item(
-            kind, name, text, compare_text if compare_text is not None else text, node.start_point[0] + 1, span
-        )
+        self._put(Item(kind, name, text, compare_text if compare_text is not None else text, node.start_point[0] + 1,
+                       span))
+
+    def _put(self, item: Item) -> None:
+        occurrence = self._occurrences.get((item.kind, item.name), 0)
+        self._occurrences[(item.kind, item.name)] = occurrence + 1
+        self.result.items[(item.kind, item.name, occurrence)] = item
+        self._added.append(item)
+
+    def top_level_item(self, node: Node, start: Node) -> None:
+        """`item(node, start, "", False)`, from `group_memo` when the same text was met before."""
+        first_byte, (first_row, first_col) = start.start_byte, start.start_point
+        text = self.source[first_byte:node.end_byte]
+        known: tuple[_Relative, ...] | None = group_memo.get((text, first_col))
+        if known is None:
+            mark = len(self._added)
+            self.item(node, start, "", False)
+            known = tuple((i.kind, i.name, i.text, i.compare_text, i.line - first_row, i.span.start_byte - first_byte,
+                           i.span.end_byte - first_byte, i.span.start_line - first_row, i.span.end_line - first_row,
+                           i.span.start_col) for i in self._added[mark:] if i.span is not None)
+            group_memo.put((text, first_col), known, 3 * len(text) + 200 * len(known))
+            return
+        for kind, name, item_text, compare_text, line, start_byte, end_byte, start_line, end_line, col in known:
+            self._put(Item(kind, name, item_text, compare_text, line + first_row,
+                           Span(start_byte + first_byte, end_byte + first_byte, start_line + first_row,
+                                end_line + first_row, col)))
 
     def walk(self, children: list[Node], prefix: str, in_impl_or_trait: bool) -> None:
         decoration: Node | None = None  # the first attribute or doc comment of the coming item
@@ -187,7 +220,10 @@ class _Extractor:
                 if body is not None and child.type in _CONTAINERS:
                     self.walk(body.named_children, self._member_prefix(child, prefix), child.type != "mod_item")
                 continue
-            self.item(child, start, prefix, in_impl_or_trait)
+            if self.memoise and not prefix:
+                self.top_level_item(child, start)
+            else:
+                self.item(child, start, prefix, in_impl_or_trait)
 
     def _member_prefix(self, node: Node, prefix: str) -> str:
         if node.type == "impl_item":
@@ -285,7 +321,7 @@ def extract_items(source: bytes, tree: Tree | None = None) -> FileItems:
     """Items of one Rust file. `source` must be valid UTF-8 (callers record non-UTF-8 files as skipped)."""
     if tree is None:
         tree = _ParserHolder.get().parse(source)
-    extractor = _Extractor(source)
+    extractor = _Extractor(source, memoise=not tree.root_node.has_error)
     extractor.walk(tree.root_node.children, "", False)
     if tree.root_node.has_error:
         extractor.result.syntax_error = True

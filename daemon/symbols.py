@@ -17,6 +17,8 @@ from typing import Any
 
 from tree_sitter import Node, Tree
 
+from .memo import ByteLRU
+
 # Per definition and per blob: a generated 10,000-item file or a 300-field struct must not fill the store
 # (nor the daemon's in-memory index), and no prompt budget would hold more anyway.
 MAX_DEF_BYTES = 600
@@ -132,27 +134,60 @@ def _name(node: Node, source: bytes) -> str | None:
     return _slice(source, name.start_byte, name.end_byte) if name is not None else None
 
 
+# A top-level node's definitions by its text, level by level (`definitions`' order); an error-free file's node
+# parses alike wherever it stands, and a file's next version repeats most of its nodes.
+definitions_memo = ByteLRU(16 << 20)  # ingest sizes it
+
+
 def definitions(source: bytes, tree: Tree) -> list[Definition]:
-    """The definitions of one file, top-level and inside inline `mod` blocks, at most MAX_DEFS_PER_BLOB
-    (attributes and doc comments dropped: a skeleton says how to use a name, not why it exists)."""
-    found: list[Definition] = []
-    pending: list[tuple[list[Node], str]] = [(tree.root_node.named_children, "")]
-    while pending and len(found) < MAX_DEFS_PER_BLOB:
-        children, scope = pending.pop(0)
-        for node in children:
-            if len(found) >= MAX_DEFS_PER_BLOB:
-                break
-            if node.type == "ERROR":
-                pending.append((node.named_children, scope))
-                continue
-            definition = _definition(node, source, scope)
-            if definition is not None:
-                found.append(definition)
-            elif node.type == "mod_item":
-                body, name = node.child_by_field_name("body"), _name(node, source)
-                if body is not None and name:
-                    pending.append((body.named_children, f"{scope}::{name}" if scope else name))
-    return found
+    """The definitions of one file, top-level and inside inline `mod` blocks, breadth first (all top-level ones,
+    then those one `mod` deep, ...), at most MAX_DEFS_PER_BLOB (attributes and doc comments dropped: a skeleton
+    says how to use a name, not why it exists)."""
+    root = tree.root_node
+    if root.has_error:  # an ERROR node's parse depends on what stands around it: nothing from the memo
+        return [d for level in _levels(root.named_children, source) for d in level][:MAX_DEFS_PER_BLOB]
+    # Level k of the file is level k of each top-level node in turn, so nodes met before come from the memo.
+    levels: list[list[Definition]] = []
+    for node in root.named_children:
+        text = source[node.start_byte:node.end_byte]
+        own: tuple[tuple[Definition, ...], ...] | None = definitions_memo.get(text)
+        if own is None:
+            own = _levels([node], source)
+            definitions_memo.put(text, own, 2 * len(text) + 100 * sum(map(len, own)))
+        for depth, found in enumerate(own):
+            if depth == len(levels):
+                levels.append([])
+            levels[depth].extend(found)
+    return [d for level in levels for d in level][:MAX_DEFS_PER_BLOB]
+
+
+def _levels(nodes: list[Node], source: bytes) -> tuple[tuple[Definition, ...], ...]:
+    """The definitions among `nodes` (at the top of a file) by depth: those of the nodes themselves, then those
+    one inline `mod` (or ERROR node) deeper, and so on; stops at the level where MAX_DEFS_PER_BLOB are found."""
+    levels: list[tuple[Definition, ...]] = []
+    pending: list[tuple[list[Node], str]] = [(nodes, "")]
+    total = 0
+    while pending and total < MAX_DEFS_PER_BLOB:
+        found: list[Definition] = []
+        deeper: list[tuple[list[Node], str]] = []
+        for children, scope in pending:
+            for node in children:
+                if node.type == "ERROR":
+                    deeper.append((node.named_children, scope))
+                    continue
+                definition = _definition(node, source, scope)
+                if definition is not None:
+                    found.append(definition)
+                elif node.type == "mod_item":
+                    body, name = node.child_by_field_name("body"), _name(node, source)
+                    if body is not None and name:
+                        deeper.append((body.named_children, f"{scope}::{name}" if scope else name))
+        levels.append(tuple(found))
+        total += len(found)
+        pending = deeper
+    while levels and not levels[-1]:
+        levels.pop()
+    return tuple(levels)
 
 
 def _definition(node: Node, source: bytes, scope: str) -> Definition | None:

@@ -3,7 +3,10 @@ from __future__ import annotations
 
 import pytest
 
-from gitlora.daemon.rust_items import _line_starts, diff_items, extract_items, module_path, qualified_name
+from gitlora.daemon import rust_items
+from gitlora.daemon.memo import ByteLRU
+from gitlora.daemon.rust_items import (FileItems, _Extractor, _line_starts, diff_items, extract_items, module_path, parse,
+                                       qualified_name)
 
 ALL_KINDS = b'''use std::fmt;
 use crate::net::{Peer, Pool};
@@ -163,3 +166,40 @@ def test_incremental_reparse_with_git_hunks_equals_a_full_parse(edit):
 @pytest.mark.parametrize("data", [b"", b"\n", b"a", b"a\n", b"\n\n", b"fn a() {}\r\n// \xc3\xa9\nstruct S;", b"x\ny"])
 def test_line_starts_are_offset_zero_and_the_byte_after_each_newline(data):
     assert _line_starts(data) == [0, *(i + 1 for i, byte in enumerate(data) if byte == 0x0A)]
+
+
+def _without_memo(source: bytes) -> FileItems:
+    """What `extract_items` gives with nothing memoised: every item walked from its nodes."""
+    extractor = _Extractor(source)
+    tree = parse(source)
+    extractor.walk(tree.root_node.children, "", False)
+    extractor.result.syntax_error = extractor.result.syntax_error or tree.root_node.has_error
+    return extractor.result
+
+
+@pytest.mark.parametrize("edit", [
+    lambda s: b"// header\n/// doc\nfn first() {}\n" + s,  # everything below moves down: memo hits, new spans
+    lambda s: s.replace(b"pub fn free", b"  pub fn free"),  # the same text at another column
+    lambda s: s.replace(b"pub const LIMIT", b"pub struct Point { x: i32, y: i32 }\npub const LIMIT"),  # a 2nd Point
+    lambda s: s + b"impl Point { pub fn new(x: i32, y: i32) -> Self { Point { x, y } } const ORIGIN: i32 = 0; }\n",
+    lambda s: s.replace(b"pub fn free(a: i32) -> i32 { a + 1 }", b"pub fn free(a: i32) -> i32 { a + }"),  # broken
+])
+def test_items_from_the_top_level_memo_equal_items_walked_from_their_nodes(edit, monkeypatch):
+    """A file's next version repeats most top-level items, which come from `group_memo` with their spans moved:
+    keys (with occurrences), texts, spans and lines as a walk of the new version's nodes gives them. A file with
+    a syntax error does not use the memo."""
+    monkeypatch.setattr(rust_items, "group_memo", ByteLRU(64 << 20))
+    extract_items(ALL_KINDS)
+    new = edit(ALL_KINDS)
+    hits = len(rust_items.group_memo)
+    found = extract_items(new)
+    assert list(found.items.items()) == list(_without_memo(new).items.items())
+    assert (found.imports, found.syntax_error, found.broken_items) == \
+        (_without_memo(new).imports, _without_memo(new).syntax_error, _without_memo(new).broken_items)
+    if not found.syntax_error:
+        assert len(rust_items.group_memo) - hits <= 2  # only the new or changed top-level items were walked
+    for item in found.items.values():
+        assert new[item.span.start_byte:item.span.end_byte].decode() == item.text
+        line_start = new.rfind(b"\n", 0, item.span.start_byte) + 1
+        assert item.span.start_col == item.span.start_byte - line_start
+        assert new.count(b"\n", 0, item.span.start_byte) + 1 == item.span.start_line

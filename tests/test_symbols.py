@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
+
 from gitlora.daemon.commands.backfill import backfill
 from gitlora.daemon.commands.stats import collect
 from gitlora.daemon.config import Config
@@ -341,3 +343,45 @@ def test_a_shallow_clone_parses_the_boundary_tree_once_for_its_definitions(tmp_p
     with Store(open_repo(shallow, Config()).paths.store, readonly=True) as store:
         blob = git(shallow, "rev-parse", f"{oids['rename']}:src/lib.rs")
         assert store.get_definitions([blob]) == {blob: b"[]"}  # stored: never parsed again (no items: none)
+
+
+_NESTED = b"""pub fn top() {}
+mod a { pub struct A1; mod deep { pub fn a_deep() {} mod deeper { pub const X: u8 = 1; } } pub fn a2() {} }
+pub struct Middle { x: u32 }
+mod b { pub enum B1 { V } mod inner { pub trait BInner { fn f(&self); } } }
+impl Middle { pub fn new() -> Self { Middle { x: 0 } } }
+"""
+
+
+def _queue_order(source: bytes) -> list:
+    """The order `definitions` promises, as a plain queue walk: breadth first through inline modules."""
+    from gitlora.daemon.symbols import _definition, _name
+
+    found, pending = [], [(parse(source).root_node.named_children, "")]
+    while pending:
+        children, scope = pending.pop(0)
+        for node in children:
+            definition = _definition(node, source, scope)
+            if definition is not None:
+                found.append(definition)
+            elif node.type == "mod_item" and node.child_by_field_name("body") is not None:
+                name = _name(node, source)
+                pending.append((node.child_by_field_name("body").named_children, f"{scope}::{name}" if scope else name))
+    return found
+
+
+@pytest.mark.parametrize("limit", [256, 5])
+def test_definitions_from_the_memo_keep_the_breadth_first_order_and_the_cap(limit, monkeypatch):
+    """Top-level nodes met before come from `definitions_memo` level by level; the file's definitions are the
+    same, in the same order (all top-level ones, then one module deep, ...), and capped alike."""
+    from gitlora.daemon import symbols
+    from gitlora.daemon.memo import ByteLRU
+
+    monkeypatch.setattr(symbols, "definitions_memo", ByteLRU(16 << 20))
+    monkeypatch.setattr(symbols, "MAX_DEFS_PER_BLOB", limit)
+    moved = b"pub fn added_first() {}\n" + _NESTED.replace(b"pub fn a2() {}", b"pub fn a2() -> u8 { 2 }")
+    for source in (_NESTED, moved, moved):
+        expected = _queue_order(source)[:limit]
+        assert symbols.definitions(source, parse(source)) == expected
+    assert [d.name for d in _queue_order(_NESTED)][:4] == ["top", "Middle", "Middle", "A1"]
+    assert len(symbols.definitions_memo) == 5 + 2  # the five nodes of the first version, two of the second

@@ -7,7 +7,7 @@ import sys
 from tqdm import tqdm
 
 from .. import config as config_mod
-from .. import log
+from .. import log, memory
 from ..ingest import IngestSummary, Ingestor
 from ..repos import open_repo
 from ..store import Store
@@ -50,6 +50,7 @@ def backfill(repo_path: str, *, workers: int | None = None, progress: bool = Tru
 
 
 def run(args: argparse.Namespace) -> int:
+    memory.collect_cycles_rarely()  # this process is the writer of a batch: its heap (symbol index, plans) only grows
     try:
         summary = backfill(args.repo, workers=args.workers, progress=not args.no_progress)
     except KeyboardInterrupt:
