@@ -140,7 +140,6 @@ class _TokenHashes(dict):
 
 
 _token_hashes = _TokenHashes()
-sketch_memo = ByteLRU(32 << 20)  # (scheme, text) -> signature (ingest sizes it)
 _NOT_MEMOISED = object()
 
 
@@ -150,23 +149,24 @@ def signature(text: str, scheme: str = SCHEME) -> bytes | None:
     return signatures([text], scheme)[0]
 
 
-def signatures(texts: list[str], scheme: str = SCHEME) -> list[bytes | None]:
+def signatures(texts: list[str], scheme: str = SCHEME, memo: ByteLRU | None = None) -> list[bytes | None]:
     """`signature` of each text, computed together: numpy's fixed cost per call, paid once for all of a file's
-    targets, was most of a small target's cost. A text sketched recently is not sketched again (about half of a
-    history's targets repeat one: merges replay their branches)."""
+    targets, was most of a small target's cost. A text sketched recently (in `memo`, the caller's own:
+    `memo.TextMemos.sketches`) is not sketched again (merges replay their branches, cherry-picks repeat targets)."""
     if scheme == TOKEN_SCHEME:
         hashes = _token_shingle_hashes
     elif scheme == SHA1_SCHEME:
         hashes = _sha1_shingle_hashes
     else:
         raise ValueError(f"unknown sketch scheme {scheme!r} (known: {', '.join(SCHEMES)})")
-    out: list[bytes | None] = [sketch_memo.get((scheme, text), _NOT_MEMOISED) for text in texts]  # type: ignore[misc]
+    memo = memo if memo is not None else ByteLRU(0)
+    out: list[bytes | None] = [memo.get((scheme, text), _NOT_MEMOISED) for text in texts]  # type: ignore[misc]
     todo = [i for i, found in enumerate(out) if found is _NOT_MEMOISED]
     for start in range(0, len(todo), _GROUP_TEXTS):
         group = todo[start:start + _GROUP_TEXTS]
         for i, sketch in zip(group, _min_hashes(*hashes([texts[i] for i in group]))):
             out[i] = sketch
-            sketch_memo.put((scheme, texts[i]), sketch, len(texts[i]))
+            memo.put((scheme, texts[i]), sketch, len(texts[i]))
     return out
 
 

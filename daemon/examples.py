@@ -4,6 +4,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from .gitrepo import CommitInfo, FileChange
+from .memo import ByteLRU
 from .rust_items import (FileItems, ItemChange, Span, diff_items, item_identifiers, qualified_name,
                          referenced_identifiers)
 
@@ -39,18 +40,19 @@ def path_fields(key: str, path: str | None, raw: bytes | None) -> dict[str, Any]
 def file_examples(repo_name: str, info: CommitInfo, change: FileChange,
                   old: FileItems | None, new: FileItems | None, new_text: bytes | None = None, *,
                   above: int = CONTEXT_ABOVE_BYTES, below: int = CONTEXT_BELOW_BYTES, new_tree: Tree | None = None,
-                  old_file: tuple[bytes, Tree] | None = None) -> list[dict[str, Any]]:
+                  old_file: tuple[bytes, Tree] | None = None, memo: ByteLRU | None = None) -> list[dict[str, Any]]:
     """One example per changed item of one file; items that only moved produce nothing. `new_text` is the new
     blob's bytes (the items' `new_context` comes from it: up to `above` / `below` bytes around each item).
     `new_tree` (the syntax tree of `new_text`) and `old_file` (the old blob's bytes and tree), where the caller
-    has them, give the items' identifiers without parsing each item again."""
+    has them, give the items' identifiers without parsing each item again; `memo` keeps them by item text (see
+    `rust_items.item_identifiers`)."""
     path, raw = (change.new_path, change.new_raw) if change.new_path else (change.old_path or "", change.old_raw)
     imports = (new or old or FileItems()).imports
     new_file = (new_text, new_tree) if new_text is not None and new_tree is not None else None
     records = []
     for item in diff_items(old, new):
         context = around(new_text, item.new_span, above, below)
-        names = identifiers(item, new_file, old_file)
+        names = identifiers(item, new_file, old_file, memo)
         if item.change_kind == "deleted" and change.old_path:
             records.append(example_record(repo_name, info, change, item, change.old_path, imports, change.old_raw,
                                           context, names))
@@ -60,16 +62,16 @@ def file_examples(repo_name: str, info: CommitInfo, change: FileChange,
 
 
 def identifiers(item: ItemChange, new_file: tuple[bytes, Tree] | None = None,
-                old_file: tuple[bytes, Tree] | None = None) -> list[str]:
+                old_file: tuple[bytes, Tree] | None = None, memo: ByteLRU | None = None) -> list[str]:
     """The names the item uses: of its new text, or of its old text for a deleted item; from the file's syntax
     tree where given (the side the text comes from), else by parsing the text."""
     if item.after:
         if new_file is not None and item.new_span is not None:
-            return item_identifiers(new_file[1], new_file[0], item.new_span)
-        return referenced_identifiers(item.after)
+            return item_identifiers(new_file[1], new_file[0], item.new_span, memo=memo)
+        return referenced_identifiers(item.after, memo=memo)
     if old_file is not None and item.old_span is not None:
-        return item_identifiers(old_file[1], old_file[0], item.old_span)
-    return referenced_identifiers(item.before)
+        return item_identifiers(old_file[1], old_file[0], item.old_span, memo=memo)
+    return referenced_identifiers(item.before, memo=memo)
 
 
 def example_record(repo_name: str, info: CommitInfo, change: FileChange, item: ItemChange,

@@ -41,10 +41,10 @@ from typing import Any
 
 from tree_sitter import Tree
 
-from . import compact_json, dedup, hygiene, log, memory, rust_items, symbols
+from . import compact_json, dedup, hygiene, log, memory
 from .config import IngestConfig
 from .examples import file_examples, path_fields
-from .memo import ByteLRU
+from .memo import ByteLRU, TextMemos
 from .gitrepo import BlobUnreadable, CommitDiff, CommitInfo, FileChange, GitRepo, SkippedFile
 from .rust_items import FileItems, extract_items, parse
 from .store import FileOutcome, PendingCommit, ReplayUnconfirmed, Store, WriteResult, example_key
@@ -105,11 +105,11 @@ class Unparsable:
     reason: str
 
 
-def parse_blob(data: bytes, previous: tuple[bytes, Tree] | None = None,
-               hunks: list | None = None) -> tuple[FileItems | Unparsable, Tree | None]:
+def parse_blob(data: bytes, previous: tuple[bytes, Tree] | None = None, hunks: list | None = None,
+               memo: ByteLRU | None = None) -> tuple[FileItems | Unparsable, Tree | None]:
     try:
         tree = parse(data, previous, hunks)
-        return extract_items(data, tree), tree
+        return extract_items(data, tree, memo), tree
     except Exception as exc:  # a tree-sitter or decoding bug must cost one file, not the run
         return Unparsable(f"parse-error: {type(exc).__name__}: {exc}"), None
 
@@ -143,13 +143,10 @@ class CommitProcessor:
         self.sketch_scheme = sketch_scheme
         self.repo_name = repo.name
         self.fingerprint = outcome_fingerprint(config)
-        # What is computed from an item's text alone is memoised per process (a merge replays its branch's
-        # items): sized like this processor's item cache, so the daemon's stays small.
-        for memo in (dedup.sketch_memo, rust_items.identifier_memo):
-            memo.resize(cache_bytes // 8)
-        # Top-level items and definitions by their text: a file's next version repeats most of them.
-        for memo in (rust_items.group_memo, symbols.definitions_memo):
-            memo.resize(cache_bytes // 4)
+        # What is computed from a text alone is memoised (a merge replays its branch's items, a file's next
+        # version repeats most of its top-level items), sized like this processor's item cache, so the daemon's
+        # stays small; this processor's own, as everything here is its thread's alone.
+        self.memos = TextMemos.within(cache_bytes * 3 // 4)
         # Item maps of parsed blobs by oid (each blob is parsed once), and the syntax trees of recently parsed
         # blobs with their source, so the next version of the same file reparses incrementally.
         self._cache = ByteLRU(cache_bytes)
@@ -228,10 +225,10 @@ class CommitProcessor:
             previous = self._latest_of_path.get(path)
             prior = self._trees.get(previous) if previous is not None else None
         hunks = self.repo.line_hunks(previous, blob) if prior is not None and previous is not None else None
-        parsed, tree = parse_blob(data, prior, list(hunks) if hunks is not None else None)
+        parsed, tree = parse_blob(data, prior, list(hunks) if hunks is not None else None, self.memos.items)
         if tree is not None and self.config.cross_file_bytes:
             try:
-                self._fresh_definitions[blob] = encoded_definitions(data, tree)
+                self._fresh_definitions[blob] = encoded_definitions(data, tree, self.memos.definitions)
             except Exception as exc:  # costs this blob's definitions, not its examples
                 _log.error("definitions_failed", blob=blob, reason=_clean(f"{type(exc).__name__}: {exc}"))
         self._cache.put(blob, parsed, estimated_items_bytes(parsed))
@@ -345,12 +342,14 @@ class CommitProcessor:
             file_examples(self.repo_name, info, change, old, new,
                           new_file[0] if new_file else self._text(change.new_oid),
                           above=self.config.context_above_bytes, below=self.config.context_below_bytes,
-                          new_tree=new_file[1] if new_file else None, old_file=old_file),
+                          new_tree=new_file[1] if new_file else None, old_file=old_file,
+                          memo=self.memos.identifiers),
             change.new_path, new, change.old_path, old, self.config, message_omitted)
         encoded = [compact_json.encode(e) for e in made]
         sketched = [i for i, e in enumerate(made) if e["after"]] if self.config.near_duplicate_cap else []
         sketches: list[bytes | None] = [None] * len(made)
-        for i, sketch in zip(sketched, dedup.signatures([made[i]["after"] for i in sketched], self.sketch_scheme)):
+        signatures = dedup.signatures([made[i]["after"] for i in sketched], self.sketch_scheme, self.memos.sketches)
+        for i, sketch in zip(sketched, signatures):
             sketches[i] = sketch
         if new is not None and new.syntax_error:
             syntax_errors.append({**path_fields("path", change.new_path, change.new_raw),

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from collections.abc import Hashable
+from dataclasses import dataclass
 from typing import Any
 
 
@@ -50,3 +51,21 @@ class ByteLRU:
         while self.size > self.max_bytes:
             _, (_, evicted) = self._entries.popitem(last=False)
             self.size -= evicted
+
+
+@dataclass(frozen=True)
+class TextMemos:
+    """Memos of pure functions of a text (an item's sketch and referenced names, a top-level item's items and
+    definitions), one set per `CommitProcessor` and so per thread (a daemon's repository worker, a pool
+    process): a ByteLRU's check-then-update is not safe between threads, and each owner sizes its own."""
+
+    sketches: ByteLRU
+    identifiers: ByteLRU
+    items: ByteLRU
+    definitions: ByteLRU
+
+    @classmethod
+    def within(cls, max_bytes: int) -> "TextMemos":
+        """Memos of `max_bytes` in all: half for top-level items and definitions, which a file's next version
+        mostly repeats, half for sketches and names, which a merge or cherry-pick repeats."""
+        return cls(ByteLRU(max_bytes // 4), ByteLRU(max_bytes // 4), ByteLRU(max_bytes // 4), ByteLRU(max_bytes // 4))

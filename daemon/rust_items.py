@@ -139,21 +139,20 @@ def _name(node: Node, source: bytes) -> str:
     return _text(name_node, source) if name_node is not None else "?"
 
 
-# What a top-level item adds, by its text and start column (an error-free file's item parses alike wherever it
-# stands): each item's kind, name, texts, and span and line relative to the group's start. A new version of a
-# file mostly repeats its predecessor's items, which then cost a lookup and new spans, not a walk of their
-# nodes, a decode of their text and a skeleton each.
+# What a top-level item adds, memoised by its text and start column (an error-free file's item parses alike
+# wherever it stands): each item's kind, name, texts, and span and line relative to the item's start. A new
+# version of a file mostly repeats its predecessor's items, which then cost a lookup and new spans, not a walk of
+# their nodes, a decode of their text and a skeleton each.
 _Relative = tuple[str, str, str, str, int, int, int, int, int, int]
-group_memo = ByteLRU(64 << 20)  # ingest sizes it
 
 
 class _Extractor:
-    def __init__(self, source: bytes, memoise: bool = False) -> None:
-        """`memoise`: use and fill `group_memo` for top-level items (only for a tree without syntax errors,
-        where an item's parse does not depend on what stands around it)."""
+    def __init__(self, source: bytes, memo: ByteLRU | None = None) -> None:
+        """`memo`: top-level items by their text (`_Relative`), used and filled (only for a tree without syntax
+        errors, where an item's parse does not depend on what stands around it)."""
         self.source = source
         self.result = FileItems()
-        self.memoise = memoise
+        self.memo = memo
         self._occurrences: dict[tuple[str, str], int] = {}
         self._added: list[Item] = []
 
@@ -174,17 +173,18 @@ class _Extractor:
         self._added.append(item)
 
     def top_level_item(self, node: Node, start: Node) -> None:
-        """`item(node, start, "", False)`, from `group_memo` when the same text was met before."""
+        """`item(node, start, "", False)`, from the memo when the same text was met before."""
+        assert self.memo is not None
         first_byte, (first_row, first_col) = start.start_byte, start.start_point
         text = self.source[first_byte:node.end_byte]
-        known: tuple[_Relative, ...] | None = group_memo.get((text, first_col))
+        known: tuple[_Relative, ...] | None = self.memo.get((text, first_col))
         if known is None:
             mark = len(self._added)
             self.item(node, start, "", False)
             known = tuple((i.kind, i.name, i.text, i.compare_text, i.line - first_row, i.span.start_byte - first_byte,
                            i.span.end_byte - first_byte, i.span.start_line - first_row, i.span.end_line - first_row,
                            i.span.start_col) for i in self._added[mark:] if i.span is not None)
-            group_memo.put((text, first_col), known, 3 * len(text) + 200 * len(known))
+            self.memo.put((text, first_col), known, 3 * len(text) + 200 * len(known))
             return
         for kind, name, item_text, compare_text, line, start_byte, end_byte, start_line, end_line, col in known:
             self._put(Item(kind, name, item_text, compare_text, line + first_row,
@@ -220,7 +220,7 @@ class _Extractor:
                 if body is not None and child.type in _CONTAINERS:
                     self.walk(body.named_children, self._member_prefix(child, prefix), child.type != "mod_item")
                 continue
-            if self.memoise and not prefix:
+            if self.memo is not None and not prefix:
                 self.top_level_item(child, start)
             else:
                 self.item(child, start, prefix, in_impl_or_trait)
@@ -317,11 +317,12 @@ def parse(source: bytes, previous: tuple[bytes, Tree] | None = None, hunks: list
     return parser.parse(source, tree)
 
 
-def extract_items(source: bytes, tree: Tree | None = None) -> FileItems:
-    """Items of one Rust file. `source` must be valid UTF-8 (callers record non-UTF-8 files as skipped)."""
+def extract_items(source: bytes, tree: Tree | None = None, memo: ByteLRU | None = None) -> FileItems:
+    """Items of one Rust file. `source` must be valid UTF-8 (callers record non-UTF-8 files as skipped).
+    `memo` (the caller's own: `memo.TextMemos.items`) keeps top-level items for the file's next version."""
     if tree is None:
         tree = _ParserHolder.get().parse(source)
-    extractor = _Extractor(source, memoise=not tree.root_node.has_error)
+    extractor = _Extractor(source, memo if not tree.root_node.has_error else None)
     extractor.walk(tree.root_node.children, "", False)
     if tree.root_node.has_error:
         extractor.result.syntax_error = True
@@ -374,45 +375,44 @@ def _reference_query() -> Query:
     return Query(_language(), _REFERENCE_QUERY)
 
 
-def referenced_identifiers(text: str, limit: int = MAX_IDENTIFIERS) -> list[str]:
+def referenced_identifiers(text: str, limit: int = MAX_IDENTIFIERS, memo: ByteLRU | None = None) -> list[str]:
     """The names an item's text refers to, in order of first use, deduplicated, at most `limit`: a cheap
     tree-sitter pass over the item alone (no resolution; that needs the other files). A path counts once, whole
     (`crate::net::Peer::connect`, whitespace removed), not also its parts; the item's own name is left out.
 
     Ingest has the item's file parsed already and uses `item_identifiers` (the same names, without a parse)."""
     source = text.encode("utf-8")
-    found = identifier_memo.get((source, limit), None)
+    found = memo.get((source, limit), None) if memo is not None else None
     if found is not None:
         return list(found)
     root = _ParserHolder.get().parse(source).root_node
     own = next((child.child_by_field_name("name") for child in root.named_children
                 if child.type in _LEAF_NODE_KINDS or child.type in _CONTAINERS), None)
     names = _references(root, source, 0, len(source), own, limit)
-    identifier_memo.put((source, limit), tuple(names), len(source))
+    if memo is not None:
+        memo.put((source, limit), tuple(names), len(source))
     return names
 
 
-def item_identifiers(tree: Tree, source: bytes, span: Span, limit: int = MAX_IDENTIFIERS) -> list[str]:
+def item_identifiers(tree: Tree, source: bytes, span: Span, limit: int = MAX_IDENTIFIERS,
+                     memo: ByteLRU | None = None) -> list[str]:
     """`referenced_identifiers(source[span])` for an item of the file `source` parsed as `tree`, read from the
     item's own nodes in that tree instead of parsing its text again (an item parses alike alone and in its
     file: tests/test_records.py checks that on real files)."""
     text = source[span.start_byte:span.end_byte]
     # The names are a function of the item's text (the contract above), so a text met before (a merge
-    # replaying its branch) is not queried again.
-    found = identifier_memo.get((text, limit), None)
+    # replaying its branch) is not queried again: `memo` (the caller's own, `memo.TextMemos.identifiers`).
+    found = memo.get((text, limit), None) if memo is not None else None
     if found is not None:
         return list(found)
     item = _item_node(tree.root_node, span)
     if item is None:  # not an item's span: the item alone, as the contract says
-        return referenced_identifiers(text.decode("utf-8"), limit)
+        return referenced_identifiers(text.decode("utf-8"), limit, memo)
     names = _references(tree.root_node, source, span.start_byte, span.end_byte, item.child_by_field_name("name"),
                         limit)
-    identifier_memo.put((text, limit), tuple(names), len(text))
+    if memo is not None:
+        memo.put((text, limit), tuple(names), len(text))
     return names
-
-
-# (item bytes, limit) -> the names it references: one memo for both ways of finding them, which give the same
-identifier_memo = ByteLRU(32 << 20)  # ingest sizes it
 
 
 def _item_node(root: Node, span: Span) -> Node | None:

@@ -18,6 +18,7 @@ from typing import Any
 from . import compact_json, log
 from .config import IngestConfig
 from .gitrepo import GitRepo
+from .memo import ByteLRU
 from .store import PendingCommit, Store
 from .symbols import Definition, LookupMemo, NameIndex, definitions, resolve
 
@@ -26,9 +27,9 @@ _RECENT_BLOBS = 1024  # definitions kept for blobs not in the index's tree (a br
 _STALE = "stale"  # `at` after a failed move: no parent equals it, so the next commit rebuilds the index
 
 
-def encoded_definitions(data: bytes, tree: Any) -> bytes:
-    """A parsed blob's definitions as the store keeps them."""
-    return compact_json.encode([d.encode() for d in definitions(data, tree)])
+def encoded_definitions(data: bytes, tree: Any, memo: ByteLRU | None = None) -> bytes:
+    """A parsed blob's definitions as the store keeps them (`memo`: see `symbols.definitions`)."""
+    return compact_json.encode([d.encode() for d in definitions(data, tree, memo)])
 
 
 NO_DEFINITIONS = b"[]"

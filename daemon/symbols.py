@@ -134,26 +134,25 @@ def _name(node: Node, source: bytes) -> str | None:
     return _slice(source, name.start_byte, name.end_byte) if name is not None else None
 
 
-# A top-level node's definitions by its text, level by level (`definitions`' order); an error-free file's node
-# parses alike wherever it stands, and a file's next version repeats most of its nodes.
-definitions_memo = ByteLRU(16 << 20)  # ingest sizes it
-
-
-def definitions(source: bytes, tree: Tree) -> list[Definition]:
+def definitions(source: bytes, tree: Tree, memo: ByteLRU | None = None) -> list[Definition]:
     """The definitions of one file, top-level and inside inline `mod` blocks, breadth first (all top-level ones,
     then those one `mod` deep, ...), at most MAX_DEFS_PER_BLOB (attributes and doc comments dropped: a skeleton
-    says how to use a name, not why it exists)."""
+    says how to use a name, not why it exists).
+
+    `memo` (the caller's own: `memo.TextMemos.definitions`) keeps a top-level node's definitions by its text,
+    level by level: in an error-free file a node parses alike wherever it stands, and a file's next version
+    repeats most of its nodes."""
     root = tree.root_node
-    if root.has_error:  # an ERROR node's parse depends on what stands around it: nothing from the memo
+    if root.has_error or memo is None:  # an ERROR node's parse depends on what stands around it
         return [d for level in _levels(root.named_children, source) for d in level][:MAX_DEFS_PER_BLOB]
     # Level k of the file is level k of each top-level node in turn, so nodes met before come from the memo.
     levels: list[list[Definition]] = []
     for node in root.named_children:
         text = source[node.start_byte:node.end_byte]
-        own: tuple[tuple[Definition, ...], ...] | None = definitions_memo.get(text)
+        own: tuple[tuple[Definition, ...], ...] | None = memo.get(text)
         if own is None:
             own = _levels([node], source)
-            definitions_memo.put(text, own, 2 * len(text) + 100 * sum(map(len, own)))
+            memo.put(text, own, 2 * len(text) + 100 * sum(map(len, own)))
         for depth, found in enumerate(own):
             if depth == len(levels):
                 levels.append([])

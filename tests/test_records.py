@@ -383,9 +383,9 @@ def test_a_version_whose_predecessor_was_parsed_elsewhere_reparses_from_the_path
     parses: list[bool] = []
     real_parse_blob = ingest.parse_blob
 
-    def recording(data, previous=None, hunks=None):
+    def recording(data, previous=None, hunks=None, memo=None):
         parses.append(previous is not None and hunks is not None)
-        return real_parse_blob(data, previous, hunks)
+        return real_parse_blob(data, previous, hunks, memo)
 
     config = Config().ingest
     full = CommitProcessor(GitRepo(repo), config, source="test").process(oids[2:])[0].examples

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import pytest
 
-from gitlora.daemon import rust_items
 from gitlora.daemon.memo import ByteLRU
 from gitlora.daemon.rust_items import (FileItems, _Extractor, _line_starts, diff_items, extract_items, module_path, parse,
                                        qualified_name)
@@ -184,20 +183,20 @@ def _without_memo(source: bytes) -> FileItems:
     lambda s: s + b"impl Point { pub fn new(x: i32, y: i32) -> Self { Point { x, y } } const ORIGIN: i32 = 0; }\n",
     lambda s: s.replace(b"pub fn free(a: i32) -> i32 { a + 1 }", b"pub fn free(a: i32) -> i32 { a + }"),  # broken
 ])
-def test_items_from_the_top_level_memo_equal_items_walked_from_their_nodes(edit, monkeypatch):
-    """A file's next version repeats most top-level items, which come from `group_memo` with their spans moved:
+def test_items_from_the_top_level_memo_equal_items_walked_from_their_nodes(edit):
+    """A file's next version repeats most top-level items, which come from the memo with their spans moved:
     keys (with occurrences), texts, spans and lines as a walk of the new version's nodes gives them. A file with
     a syntax error does not use the memo."""
-    monkeypatch.setattr(rust_items, "group_memo", ByteLRU(64 << 20))
-    extract_items(ALL_KINDS)
+    memo = ByteLRU(64 << 20)
+    extract_items(ALL_KINDS, memo=memo)
     new = edit(ALL_KINDS)
-    hits = len(rust_items.group_memo)
-    found = extract_items(new)
+    hits = len(memo)
+    found = extract_items(new, memo=memo)
     assert list(found.items.items()) == list(_without_memo(new).items.items())
     assert (found.imports, found.syntax_error, found.broken_items) == \
         (_without_memo(new).imports, _without_memo(new).syntax_error, _without_memo(new).broken_items)
     if not found.syntax_error:
-        assert len(rust_items.group_memo) - hits <= 2  # only the new or changed top-level items were walked
+        assert len(memo) - hits <= 2  # only the new or changed top-level items were walked
     for item in found.items.values():
         assert new[item.span.start_byte:item.span.end_byte].decode() == item.text
         line_start = new.rfind(b"\n", 0, item.span.start_byte) + 1

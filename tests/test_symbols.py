@@ -372,16 +372,17 @@ def _queue_order(source: bytes) -> list:
 
 @pytest.mark.parametrize("limit", [256, 5])
 def test_definitions_from_the_memo_keep_the_breadth_first_order_and_the_cap(limit, monkeypatch):
-    """Top-level nodes met before come from `definitions_memo` level by level; the file's definitions are the
+    """Top-level nodes met before come from the memo level by level; the file's definitions are the
     same, in the same order (all top-level ones, then one module deep, ...), and capped alike."""
     from gitlora.daemon import symbols
     from gitlora.daemon.memo import ByteLRU
 
-    monkeypatch.setattr(symbols, "definitions_memo", ByteLRU(16 << 20))
+    memo = ByteLRU(16 << 20)
     monkeypatch.setattr(symbols, "MAX_DEFS_PER_BLOB", limit)
     moved = b"pub fn added_first() {}\n" + _NESTED.replace(b"pub fn a2() {}", b"pub fn a2() -> u8 { 2 }")
     for source in (_NESTED, moved, moved):
         expected = _queue_order(source)[:limit]
-        assert symbols.definitions(source, parse(source)) == expected
+        assert symbols.definitions(source, parse(source), memo) == expected
+        assert symbols.definitions(source, parse(source)) == expected  # without a memo
     assert [d.name for d in _queue_order(_NESTED)][:4] == ["top", "Middle", "Middle", "A1"]
-    assert len(symbols.definitions_memo) == 5 + 2  # the five nodes of the first version, two of the second
+    assert len(memo) == 5 + 2  # the five nodes of the first version, two of the second
