@@ -3,10 +3,11 @@ values are written, in one place so that a check of "can this be stored" (ingest
 
 Bytes are written and read by orjson where it can: ingest encodes and the store decodes every example (hundreds
 of MB in a backfill), and orjson does that about 5x faster than the json module, with the same bytes for
-strings, ints, lists and objects (a float may be spelt otherwise, 1e-7 for 1e-07, and reads back the same). Where orjson refuses a value, the json module decides, so what can be written, and the error for
-what cannot, stay json's: a lone surrogate, an int beyond 64 bits, a key that is not a string, a subclass of a
-builtin type, a dataclass or a datetime. (Not the same: a NaN or infinite float, which json writes as a
-non-standard token and orjson as null; no stored value is computed, and none holds one.)"""
+strings, ints, lists and objects (a float may be spelt otherwise, 1e-7 for 1e-07, and reads back the same).
+Where orjson refuses a value, the json module decides, so what can be written, and the error for what cannot,
+stay json's: a lone surrogate, an int beyond 64 bits, a key that is not a string, a subclass of a builtin type,
+a dataclass or a datetime. One difference is left: a NaN or infinite float, which json writes as a non-standard
+token and orjson as null; none of the values stored today holds one (counts, offsets, times, texts)."""
 from __future__ import annotations
 
 import json

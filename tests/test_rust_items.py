@@ -4,8 +4,8 @@ from __future__ import annotations
 import pytest
 
 from gitlora.daemon.memo import ByteLRU
-from gitlora.daemon.rust_items import (FileItems, _Extractor, _line_starts, diff_items, extract_items, module_path, parse,
-                                       qualified_name)
+from gitlora.daemon.rust_items import (FileItems, _Extractor, _line_starts, diff_items, extract_items, module_path,
+                                       parse, qualified_name)
 
 ALL_KINDS = b'''use std::fmt;
 use crate::net::{Peer, Pool};
